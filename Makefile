@@ -1,0 +1,40 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv on first use and reuse it after.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TINY   := .cache/tiny-qwen3-vl
+
+# torch + torchvision that import together on these machines (see README: Installation).
+ifeq ($(shell uname -m),aarch64)
+TORCH_PAIR := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+endif
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install tiny test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH_PAIR) 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision" # fails loudly if the pair above did not install
+	$(PIP) -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import vlrl.cli, pytest"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(TINY)/.built: $(VENV)/.installed vlrl/tiny_model.py
+	$(VENV)/bin/vlrl build-tiny-model $(TINY)
+	touch $@
+
+tiny: $(TINY)/.built
+
+test: install tiny
+	VLRL_TINY_MODEL=$(TINY) $(PY) -m pytest
+
+demo: install tiny
+	$(VENV)/bin/vlrl check-batch configs/tiny-cpu.toml
+
+clean:
+	rm -rf $(VENV) .cache

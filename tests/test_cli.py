@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VLRL = [sys.executable, "-m", "vlrl"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*VLRL, *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_help_lists_the_commands_and_imports_nothing_heavy():
+    t0 = time.perf_counter()
+    res = run("--help")
+    assert res.returncode == 0
+    assert "check-batch" in res.stdout and "build-tiny-model" in res.stdout
+    code = "import sys, vlrl.cli; print(sorted(m for m in ('torch', 'transformers', 'PIL') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+    assert time.perf_counter() - t0 < 10  # generous: a loaded CI box; the import check above is the real test
+
+
+def test_check_batch_json_ok(tiny_model_dir):
+    res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] is True
+    names = {c["name"]: c["ok"] for c in report["checks"]}
+    assert set(names) >= {"shapes", "image tokens vs grid", "token budget", "loss mask", "trainer vs sampler logprobs"}
+    assert all(names.values())
+    assert report["stats"]["mismatch_kl"] < 1e-6
+    assert report["shapes"]["pixel_values"][1] == 1536
+    assert "[[" in report["sample"]["text"]  # trained tokens are marked in the rendering
+
+
+def test_check_batch_fails_when_the_token_budget_is_exceeded(tiny_model_dir):
+    # prompts are 37 tokens; 37 + max_new_tokens 4 does not fit 40
+    res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}",
+              "--set", "model.max_model_len=40")
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["ok"] is False
+    assert [c["ok"] for c in report["checks"] if c["name"] == "token budget"] == [False]
+
+
+def test_check_batch_human_output(tiny_model_dir):
+    res = run("check-batch", "configs/tiny-cpu.toml", "--set", f"model.path={tiny_model_dir}", env=None)
+    assert res.returncode == 0, res.stderr
+    assert "batch OK" in res.stdout and "trainer vs sampler logprobs" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check-batch", "configs/tiny-cpu.toml", "--set", "rollout.group_sise=3"], "rollout.group_sise: unknown key"),
+        (["check-batch", "missing.toml"], "config file missing.toml does not exist"),
+        (["check-batch", "configs/tiny-cpu.toml", "--set", "model.path=/no/such/model"], "model.path '/no/such/model'"),
+    ],
+)
+def test_user_errors_are_one_clear_message(args, message):
+    res = run(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,186 @@
+"""Image loading for the Qwen3-VL adapter: every source a dataset may hold, one pixel policy.
+
+Sources: a file path (relative paths resolve against the dataset's directory), `file://`, `http(s)://` URLs
+(fetched with httpx under a timeout and a byte limit), `data:` URIs, bare base64, raw bytes and PIL images.
+Every image is converted to RGB (alpha flattened onto white; palette, grayscale, 16-bit and CMYK handled),
+turned upright by its EXIF orientation, and resized into [min_pixels, max_pixels] with the processor's own
+`smart_resize`, so the trainer and the vLLM server (which receives the already-resized image) see the same
+grid of patches and the same number of image tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UserError
+
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+
+
+class ImageError(UserError):
+    """An image the user supplied cannot be used; the message names the source and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits that keep image fetching and decoding bounded."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    """Largest encoded image accepted (file, download or base64 payload)."""
+    max_decoded_pixels: int = 64 * 1024 * 1024
+    """Largest image area accepted before resizing (decompression-bomb guard)."""
+    timeout_s: float = 10.0
+    """Connect/read timeout for http(s) images."""
+
+
+def describe_source(source: Any) -> str:
+    """A short, printable name for an image source (base64 payloads are abbreviated)."""
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height} {source.mode}>"
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    s = str(source)
+    if s.startswith("data:") or (len(s) > 120 and _BASE64_RE.match(s[:200])):
+        return f"{s[:40]}... ({len(s)} chars)"
+    return s
+
+
+def _decode_base64(payload: str, source: Any) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"image {describe_source(source)}: invalid base64 ({e})") from None
+
+
+def _fetch_url(url: str, limits: ImageLimits) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=limits.timeout_s, follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise ImageError(f"image {url}: HTTP {r.status_code}; check the URL")
+            ctype = r.headers.get("content-type", "")
+            if ctype and not (ctype.startswith("image/") or ctype.startswith("application/octet-stream")):
+                raise ImageError(f"image {url}: the server sent {ctype.split(';')[0]}, not an image; check the URL")
+            declared = int(r.headers.get("content-length") or 0)
+            if declared > limits.max_bytes:
+                raise ImageError(f"image {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes")
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) > limits.max_bytes:
+                    raise ImageError(f"image {url}: larger than the limit of {limits.max_bytes} bytes")
+            return bytes(buf)
+    except httpx.TimeoutException:
+        raise ImageError(f"image {url}: timed out after {limits.timeout_s:g} s; check the URL or the network") from None
+    except httpx.HTTPError as e:
+        raise ImageError(f"image {url}: could not be fetched ({type(e).__name__}: {e})") from None
+
+
+def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, Path) or isinstance(source, str):
+        s = str(source).strip()
+        if s.startswith(("http://", "https://")):
+            return _fetch_url(s, limits)
+        if s.startswith("data:"):
+            head, _, payload = s.partition(",")
+            if ";base64" not in head:
+                raise ImageError(f"image {describe_source(s)}: only base64 data URIs are supported")
+            data = _decode_base64(payload, s)
+        elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) and not s.startswith("file://"):
+            scheme = s.split("://", 1)[0]
+            raise ImageError(f"image {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data URI")
+        else:
+            path = Path(s.removeprefix("file://"))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if path.is_file():
+                size = path.stat().st_size
+                if size > limits.max_bytes:
+                    raise ImageError(f"image {path}: {size} bytes is over the limit of {limits.max_bytes} bytes")
+                data = path.read_bytes()
+            elif len(s) > 64 and _BASE64_RE.match(s):
+                data = _decode_base64(s, s)
+            else:
+                raise ImageError(f"image {path}: file not found; check the path (relative paths resolve "
+                                 f"against {base_dir or 'the working directory'})")
+    else:
+        raise ImageError(f"image {describe_source(source)}: unsupported source type {type(source).__name__}")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image {describe_source(source)}: {len(data)} bytes is over the limit of {limits.max_bytes}")
+    if not data:
+        raise ImageError(f"image {describe_source(source)}: empty (0 bytes)")
+    return data
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with alpha flattened onto white; palette, grayscale, 16-bit/float and CMYK converted."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # Scale high-bit-depth grayscale into 8 bits rather than clipping it.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = arr * (255.0 / hi) if hi > 255 else arr
+        img = Image.fromarray(arr.clip(0, 255).astype("uint8"), mode="L")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Load any supported source into an upright RGB PIL image (not resized)."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = _read_bytes(source, base_dir, limits)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(f"image {describe_source(source)}: not a recognised image format "
+                             f"(is it an image file? {len(data)} bytes)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"image {describe_source(source)}: corrupt or truncated ({e})") from None
+    if img.width * img.height > limits.max_decoded_pixels:
+        raise ImageError(f"image {describe_source(source)}: {img.width}x{img.height} pixels is over the limit of "
+                         f"{limits.max_decoded_pixels} (decompression-bomb guard); downscale it first")
+    try:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"image {describe_source(source)}: corrupt or truncated ({e})") from None
+
+
+def target_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
+    """(width, height) the processor would resize to: multiples of `factor`, area in [min, max] pixels."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return w, h
+
+
+def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, factor: int, source: Any = None) -> Image.Image:
+    """Resize to the pixel policy; an image already on the policy's grid is returned unchanged."""
+    try:
+        w, h = target_size(img.width, img.height, min_pixels, max_pixels, factor)
+    except ValueError as e:  # smart_resize refuses aspect ratios above 200
+        raise ImageError(f"image {describe_source(source if source is not None else img)}: "
+                         f"{img.width}x{img.height} cannot be used ({e}); crop or pad it") from None
+    if (w, h) == img.size:
+        return img
+    return img.resize((w, h), Image.Resampling.BICUBIC)

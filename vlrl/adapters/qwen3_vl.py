@@ -1,0 +1,254 @@
+"""Everything vlrl knows about Qwen3-VL: images, chat formatting, the processor, image-token accounting,
+`mm_token_type_ids`, the training batch and the policy's logprob forward. Nothing else imports model classes.
+
+Image tokens: an image resized to (H, W) pixels becomes a grid of t*h*w patches (t = 1 for an image,
+h = H / patch, w = W / patch), i.e. t*h*w rows of `pixel_values` (3 * temporal_patch * patch^2 columns: 1536
+for patch 16), and t*h*w / merge^2 `<|image_pad|>` placeholders in the token sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..algo.logprobs import sequence_logprobs
+from ..batch import MultimodalBatch
+from ..config import ModelConfig
+from ..errors import UserError
+from ..records import EncodedPrompt, Rollout
+from .images import ImageLimits, decode_image, describe_source, fit_image
+
+
+class PromptError(UserError):
+    """A prompt that cannot be trained on (too many images, too long); the message names the sample."""
+
+
+class Qwen3VLAdapter:
+    """Turns dataset samples into encoded prompts and rollouts into training batches, for Qwen3-VL."""
+
+    def __init__(self, processor: Any, cfg: ModelConfig, limits: ImageLimits = ImageLimits()):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.cfg = cfg
+        self.limits = limits
+        ip = processor.image_processor
+        self.patch_size = int(ip.patch_size)
+        self.merge_size = int(ip.merge_size)
+        self.factor = self.patch_size * self.merge_size
+        tok = self.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        self.eos_token_ids = sorted(
+            {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id}
+        )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Qwen3VLAdapter:
+        from transformers import AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise PromptError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
+        if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "merge_size"):
+            raise PromptError(f"model.path {cfg.path!r} does not hold a Qwen3-VL processor")
+        return cls(processor, cfg)
+
+    # --- tokens the sampler must never produce ------------------------------------------------------------
+    @property
+    def banned_token_ids(self) -> list[int]:
+        """Placeholder tokens: a sampled `<|image_pad|>` would crash the next forward (no image behind it)."""
+        return [self.image_token_id, self.video_token_id]
+
+    # --- images and messages ----------------------------------------------------------------------------
+    def load_image(self, source: Any, base_dir: Path | None = None):
+        """Any supported source -> RGB PIL image resized to the pixel policy."""
+        img = decode_image(source, base_dir, self.limits)
+        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, source)
+
+    @staticmethod
+    def build_messages(
+        question: str, num_images: int, system_prompt: str | None = None, history: list[dict] | None = None
+    ) -> list[dict]:
+        """A chat: optional system prompt, earlier turns, then a user turn with its images first, then text."""
+        messages: list[dict] = []
+        if system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.extend(history or [])
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def encode_prompt(
+        self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None, name: str = "prompt"
+    ) -> EncodedPrompt:
+        """Tokenise a chat with its images through the processor; check placeholders against the grid.
+
+        `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`.
+        """
+        n_parts = sum(
+            1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
+        )
+        if n_parts != len(image_sources):
+            raise PromptError(f"{name}: the messages hold {n_parts} image parts but {len(image_sources)} images")
+        if len(image_sources) > self.cfg.max_images_per_prompt:
+            raise PromptError(
+                f"{name}: {len(image_sources)} images is over model.max_images_per_prompt "
+                f"({self.cfg.max_images_per_prompt}); raise it (and the server's --limit-mm-per-prompt) or drop images"
+            )
+        images = [self.load_image(s, base_dir) for s in image_sources]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        size = {"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels}
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt", size=size)
+        ids = enc["input_ids"][0].tolist()
+        grid = enc.get("image_grid_thw")
+        prompt = EncodedPrompt(
+            input_ids=ids,
+            messages=messages,
+            images=images,
+            pixel_values=enc.get("pixel_values"),
+            image_grid_thw=grid,
+            image_refs=[describe_source(s) for s in image_sources],
+        )
+        self.check_placeholders(ids, grid, name)
+        if len(ids) >= self.cfg.max_model_len:
+            raise PromptError(
+                f"{name}: the prompt is {len(ids)} tokens (images included), not below model.max_model_len "
+                f"({self.cfg.max_model_len}); lower model.max_pixels, use fewer images, or raise max_model_len"
+            )
+        return prompt
+
+    def placeholders_per_image(self, grid: torch.Tensor | None) -> list[int]:
+        if grid is None:
+            return []
+        return (grid.prod(-1) // (self.merge_size**2)).tolist()
+
+    def check_placeholders(self, ids: list[int], grid: torch.Tensor | None, name: str) -> None:
+        found = sum(1 for t in ids if t == self.image_token_id)
+        expected = sum(self.placeholders_per_image(grid))
+        if found != expected:
+            raise PromptError(
+                f"{name}: {found} <|image_pad|> tokens but the image grid needs {expected}; "
+                "the chat template and the processor disagree"
+            )
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] int64: 0 text, 1 image placeholder, 2 video placeholder (transformers needs it for M-RoPE)."""
+        out = torch.zeros_like(input_ids)
+        out[input_ids == self.image_token_id] = 1
+        out[input_ids == self.video_token_id] = 2
+        return out
+
+    def prompt_inputs(self, prompt: EncodedPrompt, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Model inputs of one prompt (batch of 1), for generation."""
+        ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)  # [1, P]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": self.mm_token_type_ids(ids)}
+        if prompt.image_grid_thw is not None:
+            inputs["pixel_values"] = prompt.pixel_values.to(device)  # [P_img, D]
+            inputs["image_grid_thw"] = prompt.image_grid_thw.to(device)  # [n_images, 3]
+        return inputs
+
+    # --- the training batch --------------------------------------------------------------------------------
+    def build_batch(self, rollouts: list[Rollout]) -> MultimodalBatch:
+        """Rollouts -> one right-padded batch. loss_mask is 1 exactly on sampled completion tokens."""
+        if not rollouts:
+            raise ValueError("build_batch needs at least one rollout")
+        lengths = [len(r.prompt.input_ids) + len(r.completion_ids) for r in rollouts]
+        B, L = len(rollouts), max(lengths)
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]
+        loss_mask = torch.zeros(B, L, dtype=torch.float32)  # [B, L]
+        behavior = torch.zeros(B, L, dtype=torch.float32)  # [B, L]
+        pixel_rows, grids, patches, n_images = [], [], [], []
+        for i, r in enumerate(rollouts):
+            p, c = len(r.prompt.input_ids), len(r.completion_ids)
+            if any(t in (self.image_token_id, self.video_token_id) for t in r.completion_ids):
+                # The sampler bans placeholders, so this is a sampler bug, not bad data.
+                raise ValueError(f"rollout {i}: the completion holds an image/video placeholder token")
+            input_ids[i, : p + c] = torch.tensor(r.prompt.input_ids + r.completion_ids, dtype=torch.long)
+            attention_mask[i, : p + c] = 1
+            mask = torch.tensor(r.trained_mask, dtype=torch.float32)
+            loss_mask[i, p : p + c] = mask
+            behavior[i, p : p + c] = torch.tensor(r.logprobs, dtype=torch.float32) * mask
+            grid = r.prompt.image_grid_thw
+            self.check_placeholders(input_ids[i, : p + c].tolist(), grid, f"rollout {i}")
+            if grid is not None and len(grid):
+                pixel_rows.append(r.prompt.pixel_values)
+                grids.append(grid)
+            patches.append(r.prompt.num_patches)
+            n_images.append(0 if grid is None else len(grid))
+        model_inputs = {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
+        layout = {"mm_token_type_ids": "token"}
+        if pixel_rows:
+            model_inputs["pixel_values"] = torch.cat(pixel_rows)  # [P, D]
+            model_inputs["image_grid_thw"] = torch.cat(grids)  # [N, 3]
+            layout.update(pixel_values="patch", image_grid_thw="image")
+        return MultimodalBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            behavior_logprobs=behavior,
+            advantages=torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
+            model_inputs=model_inputs,
+            layout=layout,
+            patches_per_sample=patches,
+            images_per_sample=n_images,
+        )
+
+    # --- the model --------------------------------------------------------------------------------------
+    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.cfg.path,
+            dtype=dtype,
+            attn_implementation=self.cfg.attn_implementation,
+            trust_remote_code=self.cfg.trust_remote_code,
+            use_safetensors=True,
+        )
+        return model.to(device)
+
+    def policy(self, model, temperature: float) -> Qwen3VLPolicy:
+        return Qwen3VLPolicy(model, self.banned_token_ids, temperature)
+
+
+class Qwen3VLPolicy(nn.Module):
+    """The trainable module: a Qwen3-VL model whose forward returns token-aligned logprobs.
+
+    Wrapping the whole computation (backbone + chunked lm_head) in one module is what lets Accelerate/DDP/FSDP
+    wrap it: the loss never calls a sub-module behind the wrapper's back.
+    """
+
+    def __init__(self, model: nn.Module, banned_ids: list[int], temperature: float, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, L] int64
+        attention_mask: torch.Tensor,  # [B, L] int64
+        logprob_mask: torch.Tensor,  # [B, L]: positions whose token logprob is returned
+        with_entropy: bool = False,
+        **model_inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logprobs [B, L] float32, entropy [B, L] float32), 0 outside logprob_mask."""
+        backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_inputs).last_hidden_state
+        weight = self.model.get_output_embeddings().weight  # [V, H]
+        return sequence_logprobs(
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, with_entropy
+        )
+
+
+def batch_logprobs(policy: nn.Module, batch: MultimodalBatch, with_entropy: bool = False):
+    """Logprobs [B, L] (and entropy) of the batch's trained tokens under `policy`."""
+    return policy(
+        batch.input_ids, batch.attention_mask, batch.loss_mask, with_entropy=with_entropy, **batch.model_inputs
+    )

@@ -1,0 +1,116 @@
+"""`MultimodalBatch`: the padded training batch, and its split into micro-batches.
+
+The batch is model-agnostic: the adapter fills `model_inputs` and declares, per key, how its rows map to
+samples (`layout`): "token" tensors are [B, L] like input_ids; "patch" tensors are packed over every image of
+the batch and are sliced by each sample's patch count; "image" tensors have one row per image. Slicing by
+patch counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class MultimodalBatch:
+    input_ids: torch.Tensor  # [B, L] int64, right-padded
+    attention_mask: torch.Tensor  # [B, L] int64
+    loss_mask: torch.Tensor  # [B, L] float32, 1 exactly on tokens the policy sampled
+    behavior_logprobs: torch.Tensor  # [B, L] float32, sampler logprob of token t stored at t, 0 elsewhere
+    advantages: torch.Tensor  # [B] float32
+    model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], mm_token_type_ids [B, L]
+    layout: dict[str, str]  # model_inputs key -> "token" | "patch" | "image"
+    patches_per_sample: list[int]
+    images_per_sample: list[int]
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device: torch.device | str) -> MultimodalBatch:
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return replace(
+            self,
+            input_ids=mv(self.input_ids),
+            attention_mask=mv(self.attention_mask),
+            loss_mask=mv(self.loss_mask),
+            behavior_logprobs=mv(self.behavior_logprobs),
+            advantages=mv(self.advantages),
+            model_inputs={k: mv(v) for k, v in self.model_inputs.items()},
+        )
+
+    def select(self, indices: list[int]) -> MultimodalBatch:
+        """The samples at `indices` (in that order), padding trimmed to their longest sequence."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        length = int(self.attention_mask[idx].sum(-1).max()) if indices else 0
+        patch_starts = _offsets(self.patches_per_sample)
+        image_starts = _offsets(self.images_per_sample)
+        inputs: dict[str, torch.Tensor] = {}
+        for key, value in self.model_inputs.items():
+            kind = self.layout[key]
+            if kind == "token":
+                inputs[key] = value[idx, :length]
+            elif kind in ("patch", "image"):
+                starts, counts = (
+                    (patch_starts, self.patches_per_sample) if kind == "patch" else (image_starts, self.images_per_sample)
+                )
+                rows = [value[starts[i] : starts[i] + counts[i]] for i in indices if counts[i]]
+                if rows:
+                    inputs[key] = torch.cat(rows)
+            else:
+                raise ValueError(f"unknown layout {kind!r} for model input {key!r}")
+        return MultimodalBatch(
+            input_ids=self.input_ids[idx, :length],
+            attention_mask=self.attention_mask[idx, :length],
+            loss_mask=self.loss_mask[idx, :length],
+            behavior_logprobs=self.behavior_logprobs[idx, :length],
+            advantages=self.advantages[idx],
+            model_inputs=inputs,
+            layout=self.layout,
+            patches_per_sample=[self.patches_per_sample[i] for i in indices],
+            images_per_sample=[self.images_per_sample[i] for i in indices],
+        )
+
+    def split(self, groups: list[list[int]]) -> list[MultimodalBatch]:
+        return [self.select(g) for g in groups]
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for c in counts:
+        out.append(total)
+        total += c
+    return out
+
+
+def plan_micro_batches(
+    lengths: list[int],
+    max_samples: int,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Group sample indices into micro-batches, in order: at most `max_samples` each, and at most `max_tokens`
+    padded tokens (samples * longest length; image placeholders count as tokens) where a budget is set."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        over_tokens = max_tokens is not None and current and grown * (len(current) + 1) > max_tokens
+        if current and (len(current) >= max_samples or over_tokens):
+            groups.append(current)
+            current, grown = [], n
+        current.append(i)
+        longest = grown
+    if current:
+        groups.append(current)
+    return groups

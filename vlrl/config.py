@@ -1,0 +1,262 @@
+"""The run configuration: pydantic models only. Every default and every cross-field rule lives here.
+
+A run is one TOML file (see `configs/`), optionally changed by `--set a.b=value` overrides. Unknown keys are
+errors (`extra="forbid"`), and every error names the key path and the file it came from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(UserError):
+    """A config file or override the user can fix; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """Model directory or hub id (a Qwen3-VL checkpoint in Hugging Face format)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype. `auto`: bfloat16 on GPU, float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the trainer's model."""
+    trust_remote_code: bool = False
+    """Allow code shipped with the checkpoint to run. Off unless you trust the checkpoint's source."""
+    min_pixels: int = Field(64 * 32 * 32, gt=0)
+    """Smallest image area in pixels after resizing. One pixel policy serves trainer and sampler."""
+    max_pixels: int = Field(640 * 32 * 32, gt=0)
+    """Largest image area in pixels after resizing; images are resized down to it before tokenisation and
+    before they are sent to the sampler, so trainer and server see the same image tokens."""
+    max_images_per_prompt: int = Field(4, ge=0)
+    """Most images one prompt may hold; must not exceed the server's `--limit-mm-per-prompt image=N`."""
+    max_model_len: int = Field(8192, gt=0)
+    """Longest sequence (prompt with image tokens + completion) in tokens, as the server's `--max-model-len`."""
+    freeze_vision: bool = True
+    """Keep the vision tower (and its merger) frozen during training."""
+
+
+class EnvConfig(Section):
+    dataset: str = "builtin:colors"
+    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors), or a data file/dir."""
+    train_size: int = Field(512, gt=0)
+    """Number of samples in the train split of a built-in task."""
+    eval_size: int = Field(64, gt=0)
+    """Number of samples in the eval split of a built-in task."""
+    image_size: int = Field(64, ge=32)
+    """Side in pixels of the images a built-in task draws."""
+    system_prompt: str | None = None
+    """System message put before every prompt (none when unset)."""
+    question_template: str = "{question}"
+    """Template of the user text; `{question}` is replaced by the sample's question."""
+
+
+class RolloutConfig(Section):
+    server_url: str | None = None
+    """Base URL of a vLLM server started by `vlrl serve` (e.g. http://127.0.0.1:8000). Unset: rollouts are
+    sampled in process by the policy itself (the embedded backend)."""
+    group_size: int = Field(8, ge=1)
+    """Completions sampled per prompt (the GRPO group)."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts per optimizer step; a step trains on prompts_per_step * group_size samples."""
+    max_new_tokens: int = Field(512, ge=1)
+    """Most tokens sampled per completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the trainer scales its logits by the same value."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling. Below 1 the sampler's logprobs are renormalised over the nucleus and no longer
+    equal the trainer's; the truncated importance weights absorb the difference."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling; -1 disables it (the RL default)."""
+    seed: int = 0
+    """Seed of the sampler."""
+
+
+class AlgorithmConfig(Section):
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    """Group baseline: `grpo` (reward minus group mean) or `rloo` (leave-one-out mean)."""
+    std_normalize: bool = True
+    """Divide advantages by the group's reward std (GRPO). Off for Dr.GRPO (arXiv:2503.20783)."""
+    policy_loss: Literal["token", "sequence"] = "token"
+    """`token`: per-token clipped ratio (PPO/GRPO/DAPO). `sequence`: length-normalised sequence ratio (GSPO)."""
+    clip_low: float = Field(0.2, ge=0)
+    """Lower clip range: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = Field(0.28, ge=0)
+    """Upper clip range: 1 + clip_high; above clip_low is DAPO's clip-higher (arXiv:2503.14476)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
+    """Loss normalisation: over all trained tokens of the step, per-sequence means averaged, or a constant
+    (Dr.GRPO: divided by samples * max_new_tokens)."""
+    tis_cap: float = Field(2.0, gt=0)
+    """Cap on the truncated importance weight exp(logp_trainer_old - logp_sampler) that corrects the
+    sampler/trainer mismatch."""
+    mask_ratio_above: float = Field(10.0, gt=1)
+    """Tokens whose trainer/sampler probability ratio is above this (or below its inverse) are masked out."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL penalty to a frozen reference model (0: no reference model is loaded)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards all equal (zero advantage) and sample more prompts to refill (DAPO)."""
+    max_refill_rounds: int = Field(3, ge=0)
+    """With dynamic sampling, most extra sampling rounds per step."""
+    mask_truncated: bool = False
+    """Overlong masking: completions cut by max_new_tokens get no loss."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1)
+    """Optimizer steps."""
+    learning_rate: float = Field(1e-6, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping by global norm."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Most samples per forward/backward pass (gradient accumulation over micro-batches)."""
+    micro_batch_tokens: int | None = Field(None, gt=0)
+    """Most tokens per micro-batch, text and image tokens together (padding included); unset: no token cap."""
+    precision: Literal["auto", "float32", "bf16"] = "auto"
+    """Training precision: `auto` is bf16 on GPU, float32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seed of the data order and the model's random parts."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(50, ge=1)
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted."""
+
+
+class LoggingConfig(Section):
+    samples_per_step: int = Field(4, ge=0)
+    """Rollouts per step written to `samples.jsonl` (with image references)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class Config(Section):
+    name: str = "run"
+    """Run name: outputs go to `<output_dir>/<name>`."""
+    output_dir: str = "runs"
+    """Directory that holds runs."""
+    model: ModelConfig = ModelConfig()
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Config:
+        if self.model.min_pixels > self.model.max_pixels:
+            raise ValueError(
+                f"model.min_pixels ({self.model.min_pixels}) is larger than model.max_pixels ({self.model.max_pixels})"
+            )
+        if self.rollout.max_new_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for the prompt in "
+                f"model.max_model_len ({self.model.max_model_len})"
+            )
+        if self.algorithm.advantage == "rloo" and self.rollout.group_size < 2:
+            raise ValueError("algorithm.advantage = 'rloo' needs rollout.group_size >= 2")
+        if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.model.max_model_len:
+            raise ValueError(
+                f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is below model.max_model_len "
+                f"({self.model.max_model_len}): a full-length sample would not fit in any micro-batch"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value). The value is read as a TOML value, else taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.group_size=16")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config, apply `--set` overrides, validate. Errors name the file and the key path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    apply_overrides(data, overrides or [])
+    source = str(p) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config (every default filled in) as TOML that `load_config` reads back."""
+    import tomli_w
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    return p

@@ -1,0 +1,16 @@
+"""Where a run's samples come from, chosen by `env.dataset`."""
+
+from __future__ import annotations
+
+from ..config import EnvConfig
+from ..errors import UserError
+from .builtin import builtin_split
+from .dataset import Sample
+
+
+def load_samples(cfg: EnvConfig, split: str, seed: int = 0) -> list[Sample]:
+    """The samples of `split` ("train" or "eval") of the configured dataset."""
+    if cfg.dataset.startswith("builtin:"):
+        n = cfg.train_size if split == "train" else cfg.eval_size
+        return builtin_split(cfg.dataset.removeprefix("builtin:"), split, n, cfg.image_size, seed)
+    raise UserError(f"env.dataset {cfg.dataset!r}: expected builtin:NAME")

@@ -1,0 +1,97 @@
+"""The embedded rollout backend: the policy samples its own completions in process (transformers `generate`).
+
+This is the default when no vLLM server is configured, so `vlrl train configs/tiny-cpu.toml` runs anywhere.
+The logprob of each sampled token is read from the scores `generate` actually sampled from (after
+temperature, top-k/top-p and the placeholder ban), so it is the behavior logprob the loss needs.
+Every sampling parameter is set explicitly: a checkpoint's `generation_config.json` (Qwen3-VL ships
+top_k=20, top_p=0.8, temperature=0.7) never silently changes what the config asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RolloutConfig
+from ..records import EncodedPrompt, Rollout
+
+
+class EmbeddedSampler:
+    """Samples `n` completions per prompt with the policy model itself."""
+
+    def __init__(self, model, adapter, cfg: RolloutConfig):
+        self.model = model
+        self.adapter = adapter
+        self.tokenizer = adapter.tokenizer
+        self.eos_token_ids = list(adapter.eos_token_ids)
+        self.max_new_tokens = cfg.max_new_tokens
+        self.temperature = cfg.temperature
+        self.top_p = cfg.top_p
+        self.top_k = cfg.top_k
+
+    def generation_config(self, n: int):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=True,
+            num_return_sequences=n,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),  # 0 disables top-k
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            suppress_tokens=self.adapter.banned_token_ids,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.adapter.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+
+    @torch.no_grad()
+    def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
+        """`n` rollouts per prompt, prompt-major (group g holds rollouts g*n ... g*n+n-1)."""
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        generator_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            out: list[Rollout] = []
+            for g, prompt in enumerate(prompts):
+                out.extend(self._sample_one(prompt, n, g, device))
+            return out
+        finally:
+            if seed is not None:
+                torch.random.set_rng_state(generator_state)
+            self.model.train(was_training)
+
+    def _sample_one(self, prompt: EncodedPrompt, n: int, group: int, device) -> list[Rollout]:
+        inputs = self.adapter.prompt_inputs(prompt, device)
+        res = self.model.generate(**inputs, generation_config=self.generation_config(n))
+        new_tokens = res.sequences[:, len(prompt.input_ids) :]  # [n, T]
+        scores = torch.stack(res.scores, dim=1).float()  # [n, T, V] processed scores that were sampled from
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)  # [n, T]
+        rollouts = []
+        for i in range(n):
+            toks = new_tokens[i].tolist()
+            end = next((j for j, t in enumerate(toks) if t in self.eos_token_ids), None)
+            stop = end is not None
+            toks = toks[: end + 1] if stop else toks
+            lps = logprobs[i, : len(toks)].tolist()
+            rollouts.append(
+                Rollout(
+                    prompt=prompt,
+                    completion_ids=toks,
+                    logprobs=lps,
+                    finish_reason="stop" if stop else "length",
+                    text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                    group=group,
+                )
+            )
+        return rollouts

@@ -1,0 +1,189 @@
+"""Build a tiny, randomly initialised Qwen3-VL that transformers and vLLM both load offline.
+
+There is no model hub on the CI and development machines, so tests and the CPU demo use a model written
+here: the real Qwen3-VL architecture (vision tower with deepstack, M-RoPE text model) at toy sizes, a
+byte-level BPE tokenizer trained on a small built-in corpus, and a chat template with Qwen3-VL-Instruct's
+structure. vLLM's CPU attention needs head_dim >= 32 and M-RoPE sections that sum to head_dim / 2.
+
+The vocabulary is deliberately small (a few hundred tokens) and holds the answer words of the built-in tasks
+as single tokens, so that a random policy hits a correct answer often enough for RL to learn from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen3-VL-Instruct's structure: `<|im_start|>role\n...<|im_end|>\n`, images as
+# `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands the pad), generation prompt
+# `<|im_start|>assistant\n`. Content may be a string or a list of {"type": "text"|"image"} parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+# Words the built-in tasks ask about and answer with; each becomes one token (with and without a leading
+# space) so the answer of a task is a single sampled token.
+ANSWER_WORDS = [
+    "red", "green", "blue", "yellow", "purple", "orange",
+    "circle", "square", "triangle", "left", "right", "top", "bottom", "yes", "no",
+]  # fmt: skip
+# Other frequent words; they get merges too where the vocabulary has room, but need not be single tokens.
+OTHER_WORDS = [
+    "system", "user", "assistant", "What", "color", "is", "the", "shape", "image", "Answer", "with", "one",
+    "word", "How", "many", "shapes", "Which", "side", "picture", "think", "answer",
+]  # fmt: skip
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer: 256 byte symbols, merges learned from a built-in corpus, Qwen specials.
+
+    Every answer word is one token, bare and after a space (checked here, so a change that breaks it fails
+    at build time rather than as a demo that cannot learn).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Answer words dominate the counts, so their merges come first and each ends as one token.
+    corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS)] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=20,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    for word in ANSWER_WORDS:
+        for form in (word, " " + word):
+            if len(tok.encode(form).ids) != 1:
+                raise RuntimeError(f"tiny tokenizer: {form!r} is not a single token; raise vocab_size")
+    return tok
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
+    """Write a tiny random Qwen3-VL (config, safetensors, tokenizer, processor, chat template) to `out_dir`.
+
+    Deterministic for a seed: the same seed writes the same weights and tokenizer.
+    """
+    import torch
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = build_tokenizer(vocab_size)
+    ids = {t: raw.token_to_id(t) for t in SPECIAL_TOKENS}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+    head_dim = 32
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            max_position_embeddings=4096,
+            rope_parameters=dict(
+                rope_type="default",
+                rope_theta=10000.0,
+                mrope_section=[6, 5, 5],  # sums to head_dim / 2
+                mrope_interleaved=True,
+            ),
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=128,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out, safe_serialization=True)
+
+    # Small images keep the CPU fast: at most 16x16 merged tokens (512x512 px); at least 2x2 (64x64 px).
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    (out / "vlrl_tiny.json").write_text(json.dumps({"seed": seed, "vocab_size": len(tokenizer)}) + "\n")
+    return out
