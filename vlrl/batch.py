@@ -97,20 +97,27 @@ def plan_micro_batches(
     lengths: list[int],
     max_samples: int,
     max_tokens: int | None = None,
+    patches: list[int] | None = None,
+    max_patches: int | None = None,
 ) -> list[list[int]]:
-    """Group sample indices into micro-batches, in order: at most `max_samples` each, and at most `max_tokens`
-    padded tokens (samples * longest length; image placeholders count as tokens) where a budget is set."""
+    """Group sample indices into micro-batches, in order, within three budgets: at most `max_samples`
+    samples, at most `max_tokens` padded tokens (samples * longest length; image placeholders count as
+    tokens), and at most `max_patches` vision patches (the vision tower's work). A sample over a budget on
+    its own still gets a micro-batch of its own."""
+    patches = patches or [0] * len(lengths)
     groups: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = n_patches = 0
     for i, n in enumerate(lengths):
         grown = max(longest, n)
-        over_tokens = max_tokens is not None and current and grown * (len(current) + 1) > max_tokens
-        if current and (len(current) >= max_samples or over_tokens):
+        over_tokens = max_tokens is not None and grown * (len(current) + 1) > max_tokens
+        over_patches = max_patches is not None and n_patches + patches[i] > max_patches
+        if current and (len(current) >= max_samples or over_tokens or over_patches):
             groups.append(current)
-            current, grown = [], n
+            current, grown, n_patches = [], n, 0
         current.append(i)
         longest = grown
+        n_patches += patches[i]
     if current:
         groups.append(current)
     return groups

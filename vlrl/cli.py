@@ -77,6 +77,37 @@ def check_batch(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
+) -> None:
+    """Train a policy with RL: rollouts, rewards, group advantages, policy update, checkpoints.
+
+    Writes runs/NAME/: config.toml (resolved), metrics.jsonl (one line per step), samples.jsonl (rollouts
+    with image references) and step-N/ checkpoints (HF format, servable by vLLM). Ctrl-C saves and exits.
+    """
+    from rich.console import Console
+
+    from .errors import UserError
+
+    cfg = _load(config, overrides)
+    console = Console()
+    try:
+        from .train import train as run_training
+
+        run_dir = run_training(cfg, resume=resume, console=console)
+    except UserError as e:
+        _fail(str(e))
+    from .checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(f"samples: {run_dir / 'samples.jsonl'}")
+    console.print(f"checkpoint: {ckpt if ckpt else '(none yet)'}")
+
+
 @app.command("build-tiny-model")
 def build_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],

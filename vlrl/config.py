@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -48,21 +48,65 @@ class ModelConfig(Section):
     """Longest sequence (prompt with image tokens + completion) in tokens, as the server's `--max-model-len`."""
     freeze_vision: bool = True
     """Keep the vision tower (and its merger) frozen during training."""
+    lora_rank: int = Field(0, ge=0)
+    """LoRA rank on the language model's linear layers (peft, `pip install 'vlrl[lora]'`); 0 trains all
+    weights."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names LoRA adapts (the vision tower's layers have other names and stay untouched)."""
+
+
+class RewardSpec(Section):
+    fn: str
+    """A built-in reward (exact_match, choice, multiple_choice, numeric, format, iou) or `module:function`, a
+    function (completion: str, sample: Sample) -> float."""
+    weight: float = 1.0
+    """Weight in the weighted sum that makes a sample's reward."""
 
 
 class EnvConfig(Section):
     dataset: str = "builtin:colors"
-    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors), or a data file/dir."""
+    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position),
+    a `.jsonl` or `.parquet` file, a directory written by `datasets.save_to_disk`, or `hf:NAME` (a Hugging
+    Face hub dataset; needs hub access)."""
+    eval_dataset: str | None = None
+    """Eval split from a separate file/dir (same forms as `dataset`). Unset for files: `eval_size` rows are
+    held out of `dataset` (deterministic by seed). Ignored by built-in tasks, which have their own split."""
+    train_split: str = "train"
+    """Split name for `hf:` datasets and dataset directories with splits."""
+    eval_split: str = "test"
+    """Eval split name for `hf:` datasets and dataset directories with splits."""
+    question_field: str = "question"
+    """Column holding the question text."""
+    answer_field: str = "answer"
+    """Column holding the answer the rewards check."""
+    image_field: str = "images"
+    """Column holding the image(s): one source or a list (path relative to the data file, URL, data URI,
+    base64, or a Hugging Face Image feature)."""
+    id_field: str = "id"
+    """Column holding a sample id (row number when absent)."""
     train_size: int = Field(512, gt=0)
-    """Number of samples in the train split of a built-in task."""
+    """Samples in the train split of a built-in task."""
     eval_size: int = Field(64, gt=0)
-    """Number of samples in the eval split of a built-in task."""
+    """Samples in the eval split of a built-in task, or held out of a file without `eval_dataset`."""
     image_size: int = Field(64, ge=32)
     """Side in pixels of the images a built-in task draws."""
     system_prompt: str | None = None
     """System message put before every prompt (none when unset)."""
     question_template: str = "{question}"
     """Template of the user text; `{question}` is replaced by the sample's question."""
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(fn="exact_match")])
+    """Reward functions; a sample's reward is their weighted sum."""
+    reward_timeout_s: float = Field(10.0, gt=0)
+    """A reward function running longer than this marks the sample as failed (the run goes on)."""
+
+    @field_validator("question_template")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain {question}")
+        return v
 
 
 class RolloutConfig(Section):
@@ -100,11 +144,11 @@ class AlgorithmConfig(Section):
     aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
     """Loss normalisation: over all trained tokens of the step, per-sequence means averaged, or a constant
     (Dr.GRPO: divided by samples * max_new_tokens)."""
-    tis_cap: float = Field(2.0, gt=0)
-    """Cap on the truncated importance weight exp(logp_trainer_old - logp_sampler) that corrects the
-    sampler/trainer mismatch."""
-    mask_ratio_above: float = Field(10.0, gt=1)
-    """Tokens whose trainer/sampler probability ratio is above this (or below its inverse) are masked out."""
+    ratio_cap: float = Field(3.0, gt=1)
+    """Cap on the importance ratio pi_trainer / pi_sampler for negative advantages (dual clip,
+    arXiv:1912.09729). With the PPO clip it truncates every importance weight of the loss."""
+    mask_ratio: float = Field(10.0, gt=1)
+    """Tokens whose trainer/sampler probability ratio is above this (or below its inverse) get no loss."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the k3 KL penalty to a frozen reference model (0: no reference model is loaded)."""
     entropy_coef: float = Field(0.0, ge=0)
@@ -119,7 +163,7 @@ class AlgorithmConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(100, ge=1)
-    """Optimizer steps."""
+    """Optimizer steps (one per batch of rollouts)."""
     learning_rate: float = Field(1e-6, gt=0)
     """Peak AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -136,6 +180,9 @@ class TrainConfig(Section):
     """Most samples per forward/backward pass (gradient accumulation over micro-batches)."""
     micro_batch_tokens: int | None = Field(None, gt=0)
     """Most tokens per micro-batch, text and image tokens together (padding included); unset: no token cap."""
+    micro_batch_patches: int | None = Field(None, gt=0)
+    """Most vision patches (rows of pixel_values) per micro-batch: the vision tower's share of the budget;
+    unset: no patch cap."""
     precision: Literal["auto", "float32", "bf16"] = "auto"
     """Training precision: `auto` is bf16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = False

@@ -143,14 +143,20 @@ class Qwen3VLAdapter:
         out[input_ids == self.video_token_id] = 2
         return out
 
-    def prompt_inputs(self, prompt: EncodedPrompt, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Model inputs of one prompt (batch of 1), for generation."""
-        ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)  # [1, P]
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": self.mm_token_type_ids(ids)}
-        if prompt.image_grid_thw is not None:
-            inputs["pixel_values"] = prompt.pixel_values.to(device)  # [P_img, D]
-            inputs["image_grid_thw"] = prompt.image_grid_thw.to(device)  # [n_images, 3]
-        return inputs
+    def generation_inputs(self, prompts: list[EncodedPrompt], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Model inputs of several prompts for `generate`: left-padded, images packed in prompt order."""
+        width = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # [P, W]
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [P, W]
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[i, width - len(p.input_ids) :] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": self.mm_token_type_ids(ids)}
+        with_images = [p for p in prompts if p.image_grid_thw is not None]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images])  # [P_img, D]
+            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])  # [n_images, 3]
+        return {k: v.to(device) for k, v in inputs.items()}
 
     # --- the training batch --------------------------------------------------------------------------------
     def build_batch(self, rollouts: list[Rollout]) -> MultimodalBatch:
@@ -200,20 +206,54 @@ class Qwen3VLAdapter:
         )
 
     # --- the model --------------------------------------------------------------------------------------
-    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu", weights_from: str | None = None):
+        """The HF model, from safetensors only (`weights_from`: a checkpoint directory instead of model.path)."""
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.cfg.path,
-            dtype=dtype,
-            attn_implementation=self.cfg.attn_implementation,
-            trust_remote_code=self.cfg.trust_remote_code,
-            use_safetensors=True,
-        )
+        path = weights_from or self.cfg.path
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path,
+                dtype=dtype,
+                attn_implementation=self.cfg.attn_implementation,
+                trust_remote_code=self.cfg.trust_remote_code,
+                use_safetensors=True,
+            )
+        except OSError as e:
+            raise PromptError(f"model.path {path!r}: cannot load the model ({e})") from None
         return model.to(device)
+
+    def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None:
+        """Freeze the vision tower, add LoRA (loading its weights from `adapter_dir` on resume), and turn
+        on gradient checkpointing, as the config says."""
+        model.train()
+        if cfg.model.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.model.lora_rank > 0:
+            from .lora import add_lora
+
+            add_lora(model, cfg.model, None if adapter_dir is None else Path(adapter_dir) / "adapter")
 
     def policy(self, model, temperature: float) -> Qwen3VLPolicy:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature)
+
+    @staticmethod
+    def generation_model(model):
+        """The module whose `generate` the embedded sampler calls (the HF model itself)."""
+        return model
+
+    def save_pretrained(self, model, out_dir: Path) -> None:
+        """An HF-format directory vLLM can serve: weights (LoRA merged in), config, processor."""
+        from .lora import has_lora, save_merged
+
+        if has_lora(model):
+            save_merged(model, Path(out_dir))
+        else:
+            model.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
 
 
 class Qwen3VLPolicy(nn.Module):

@@ -1,11 +1,11 @@
-"""Where a run's samples come from, chosen by `env.dataset`."""
+"""Where a run's samples come from, chosen by `env.dataset`: a built-in task or a data file (see files.py)."""
 
 from __future__ import annotations
 
 from ..config import EnvConfig
-from ..errors import UserError
 from .builtin import builtin_split
 from .dataset import Sample
+from .files import load_file_split
 
 
 def load_samples(cfg: EnvConfig, split: str, seed: int = 0) -> list[Sample]:
@@ -13,4 +13,4 @@ def load_samples(cfg: EnvConfig, split: str, seed: int = 0) -> list[Sample]:
     if cfg.dataset.startswith("builtin:"):
         n = cfg.train_size if split == "train" else cfg.eval_size
         return builtin_split(cfg.dataset.removeprefix("builtin:"), split, n, cfg.image_size, seed)
-    raise UserError(f"env.dataset {cfg.dataset!r}: expected builtin:NAME")
+    return load_file_split(cfg, split, seed)

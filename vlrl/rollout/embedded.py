@@ -18,7 +18,7 @@ from ..records import EncodedPrompt, Rollout
 class EmbeddedSampler:
     """Samples `n` completions per prompt with the policy model itself."""
 
-    def __init__(self, model, adapter, cfg: RolloutConfig):
+    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16):
         self.model = model
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
@@ -27,6 +27,7 @@ class EmbeddedSampler:
         self.temperature = cfg.temperature
         self.top_p = cfg.top_p
         self.top_k = cfg.top_k
+        self.max_prompts_per_call = max_prompts_per_call
 
     def generation_config(self, n: int):
         from transformers import GenerationConfig
@@ -58,40 +59,47 @@ class EmbeddedSampler:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        generator_state = torch.random.get_rng_state()
+        rng_state = torch.random.get_rng_state()
         if seed is not None:
             torch.manual_seed(seed)
         try:
             out: list[Rollout] = []
-            for g, prompt in enumerate(prompts):
-                out.extend(self._sample_one(prompt, n, g, device))
+            for start in range(0, len(prompts), self.max_prompts_per_call):
+                chunk = prompts[start : start + self.max_prompts_per_call]
+                out.extend(self._sample_chunk(chunk, n, start, device))
             return out
         finally:
             if seed is not None:
-                torch.random.set_rng_state(generator_state)
+                torch.random.set_rng_state(rng_state)
             self.model.train(was_training)
 
-    def _sample_one(self, prompt: EncodedPrompt, n: int, group: int, device) -> list[Rollout]:
-        inputs = self.adapter.prompt_inputs(prompt, device)
+    def _sample_chunk(self, prompts: list[EncodedPrompt], n: int, first_group: int, device) -> list[Rollout]:
+        """One `generate` call for several prompts: left-padded, each expanded to `n` samples."""
+        inputs = self.adapter.generation_inputs(prompts, device)
         res = self.model.generate(**inputs, generation_config=self.generation_config(n))
-        new_tokens = res.sequences[:, len(prompt.input_ids) :]  # [n, T]
-        scores = torch.stack(res.scores, dim=1).float()  # [n, T, V] processed scores that were sampled from
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)  # [n, T]
+        width = inputs["input_ids"].shape[1]
+        new_tokens = res.sequences[:, width:]  # [P*n, T]
+        scores = torch.stack(res.scores, dim=1).float()  # [P*n, T, V]: the processed scores sampled from
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)  # [P*n, T]
         rollouts = []
-        for i in range(n):
-            toks = new_tokens[i].tolist()
+        for row in range(new_tokens.shape[0]):
+            g = row // n
+            toks = new_tokens[row].tolist()
             end = next((j for j, t in enumerate(toks) if t in self.eos_token_ids), None)
             stop = end is not None
             toks = toks[: end + 1] if stop else toks
-            lps = logprobs[i, : len(toks)].tolist()
             rollouts.append(
                 Rollout(
-                    prompt=prompt,
+                    prompt=prompts[g],
                     completion_ids=toks,
-                    logprobs=lps,
+                    logprobs=logprobs[row, : len(toks)].tolist(),
                     finish_reason="stop" if stop else "length",
                     text=self.tokenizer.decode(toks, skip_special_tokens=True),
-                    group=group,
+                    group=first_group + g,
                 )
             )
         return rollouts
+
+    def sync_weights(self, model) -> None:
+        """Nothing to send: the embedded sampler samples with the training model itself."""
+        self.model = model

@@ -1,0 +1,411 @@
+"""Reward functions on hand-written completions, and a reward set that survives every way a function fails."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from vlrl.config import RewardSpec
+from vlrl.envs.dataset import Sample
+from vlrl.envs.rewards import (
+    RewardError,
+    RewardSet,
+    answer_part,
+    box_iou,
+    exact_match,
+    format_reward,
+    iou,
+    multiple_choice,
+    normalize,
+    numbers_in,
+    numeric,
+    resolve_reward,
+    run_bounded,
+)
+
+
+def S(answer, id="s0"):
+    return Sample(id=id, question="q", answer=answer)
+
+
+# --- parsing helpers ------------------------------------------------------------------------------------
+
+
+def test_answer_part_is_after_the_last_think_end():
+    assert answer_part("<think>red?</think>blue") == "blue"
+    assert answer_part("a</think>b</think> c") == " c"
+    assert answer_part("no tags") == "no tags"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("  Red.  ", "red"),
+        ("**Blue**", "blue"),
+        ('"green"!', "green"),
+        ("The   big\n dog", "the big dog"),
+        ("-3", "-3"),  # the sign is kept
+        ("(B)", "b"),
+        ("«oui»", "oui"),
+        ("...", ""),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1,000 apples", [1000.0]),
+        ("-3.5 and +2", [-3.5, 2.0]),
+        ("1/2", [0.5]),
+        ("5-3=2", [5.0, 3.0, 2.0]),  # binary minus, not a sign
+        ("x1 and v1.5 are names", []),
+        ("\\frac{3}{4}", [0.75]),
+        ("1,2,3", [1.0, 2.0, 3.0]),
+        ("costs $1,234.50.", [1234.5]),
+        ("2e3", [2000.0]),
+    ],
+)
+def test_numbers_in(text, expected):
+    assert numbers_in(text) == expected
+
+
+# --- built-in rewards -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("red", "red", 1.0),
+        ("  Red. ", "red", 1.0),
+        ("red", "Red", 1.0),
+        ("dark  red", "dark red", 1.0),
+        ("reddish", "red", 0.0),
+        ("The answer is red", "red", 0.0),  # exact, not contains
+        ("<think>maybe blue</think> red", "red", 1.0),
+        ("<think>red</think> blue", "red", 0.0),  # reasoning is not scored
+        ("<think>a</think>x</think>red", "red", 1.0),  # after the last </think>
+        ("4", 4, 1.0),
+        ("-3", "3", 0.0),
+        ("blue", ["red", "blue"], 1.0),  # a list holds alternatives
+        ("", "red", 0.0),
+    ],
+)
+def test_exact_match(completion, answer, expected):
+    assert exact_match(completion, S(answer)) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("B", "B", 1.0),
+        ("(B)", "B", 1.0),
+        ("B.", "B", 1.0),
+        ("The answer is B", "B", 1.0),
+        ("The answer is (C).", "B", 0.0),
+        ("b", "B", 0.0),  # lower case is not an option letter
+        ("Because", "B", 0.0),  # not standalone
+        ("C or B", "B", 0.0),  # the first letter counts
+        ("<think>A? no, B</think>Answer: B", "B", 1.0),
+        ("<think>B</think>A", "B", 0.0),
+        ("K", "K", None),  # K is outside A-J: a bad answer raises
+        ("B", "(b)", 1.0),
+        ("No letter here", "A", 0.0),
+        ("J", "J", 1.0),
+    ],
+)
+def test_multiple_choice(completion, answer, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="not a letter A-J"):
+            multiple_choice(completion, S(answer))
+    else:
+        assert multiple_choice(completion, S(answer)) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("42", 42, 1.0),
+        ("The total is 1,000 dollars.", 1000, 1.0),
+        ("so -3.5", "-3.5", 1.0),
+        ("it is 1/2", 0.5, 1.0),
+        ("3 apples and 4 pears, 7 in all", 7, 1.0),  # the last number
+        ("first \\boxed{12} then 13", 12, 1.0),  # boxed wins over the last number
+        ("\\boxed{\\frac{1}{3}}", 1 / 3, 1.0),
+        ("\\boxed{x^{2}+1} = 5", 5, 0.0),  # a box without a number scores 0, no fallback
+        ("0.3333333", 1 / 3, 1.0),  # relative error 1e-7: inside the tolerance
+        ("0.33333", 1 / 3, 0.0),  # relative error 1e-5: outside
+        ("100.00005", 100, 1.0),  # within 1e-6 relative
+        ("100.001", 100, 0.0),
+        ("no number", 5, 0.0),
+        ("<think>7</think>8", 7, 0.0),
+        ("72", "Natalia sold 48 + 24 = 72 clips.\n#### 72", 1.0),  # GSM8K-style answer
+        ("5-3", 3, 1.0),
+        ("5-3", -3, 0.0),
+        ("0", 0, 1.0),
+    ],
+)
+def test_numeric(completion, answer, expected):
+    assert numeric(completion, S(answer)) == expected
+
+
+def test_numeric_needs_a_numeric_answer():
+    with pytest.raises(ValueError, match="holds no number"):
+        numeric("1", S("seven"))
+    with pytest.raises(ValueError, match="has no answer"):
+        exact_match("1", S(None))
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>x</think> A", 1.0),
+        ("  <think>\nlong\nthought\n</think>\n\nred", 1.0),
+        ("<think></think>red", 1.0),
+        ("<think>x</think>", 0.0),
+        ("<think>x</think>  \n", 0.0),
+        ("red", 0.0),
+        ("red <think>x</think> blue", 0.0),
+        ("<think>x</think> A </think> B", 0.0),
+        ("<think>a<think>b</think>c", 0.0),
+        ("<think>unclosed", 0.0),
+    ],
+)
+def test_format(completion, expected):
+    assert format_reward(completion, S("anything")) == expected
+    assert resolve_reward("format") is format_reward
+
+
+def test_box_iou_by_hand():
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges
+    assert box_iou([0, 0, 10, 10], [2, 2, 4, 4]) == pytest.approx(4 / 100)
+    assert box_iou([10, 10, 0, 0], [0, 0, 10, 10]) == 0.0  # inverted box has no area
+    assert box_iou([1, 1, 1, 1], [1, 1, 1, 1]) == 0.0  # empty union
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("[0, 0, 10, 10]", [0, 0, 10, 10], 1.0),
+        ("The box is (5,5),(15,15).", [0, 0, 10, 10], 25 / 175),
+        ("x1=0, y1=0, x2=5, y2=5", [0, 0, 10, 10], 0.25),  # digits in names are not coordinates
+        ("[0, 0, 10, 10]", "[0, 0, 10, 20]", 0.5),  # answer given as a string
+        ("[100,200,300,400]", [100, 200, 300, 400], 1.0),  # no thousands commas in boxes
+        ("[0, 0, 10]", [0, 0, 10, 10], 0.0),  # three numbers: unparsable
+        ("nothing", [0, 0, 10, 10], 0.0),
+        ("<think>[0,0,10,10]</think>[20, 20, 30, 30]", [0, 0, 10, 10], 0.0),
+        ("[0.5, 0.5, 1.5, 1.5] then 9 9", [0.5, 0.5, 1.5, 1.5], 1.0),
+    ],
+)
+def test_iou(completion, answer, expected):
+    assert iou(completion, S(answer)) == pytest.approx(expected)
+
+
+def test_iou_needs_a_box_answer():
+    with pytest.raises(ValueError, match=r"is not a box \[x1, y1, x2, y2\]"):
+        iou("[0,0,1,1]", S([1, 2]))
+
+
+# --- resolving names ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "import math, time\n"
+        "def length_bonus(completion, sample):\n"
+        "    return len(completion) / 10\n"
+        "def boom(completion, sample):\n"
+        "    raise RuntimeError('kaboom ' + sample.id)\n"
+        "def nothing(completion, sample):\n"
+        "    return None\n"
+        "def nan(completion, sample):\n"
+        "    return math.nan if sample.id == 'a' else math.inf\n"
+        "def text(completion, sample):\n"
+        "    return 'high'\n"
+        "def flag(completion, sample):\n"
+        "    return completion == 'yes'\n"
+        "def slow(completion, sample):\n"
+        "    time.sleep(3)\n"
+        "    return 1.0\n"
+        "class Scorers:\n"
+        "    @staticmethod\n"
+        "    def half(completion, sample):\n"
+        "        return 0.5\n"
+        "NOT_CALLABLE = 3\n"
+    )
+    (tmp_path / "broken_rewards.py").write_text("import does_not_exist_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def test_resolve_builtin_and_user_functions(user_module):
+    assert resolve_reward("exact_match") is exact_match
+    fn = resolve_reward("my_rewards:length_bonus")
+    assert fn("abcde", S("x")) == 0.5
+    assert resolve_reward("my_rewards:Scorers.half")("", S(1)) == 0.5
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "exact",
+            r"reward 'exact': not a built-in reward \(exact_match, choice, multiple_choice, numeric, format, iou\)",
+        ),
+        (
+            "no_such_module_xyz:f",
+            r"reward 'no_such_module_xyz:f': module 'no_such_module_xyz' could not be imported",
+        ),
+        (
+            "broken_rewards:f",
+            r"module 'broken_rewards' could not be imported \(ModuleNotFoundError: .*does_not_exist",
+        ),
+        (
+            "my_rewards:missing",
+            r"reward 'my_rewards:missing': module 'my_rewards' has no attribute 'missing'",
+        ),
+        (
+            "my_rewards:NOT_CALLABLE",
+            r"reward 'my_rewards:NOT_CALLABLE': 'NOT_CALLABLE' is a int, not a function",
+        ),
+        ("my_rewards:", r"expected module:function"),
+    ],
+)
+def test_resolve_errors_name_the_spec(user_module, name, message):
+    with pytest.raises(RewardError, match=message):
+        resolve_reward(name)
+    with pytest.raises(RewardError, match=message):
+        RewardSet([RewardSpec(fn=name)], timeout_s=1.0)
+
+
+# --- reward sets ----------------------------------------------------------------------------------------
+
+
+def test_weighted_sum_and_per_fn(user_module):
+    rs = RewardSet(
+        [
+            RewardSpec(fn="exact_match", weight=1.0),
+            RewardSpec(fn="format", weight=0.5),
+            RewardSpec(fn="my_rewards:flag", weight=2.0),
+        ],
+        timeout_s=5.0,
+    )
+    samples = [S("red", "a"), S("red", "b"), S("yes", "c")]
+    res = rs.score(["<think>hm</think>red", "blue", "yes"], samples)
+    assert res.per_fn == {
+        "exact_match": [1.0, 0.0, 1.0],
+        "format": [1.0, 0.0, 0.0],
+        "my_rewards:flag": [0.0, 0.0, 1.0],  # bools count as numbers
+    }
+    assert res.total == [1.5, 0.0, 3.0]
+    assert res.failures == {"raised": 0, "timeout": 0, "nan": 0, "none": 0, "not_a_number": 0}
+    assert res.errors == []
+
+
+def test_repeated_fn_gets_its_own_key():
+    rs = RewardSet([RewardSpec(fn="exact_match"), RewardSpec(fn="exact_match", weight=-1.0)], timeout_s=5.0)
+    res = rs.score(["red"], [S("red")])
+    assert res.per_fn == {"exact_match": [1.0], "exact_match#2": [1.0]}
+    assert res.total == [0.0]
+
+
+@pytest.mark.parametrize(
+    "fn, reason, message",
+    [
+        (
+            "my_rewards:boom",
+            "raised",
+            "reward my_rewards:boom on sample a: raised RuntimeError: kaboom a (raised)",
+        ),
+        ("my_rewards:nothing", "none", "reward my_rewards:nothing on sample a: returned None (none)"),
+        ("my_rewards:nan", "nan", "reward my_rewards:nan on sample a: returned nan (nan)"),
+        (
+            "my_rewards:text",
+            "not_a_number",
+            "reward my_rewards:text on sample a: returned 'high' (not_a_number)",
+        ),
+    ],
+)
+def test_failing_function_marks_the_sample_not_the_run(user_module, fn, reason, message):
+    rs = RewardSet([RewardSpec(fn="exact_match"), RewardSpec(fn=fn)], timeout_s=5.0)
+    res = rs.score(["red", "blue"], [S("red", "a"), S("red", "b")])
+    assert res.total == [None, None]
+    assert res.per_fn["exact_match"] == [1.0, 0.0]  # the healthy function still reports
+    assert res.per_fn[fn] == [None, None]
+    assert res.failures[reason] == 2 and sum(res.failures.values()) == 2
+    assert res.errors[0] == message and len(res.errors) == 2
+
+
+def test_hanging_function_times_out_without_blocking(user_module):
+    rs = RewardSet(
+        [RewardSpec(fn="my_rewards:slow"), RewardSpec(fn="exact_match", weight=3.0)], timeout_s=0.5
+    )
+    t0 = time.monotonic()
+    res = rs.score(["red", "red"], [S("red", "a"), S("blue", "b")])
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.0
+    assert res.failures["timeout"] == 2
+    assert res.total == [None, None]
+    assert res.per_fn["exact_match"] == [1.0, 0.0]
+    assert res.errors[0] == "reward my_rewards:slow on sample a: did not return within 0.5 s (timeout)"
+
+
+def test_hung_workers_are_replaced_so_queued_calls_still_run():
+    """One worker: the first call hangs; the calls queued behind it still run and each gets its own clock."""
+
+    def hang():
+        time.sleep(3)
+        return 1
+
+    calls = [hang, lambda: 2, lambda: 3]
+    t0 = time.monotonic()
+    out = run_bounded(calls, timeout_s=0.3, max_workers=1)
+    assert time.monotonic() - t0 < 1.5
+    assert out[0] == ("timeout", None) and out[1:] == [("ok", 2), ("ok", 3)]
+
+
+def test_slow_but_in_time_calls_are_not_cut_by_queueing():
+    """Six 0.2 s calls on two workers take 0.6 s in all, but each is inside its own 0.35 s limit."""
+    out = run_bounded([lambda: (time.sleep(0.2), 7)[1]] * 6, timeout_s=0.35, max_workers=2)
+    assert out == [("ok", 7)] * 6
+
+
+def test_score_checks_lengths_and_empty_specs():
+    with pytest.raises(ValueError, match="2 completions for 1 samples"):
+        RewardSet([RewardSpec(fn="exact_match")], 1.0).score(["a", "b"], [S("a")])
+    with pytest.raises(RewardError, match="env.rewards is empty"):
+        RewardSet([], 1.0)
+    assert math.isnan(numbers_in("1/0")[0])
+
+
+def test_choice_rewards_the_first_option_mentioned():
+    from vlrl.envs.dataset import Sample
+    from vlrl.envs.rewards import choice
+
+    s = Sample(id="c", question="q", answer="red", meta={"options": ["blue", "green", "red", "yellow"]})
+    assert choice("red", s) == 1.0
+    assert choice("It is Red.", s) == 1.0
+    assert choice("blue red green yellow", s) == 0.0  # listing them all: the first one counts
+    assert choice("red blue", s) == 1.0
+    assert choice("reddish", s) == 0.0  # whole words only
+    assert choice("no idea", s) == 0.0
+    assert choice("<think>maybe blue</think>red", s) == 1.0  # reasoning is not scored
+    with pytest.raises(ValueError, match="meta"):
+        choice("red", Sample(id="x", question="q", answer="red"))
+
+
+def test_builtin_tasks_carry_their_options():
+    from vlrl.envs.builtin import TASKS
+    from vlrl.envs.rewards import choice
+
+    for name, task in TASKS.items():
+        for s in task("train", 8, 64):
+            assert str(s.answer) in s.meta["options"], name
+            assert choice(str(s.answer), s) == 1.0

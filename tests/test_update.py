@@ -1,0 +1,67 @@
+"""The step's gradient does not depend on how the batch is split into micro-batches."""
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from vlrl.config import RolloutConfig
+from vlrl.rollout.embedded import EmbeddedSampler
+from vlrl.update import LossSettings, accumulate_gradients
+
+
+@pytest.fixture(scope="module")
+def batch(adapter, tiny_model):
+    prompts = []
+    for i in range(4):
+        imgs = [Image.new("RGB", (64 + 32 * (i % 2), 64), (50 * i, 20, 200))] * (i % 3)  # 0, 1, 2, 0 images
+        prompts.append(adapter.encode_prompt(adapter.build_messages(f"Question {i}?", len(imgs)), imgs))
+    rollouts = EmbeddedSampler(tiny_model, adapter, RolloutConfig(max_new_tokens=6)).sample(prompts, 2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for r in rollouts:
+        r.advantage = float(torch.randn(1, generator=g))
+        r.logprobs = [lp + 0.3 * float(torch.randn(1, generator=g)) for lp in r.logprobs]  # ratios != 1
+    return adapter.build_batch(rollouts)
+
+
+def grads(policy, batch, groups, settings, ref=None):
+    policy.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(policy, batch, groups, settings, ref_policy=ref)
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}, stats
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "constant"])
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+def test_gradient_is_the_same_for_1_2_and_4_micro_batches(adapter, tiny_model, batch, aggregation, kind):
+    model = copy.deepcopy(tiny_model).train()
+    policy = adapter.policy(model, 1.0)
+    settings = LossSettings(policy_loss=kind, aggregation=aggregation, max_new_tokens=6, entropy_coef=0.01)
+    n = batch.size
+    whole, s1 = grads(policy, batch, [list(range(n))], settings)
+    assert len(whole) > 10 and s1["tokens"] == batch.num_loss_tokens
+    for groups in ([list(range(n // 2)), list(range(n // 2, n))], [list(range(i, i + 2)) for i in range(0, n, 2)],
+                   [[0], [1, 2, 3, 4, 5, 6], [7]]):
+        split, s = grads(policy, batch, groups, settings)
+        assert s["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
+        for name, g in whole.items():
+            torch.testing.assert_close(split[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_kl_to_a_reference_is_zero_at_the_start_and_adds_gradient(adapter, tiny_model, batch):
+    model = copy.deepcopy(tiny_model).train()
+    policy = adapter.policy(model, 1.0)
+    ref = adapter.policy(copy.deepcopy(tiny_model).eval(), 1.0)
+    plain, _ = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6))
+    with_kl, s = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5), ref)
+    assert s["kl_sum"] == pytest.approx(0.0, abs=1e-9)  # identical weights: k3 = 0, gradient of k3 = 0 too
+    for name in plain:
+        torch.testing.assert_close(with_kl[name], plain[name], atol=1e-7, rtol=1e-5)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    moved, s = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5), ref)
+    assert s["kl_sum"] > 0
+    assert any(not torch.allclose(moved[n], plain[n]) for n in plain)
+    with pytest.raises(ValueError, match="reference policy"):
+        grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5))

@@ -1,0 +1,92 @@
+"""Policy losses and the one place the loss is normalised. Pure functions on [B, L] tensors.
+
+Notation per trained token t of sample i: logp = log pi_theta(t) (the trainer, with grad), mu = the
+sampler's (behavior) logprob, A_i the sample's advantage, r = exp(logp - mu) the importance ratio.
+
+The ratio is taken against the *behavior* logprobs, so no separate "old logprob" pass is needed: on the
+first update r = pi_theta / mu is exactly the truncated-importance-sampling correction of the
+sampler/trainer mismatch (and of any staleness, e.g. one-step-off-policy rollouts). The ratio is truncated
+on both sides of the objective: PPO's clip (1 - clip_low, 1 + clip_high; DAPO's clip-higher when
+clip_high > clip_low, arXiv:2503.14476) and, for negative advantages, dual clip at `ratio_cap`
+(arXiv:1912.09729), so a token the trainer finds far likelier than the sampler did cannot blow up the loss.
+Tokens whose ratio is far out of range (above `mask_ratio` or below its inverse) are masked out entirely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # [B, L] float32, trainer (with grad)
+    behavior: torch.Tensor,  # [B, L] float32, sampler
+    advantages: torch.Tensor,  # [B] float32
+    mask: torch.Tensor,  # [B, L] float32, trained tokens
+    kind: str = "token",
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    ratio_cap: float = 3.0,
+    mask_ratio: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss [B, L] (0 off the mask) and detached statistics (sums over tokens, for logging)."""
+    log_r = (logprobs - behavior) * mask  # [B, L]
+    A = advantages[:, None]  # [B, 1]
+    if kind == "token":
+        log_ratio = log_r
+        in_range = (log_r.detach().abs() <= math.log(mask_ratio)).float()
+    elif kind == "sequence":
+        # GSPO (arXiv:2507.18071): one length-normalised ratio per sequence, applied to all its tokens.
+        n = mask.sum(-1).clamp(min=1)  # [B]
+        seq = (log_r.sum(-1) / n)[:, None]  # [B, 1]
+        log_ratio = seq.expand_as(log_r)
+        in_range = (seq.detach().abs() <= math.log(mask_ratio)).float().expand_as(log_r)
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}")
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
+    objective = torch.minimum(unclipped, clipped)
+    objective = torch.where(A < 0, torch.maximum(objective, ratio_cap * A), objective)  # dual clip
+    m = mask * in_range
+    loss = -objective * m
+    with torch.no_grad():
+        clip_active = ((clipped < unclipped) | ((A < 0) & (ratio_cap * A > torch.minimum(unclipped, clipped))))
+        stats = {
+            "clipped_tokens": (clip_active.float() * m).sum(),
+            "masked_tokens": (mask * (1 - in_range)).sum(),
+            "ratio_sum": (ratio.detach() * m).sum(),
+        }
+    return loss, stats
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = ref - logp; >= 0, unbiased."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def aggregation_weights(
+    mask: torch.Tensor,  # [B, L] float32: trained tokens of this micro-batch
+    kind: str,
+    total_tokens: float,  # trained tokens in the whole step (all micro-batches, all ranks)
+    total_sequences: float,  # sequences with at least one trained token in the whole step
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Per-token weights [B, L] such that the step's loss is sum(token_loss * weights) over micro-batches.
+
+    Normalising here, once, by global counts is what makes the objective independent of how the step is
+    split into micro-batches and ranks.
+    - token-mean: every trained token of the step weighs the same.
+    - seq-mean-token-mean: each sequence's token mean, averaged over sequences.
+    - constant: Dr.GRPO, sum over tokens / (sequences * max_new_tokens), no length bias (arXiv:2503.20783).
+    """
+    if kind == "token-mean":
+        return mask / max(total_tokens, 1.0)
+    if kind == "seq-mean-token-mean":
+        per_seq = mask.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+        return mask / per_seq / max(total_sequences, 1.0)
+    if kind == "constant":
+        return mask / (max(total_sequences, 1.0) * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {kind!r}")

@@ -1,0 +1,357 @@
+"""`vlrl train`: the RL loop, read top to bottom.
+
+Every step: sample prompts -> roll out a group per prompt -> score rewards -> group advantages (dynamic
+sampling drops groups with no signal and refills) -> build the batch -> micro-batched update under
+Accelerate (loss normalised once by the step's trained-token count) -> optimizer step -> weight sync to the
+sampler -> metrics -> checkpoint. One optimizer step per batch of rollouts, with the ratio taken against the
+sampler's own logprobs (algo/losses.py), so no extra "old logprob" pass is needed.
+
+A run is resumable: `--resume` reloads the newest checkpoint (weights, optimizer, scheduler, data position)
+and continues on the same data order; sampling is seeded per step, so a resumed run repeats the metrics of
+an uninterrupted one. Ctrl-C finishes or drops the current step, saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .batch import plan_micro_batches
+from .config import Config, save_config
+from .records import Rollout
+from .update import LossSettings, accumulate_gradients
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop at the next safe point; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class StepRollouts:
+    rollouts: list[Rollout]  # every scored rollout of the kept groups
+    trained: list[Rollout]  # the ones that enter the loss
+    per_fn: dict[str, list[float | None]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    groups_dropped: int = 0
+    rounds: int = 0
+
+
+class Run:
+    """Everything a run holds: config, model, optimizer, sampler, data, logs."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        from .adapters.qwen3_vl import Qwen3VLAdapter
+        from .checkpoint import latest_checkpoint, load_trainer_state
+        from .envs.rewards import RewardSet
+        from .envs.sources import load_samples
+        from .envs.stream import PromptStream
+        from .rollout import make_sampler
+        from .runtime import quiet_libraries, resolve_dtype
+
+        quiet_libraries()
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if resume and self.ckpt is None:
+            from .errors import UserError
+
+            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}; start without --resume")
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            from .errors import UserError
+
+            raise UserError(
+                f"run directory {self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                "another name (--set name=...)"
+            )
+        precision = cfg.train.precision
+        on_gpu = torch.cuda.is_available()
+        mixed = "bf16" if (precision == "bf16" or (precision == "auto" and on_gpu)) else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu)
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.train.seed)
+
+        self.adapter = Qwen3VLAdapter.from_config(cfg.model)
+        dtype = resolve_dtype(cfg, self.device)
+        self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
+        self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
+        self.policy = self.adapter.policy(self.model, cfg.rollout.temperature)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.learning_rate, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
+            fused=on_gpu,
+        )
+        schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.lr_schedule]
+        self.scheduler = get_scheduler(schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
+        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, self.optimizer, self.scheduler)
+        self.ref_policy = None
+        if cfg.algorithm.kl_coef > 0:
+            ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
+            self.ref_policy = self.adapter.policy(ref, cfg.rollout.temperature)
+        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.model), self.adapter)
+        self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
+        self.settings = LossSettings.from_config(cfg)
+
+        self.step = 0
+        data_state = {"epoch": 0, "pos": 0}
+        if self.ckpt is not None:
+            state = load_trainer_state(self.ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            data_state = state["data"]
+            torch.set_rng_state(state["torch_rng"])
+        self.stream = PromptStream(load_samples(cfg.env, "train", cfg.train.seed), cfg.train.seed, **data_state)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.toml")
+        self.image_dir = self.run_dir / "images"
+
+    def _weights_dir(self) -> str | None:
+        """Full-parameter runs resume from the checkpoint's weights; LoRA runs from the base + adapter."""
+        if self.ckpt is None or self.cfg.model.lora_rank > 0:
+            return None
+        return str(self.ckpt)
+
+    # --- one step --------------------------------------------------------------------------------------
+    def collect(self) -> StepRollouts:
+        """Roll out groups until `prompts_per_step` groups carry signal (or the refill bound is reached)."""
+        from .algo.advantages import group_advantages, zero_variance_groups
+        from .envs.dataset import encode_sample
+
+        cfg = self.cfg
+        kept: list[list[Rollout]] = []
+        out = StepRollouts([], [])
+        per_fn: dict[str, list] = {s.fn: [] for s in cfg.env.rewards}
+        rounds = 1 + (cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 0)
+        for rnd in range(rounds):
+            need = cfg.rollout.prompts_per_step - len(kept)
+            if need <= 0:
+                break
+            samples = self.stream.take(need)
+            prompts = [encode_sample(self.adapter, s, cfg.env.system_prompt, cfg.env.question_template) for s in samples]
+            seed = cfg.rollout.seed * 1_000_003 + self.step * 101 + rnd
+            rollouts = self.sampler.sample(prompts, cfg.rollout.group_size, seed=seed)
+            for r in rollouts:
+                r.sample = samples[r.group]
+            result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
+            for k, v in result.failures.items():
+                out.failures[k] = out.failures.get(k, 0) + v
+            rewards = torch.tensor([math.nan if t is None else t for t in result.total], dtype=torch.float64)
+            groups = torch.tensor([r.group for r in rollouts])
+            adv = group_advantages(rewards, groups, cfg.algorithm.advantage, cfg.algorithm.std_normalize)
+            dead = zero_variance_groups(rewards, groups) if cfg.algorithm.dynamic_sampling else set()
+            for i, r in enumerate(rollouts):
+                r.reward = float(rewards[i])
+                r.advantage = float(adv[i])
+            for g in range(len(prompts)):
+                if g in dead:
+                    out.groups_dropped += 1
+                    continue
+                members = [i for i, r in enumerate(rollouts) if r.group == g]
+                kept.append([rollouts[i] for i in members])
+                for name, values in result.per_fn.items():
+                    per_fn[name].extend(values[i] for i in members)
+            out.rounds = rnd + 1
+        for gi, members in enumerate(kept):
+            for r in members:
+                r.group = gi
+        out.rollouts = [r for members in kept for r in members]
+        out.per_fn = per_fn
+        out.trained = [
+            r
+            for r in out.rollouts
+            if not math.isnan(r.reward) and not (cfg.algorithm.mask_truncated and r.finish_reason == "length")
+        ]
+        return out
+
+    def update(self, trained: list[Rollout]) -> dict[str, float]:
+        cfg = self.cfg
+        if not trained:
+            return {}
+        batch = self.adapter.build_batch(trained)
+        groups = plan_micro_batches(
+            batch.attention_mask.sum(-1).tolist(),
+            cfg.train.micro_batch_size,
+            cfg.train.micro_batch_tokens,
+            batch.patches_per_sample,
+            cfg.train.micro_batch_patches,
+        )
+        self.policy.train()
+        sums = accumulate_gradients(
+            self.policy, batch, groups, self.settings, self.device, self.ref_policy, self.accelerator,
+            loss_scale=self.accelerator.num_processes,
+        )
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = float(grad_norm)
+        sums["micro_batches"] = len(groups)
+        return sums
+
+    # --- bookkeeping -----------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.stream.state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> Path:
+        from .checkpoint import save_checkpoint
+
+        model = self.accelerator.unwrap_model(self.policy).model
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            lambda d: self.adapter.save_pretrained(model, d),
+            self.trainer_state(),
+            self.cfg.checkpoint.keep_last,
+        )
+
+
+def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
+    """One JSON object per step: what `metrics.jsonl` holds."""
+    rs = got.rollouts
+    valid = [r.reward for r in rs if not math.isnan(r.reward)]
+    rewards = torch.tensor(valid, dtype=torch.float64) if valid else torch.zeros(1, dtype=torch.float64)
+    lengths = [len(r.completion_ids) for r in rs] or [0]
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    first = run.cfg.env.rewards[0].fn
+    m = {
+        "step": run.step,
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(valid) > 1 else 0.0,
+        "accuracy": sum(1 for v in got.per_fn.get(first, []) if v is not None and v >= 1.0) / max(len(rs), 1),
+        "loss": sums.get("loss", 0.0),
+        "response_length/mean": sum(lengths) / len(lengths),
+        "response_length/max": max(lengths),
+        "truncated_fraction": sum(r.finish_reason == "length" for r in rs) / max(len(rs), 1),
+        "clip_fraction": sums.get("clipped_tokens", 0.0) / tokens,
+        "ratio_masked_fraction": sums.get("masked_tokens", 0.0) / tokens,
+        "mismatch_kl": sums.get("mismatch_kl_sum", 0.0) / tokens,
+        "entropy": sums.get("entropy_sum", 0.0) / tokens,
+        "grad_norm": sums.get("grad_norm", 0.0),
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": sums.get("attended_tokens", 0.0) / max(times["update"], 1e-9),
+        "trained_tokens": int(sums.get("tokens", 0)),
+        "samples": len(rs),
+        "samples_trained": len(got.trained),
+        "groups_dropped": got.groups_dropped,
+        "sampling_rounds": got.rounds,
+        "reward_failures": sum(got.failures.values()),
+        "time/rollout": times["rollout"],
+        "time/update": times["update"],
+        "time/sync": times["sync"],
+        "time/step": times["step"],
+    }
+    for name, values in got.per_fn.items():
+        ok = [v for v in values if v is not None]
+        m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
+    for reason, n in got.failures.items():
+        m[f"reward_failures/{reason}"] = n
+    if run.cfg.algorithm.kl_coef > 0:
+        m["kl"] = sums.get("kl_sum", 0.0) / tokens
+    return m
+
+
+def log_samples(run: Run, got: StepRollouts, fh) -> None:
+    """A few rollouts of the step (best and worst first), with image references, into samples.jsonl."""
+    from .envs.sample_log import image_refs
+
+    k = run.cfg.logging.samples_per_step
+    if k == 0 or not got.rollouts:
+        return
+    ranked = sorted(got.rollouts, key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
+    chosen = ranked[: (k + 1) // 2] + ranked[::-1][: k // 2]
+    seen = set()
+    for r in chosen:
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        fh.write(json.dumps({
+            "step": run.step,
+            "sample_id": r.sample.id,
+            "group": r.group,
+            "question": r.sample.question,
+            "answer": None if r.sample.answer is None else str(r.sample.answer),
+            "images": image_refs(r, run.image_dir, run.run_dir),
+            "completion": r.text,
+            "reward": None if math.isnan(r.reward) else r.reward,
+            "advantage": r.advantage,
+            "finish_reason": r.finish_reason,
+        }) + "\n")
+
+
+def train(cfg: Config, resume: bool = False, console=None) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    from rich.console import Console
+
+    from .progress import TrainProgress
+
+    console = console or Console()
+    run = Run(cfg, resume=resume)
+    main = run.accelerator.is_main_process
+    metrics_fh = open(run.run_dir / "metrics.jsonl", "a") if main else None
+    samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
+    last_saved = run.step if run.ckpt is not None else None
+    try:
+        with StopFlag() as stop, TrainProgress(console, cfg.train.steps, run.step, enabled=main and cfg.logging.progress) as bar:
+            while run.step < cfg.train.steps and not stop.requested:
+                t0 = time.perf_counter()
+                got = run.collect()
+                t1 = time.perf_counter()
+                if stop.requested:  # drop this step's rollouts; the weights are those of the last step
+                    break
+                sums = run.update(got.trained)
+                t2 = time.perf_counter()
+                run.sampler.sync_weights(run.adapter.generation_model(run.accelerator.unwrap_model(run.policy).model))
+                t3 = time.perf_counter()
+                run.step += 1
+                times = {"rollout": t1 - t0, "update": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
+                m = step_metrics(run, got, sums, times)
+                if main:
+                    metrics_fh.write(json.dumps(m) + "\n")
+                    metrics_fh.flush()
+                    log_samples(run, got, samples_fh)
+                    samples_fh.flush()
+                bar.advance(m)
+                if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
+                    run.save()
+                    last_saved = run.step
+        if last_saved != run.step and run.step > 0:
+            run.save()
+            if stop.requested:
+                console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
+    finally:
+        for fh in (metrics_fh, samples_fh):
+            if fh is not None:
+                fh.close()
+    return run.run_dir
