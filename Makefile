@@ -33,8 +33,11 @@ tiny: $(TINY)/.built
 test: install tiny
 	VLRL_TINY_MODEL=$(TINY) $(PY) -m pytest
 
+# The CPU demo: prove one batch sound, then train the tiny model with RL on the built-in colors task.
 demo: install tiny
 	$(VENV)/bin/vlrl check-batch configs/tiny-cpu.toml
+	rm -rf runs/tiny-cpu-demo
+	$(VENV)/bin/vlrl train configs/tiny-cpu.toml --set name=tiny-cpu-demo
 
 clean:
 	rm -rf $(VENV) .cache

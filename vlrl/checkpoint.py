@@ -77,9 +77,12 @@ def save_checkpoint(
         save_model(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"{step}\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if f.is_dir():
+                _fsync_dir(f)
+            else:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

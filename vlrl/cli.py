@@ -97,15 +97,20 @@ def train(
     try:
         from .train import train as run_training
 
-        run_dir = run_training(cfg, resume=resume, console=console)
+        result = run_training(cfg, resume=resume, console=console)
     except UserError as e:
         _fail(str(e))
+    run_dir = result.run_dir
     from .checkpoint import latest_checkpoint
+    from .summary import read_metrics, reward_curve
 
     ckpt = latest_checkpoint(run_dir)
+    console.print(reward_curve(read_metrics(run_dir / "metrics.jsonl")))
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
     console.print(f"samples: {run_dir / 'samples.jsonl'}")
     console.print(f"checkpoint: {ckpt if ckpt else '(none yet)'}")
+    if result.stopped:
+        raise typer.Exit(130)
 
 
 @app.command("build-tiny-model")

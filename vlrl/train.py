@@ -310,8 +310,15 @@ def log_samples(run: Run, got: StepRollouts, fh) -> None:
         }) + "\n")
 
 
-def train(cfg: Config, resume: bool = False, console=None) -> Path:
-    """Run (or resume) training; returns the run directory."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stopped: bool  # True when Ctrl-C ended the run before train.steps
+
+
+def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
+    """Run (or resume) training."""
     from rich.console import Console
 
     from .progress import TrainProgress
@@ -354,4 +361,4 @@ def train(cfg: Config, resume: bool = False, console=None) -> Path:
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()
-    return run.run_dir
+    return TrainResult(run.run_dir, run.step, stop.requested)
