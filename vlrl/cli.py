@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -111,6 +112,131 @@ def train(
     console.print(f"checkpoint: {ckpt if ckpt else '(none yet)'}")
     if result.stopped:
         raise typer.Exit(130)
+
+
+# --- eval and report (vlrl/evaluate.py, vlrl/report.py) -----------------------------------------------------
+@app.command("eval")
+def eval_policy(
+    config: ConfigArg,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="A checkpoint directory (runs/NAME/step-N); default: model.path.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="The split to score: eval or train.")] = "eval",
+    n: Annotated[
+        Optional[int], typer.Option("--n", help="Completions per prompt (default rollout.group_size).", min=1)
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompts.", min=1)] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Score a policy on a split: mean reward per reward function, accuracy, pass@k, response length.
+
+    Writes summary.json, samples.jsonl (every completion, with image references) and report.html to
+    <checkpoint>/eval-SPLIT/, or to runs/NAME/eval-base-SPLIT/ for the base model. Seeded by rollout.seed.
+    """
+    from rich.console import Console
+
+    from .errors import UserError
+
+    cfg = _load(config, overrides)
+    console = Console()
+    try:
+        from .evaluate import run_eval, summary_table
+
+        summary = run_eval(cfg, checkpoint, split, n, limit, console)
+    except UserError as e:
+        _fail(str(e))
+    console.print(summary_table(summary))
+    out = Path(summary["out_dir"])
+    for name in ("summary.json", "samples.jsonl", "report.html"):
+        console.print(f"{name}: {out / name}", highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME), or an eval directory.")],
+) -> None:
+    """(Re)write the self-contained HTML report of a run (curves, last metrics, samples) and print its path."""
+    from .errors import UserError
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(str(path))
+# --- end of eval and report ---------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Model directory or hub id to serve.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the server private.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory vLLM may use.")] = 0.8,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Longest sequence, prompt + completion.")] = None,
+    limit_mm_per_prompt: Annotated[str, typer.Option(help="Most items per prompt: image=4, or JSON.")] = "image=4",
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica.")] = 1,
+    data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
+    min_pixels: Annotated[Optional[int], typer.Option(help="Smallest image area: the trainer's model.min_pixels.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image area: the trainer's model.max_pixels.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights dtype (auto, bfloat16, float32...).")] = "auto",
+    weight_sync: Annotated[str, typer.Option(help="disk (default) or nccl (enables vLLM's NCCL weight transfer).")] = "disk",
+    allowed_local_media_path: Annotated[Optional[str], typer.Option(help="Directory file:// images may come from.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with the checkpoint.")] = False,
+    api_key_env: Annotated[str, typer.Option(help="Env var holding an API key clients must send.")] = "VLLM_API_KEY",
+    log_file: Annotated[Optional[Path], typer.Option(help="Where the server log goes.")] = None,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to be healthy.")] = 900.0,
+) -> None:
+    """Start a real vLLM server with what RL needs; arguments after `--` go to vLLM unchanged.
+
+    Turns on the RL routes (weight reload/transfer, pause/resume), returns the logprobs of the distribution
+    actually sampled from, ignores the checkpoint's generation defaults, and uses the trainer's pixel limits.
+    Waits until healthy, tees the log to a file, and stops the server cleanly on Ctrl-C.
+    """
+    import os
+
+    from rich.console import Console
+
+    from .errors import UserError
+    from .serve import ServerProcess, build_command, server_env, wait_healthy
+
+    console = Console()
+    if weight_sync not in ("disk", "nccl"):
+        _fail(f"--weight-sync {weight_sync!r}: choose disk or nccl")
+    try:
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        cmd = build_command(
+            model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt, tensor_parallel_size,
+            data_parallel_size, min_pixels, max_pixels, dtype, weight_sync, allowed_local_media_path,
+            trust_remote_code, enforce_eager=on_cpu, extra=ctx.args,
+        )
+        api_key = os.environ.get(api_key_env) or None
+        log_path = log_file or Path("runs") / f"vllm-serve-{port}.log"
+        server = ServerProcess(cmd, log_path, server_env(on_cpu, api_key))
+    except UserError as e:
+        _fail(str(e))
+    url = f"http://{host}:{port}"
+    try:
+        with console.status(f"starting vLLM ({model}) at {url}; log: {log_path}") as status:
+            wait_healthy(url, server.proc, startup_timeout,
+                         on_wait=lambda: status.update(f"starting vLLM at {url}: {(server.tail or [''])[-1][:100]}"),
+                         api_key=api_key)
+        console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C stops it")
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+        console.print(f"[red]the vLLM server exited[/] with code {server.proc.returncode}; see {log_path}")
+        raise typer.Exit(1)
+    except UserError as e:
+        server.stop()
+        console.print("\n".join(list(server.tail)[-15:]), highlight=False, markup=False)
+        _fail(f"{e}; see {log_path}", code=1)
+    except KeyboardInterrupt:
+        console.print("stopping the vLLM server...")
+        code = server.stop()
+        console.print(f"vLLM server stopped (exit code {code})")
 
 
 @app.command("build-tiny-model")

@@ -113,6 +113,34 @@ class RolloutConfig(Section):
     server_url: str | None = None
     """Base URL of a vLLM server started by `vlrl serve` (e.g. http://127.0.0.1:8000). Unset: rollouts are
     sampled in process by the policy itself (the embedded backend)."""
+    api_key_env: str = "VLLM_API_KEY"
+    """Environment variable holding the server's API key (sent as a bearer token when set); keys never go
+    in config files."""
+    max_concurrency: int = Field(32, ge=1)
+    """Most chat requests in flight to the server at once (one request per prompt, n = group_size)."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Timeout of one request to the server."""
+    max_retries: int = Field(8, ge=0)
+    """Retries of a request that failed for a transient reason (connection lost, 5xx, timeout), with
+    exponential backoff; a server that went away is waited for this long before the step fails."""
+    retry_backoff_s: float = Field(1.0, gt=0)
+    """First retry delay; doubles on each retry (capped at 30 s)."""
+    image_transport: Literal["data_uri", "file"] = "data_uri"
+    """How images reach the server: PNG data URIs (lossless, already resized), or `file://` paths to PNGs
+    written under the run directory (needs `vlrl serve --allowed-local-media-path`; same machine only)."""
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    """How updated weights reach the server: `disk` (safetensors + reload_weights; one node, no set-up) or
+    `nccl` (vLLM's weight-transfer engine; GPU servers started with `vlrl serve --weight-sync nccl`)."""
+    sync_dir: str | None = None
+    """Directory the disk sync writes weights to (must be readable by the server); default
+    `<run dir>/weights`."""
+    nccl_master_address: str = "127.0.0.1"
+    """Address of the NCCL rendezvous between the trainer (rank 0) and the server's workers."""
+    nccl_master_port: int = Field(29555, gt=0, lt=65536)
+    """Port of the NCCL rendezvous."""
+    one_step_off_policy: bool = False
+    """Generate step n+1's rollouts while step n trains (server backend only). They come from weights one
+    step old; the ratio against the sampler's logprobs keeps the update correct."""
     group_size: int = Field(8, ge=1)
     """Completions sampled per prompt (the GRPO group)."""
     prompts_per_step: int = Field(8, ge=1)
@@ -229,6 +257,8 @@ class Config(Section):
                 f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for the prompt in "
                 f"model.max_model_len ({self.model.max_model_len})"
             )
+        if self.rollout.one_step_off_policy and not self.rollout.server_url:
+            raise ValueError("rollout.one_step_off_policy needs rollout.server_url (a vLLM server)")
         if self.algorithm.advantage == "rloo" and self.rollout.group_size < 2:
             raise ValueError("algorithm.advantage = 'rloo' needs rollout.group_size >= 2")
         if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.model.max_model_len:

@@ -139,7 +139,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
                 mrope_interleaved=True,
             ),
             pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,
         ),
         vision_config=dict(
             depth=2,
@@ -157,7 +157,10 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        # Untied like Qwen3-VL-8B: vLLM 0.32's in-place reload_weights leaves a tied lm_head on the old
+        # tensor (its layerwise reload re-binds embed_tokens only), so a tied model would drift from the
+        # trainer after a weight sync.
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()

@@ -45,20 +45,26 @@ def has_lora(model) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
-def save_merged(model, out_dir: Path) -> None:
-    """Merged HF weights in `out_dir`, the adapter's tensors in `out_dir/adapter`."""
+def merged_state(model) -> dict:
+    """Plain checkpoint names -> tensors, each LoRA layer's W + B @ A * scale (trained tensors untouched)."""
     import torch
     from peft.tuners.lora import LoraLayer
-    from safetensors.torch import save_file
 
-    peft = _peft()
     with torch.no_grad():
         state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer):
                 base = module.get_base_layer().weight
                 state[f"{name}.weight"] = base + module.get_delta_weight("default").to(base.dtype)
-    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    return state
+
+
+def save_merged(model, out_dir: Path) -> None:
+    """Merged HF weights in `out_dir`, the adapter's tensors in `out_dir/adapter`."""
+    from safetensors.torch import save_file
+
+    peft = _peft()
+    model.save_pretrained(out_dir, state_dict=merged_state(model), safe_serialization=True)
     adapter = Path(out_dir) / "adapter"
     adapter.mkdir(exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
 
 
@@ -17,7 +16,18 @@ class Sampler(Protocol):
 def make_sampler(cfg, model, adapter) -> Sampler:
     """The embedded (in-process) sampler unless `rollout.server_url` names a vLLM server."""
     if cfg.rollout.server_url:
-        raise UserError("rollout.server_url: the vLLM backend is not available in this version; unset it")
+        from pathlib import Path
+
+        from .vllm_client import VLLMClient, VLLMSampler
+        from .weight_sync import DiskWeightSync, NCCLWeightSync
+
+        client = VLLMClient(cfg.rollout.server_url, cfg.rollout)
+        client.model_name()  # reachable?
+        if cfg.rollout.weight_sync == "nccl":
+            sync = NCCLWeightSync(client, cfg.rollout, model)
+        else:
+            sync = DiskWeightSync(client, adapter, Path(cfg.rollout.sync_dir or cfg.run_dir / "weights"))
+        return VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media", weight_sync=sync, client=client)
     from .embedded import EmbeddedSampler
 
     return EmbeddedSampler(model, adapter, cfg.rollout)

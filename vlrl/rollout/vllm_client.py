@@ -1,0 +1,249 @@
+"""The vLLM backend: rollouts from a real vLLM server over its OpenAI-compatible chat API.
+
+One chat request per prompt with n = group_size, `logprobs` and `return_token_ids`, under bounded
+concurrency. Token in, token out: the completion ids are the server's own sampled ids, and the server's
+`prompt_token_ids` must equal the adapter's (they differ when the two sides disagree on pixel limits or on
+the chat template: that is an error, never silently trained on). Images travel already resized to the
+pixel policy (lossless PNG), so the server's processor keeps their size. Placeholder tokens are banned with
+`bad_words`, applied before the processed logprobs, as the trainer bans them in its softmax.
+Transient failures (connection lost, 5xx, timeouts: a server restarting) are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from pathlib import Path
+
+from ..config import RolloutConfig
+from ..errors import UserError
+from ..records import EncodedPrompt, Rollout
+
+
+class ServerError(UserError):
+    """The vLLM server refused a request or could not be reached; the message says which and why."""
+
+
+def png_data_uri(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class VLLMClient:
+    """Thin HTTP client of one vLLM server: chat completions with retries, and the RL control routes."""
+
+    def __init__(self, base_url: str, cfg: RolloutConfig):
+        self.base_url = base_url.rstrip("/")
+        self.cfg = cfg
+        key = os.environ.get(cfg.api_key_env)
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._model: str | None = None
+
+    # --- blocking control routes ----------------------------------------------------------------------
+    def _post(self, path: str, json: dict | None = None, params: dict | None = None, timeout: float = 600.0):
+        import httpx
+
+        try:
+            r = httpx.post(f"{self.base_url}{path}", json=json, params=params, headers=self.headers, timeout=timeout)
+        except httpx.HTTPError as e:
+            raise ServerError(f"vLLM server {self.base_url}: {path} failed ({type(e).__name__}: {e})") from None
+        if r.status_code != 200:
+            raise ServerError(f"vLLM server {self.base_url}: {path} answered {r.status_code}: {r.text[:500]}")
+        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
+
+    def model_name(self) -> str:
+        """The served model's name (`/v1/models`); also the first reachability check."""
+        import httpx
+
+        if self._model is None:
+            try:
+                r = httpx.get(f"{self.base_url}/v1/models", headers=self.headers, timeout=10.0)
+            except httpx.HTTPError as e:
+                raise ServerError(
+                    f"cannot reach the vLLM server at {self.base_url} ({type(e).__name__}); start it with "
+                    "`vlrl serve --model ...` or fix rollout.server_url"
+                ) from None
+            if r.status_code == 401:
+                raise ServerError(f"vLLM server {self.base_url} wants an API key: set ${self.cfg.api_key_env}")
+            if r.status_code != 200:
+                raise ServerError(f"vLLM server {self.base_url}: /v1/models answered {r.status_code}: {r.text[:300]}")
+            self._model = r.json()["data"][0]["id"]
+        return self._model
+
+    def pause(self) -> None:
+        self._post("/pause", params={"mode": "wait"})
+
+    def resume(self) -> None:
+        self._post("/resume")
+
+    def reload_weights(self, weights_path: str) -> None:
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_path}})
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        self._post("/reset_prefix_cache")
+
+    # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._post("/shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update")
+
+    def update_weights(self, update_info) -> None:
+        self._post("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
+
+    def world_size(self) -> int:
+        import httpx
+
+        r = httpx.get(f"{self.base_url}/get_world_size", headers=self.headers, timeout=30.0)
+        return int(r.json()["world_size"])
+
+    # --- chat completions -----------------------------------------------------------------------------
+    async def chat(self, client, body: dict, name: str) -> dict:
+        """One chat completion, retried on transient failures with exponential backoff."""
+        import httpx
+
+        delay = self.cfg.retry_backoff_s
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                r = await client.post(f"{self.base_url}/v1/chat/completions", json=body, headers=self.headers)
+                if r.status_code == 200:
+                    return r.json()
+                if r.status_code < 500 and r.status_code != 429:
+                    raise ServerError(f"vLLM server refused {name}: HTTP {r.status_code}: {_error_text(r)}")
+                reason = f"HTTP {r.status_code}: {_error_text(r)}"
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                reason = f"{type(e).__name__}: {e}"
+            if attempt == self.cfg.max_retries:
+                raise ServerError(
+                    f"vLLM server {self.base_url} failed {name} {attempt + 1} times ({reason}); is it running?"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+
+def _error_text(r) -> str:
+    try:
+        body = r.json()
+        return str(body.get("error", {}).get("message") or body.get("message") or body)[:500]
+    except ValueError:
+        return r.text[:500]
+
+
+class VLLMSampler:
+    """Samples rollouts from a vLLM server; pushes updated weights to it with a weight-sync strategy."""
+
+    def __init__(self, adapter, cfg: RolloutConfig, media_dir: Path | None = None, weight_sync=None, client=None):
+        self.adapter = adapter
+        self.cfg = cfg
+        self.client = client or VLLMClient(cfg.server_url, cfg)
+        self.media_dir = media_dir
+        self.weight_sync = weight_sync
+        self.client.model_name()  # fail early and clearly when the server is unreachable
+
+    def _image_url(self, img, prompt_id: int, k: int) -> str:
+        if self.cfg.image_transport == "data_uri":
+            return png_data_uri(img)
+        self.media_dir.mkdir(parents=True, exist_ok=True)
+        path = self.media_dir / f"prompt-{prompt_id}-{k}.png"
+        img.save(path, "PNG")
+        return path.resolve().as_uri()
+
+    def request_body(self, prompt: EncodedPrompt, n: int, seed: int | None, prompt_id: int = 0) -> dict:
+        images = iter(prompt.images)
+        messages, k = [], 0
+        for m in prompt.messages:
+            content = m["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") == "image":
+                        parts.append({"type": "image_url", "image_url": {"url": self._image_url(next(images), prompt_id, k)}})
+                        k += 1
+                    else:
+                        parts.append(part)
+                content = parts
+            messages.append({"role": m["role"], "content": content})
+        cfg = self.cfg
+        body = {
+            "model": self.client.model_name(),
+            "messages": messages,
+            "n": n,
+            "max_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "logprobs": True,
+            "top_logprobs": 0,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+            "stop_token_ids": self.adapter.eos_token_ids,
+            "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
+        }
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def to_rollouts(self, prompt: EncodedPrompt, response: dict, group: int, name: str) -> list[Rollout]:
+        server_ids = response.get("prompt_token_ids")
+        if server_ids is None:
+            raise ServerError(f"{name}: the server did not return prompt_token_ids (vLLM >= 0.10 needed)")
+        if list(server_ids) != prompt.input_ids:
+            first = next((i for i, (a, b) in enumerate(zip(server_ids, prompt.input_ids)) if a != b),
+                         min(len(server_ids), len(prompt.input_ids)))
+            raise ServerError(
+                f"{name}: the server's prompt ids differ from the trainer's ({len(server_ids)} vs "
+                f"{len(prompt.input_ids)} tokens, first difference at token {first}). Likely cause: the "
+                "server's pixel limits or chat template differ; start it with `vlrl serve --min-pixels "
+                f"{self.adapter.cfg.min_pixels} --max-pixels {self.adapter.cfg.max_pixels}` on the same model"
+            )
+        out = []
+        for choice in sorted(response["choices"], key=lambda c: c["index"]):
+            ids = list(choice["token_ids"])
+            lps = [c["logprob"] for c in (choice.get("logprobs") or {}).get("content") or []]
+            if len(lps) != len(ids):
+                raise ServerError(f"{name}: {len(ids)} token ids but {len(lps)} logprobs from the server")
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            out.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=lps, finish_reason=finish,
+                               text=choice["message"].get("content") or "", group=group))
+        return out
+
+    def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
+        return asyncio.run(self._sample(prompts, n, seed))
+
+    async def _sample(self, prompts, n, seed) -> list[Rollout]:
+        import httpx
+
+        limit = asyncio.Semaphore(self.cfg.max_concurrency)
+        timeout = httpx.Timeout(self.cfg.request_timeout_s, connect=10.0)
+
+        async def one(client, g, prompt):
+            async with limit:
+                name = f"prompt {g}"
+                # No per-request seed: vLLM's CPU backend crashes on seeded requests ("CPU Generator does not
+                # use offset"), and batched GPU sampling is not bit-reproducible anyway.
+                body = self.request_body(prompt, n, None, g)
+                return self.to_rollouts(prompt, await self.client.chat(client, body, name), g, name)
+
+        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
+            groups = await asyncio.gather(*(one(c, g, p) for g, p in enumerate(prompts)))
+        return [r for group in groups for r in group]
+
+    def sync_weights(self, model) -> None:
+        if self.weight_sync is not None:
+            self.weight_sync.push(model)

