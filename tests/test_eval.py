@@ -120,7 +120,7 @@ def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(
     calls = []
     tiny_model.train()
     rng = torch.get_rng_state()
-    summary = evaluate(cfg, tiny_model, adapter, sampler, samples, 2, 7, tmp_path / "ev",
+    summary = evaluate(cfg, adapter, sampler, samples, 2, 7, tmp_path / "ev",
                        progress=lambda done, total: calls.append((done, total)), info={"step": 5})
     assert calls == [(0, 3), (2, 3), (3, 3)]  # batches of prompts_per_step prompts
     assert summary["step"] == 5 and summary["seed"] == 7 and summary["samples"] == 6

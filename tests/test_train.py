@@ -19,7 +19,7 @@ from vlrl.summary import read_metrics
 from vlrl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"time/rollout", "time/update", "time/sync", "time/step", "tokens_per_s"}
+TIMING = {"time/rollout", "time/rollout_wait", "time/prefetch_wait", "time/update", "time/sync", "time/step", "tokens_per_s"}
 REQUIRED = {"step", "reward/mean", "reward/std", "loss", "response_length/mean", "clip_fraction", "mismatch_kl",
             "entropy", "grad_norm", "tokens_per_s", "time/rollout", "time/update", "accuracy"}
 

@@ -155,6 +155,13 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     sampler = make_sampler(cfg, model, adapter)
     rollouts = sampler.sample(prompts, cfg.rollout.group_size, seed=cfg.rollout.seed)
     batch = adapter.build_batch(rollouts)
+    checked = getattr(sampler, "prompts_checked", None)
+    report.add(
+        "prompt ids: trainer == sampler",
+        checked is None or checked == len(prompts),
+        "the embedded sampler generates from the processor's ids" if checked is None
+        else f"{checked}/{len(prompts)} prompts: the server's prompt_token_ids equal the processor's",
+    )
     check_batch_structure(batch, rollouts, adapter, report)
 
     step("recomputing the sampled tokens' logprobs with the trainer")
@@ -181,6 +188,8 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         samples=len(rollouts),
     )
     note = "" if cfg.rollout.top_p >= 1 and cfg.rollout.top_k < 0 else " (top_p/top_k renormalise the sampler)"
+    if cfg.rollout.server_url and stats["mismatch_kl"] > tol:
+        note += "; does the server serve model.path's weights? (a training run leaves its own on the server)"
     report.add(
         "trainer vs sampler logprobs",
         stats["mismatch_kl"] <= tol,

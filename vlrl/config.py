@@ -226,6 +226,16 @@ class CheckpointConfig(Section):
     """Checkpoints kept on disk; older ones are deleted."""
 
 
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)
+    """Evaluate on the eval split every this many training steps (0: never during training). Results go
+    to `<run dir>/eval-step-N/` and into metrics.jsonl as `eval/...` keys."""
+    limit: int | None = Field(None, gt=0)
+    """Most eval prompts per evaluation (all of the split when unset)."""
+    n: int | None = Field(None, gt=0)
+    """Completions per eval prompt (for pass@k); default rollout.group_size."""
+
+
 class LoggingConfig(Section):
     samples_per_step: int = Field(4, ge=0)
     """Rollouts per step written to `samples.jsonl` (with image references)."""
@@ -244,6 +254,7 @@ class Config(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -75,14 +75,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def evaluate(
-    cfg, model, adapter, sampler, samples: list, n: int, seed: int, out_dir: Path,
+    cfg, adapter, sampler, samples: list, n: int, seed: int, out_dir: Path,
     progress: ProgressFn | None = None, info: dict | None = None,
 ) -> dict:
     """Sample `n` completions for each of `samples`, score them, and write the results into `out_dir`.
 
-    `model` is the policy being scored; `sampler` already samples with it (the embedded sampler holds it;
-    training passes its live model and sampler), so it is not used here directly. The sampler restores the
-    model's mode and the global RNG afterwards, so an eval does not change a training run. `info` adds
+    `sampler` samples with the policy being scored (training passes its live sampler). The sampler restores
+    the model's mode and the global RNG afterwards, so an eval does not change a training run. `info` adds
     fields to the summary (split, checkpoint, training step...).
     Returns the summary, also written to `out_dir/summary.json`.
     """
@@ -231,7 +230,7 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
     out_dir = default_out_dir(cfg, checkpoint, split)
     info = {"model": cfg.model.path, "checkpoint": weights, "split": split}
     with _Bar(console, cfg.logging.progress) as bar:
-        summary = evaluate(cfg, model, adapter, sampler, samples, n, cfg.rollout.seed, out_dir, bar, info)
+        summary = evaluate(cfg, adapter, sampler, samples, n, cfg.rollout.seed, out_dir, bar, info)
     return {**summary, "out_dir": str(out_dir)}
 
 

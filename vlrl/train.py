@@ -17,6 +17,7 @@ import json
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class StepRollouts:
     failures: dict[str, int] = field(default_factory=dict)
     groups_dropped: int = 0
     rounds: int = 0
+    seconds: float = 0.0  # time spent sampling and scoring
 
 
 class Run:
@@ -113,6 +115,8 @@ class Run:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
             self.ref_policy = self.adapter.policy(ref, cfg.rollout.temperature)
         self.sampler = make_sampler(cfg, self.adapter.generation_model(self.model), self.adapter)
+        # A server may hold other weights (another run, an older step): start from the trainer's.
+        self.sampler.sync_weights(self.adapter.generation_model(self.model))
         self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
         self.settings = LossSettings.from_config(cfg)
 
@@ -129,6 +133,7 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.toml")
         self.image_dir = self.run_dir / "images"
+        self.eval_samples = None
 
     def _weights_dir(self) -> str | None:
         """Full-parameter runs resume from the checkpoint's weights; LoRA runs from the base + adapter."""
@@ -137,11 +142,14 @@ class Run:
         return str(self.ckpt)
 
     # --- one step --------------------------------------------------------------------------------------
-    def collect(self) -> StepRollouts:
-        """Roll out groups until `prompts_per_step` groups carry signal (or the refill bound is reached)."""
+    def collect(self, step: int) -> StepRollouts:
+        """Roll out groups until `prompts_per_step` groups carry signal (or the refill bound is reached).
+
+        `step` (0-based) seeds the sampler, so a resumed run samples what an uninterrupted one would."""
         from .algo.advantages import group_advantages, zero_variance_groups
         from .envs.dataset import encode_sample
 
+        t0 = time.perf_counter()
         cfg = self.cfg
         kept: list[list[Rollout]] = []
         out = StepRollouts([], [])
@@ -153,7 +161,7 @@ class Run:
                 break
             samples = self.stream.take(need)
             prompts = [encode_sample(self.adapter, s, cfg.env.system_prompt, cfg.env.question_template) for s in samples]
-            seed = cfg.rollout.seed * 1_000_003 + self.step * 101 + rnd
+            seed = cfg.rollout.seed * 1_000_003 + step * 101 + rnd
             rollouts = self.sampler.sample(prompts, cfg.rollout.group_size, seed=seed)
             for r in rollouts:
                 r.sample = samples[r.group]
@@ -186,6 +194,7 @@ class Run:
             for r in out.rollouts
             if not math.isnan(r.reward) and not (cfg.algorithm.mask_truncated and r.finish_reason == "length")
         ]
+        out.seconds = time.perf_counter() - t0
         return out
 
     def update(self, trained: list[Rollout]) -> dict[str, float]:
@@ -215,16 +224,30 @@ class Run:
         return sums
 
     # --- bookkeeping -----------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
+    def trainer_state(self, data_state: dict | None = None) -> dict:
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "data": self.stream.state(),
+            "data": data_state or self.stream.state(),
             "torch_rng": torch.get_rng_state(),
         }
 
-    def save(self) -> Path:
+    def evaluate(self) -> dict:
+        """Score the current policy on the eval split; returns `eval/...` metrics."""
+        from .envs.sources import load_samples
+        from .evaluate import evaluate
+
+        cfg = self.cfg
+        if self.eval_samples is None:
+            samples = load_samples(cfg.env, "eval", cfg.train.seed)
+            self.eval_samples = samples[: cfg.eval.limit] if cfg.eval.limit else samples
+        n = cfg.eval.n or cfg.rollout.group_size
+        summary = evaluate(cfg, self.adapter, self.sampler, self.eval_samples, n, cfg.rollout.seed,
+                           self.run_dir / f"eval-step-{self.step}", info={"step": self.step, "split": "eval"})
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seed"}
+
+    def save(self, data_state: dict | None = None) -> Path:
         from .checkpoint import save_checkpoint
 
         model = self.accelerator.unwrap_model(self.policy).model
@@ -232,7 +255,7 @@ class Run:
             self.run_dir,
             self.step,
             lambda d: self.adapter.save_pretrained(model, d),
-            self.trainer_state(),
+            self.trainer_state(data_state),
             self.cfg.checkpoint.keep_last,
         )
 
@@ -268,6 +291,8 @@ def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
         "sampling_rounds": got.rounds,
         "reward_failures": sum(got.failures.values()),
         "time/rollout": times["rollout"],
+        "time/rollout_wait": times["rollout_wait"],
+        "time/prefetch_wait": times["prefetch_wait"],
         "time/update": times["update"],
         "time/sync": times["sync"],
         "time/step": times["step"],
@@ -329,21 +354,38 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     metrics_fh = open(run.run_dir / "metrics.jsonl", "a") if main else None
     samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
     last_saved = run.step if run.ckpt is not None else None
+    # One-step-off-policy: step n+1's rollouts are sampled (by the server, with the weights of step n-1)
+    # while step n trains. The checkpoint records the data position before that prefetch, so a resumed run
+    # samples those prompts again rather than skipping them.
+    prefetch = ThreadPoolExecutor(max_workers=1) if cfg.rollout.one_step_off_policy else None
+    pending: Future | None = None
     try:
         with StopFlag() as stop, TrainProgress(console, cfg.train.steps, run.step, enabled=main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not stop.requested:
                 t0 = time.perf_counter()
-                got = run.collect()
+                stale = pending is not None
+                got = pending.result() if stale else run.collect(run.step)
+                pending = None
                 t1 = time.perf_counter()
                 if stop.requested:  # drop this step's rollouts; the weights are those of the last step
                     break
+                data_state = run.stream.state()
+                if prefetch is not None and run.step + 1 < cfg.train.steps:
+                    pending = prefetch.submit(run.collect, run.step + 1)
                 sums = run.update(got.trained)
                 t2 = time.perf_counter()
-                run.sampler.sync_weights(run.adapter.generation_model(run.accelerator.unwrap_model(run.policy).model))
+                if pending is not None:
+                    wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()
+                run.sampler.sync_weights(run.adapter.generation_model(run.accelerator.unwrap_model(run.policy).model))
+                t4 = time.perf_counter()
                 run.step += 1
-                times = {"rollout": t1 - t0, "update": t2 - t1, "sync": t3 - t2, "step": t3 - t0}
+                times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
+                         "prefetch_wait": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
                 m = step_metrics(run, got, sums, times)
+                m["off_policy_steps"] = int(stale)
+                if cfg.eval.every and run.step % cfg.eval.every == 0:
+                    m.update(run.evaluate())
                 if main:
                     metrics_fh.write(json.dumps(m) + "\n")
                     metrics_fh.flush()
@@ -351,13 +393,16 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     samples_fh.flush()
                 bar.advance(m)
                 if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
-                    run.save()
+                    run.save(data_state)
                     last_saved = run.step
+                last_data_state = data_state
         if last_saved != run.step and run.step > 0:
-            run.save()
+            run.save(last_data_state)
             if stop.requested:
                 console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
     finally:
+        if prefetch is not None:
+            prefetch.shutdown(wait=True, cancel_futures=True)
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()

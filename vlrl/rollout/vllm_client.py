@@ -150,6 +150,7 @@ class VLLMSampler:
         self.client = client or VLLMClient(cfg.server_url, cfg)
         self.media_dir = media_dir
         self.weight_sync = weight_sync
+        self.prompts_checked = 0  # prompts whose server prompt ids were compared with the processor's
         self.client.model_name()  # fail early and clearly when the server is unreachable
 
     def _image_url(self, img, prompt_id: int, k: int) -> str:
@@ -212,6 +213,7 @@ class VLLMSampler:
                 "server's pixel limits or chat template differ; start it with `vlrl serve --min-pixels "
                 f"{self.adapter.cfg.min_pixels} --max-pixels {self.adapter.cfg.max_pixels}` on the same model"
             )
+        self.prompts_checked += 1
         out = []
         for choice in sorted(response["choices"], key=lambda c: c["index"]):
             ids = list(choice["token_ids"])

