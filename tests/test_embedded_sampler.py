@@ -88,3 +88,12 @@ def test_finish_reasons_and_seeded_determinism(adapter, tiny_model):
     stop = EmbeddedSampler(model, adapter, RolloutConfig(max_new_tokens=5)).sample(prompts(adapter)[:1], n=2)
     assert [r.completion_ids for r in stop] == [[eot], [eot]]
     assert {r.finish_reason for r in stop} == {"stop"} and stop[0].text == ""
+
+
+def test_static_cache_sampler_logprobs_equal_the_trainer(adapter, tiny_model):
+    sampler = EmbeddedSampler(tiny_model, adapter, RolloutConfig(max_new_tokens=10, static_cache=True))
+    rollouts = sampler.sample(prompts(adapter), n=3, seed=0)
+    batch = adapter.build_batch(rollouts)
+    with torch.no_grad():
+        lp, _ = batch_logprobs(adapter.policy(tiny_model, 1.0), batch)
+    assert mismatch_stats(lp, batch.behavior_logprobs, batch.loss_mask)["max_abs_diff"] < 1e-5

@@ -43,7 +43,7 @@ def test_entropy_matches_definition_with_banned_tokens():
     torch.manual_seed(1)
     h, w = torch.randn(6, 8), torch.randn(20, 8)
     t = torch.randint(3, 20, (6,))
-    lp, ent = token_logprobs(h, w, t, 1.0, torch.tensor([0, 1, 2]), chunk_size=4, with_entropy=True)
+    lp, ent = token_logprobs(h, w, t, 1.0, torch.tensor([0, 1, 2]), chunk_size=4)
     logits = h @ w.T
     logits[:, :3] = float("-inf")
     p = torch.softmax(logits, -1)
@@ -56,3 +56,24 @@ def test_first_position_cannot_be_scored():
     with pytest.raises(ValueError, match="mask"):
         sequence_logprobs(torch.randn(1, 3, 4), torch.randn(5, 4), torch.zeros(1, 3, dtype=torch.long),
                           torch.ones(1, 3))
+
+
+def test_entropy_gradient_matches_autograd_of_the_definition():
+    """The fused backward's entropy term (an entropy bonus) against autograd through softmax."""
+    torch.manual_seed(2)
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(2, 30, (7,))
+    banned = torch.tensor([0, 1])
+    lp, ent = token_logprobs(h, w, t, 0.8, banned, chunk_size=3)
+    (0.3 * lp.sum() + 1.7 * ent.sum()).backward()
+    g_h, g_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = (h @ w.T) / 0.8
+    logits = logits.index_fill(-1, banned, float("-inf"))
+    logp = torch.log_softmax(logits, -1)
+    p = logp.exp()
+    ref_ent = -(p[:, 2:] * logp[:, 2:]).sum(-1)
+    (0.3 * logp.gather(-1, t[:, None]).sum() + 1.7 * ref_ent.sum()).backward()
+    torch.testing.assert_close(g_h, h.grad)
+    torch.testing.assert_close(g_w, w.grad)

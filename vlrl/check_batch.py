@@ -174,7 +174,7 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     with torch.no_grad():
         for g in groups:
             mb = batch.select(g).to(device)
-            lp, ent = batch_logprobs(policy, mb, with_entropy=True)
+            lp, ent = batch_logprobs(policy, mb)
             trainer_lp[g, : mb.seq_len] = lp.cpu()
             entropy[g, : mb.seq_len] = ent.cpu()
     stats = mismatch_stats(trainer_lp, batch.behavior_logprobs, batch.loss_mask)

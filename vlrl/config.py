@@ -156,6 +156,9 @@ class RolloutConfig(Section):
     """Top-k sampling; -1 disables it (the RL default)."""
     seed: int = 0
     """Seed of the sampler."""
+    static_cache: bool = False
+    """Embedded sampler only: a static KV cache, whose decoding step transformers compiles on CUDA (faster
+    after a warm-up; see bench/README.md)."""
 
 
 class AlgorithmConfig(Section):
@@ -215,6 +218,12 @@ class TrainConfig(Section):
     """Training precision: `auto` is bf16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    checkpoint_fraction: float = Field(1.0, gt=0, le=1)
+    """With gradient checkpointing, the fraction of decoder layers recomputed (spread evenly); below 1
+    keeps more activations and recomputes less."""
+    compile: bool = False
+    """torch.compile each decoder layer (regional compilation: all layers share one compiled graph). Fuses
+    the norms, rotary embedding and activations; the first steps pay the compile time."""
     seed: int = 0
     """Seed of the data order and the model's random parts."""
 

@@ -38,8 +38,8 @@ class LossSettings:
         )
 
 
-def _forward(policy, mb: MultimodalBatch, with_entropy: bool):
-    return policy(mb.input_ids, mb.attention_mask, mb.loss_mask, with_entropy=with_entropy, **mb.model_inputs)
+def _forward(policy, mb: MultimodalBatch):
+    return policy(mb.input_ids, mb.attention_mask, mb.loss_mask, **mb.model_inputs)
 
 
 def accumulate_gradients(
@@ -76,7 +76,7 @@ def accumulate_gradients(
         sync = nullcontext() if (accelerator is None or last) else accelerator.no_sync(policy)
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
-            logp, entropy = _forward(policy, mb, with_entropy=True)  # [b, l] each
+            logp, entropy = _forward(policy, mb)  # [b, l] each
             mask = mb.loss_mask
             tok_loss, st = policy_loss(
                 logp, mb.behavior_logprobs, mb.advantages, mask, settings.policy_loss, settings.clip_low,
@@ -84,7 +84,7 @@ def accumulate_gradients(
             )
             if settings.kl_coef > 0:
                 with torch.no_grad():
-                    ref_lp, _ = _forward(ref_policy, mb, with_entropy=False)
+                    ref_lp, _ = _forward(ref_policy, mb)
                 kl = kl_k3(logp, ref_lp) * mask
                 tok_loss = tok_loss + settings.kl_coef * kl
                 sums["kl_sum"] += float(kl.detach().sum())

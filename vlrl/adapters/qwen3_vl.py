@@ -230,12 +230,13 @@ class Qwen3VLAdapter:
         if cfg.model.freeze_vision:
             model.model.visual.requires_grad_(False)
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            set_checkpointing(model, cfg.train.checkpoint_fraction)
         if cfg.model.lora_rank > 0:
             from .lora import add_lora
 
             add_lora(model, cfg.model, None if adapter_dir is None else Path(adapter_dir) / "adapter")
+        if cfg.train.compile:
+            compile_decoder_layers(model)
 
     def policy(self, model, temperature: float) -> Qwen3VLPolicy:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature)
@@ -256,6 +257,21 @@ class Qwen3VLAdapter:
         self.processor.save_pretrained(out_dir)
 
 
+def set_checkpointing(model, fraction: float) -> None:
+    """Recompute the activations of `fraction` of the decoder layers (spread evenly) in the backward pass."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = int((i + 1) * fraction) > int(i * fraction)
+
+
+def compile_decoder_layers(model) -> None:
+    """Regional compilation: each decoder layer compiled in place; identical layers reuse one graph."""
+    for layer in model.model.language_model.layers:
+        layer.compile()
+
+
 class Qwen3VLPolicy(nn.Module):
     """The trainable module: a Qwen3-VL model whose forward returns token-aligned logprobs.
 
@@ -268,27 +284,28 @@ class Qwen3VLPolicy(nn.Module):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long), persistent=False)
+        device = next(model.parameters()).device
+        self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, L] int64
         attention_mask: torch.Tensor,  # [B, L] int64
         logprob_mask: torch.Tensor,  # [B, L]: positions whose token logprob is returned
-        with_entropy: bool = False,
         **model_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logprobs [B, L] float32, entropy [B, L] float32), 0 outside logprob_mask."""
         backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_inputs).last_hidden_state
+        # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
+        # recompile on its state.
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+        hidden = out.last_hidden_state
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
-            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, with_entropy
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size
         )
 
 
-def batch_logprobs(policy: nn.Module, batch: MultimodalBatch, with_entropy: bool = False):
-    """Logprobs [B, L] (and entropy) of the batch's trained tokens under `policy`."""
-    return policy(
-        batch.input_ids, batch.attention_mask, batch.loss_mask, with_entropy=with_entropy, **batch.model_inputs
-    )
+def batch_logprobs(policy: nn.Module, batch: MultimodalBatch):
+    """(logprobs [B, L], entropy [B, L]) of the batch's trained tokens under `policy`."""
+    return policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)

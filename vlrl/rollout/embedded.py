@@ -18,7 +18,7 @@ from ..records import EncodedPrompt, Rollout
 class EmbeddedSampler:
     """Samples `n` completions per prompt with the policy model itself."""
 
-    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16):
+    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16, static_cache: bool | None = None):
         self.model = model
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
@@ -28,6 +28,7 @@ class EmbeddedSampler:
         self.top_p = cfg.top_p
         self.top_k = cfg.top_k
         self.max_prompts_per_call = max_prompts_per_call
+        self.static_cache = cfg.static_cache if static_cache is None else static_cache
 
     def generation_config(self, n: int):
         from transformers import GenerationConfig
@@ -51,6 +52,8 @@ class EmbeddedSampler:
             pad_token_id=self.adapter.pad_token_id,
             output_scores=True,
             return_dict_in_generate=True,
+            # transformers compiles the decoding step for a static cache on CUDA
+            cache_implementation="static" if self.static_cache else None,
         )
 
     @torch.no_grad()

@@ -1,0 +1,450 @@
+"""Policy update and logprob pass: vlrl's real path beside the naive HF path, on the same batch, one process.
+
+Default shapes are the baseline's (ENVIRONMENT.md): Qwen3-VL-8B architecture with random bf16 weights, sdpa,
+8 samples x 1041 tokens (one 448x448 image = 196 image tokens, 768 completion tokens), then a long case
+(8 x 4096 tokens, 4 images each). For each path it prints tokens/s, MFU (6N rule for an update, 2N for a
+forward, N = language-model parameters without the input embedding, 989 TFLOP/s dense bf16), peak memory,
+the ratios against the naive path, and how far the fast path's logprobs and gradients are from the naive
+path's. `--max-tokens` also searches the largest micro-batch each path fits in GPU memory.
+
+    python bench/update_step.py                # on a GPU: the 8B shapes
+    python bench/update_step.py --tiny         # the same comparison on the tiny model, on the CPU (< 1 min)
+
+The naive path is what most RL code does: `model(**inputs).logits` for every position, a float32
+log_softmax over the full vocabulary, gather, loss, backward, with gradient checkpointing and every
+parameter trainable. vlrl's path is `Qwen3VLPolicy` (backbone + chunked logprobs at trained positions only)
+with `accumulate_gradients` and the loss of a real step, vision tower frozen (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
+from vlrl.config import ModelConfig  # noqa: E402
+from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
+from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END, PAD, IM_END = 151655, 151656, 151652, 151653, 151643, 151645
+
+
+def qwen3_vl_8b_config():
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[24, 20, 20],
+                                 mrope_interleaved=True),
+        ),
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )
+
+
+class _Tokens:
+    """The few token facts the adapter reads, for a model whose tokenizer is not on this machine."""
+
+    def __init__(self, ids: dict[str, int], pad: int):
+        self.ids, self.pad_token_id, self.unk_token_id = ids, pad, None
+
+    def convert_tokens_to_ids(self, t):
+        return self.ids.get(t)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def bench_adapter(image_id, video_id, pad, eos, max_model_len, min_pixels=64 * 32 * 32, max_pixels=2048 * 32 * 32):
+    toks = _Tokens({"<|image_pad|>": image_id, "<|video_pad|>": video_id, "<|im_end|>": eos, "<|endoftext|>": pad}, pad)
+    proc = SimpleNamespace(tokenizer=toks, image_processor=SimpleNamespace(patch_size=16, merge_size=2))
+    return Qwen3VLAdapter(proc, ModelConfig(path="(bench)", max_model_len=max_model_len, min_pixels=min_pixels,
+                                            max_pixels=max_pixels))
+
+
+def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab, seed=0):
+    """Synthetic rollouts of exact shapes: text, then `images` images of image_side^2 pixels, then text,
+    then `completion` sampled tokens. Random ids avoid the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    grid = image_side // 16
+    per_image = grid * grid // 4
+    rollouts = []
+    for i in range(batch):
+        prompt_len = seq_len - completion
+        text = prompt_len - images * (per_image + 2)
+        assert text >= 2, "sequence too short for its images"
+        ids = torch.randint(0, min(vocab - 8, 150000), (text,), generator=g).tolist()
+        body = ids[: text // 2]
+        for _ in range(images):
+            body += [VISION_START if vocab > 150000 else adapter.image_token_id - 2] + [adapter.image_token_id] * per_image
+            body += [VISION_END if vocab > 150000 else adapter.image_token_id - 1]
+        body += ids[text // 2 :]
+        pv = torch.randn(images * grid * grid, 1536, generator=g) if images else None
+        thw = torch.tensor([[1, grid, grid]] * images) if images else None
+        prompt = EncodedPrompt(input_ids=body, messages=[], images=[], pixel_values=pv, image_grid_thw=thw)
+        comp = torch.randint(0, min(vocab - 8, 150000), (completion,), generator=g).tolist()
+        lps = (-torch.rand(completion, generator=g) * 3).tolist()
+        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=lps, finish_reason="length",
+                                advantage=float(torch.randn(1, generator=g))))
+    return rollouts
+
+
+def naive_logprobs(model, batch, banned, temperature=1.0):
+    """The naive path: full [B, L, V] logits, float32 log_softmax over the vocabulary, gather. (The sampler's
+    placeholder ban is applied too, so both paths compute the same function.)"""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs)
+    logits = out.logits.float() / temperature  # [B, L, V]
+    logits[..., banned] = float("-inf")
+    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)  # [B, L]
+    return torch.where(batch.loss_mask.bool(), lp, 0.0)  # (prompt image tokens are banned targets: -inf there)
+
+
+def naive_update(model, batch, settings, banned):
+    from vlrl.algo.losses import aggregation_weights, policy_loss
+
+    logp = naive_logprobs(model, batch, banned)
+    tok, _ = policy_loss(logp, batch.behavior_logprobs, batch.advantages, batch.loss_mask, settings.policy_loss,
+                         settings.clip_low, settings.clip_high, settings.ratio_cap, settings.mask_ratio)
+    w = aggregation_weights(batch.loss_mask, settings.aggregation, float(batch.loss_mask.sum()),
+                            float((batch.loss_mask.sum(-1) > 0).sum()), settings.max_new_tokens)
+    (tok * w).sum().backward()
+    return logp.detach()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, repeat):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_gib(device, fn):
+    if device.type != "cuda":
+        return float("nan")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def set_trainable(model, vision: bool, checkpointing: bool, fraction: float = 1.0):
+    from vlrl.adapters.qwen3_vl import set_checkpointing
+
+    model.requires_grad_(True)
+    if not vision:
+        model.model.visual.requires_grad_(False)
+    if checkpointing:
+        set_checkpointing(model, fraction)
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+
+
+CHECKED = ("lm_head", "layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.17.self_attn.o_proj",
+           "layers.35.mlp.gate_proj", "language_model.norm", "embed_tokens")
+
+
+def grads_of(model, every: bool):
+    """Gradients to compare, copied to the CPU (all of them on the tiny model; a spread of layers on 8B)."""
+    return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()
+            if p.grad is not None and (every or any(c in n for c in CHECKED))}
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def non_embedding_params(model):
+    return sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
+
+
+def profile(fn, model, device, rows=18):
+    """The CUDA kernels that take the time of one call of `fn` (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    set_trainable(model, vision=False, checkpointing=True)
+    fn()
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+
+
+def run_case(name, model, adapter, rollouts, device, args, settings, results):
+    batch = adapter.build_batch(rollouts).to(device)
+    tokens = int(batch.attention_mask.sum())
+    n = non_embedding_params(model)
+    policy = adapter.policy(model, 1.0)
+    banned = adapter.banned_token_ids
+    # behavior logprobs near the model's own (as a sampler's are), so ratios are near 1 and nothing is masked
+    with torch.no_grad():
+        model.eval()
+        own, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+    noise = 0.05 * torch.randn(own.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    batch.behavior_logprobs = (own + noise) * batch.loss_mask
+
+    def zero():
+        model.zero_grad(set_to_none=True)
+
+    def naive_step():
+        zero()
+        naive_update(model, batch, settings, banned)
+
+    def vlrl_step():
+        zero()
+        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, device)
+
+    def naive_fwd():
+        with torch.no_grad():
+            naive_logprobs(model, batch, banned)
+
+    def vlrl_fwd():
+        with torch.no_grad():
+            policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+
+    rows = []
+    # exactness first: logprobs and gradients of the fast path against the naive path, same weights
+    set_trainable(model, vision=False, checkpointing=True)
+    try:
+        zero()
+        ref_lp = naive_update(model, batch, settings, banned)
+        ref_g = grads_of(model, device.type == "cpu")
+        zero()
+        with torch.no_grad():
+            fast_lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, device)
+        fast_g = grads_of(model, device.type == "cpu")
+        m = batch.loss_mask.bool()
+        lp_diff = float((fast_lp - ref_lp)[m].abs().max())
+        assert set(fast_g) == set(ref_g), set(fast_g) ^ set(ref_g)
+        assert any(float(g.abs().max()) > 0 for g in ref_g.values())
+        errs = {k: rel_err(fast_g[k], ref_g[k]) for k in ref_g}
+        g_err = max(errs.values())
+        worst = sorted(errs.items(), key=lambda kv: -kv[1])[:4]
+        print(f"  {name}: worst gradient rel err: " + ", ".join(f"{k} {v:.1e}" for k, v in worst), flush=True)
+        del ref_g, fast_g, ref_lp
+    except torch.OutOfMemoryError:  # the naive reference itself does not fit
+        lp_diff = g_err = float("nan")
+    zero()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    variants = [
+        ("naive update (all params, ckpt, full logits)", naive_step, dict(vision=True, checkpointing=True), 6),
+        ("vlrl update (frozen vision, ckpt, chunked logprobs)", vlrl_step, dict(vision=False, checkpointing=True), 6),
+        ("vlrl update, no checkpointing", vlrl_step, dict(vision=False, checkpointing=False), 6),
+        ("naive logprob pass (full logits)", naive_fwd, dict(vision=False, checkpointing=False), 2),
+        ("vlrl logprob pass (chunked)", vlrl_fwd, dict(vision=False, checkpointing=False), 2),
+    ]
+    if args.profile and device.type == "cuda":
+        profile(vlrl_step, model, device)
+    if args.compile:
+        variants += [
+            ("vlrl update, compiled layers", vlrl_step, dict(vision=False, checkpointing=True, compiled=True), 6),
+            ("vlrl logprob pass, compiled layers", vlrl_fwd, dict(vision=False, checkpointing=False, compiled=True), 2),
+        ] + [
+            (f"vlrl update, compiled layers, checkpoint {f:.0%} of layers", vlrl_step,
+             dict(vision=False, checkpointing=True, compiled=True, fraction=f), 6)
+            for f in args.fractions
+        ]
+    for label, fn, mode, flops_per_param in variants:
+        if args.skip and any(s in label for s in args.skip):
+            continue
+        if mode.pop("compiled", False) and not getattr(model, "_bench_compiled", False):
+            from vlrl.adapters.qwen3_vl import compile_decoder_layers
+
+            set_trainable(model, **mode)
+            compile_decoder_layers(model)
+            model._bench_compiled = True
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            print(f"  compile + first step: {time.perf_counter() - t0:.1f} s", flush=True)
+        set_trainable(model, **mode)
+        try:
+            peak = peak_gib(device, fn)
+            t = timed(fn, device, args.warmup, args.repeat)
+        except torch.OutOfMemoryError:
+            zero()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(dict(case=name, path=label, seconds=None, tokens_per_s=None, mfu=None, peak_gib="OOM"))
+            print(f"  {name} | {label}: OOM", flush=True)
+            continue
+        zero()
+        tps = tokens / t
+        mfu = flops_per_param * n * tps / (PEAK_TFLOPS * 1e12)
+        rows.append(dict(case=name, path=label, seconds=t, tokens_per_s=tps, mfu=mfu, peak_gib=peak))
+        print(f"  {name} | {label}: {t:.3f} s, {tps:,.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB", flush=True)
+    results.append(dict(case=name, tokens=tokens, rows=rows, logprob_max_abs_diff=lp_diff, grad_max_rel_err=g_err))
+
+
+def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images, side, completion, vocab):
+    """Largest micro-batch (samples x seq_len tokens) whose full-parameter update fits, for both paths."""
+    out = {}
+    policy = adapter.policy(model, 1.0)
+    for label, update, vision in (("naive", "naive", True), ("vlrl", "vlrl", False)):
+        set_trainable(model, vision=vision, checkpointing=True)
+
+        def fits(b: int) -> bool:
+            batch = adapter.build_batch(make_rollouts(adapter, b, seq_len, images, side, completion, vocab)).to(device)
+            model.zero_grad(set_to_none=True)
+            try:
+                if update == "naive":
+                    naive_update(model, batch, settings, adapter.banned_token_ids)
+                else:
+                    accumulate_gradients(policy, batch, [list(range(b))], settings, device)
+                sync(device)
+                return True
+            except torch.OutOfMemoryError:
+                return False
+            finally:
+                del batch
+                model.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+
+        # doubling, then bisection to a step of 4 samples
+        best, b = 0, args.fit_start
+        while b <= args.fit_max and fits(b):
+            best, b = b, b * 2
+        lo, hi = best, min(b, args.fit_max + 1)
+        while hi - lo > 4:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        best = lo
+        out[label] = {"samples": best, "tokens": best * seq_len}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (float32)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1041)
+    ap.add_argument("--images", type=int, default=1, help="images per sample")
+    ap.add_argument("--image-side", type=int, default=448)
+    ap.add_argument("--completion", type=int, default=768)
+    ap.add_argument("--long", default="8x4096x4", help="long case BATCHxSEQxIMAGES ('' to skip)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--max-tokens", action="store_true", help="also search the largest micro-batch that fits")
+    ap.add_argument("--fit-start", type=int, default=8)
+    ap.add_argument("--fit-max", type=int, default=256)
+    ap.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains these words")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--compile", action="store_true", help="also time vlrl's path with compiled decoder layers")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one vlrl update")
+    ap.add_argument("--fractions", type=float, nargs="*", default=[], help="with --compile: checkpoint fractions")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForImageTextToText
+
+    settings = LossSettings(max_new_tokens=args.completion)
+    if args.tiny:
+        import tempfile
+
+        from vlrl.tiny_model import build_tiny_qwen3_vl
+
+        device, dtype = torch.device("cpu"), torch.float32
+        path = build_tiny_qwen3_vl(Path(tempfile.mkdtemp()) / "tiny")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        cfg = model.config
+        args.batch, args.seq_len, args.image_side, args.completion = 4, 160, 64, 96
+        args.long, args.warmup, args.repeat = "4x256x2", 1, 3
+        settings = LossSettings(max_new_tokens=args.completion)
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        cfg = qwen3_vl_8b_config()
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    vocab = cfg.text_config.vocab_size
+    adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
+                            IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
+    results = []
+    cases = [(f"{args.batch} x {args.seq_len}, {args.images} image(s) of {args.image_side}px",
+              args.batch, args.seq_len, args.images)]
+    if args.long:
+        b, s, i = (int(x) for x in args.long.split("x"))
+        cases.append((f"{b} x {s}, {i} image(s) of {args.image_side}px", b, s, i))
+    for name, b, s, i in cases:
+        completion = min(args.completion, s // 2)
+        rollouts = make_rollouts(adapter, b, s, i, args.image_side, completion, vocab)
+        run_case(name, model, adapter, rollouts, device, args, settings, results)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fit = None
+    if args.max_tokens and device.type == "cuda":
+        fit = max_tokens_that_fit(model, adapter, device, args, settings, args.seq_len, args.images, args.image_side,
+                                  args.completion, vocab)
+
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{dev}, torch {torch.__version__}, N = {non_embedding_params(model) / 1e9:.2f}B params (6N/2N rule)")
+    print(f"| case | path | s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    for r in results:
+        for row in r["rows"]:
+            if row["seconds"] is None:
+                print(f"| {r['case']} | {row['path']} | OOM | - | - | - |")
+                continue
+            print(f"| {r['case']} | {row['path']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | "
+                  f"{row['mfu']:.1%} | {row['peak_gib']:.1f} |")
+        print(f"| {r['case']} | fast vs naive | logprob max abs diff {r['logprob_max_abs_diff']:.2e}, "
+              f"grad max rel err {r['grad_max_rel_err']:.2e} | | | |")
+    if fit:
+        print(f"largest micro-batch that fits (update, {args.seq_len} tokens/sample): naive {fit['naive']['tokens']:,} "
+              f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit}, indent=2))
+    first = {row["path"]: row for row in results[0]["rows"]}
+
+    def ratio(fast, slow):
+        f, s = first.get(fast), first.get(slow)
+        return f["tokens_per_s"] / s["tokens_per_s"] if f and s and f["tokens_per_s"] and s["tokens_per_s"] else math.nan
+
+    up = max(ratio(k, "naive update (all params, ckpt, full logits)") for k in first if k.startswith("vlrl update"))
+    lp = ratio("vlrl logprob pass (chunked)", "naive logprob pass (full logits)")
+    print(f"update speedup {up:.2f}x, logprob speedup {lp:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
