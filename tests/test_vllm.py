@@ -39,18 +39,20 @@ def free_port() -> int:
 class Server:
     """`vlrl serve` in a subprocess, as a user starts it."""
 
-    def __init__(self, model_dir: Path, log: Path, port: int | None = None):
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None, api_key: str | None = None):
         self.port = port or free_port()
+        self.env = {**os.environ, **({"VLRL_TEST_KEY": api_key} if api_key else {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
                      "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
                      "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
-                     "--allowed-local-media-path", "/tmp", "--log-file", str(log)]
+                     "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
         self.out = log.with_suffix(".out")
 
     def start(self, timeout: float = 240) -> Server:
         self.fh = open(self.out, "a")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc.poll() is None, self.out.read_text()[-3000:]
@@ -220,11 +222,18 @@ def test_unreachable_server_is_a_clear_error():
         VLLMClient("http://127.0.0.1:9", RolloutConfig()).model_name()
 
 
-def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_model, tmp_path):
+def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_model, tmp_path, monkeypatch):
     """The server dies while requests are in flight: the sampler retries until it is back, and the rollouts
-    it returns are whole and correct. With no server coming back, it fails with a clear error."""
-    srv = Server(tiny_model_dir, tmp_path / "serve.log").start()
-    sampler = VLLMSampler(vadapter, rollout_cfg(srv, max_retries=40, retry_backoff_s=1.0, max_new_tokens=200))
+    it returns are whole and correct. With no server coming back, it fails with a clear error. This server
+    also wants an API key, which `vlrl serve` takes from the environment and the client sends."""
+    srv = Server(tiny_model_dir, tmp_path / "serve.log", api_key="s3cret").start()
+    assert "s3cret" not in " ".join(srv.args)
+    monkeypatch.delenv("VLRL_TEST_KEY", raising=False)
+    with pytest.raises(ServerError, match=r"wants an API key: set \$VLRL_TEST_KEY"):
+        VLLMClient(srv.url, rollout_cfg(srv, api_key_env="VLRL_TEST_KEY")).model_name()
+    monkeypatch.setenv("VLRL_TEST_KEY", "s3cret")
+    sampler = VLLMSampler(vadapter, rollout_cfg(srv, max_retries=40, retry_backoff_s=1.0, max_new_tokens=200,
+                                                api_key_env="VLRL_TEST_KEY"))
     ps = [vadapter.encode_prompt(vadapter.build_messages("What color?", 1), [Image.new("RGB", (64, 64), (40 * i, 0, 0))])
           for i in range(6)]
     result: dict = {}
@@ -233,14 +242,14 @@ def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_mode
     time.sleep(1.0)
     srv.kill_hard()
     assert worker.is_alive()  # still waiting for the server
-    srv = Server(tiny_model_dir, tmp_path / "serve2.log", port=srv.port).start()
+    srv = Server(tiny_model_dir, tmp_path / "serve2.log", port=srv.port, api_key="s3cret").start()
     worker.join(timeout=300)
     assert not worker.is_alive() and len(result["r"]) == 48
     assert trainer_logprobs(vadapter, tiny_model, result["r"])["max_abs_diff"] < 1e-4
     srv.kill_hard()
     quick = VLLMSampler.__new__(VLLMSampler)
     quick.__dict__.update(sampler.__dict__)
-    quick.cfg = rollout_cfg(srv, max_retries=2, retry_backoff_s=0.2)
+    quick.cfg = rollout_cfg(srv, max_retries=2, retry_backoff_s=0.2, api_key_env="VLRL_TEST_KEY")
     quick.client = VLLMClient(srv.url, quick.cfg)
     quick.client._model = sampler.client._model
     with pytest.raises(ServerError, match=r"failed prompt 0 3 times .*is it running\?"):

@@ -135,7 +135,7 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, bool]
 
 def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, bool]]]:
     from .adapters.qwen3_vl import Qwen3VLAdapter, batch_logprobs
-    from .envs.dataset import encode_sample
+    from .envs.dataset import encode_samples
     from .envs.sources import load_samples
     from .rollout import make_sampler
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
@@ -150,7 +150,12 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     adapter = Qwen3VLAdapter.from_config(cfg.model)
     model = adapter.load_model(dtype, device)
     samples = load_samples(cfg.env, "train", cfg.train.seed)[:num_prompts]
-    prompts = [encode_sample(adapter, s, cfg.env.system_prompt, cfg.env.question_template) for s in samples]
+    prompts, samples, bad = encode_samples(adapter, samples, cfg.env)
+    report.stats["bad_samples"] = [{"sample_id": s.id, "reason": r} for s, r in bad]
+    if not prompts:
+        from .errors import UserError
+
+        raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {bad[0][1]}")
     step(f"rolling out {len(prompts)} prompts x {cfg.rollout.group_size} samples")
     sampler = make_sampler(cfg, model, adapter)
     rollouts = sampler.sample(prompts, cfg.rollout.group_size, seed=cfg.rollout.seed)

@@ -109,4 +109,11 @@ def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no {STATE_FILE}; it is incomplete or not a vlrl checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is not a plain trainer state (tensors, numbers, strings); refusing to unpickle it ({e})"
+        ) from None

@@ -46,6 +46,12 @@ class ModelConfig(Section):
     """Most images one prompt may hold; must not exceed the server's `--limit-mm-per-prompt image=N`."""
     max_model_len: int = Field(8192, gt=0)
     """Longest sequence (prompt with image tokens + completion) in tokens, as the server's `--max-model-len`."""
+    image_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    """Largest encoded image accepted (file, download or base64 payload), in bytes."""
+    image_max_decoded_pixels: int = Field(64 * 1024 * 1024, gt=0)
+    """Largest image area accepted before resizing (decompression-bomb guard)."""
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    """Connect/read timeout for http(s) images."""
     freeze_vision: bool = True
     """Keep the vision tower (and its merger) frozen during training."""
     lora_rank: int = Field(0, ge=0)
@@ -98,6 +104,9 @@ class EnvConfig(Section):
     """Template of the user text; `{question}` is replaced by the sample's question."""
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(fn="exact_match")])
     """Reward functions; a sample's reward is their weighted sum."""
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    """A sample whose image is missing/corrupt/unreachable or whose prompt cannot fit: `skip` it (counted
+    in the metrics as `bad_samples`, listed in `<run dir>/bad_samples.jsonl`), or stop with the `error`."""
     reward_timeout_s: float = Field(10.0, gt=0)
     """A reward function running longer than this marks the sample as failed (the run goes on)."""
 

@@ -85,7 +85,7 @@ def evaluate(
     fields to the summary (split, checkpoint, training step...).
     Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.dataset import encode_sample
+    from .envs.dataset import encode_samples
     from .envs.rewards import RewardSet
     from .envs.sample_log import image_refs
     from .report import write_eval_report
@@ -100,12 +100,16 @@ def evaluate(
     first = rewards.keys[0]
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
+    skipped: list[tuple[str, str]] = []  # (sample id, reason) of samples env.on_bad_sample skipped
     t0 = time.perf_counter()
     if progress is not None:
         progress(0, len(samples))
     for b, start in enumerate(range(0, len(samples), per_batch)):
         batch = samples[start : start + per_batch]
-        prompts = [encode_sample(adapter, s, cfg.env.system_prompt, cfg.env.question_template) for s in batch]
+        prompts, batch, bad = encode_samples(adapter, batch, cfg.env)
+        skipped.extend((s.id, reason) for s, reason in bad)
+        if not prompts:
+            continue
         rollouts = sampler.sample(prompts, n, seed=batch_seed(seed, b))
         for r in rollouts:
             r.sample = batch[r.group]
@@ -142,9 +146,13 @@ def evaluate(
         "seed": seed,
         "rewards": list(rewards.keys),
         **summarize(records, rewards.keys, n),
+        "bad_samples": len(skipped),
         "time/eval": time.perf_counter() - t0,
     }
     _write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if skipped:
+        _write_atomic(out_dir / "bad_samples.jsonl",
+                      "".join(json.dumps({"sample_id": i, "reason": r}) + "\n" for i, r in skipped))
     _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_eval_report(out_dir, summary, records)
     return summary

@@ -56,6 +56,7 @@ class StepRollouts:
     per_fn: dict[str, list[float | None]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     groups_dropped: int = 0
+    bad_samples: list = field(default_factory=list)  # [(sample, reason)] skipped by env.on_bad_sample
     rounds: int = 0
     seconds: float = 0.0  # time spent sampling and scoring
 
@@ -147,20 +148,22 @@ class Run:
 
         `step` (0-based) seeds the sampler, so a resumed run samples what an uninterrupted one would."""
         from .algo.advantages import group_advantages, zero_variance_groups
-        from .envs.dataset import encode_sample
+        from .envs.dataset import encode_samples
 
         t0 = time.perf_counter()
         cfg = self.cfg
         kept: list[list[Rollout]] = []
         out = StepRollouts([], [])
         per_fn: dict[str, list] = {s.fn: [] for s in cfg.env.rewards}
-        rounds = 1 + (cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 0)
-        for rnd in range(rounds):
+        # Groups dropped by dynamic sampling and skipped bad samples are refilled, within a bound.
+        for rnd in range(1 + cfg.algorithm.max_refill_rounds):
             need = cfg.rollout.prompts_per_step - len(kept)
             if need <= 0:
                 break
-            samples = self.stream.take(need)
-            prompts = [encode_sample(self.adapter, s, cfg.env.system_prompt, cfg.env.question_template) for s in samples]
+            prompts, samples, bad = encode_samples(self.adapter, self.stream.take(need), cfg.env)
+            out.bad_samples.extend(bad)
+            if not prompts:
+                continue
             seed = cfg.rollout.seed * 1_000_003 + step * 101 + rnd
             rollouts = self.sampler.sample(prompts, cfg.rollout.group_size, seed=seed)
             for r in rollouts:
@@ -290,6 +293,7 @@ def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
         "groups_dropped": got.groups_dropped,
         "sampling_rounds": got.rounds,
         "reward_failures": sum(got.failures.values()),
+        "bad_samples": len(got.bad_samples),
         "time/rollout": times["rollout"],
         "time/rollout_wait": times["rollout_wait"],
         "time/prefetch_wait": times["prefetch_wait"],
@@ -305,6 +309,15 @@ def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
     if run.cfg.algorithm.kl_coef > 0:
         m["kl"] = sums.get("kl_sum", 0.0) / tokens
     return m
+
+
+def log_bad_samples(run: Run, bad: list, console) -> None:
+    """Skipped samples go to bad_samples.jsonl; the first few are also printed, so they are not missed."""
+    with open(run.run_dir / "bad_samples.jsonl", "a") as fh:
+        for sample, reason in bad:
+            fh.write(json.dumps({"step": run.step, "sample_id": sample.id, "reason": reason}) + "\n")
+    for sample, reason in bad[:3]:
+        console.print(f"skipped {reason}", highlight=False, markup=False)
 
 
 def log_samples(run: Run, got: StepRollouts, fh) -> None:
@@ -386,6 +399,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 m["off_policy_steps"] = int(stale)
                 if cfg.eval.every and run.step % cfg.eval.every == 0:
                     m.update(run.evaluate())
+                if main and got.bad_samples:
+                    log_bad_samples(run, got.bad_samples, console)
                 if main:
                     metrics_fh.write(json.dumps(m) + "\n")
                     metrics_fh.flush()

@@ -72,12 +72,14 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
                 raise ImageError(f"image {url}: the server sent {ctype.split(';')[0]}, not an image; check the URL")
             declared = int(r.headers.get("content-length") or 0)
             if declared > limits.max_bytes:
-                raise ImageError(f"image {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes")
+                raise ImageError(f"image {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes; "
+                                 "raise model.image_max_bytes or shrink the file")
             buf = bytearray()
             for chunk in r.iter_bytes():
                 buf += chunk
                 if len(buf) > limits.max_bytes:
-                    raise ImageError(f"image {url}: larger than the limit of {limits.max_bytes} bytes")
+                    raise ImageError(f"image {url}: larger than the limit of {limits.max_bytes} bytes; "
+                                     "raise model.image_max_bytes or shrink the file")
             return bytes(buf)
     except httpx.TimeoutException:
         raise ImageError(f"image {url}: timed out after {limits.timeout_s:g} s; check the URL or the network") from None
@@ -107,7 +109,8 @@ def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> byte
             if path.is_file():
                 size = path.stat().st_size
                 if size > limits.max_bytes:
-                    raise ImageError(f"image {path}: {size} bytes is over the limit of {limits.max_bytes} bytes")
+                    raise ImageError(f"image {path}: {size} bytes is over the limit of {limits.max_bytes} bytes; "
+                                     "raise model.image_max_bytes or shrink the file")
                 data = path.read_bytes()
             elif len(s) > 64 and _BASE64_RE.match(s):
                 data = _decode_base64(s, s)
@@ -117,9 +120,10 @@ def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> byte
     else:
         raise ImageError(f"image {describe_source(source)}: unsupported source type {type(source).__name__}")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image {describe_source(source)}: {len(data)} bytes is over the limit of {limits.max_bytes}")
+        raise ImageError(f"image {describe_source(display_name(source, base_dir))}: {len(data)} bytes is over the limit "
+                         f"of {limits.max_bytes} bytes; raise model.image_max_bytes or shrink the file")
     if not data:
-        raise ImageError(f"image {describe_source(source)}: empty (0 bytes)")
+        raise ImageError(f"image {describe_source(display_name(source, base_dir))}: empty (0 bytes)")
     return data
 
 
@@ -142,8 +146,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def display_name(source: Any, base_dir: Path | None) -> Any:
+    """A relative file path is named as resolved against the dataset's directory, so it can be found."""
+    if isinstance(source, (str, Path)) and base_dir is not None:
+        s = str(source)
+        if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", s) and not Path(s).is_absolute() and len(s) < 1024:
+            return str(Path(base_dir) / s)
+    return source
+
+
 def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Load any supported source into an upright RGB PIL image (not resized)."""
+    shown = display_name(source, base_dir)
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -151,19 +165,19 @@ def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits 
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise ImageError(f"image {describe_source(source)}: not a recognised image format "
+            raise ImageError(f"image {describe_source(shown)}: not a recognised image format "
                              f"(is it an image file? {len(data)} bytes)") from None
         except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"image {describe_source(source)}: corrupt or truncated ({e})") from None
+            raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({e})") from None
     if img.width * img.height > limits.max_decoded_pixels:
-        raise ImageError(f"image {describe_source(source)}: {img.width}x{img.height} pixels is over the limit of "
-                         f"{limits.max_decoded_pixels} (decompression-bomb guard); downscale it first")
+        raise ImageError(f"image {describe_source(shown)}: {img.width}x{img.height} pixels is over the limit of "
+                         f"{limits.max_decoded_pixels} (decompression-bomb guard); downscale it or raise model.image_max_decoded_pixels")
     try:
         img = ImageOps.exif_transpose(img)
         img.load()
         return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"image {describe_source(source)}: corrupt or truncated ({e})") from None
+        raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({e})") from None
 
 
 def target_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
-from .images import ImageLimits, decode_image, describe_source, fit_image
+from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
 
 
 class PromptError(UserError):
@@ -29,11 +29,11 @@ class PromptError(UserError):
 class Qwen3VLAdapter:
     """Turns dataset samples into encoded prompts and rollouts into training batches, for Qwen3-VL."""
 
-    def __init__(self, processor: Any, cfg: ModelConfig, limits: ImageLimits = ImageLimits()):
+    def __init__(self, processor: Any, cfg: ModelConfig):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cfg = cfg
-        self.limits = limits
+        self.limits = ImageLimits(cfg.image_max_bytes, cfg.image_max_decoded_pixels, cfg.image_fetch_timeout_s)
         ip = processor.image_processor
         self.patch_size = int(ip.patch_size)
         self.merge_size = int(ip.merge_size)
@@ -68,7 +68,7 @@ class Qwen3VLAdapter:
     def load_image(self, source: Any, base_dir: Path | None = None):
         """Any supported source -> RGB PIL image resized to the pixel policy."""
         img = decode_image(source, base_dir, self.limits)
-        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, source)
+        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, display_name(source, base_dir))
 
     @staticmethod
     def build_messages(

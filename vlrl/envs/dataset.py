@@ -23,6 +23,27 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
+def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[Sample], list[tuple[Sample, str]]]:
+    """Encode each sample; a sample the user's data makes unusable (missing or corrupt image, too many
+    images, too long...) is skipped and reported, or stops the run, as `env.on_bad_sample` says.
+
+    Returns (prompts, the samples they came from, [(bad sample, reason)]).
+    """
+    from ..errors import UserError
+
+    prompts, kept, bad = [], [], []
+    for s in samples:
+        try:
+            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template))
+            kept.append(s)
+        except UserError as e:
+            reason = str(e) if f"sample {s.id}" in str(e) else f"sample {s.id}: {e}"
+            if env_cfg.on_bad_sample == "error":
+                raise UserError(f"{reason} (to skip such samples and go on, set env.on_bad_sample = \"skip\")") from None
+            bad.append((s, reason))
+    return prompts, kept, bad
+
+
 def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str):
     """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images and the question."""
     question = question_template.format(question=sample.question)
