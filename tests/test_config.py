@@ -109,3 +109,12 @@ def test_every_field_is_documented():
                 assert field.description, f"{model.__name__}.{name} has no docstring"
 
     walk(Config)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.mixed_precision == "bf16" and cfg.num_processes >= 1
+    assert cfg.distributed_type.name in ("NO", "MULTI_GPU")

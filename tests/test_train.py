@@ -54,7 +54,7 @@ def test_metrics_samples_and_a_servable_checkpoint(tiny_model_dir, tmp_path):
     assert ckpt.name == "step-3"
     assert [p.name for p in sorted(res.run_dir.glob("step-*"))] == ["step-2", "step-3"]  # keep_last = 2
     state = load_trainer_state(ckpt)
-    assert state["step"] == 3 and state["data"] == {"epoch": 0, "pos": 6}
+    assert state["step"] == 3 and state["data"] == [{"index": 6}]  # one rank, 3 steps x 2 prompts
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     AutoProcessor.from_pretrained(ckpt)
@@ -127,7 +127,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tiny_model_dir
     m = read_metrics(res.run_dir / "metrics.jsonl")[0]
     assert m["groups_dropped"] == 2 * 3 and m["sampling_rounds"] == 3
     assert m["samples_trained"] == 0 and m["grad_norm"] == 0.0
-    assert load_trainer_state(latest_checkpoint(res.run_dir))["data"]["pos"] == 6  # 3 rounds x 2 prompts
+    assert load_trainer_state(latest_checkpoint(res.run_dir))["data"] == [{"index": 6}]  # 3 rounds x 2 prompts
 
 
 def test_failing_reward_and_overlong_masking_do_not_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 
 from .batch import plan_micro_batches
 from .config import Config, save_config
+from .errors import UserError
 from .records import Rollout
 from .update import LossSettings, accumulate_gradients
 
@@ -81,12 +82,8 @@ class Run:
         self.run_dir = cfg.run_dir
         self.ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and self.ckpt is None:
-            from .errors import UserError
-
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir}; start without --resume")
         if not resume and (self.run_dir / "metrics.jsonl").exists():
-            from .errors import UserError
-
             raise UserError(
                 f"run directory {self.run_dir} already holds a run; pass --resume to continue it, or choose "
                 "another name (--set name=...)"
@@ -95,6 +92,9 @@ class Run:
         on_gpu = torch.cuda.is_available()
         mixed = "bf16" if (precision == "bf16" or (precision == "auto" and on_gpu)) else "no"
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu)
+        if self.accelerator.distributed_type.name == "FSDP":
+            raise UserError("FSDP is not supported by vlrl train yet: use DDP (configs/accelerate/ddp-*.yaml), with "
+                            "LoRA (model.lora_rank) where full weights, gradients and AdamW state do not fit one GPU")
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
 
@@ -115,22 +115,33 @@ class Run:
         if cfg.algorithm.kl_coef > 0:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
             self.ref_policy = self.adapter.policy(ref, cfg.rollout.temperature)
-        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.model), self.adapter)
-        # A server may hold other weights (another run, an older step): start from the trainer's.
-        self.sampler.sync_weights(self.adapter.generation_model(self.model))
+        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.model), self.adapter,
+                                    rank=self.accelerator.process_index)
+        if self.accelerator.num_processes > 1 and cfg.rollout.one_step_off_policy:
+            raise UserError("rollout.one_step_off_policy runs with one training process only (for now)")
         self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
         self.settings = LossSettings.from_config(cfg)
 
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.step = 0
-        data_state = {"epoch": 0, "pos": 0}
+        data_state = {"index": 0}
         if self.ckpt is not None:
             state = load_trainer_state(self.ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
-            data_state = state["data"]
+            ranks = state["data"]
+            if len(ranks) != self.world:
+                raise UserError(f"{self.ckpt} was written by {len(ranks)} process(es); resume it with as many "
+                                f"(this run has {self.world})")
+            data_state = ranks[self.rank]
             torch.set_rng_state(state["torch_rng"])
-        self.stream = PromptStream(load_samples(cfg.env, "train", cfg.train.seed), cfg.train.seed, **data_state)
+        # A server may hold other weights (another run, an older step): start from the trainer's.
+        self.sync_weights()
+        samples = load_samples(cfg.env, "train", cfg.train.seed)
+        self.stream = PromptStream(samples, cfg.train.seed, self.rank, self.world, **data_state)
+        # This rank's share of a step's prompts (rank r takes prompts r, r + world, ...).
+        self.local_prompts = len(range(self.rank, cfg.rollout.prompts_per_step, self.world))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.toml")
         self.image_dir = self.run_dir / "images"
@@ -157,14 +168,14 @@ class Run:
         per_fn: dict[str, list] = {s.fn: [] for s in cfg.env.rewards}
         # Groups dropped by dynamic sampling and skipped bad samples are refilled, within a bound.
         for rnd in range(1 + cfg.algorithm.max_refill_rounds):
-            need = cfg.rollout.prompts_per_step - len(kept)
+            need = self.local_prompts - len(kept)
             if need <= 0:
                 break
             prompts, samples, bad = encode_samples(self.adapter, self.stream.take(need), cfg.env)
             out.bad_samples.extend(bad)
             if not prompts:
                 continue
-            seed = cfg.rollout.seed * 1_000_003 + step * 101 + rnd
+            seed = (cfg.rollout.seed * 1_000_003 + step * 101 + rnd) * self.world + self.rank
             rollouts = self.sampler.sample(prompts, cfg.rollout.group_size, seed=seed)
             for r in rollouts:
                 r.sample = samples[r.group]
@@ -200,11 +211,21 @@ class Run:
         out.seconds = time.perf_counter() - t0
         return out
 
-    def update(self, trained: list[Rollout]) -> dict[str, float]:
+    def _reduce(self, values: list[float], op: str) -> list[float]:
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), op).tolist()
+
+    def update(self, trained: list[Rollout], fallback: list[Rollout]) -> dict[str, float]:
+        """One optimizer step on this rank's `trained` rollouts. With several ranks, the loss is normalised by
+        the counts of all ranks, and every rank runs as many forward/backward passes as the busiest one (a
+        rank with nothing to train runs zero-weight passes over `fallback`), so collectives stay in step."""
         cfg = self.cfg
-        if not trained:
+        if self.world == 1 and not trained:
             return {}
-        batch = self.adapter.build_batch(trained)
+        batch = self.adapter.build_batch(trained or fallback or [self.adapter.empty_rollout()])
+        if not trained:
+            batch.loss_mask.zero_()
         groups = plan_micro_batches(
             batch.attention_mask.sum(-1).tolist(),
             cfg.train.micro_batch_size,
@@ -212,10 +233,14 @@ class Run:
             batch.patches_per_sample,
             cfg.train.micro_batch_patches,
         )
+        tokens, seqs, most = self._reduce([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], "sum") + \
+            self._reduce([float(len(groups))], "max")
+        if tokens == 0:
+            return {}
         self.policy.train()
         sums = accumulate_gradients(
             self.policy, batch, groups, self.settings, self.device, self.ref_policy, self.accelerator,
-            loss_scale=self.accelerator.num_processes,
+            total_tokens=tokens, total_sequences=seqs, loss_scale=self.world, padding_passes=int(most) - len(groups),
         )
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -250,36 +275,99 @@ class Run:
                            self.run_dir / f"eval-step-{self.step}", info={"step": self.step, "split": "eval"})
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seed"}
 
-    def save(self, data_state: dict | None = None) -> Path:
+    def save(self, data_state: dict | None = None) -> Path | None:
+        """Checkpoint (every rank's data position in it); the main process writes, the others wait."""
         from .checkpoint import save_checkpoint
 
-        model = self.accelerator.unwrap_model(self.policy).model
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            lambda d: self.adapter.save_pretrained(model, d),
-            self.trainer_state(data_state),
-            self.cfg.checkpoint.keep_last,
-        )
+        state = self.trainer_state(data_state)
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            state["data"] = gather_object([state["data"]])
+        else:
+            state["data"] = [state["data"]]
+        path = None
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.policy).model
+            path = save_checkpoint(self.run_dir, self.step, lambda d: self.adapter.save_pretrained(model, d), state,
+                                   self.cfg.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def sync_weights(self) -> None:
+        """Send the updated weights to the sampler: a server gets them once (from the main process)."""
+        model = self.adapter.generation_model(self.accelerator.unwrap_model(self.policy).model)
+        if self.world == 1 or not self.cfg.rollout.server_url:
+            self.sampler.sync_weights(model)
+            return
+        if self.accelerator.is_main_process:
+            self.sampler.sync_weights(model)
+        self.accelerator.wait_for_everyone()
+
+    def stop_requested(self, stop: StopFlag) -> bool:
+        """Ctrl-C on any rank stops every rank at the same point."""
+        return self._reduce([float(stop.requested)], "max")[0] > 0
 
 
-def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
-    """One JSON object per step: what `metrics.jsonl` holds."""
-    rs = got.rollouts
-    valid = [r.reward for r in rs if not math.isnan(r.reward)]
+def step_stats(got: StepRollouts) -> dict:
+    """What the metrics need from one rank's rollouts (plain data, so ranks can pool it)."""
+    return {
+        "rewards": [r.reward for r in got.rollouts],
+        "lengths": [len(r.completion_ids) for r in got.rollouts],
+        "truncated": sum(r.finish_reason == "length" for r in got.rollouts),
+        "per_fn": got.per_fn,
+        "trained": len(got.trained),
+        "dropped": got.groups_dropped,
+        "rounds": got.rounds,
+        "failures": dict(got.failures),
+        "bad": len(got.bad_samples),
+    }
+
+
+def pool(run: Run, stats: dict, sums: dict) -> tuple[dict, dict]:
+    """Every rank's stats and loss sums pooled (lists joined, counts added); one rank: unchanged."""
+    if run.world == 1:
+        return stats, sums
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([(stats, sums)])
+    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "trained": 0, "dropped": 0, "rounds": 0,
+           "failures": {}, "bad": 0}
+    pooled: dict = {}
+    for st, sm in everyone:
+        out["rewards"] += st["rewards"]
+        out["lengths"] += st["lengths"]
+        for k in ("truncated", "trained", "dropped", "bad"):
+            out[k] += st[k]
+        out["rounds"] = max(out["rounds"], st["rounds"])
+        for name, values in st["per_fn"].items():
+            out["per_fn"].setdefault(name, []).extend(values)
+        for reason, n in st["failures"].items():
+            out["failures"][reason] = out["failures"].get(reason, 0) + n
+        for k, v in sm.items():
+            same = k in ("grad_norm",)  # already global: identical on every rank
+            pooled[k] = v if same else (max(pooled.get(k, v), v) if k in ("max_abs_diff", "micro_batches")
+                                         else pooled.get(k, 0.0) + v)
+    return out, pooled
+
+
+def step_metrics(run: Run, st: dict, sums: dict, times: dict) -> dict:
+    """One JSON object per step: what `metrics.jsonl` holds (over all ranks)."""
+    n = len(st["rewards"])
+    valid = [r for r in st["rewards"] if not math.isnan(r)]
     rewards = torch.tensor(valid, dtype=torch.float64) if valid else torch.zeros(1, dtype=torch.float64)
-    lengths = [len(r.completion_ids) for r in rs] or [0]
+    lengths = st["lengths"] or [0]
     tokens = max(sums.get("tokens", 0.0), 1.0)
     first = run.cfg.env.rewards[0].fn
     m = {
         "step": run.step,
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(valid) > 1 else 0.0,
-        "accuracy": sum(1 for v in got.per_fn.get(first, []) if v is not None and v >= 1.0) / max(len(rs), 1),
+        "accuracy": sum(1 for v in st["per_fn"].get(first, []) if v is not None and v >= 1.0) / max(n, 1),
         "loss": sums.get("loss", 0.0),
         "response_length/mean": sum(lengths) / len(lengths),
         "response_length/max": max(lengths),
-        "truncated_fraction": sum(r.finish_reason == "length" for r in rs) / max(len(rs), 1),
+        "truncated_fraction": st["truncated"] / max(n, 1),
         "clip_fraction": sums.get("clipped_tokens", 0.0) / tokens,
         "ratio_masked_fraction": sums.get("masked_tokens", 0.0) / tokens,
         "mismatch_kl": sums.get("mismatch_kl_sum", 0.0) / tokens,
@@ -288,12 +376,12 @@ def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
         "lr": run.scheduler.get_last_lr()[0],
         "tokens_per_s": sums.get("attended_tokens", 0.0) / max(times["update"], 1e-9),
         "trained_tokens": int(sums.get("tokens", 0)),
-        "samples": len(rs),
-        "samples_trained": len(got.trained),
-        "groups_dropped": got.groups_dropped,
-        "sampling_rounds": got.rounds,
-        "reward_failures": sum(got.failures.values()),
-        "bad_samples": len(got.bad_samples),
+        "samples": n,
+        "samples_trained": st["trained"],
+        "groups_dropped": st["dropped"],
+        "sampling_rounds": st["rounds"],
+        "reward_failures": sum(st["failures"].values()),
+        "bad_samples": st["bad"],
         "time/rollout": times["rollout"],
         "time/rollout_wait": times["rollout_wait"],
         "time/prefetch_wait": times["prefetch_wait"],
@@ -301,11 +389,11 @@ def step_metrics(run: Run, got: StepRollouts, sums: dict, times: dict) -> dict:
         "time/sync": times["sync"],
         "time/step": times["step"],
     }
-    for name, values in got.per_fn.items():
+    for name, values in st["per_fn"].items():
         ok = [v for v in values if v is not None]
         m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
-    for reason, n in got.failures.items():
-        m[f"reward_failures/{reason}"] = n
+    for reason, count in st["failures"].items():
+        m[f"reward_failures/{reason}"] = count
     if run.cfg.algorithm.kl_coef > 0:
         m["kl"] = sums.get("kl_sum", 0.0) / tokens
     return m
@@ -374,28 +462,28 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     pending: Future | None = None
     try:
         with StopFlag() as stop, TrainProgress(console, cfg.train.steps, run.step, enabled=main and cfg.logging.progress) as bar:
-            while run.step < cfg.train.steps and not stop.requested:
+            while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
                 stale = pending is not None
                 got = pending.result() if stale else run.collect(run.step)
                 pending = None
                 t1 = time.perf_counter()
-                if stop.requested:  # drop this step's rollouts; the weights are those of the last step
+                if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
                     break
                 data_state = run.stream.state()
                 if prefetch is not None and run.step + 1 < cfg.train.steps:
                     pending = prefetch.submit(run.collect, run.step + 1)
-                sums = run.update(got.trained)
+                sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
                 if pending is not None:
                     wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()
-                run.sampler.sync_weights(run.adapter.generation_model(run.accelerator.unwrap_model(run.policy).model))
+                run.sync_weights()
                 t4 = time.perf_counter()
                 run.step += 1
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
                          "prefetch_wait": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
-                m = step_metrics(run, got, sums, times)
+                m = step_metrics(run, *pool(run, step_stats(got), sums), times)
                 m["off_policy_steps"] = int(stale)
                 if cfg.eval.every and run.step % cfg.eval.every == 0:
                     m.update(run.evaluate())

@@ -53,11 +53,14 @@ def accumulate_gradients(
     total_tokens: float | None = None,
     total_sequences: float | None = None,
     loss_scale: float = 1.0,
+    padding_passes: int = 0,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch (`groups` of sample indices); gradients accumulate in the params.
 
     `total_tokens` / `total_sequences` are the step's global counts (defaults: this batch's own);
-    `loss_scale` undoes the data-parallel gradient averaging (pass the world size). Returns sums for logging.
+    `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes` extra
+    passes of the last micro-batch with zero weight keep this rank in step with ranks that have more
+    micro-batches (their collectives must match one for one). Returns sums for logging.
     """
     if settings.kl_coef > 0 and ref_policy is None:
         raise ValueError("kl_coef > 0 needs a reference policy")
@@ -70,9 +73,10 @@ def accumulate_gradients(
          "max_abs_diff", "padded_tokens", "attended_tokens"],
         0.0,
     )
-    for i, g in enumerate(groups):
+    passes = [(g, 1.0) for g in groups] + [(groups[-1], 0.0)] * padding_passes
+    for i, (g, weight) in enumerate(passes):
         mb = batch.select(g).to(device)
-        last = i == len(groups) - 1
+        last = i == len(passes) - 1
         sync = nullcontext() if (accelerator is None or last) else accelerator.no_sync(policy)
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
@@ -91,11 +95,13 @@ def accumulate_gradients(
             if settings.entropy_coef > 0:
                 tok_loss = tok_loss - settings.entropy_coef * entropy * mask
             w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, settings.max_new_tokens)
-            loss = (tok_loss * w).sum()
+            loss = (tok_loss * w).sum() * weight
             if accelerator is not None:
                 accelerator.backward(loss * loss_scale)
             else:
                 (loss * loss_scale).backward()
+        if weight == 0.0:
+            continue
         with torch.no_grad():
             d = ((logp - mb.behavior_logprobs) * mask).double()
             sums["loss"] += float(loss.detach())

@@ -158,6 +158,12 @@ class Qwen3VLAdapter:
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])  # [n_images, 3]
         return {k: v.to(device) for k, v in inputs.items()}
 
+    def empty_rollout(self) -> Rollout:
+        """A two-token text rollout with nothing to train: it keeps a rank with no rollouts in step."""
+        prompt = EncodedPrompt(input_ids=[self.pad_token_id] * 2, messages=[], images=[])
+        return Rollout(prompt=prompt, completion_ids=[self.pad_token_id], logprobs=[0.0], finish_reason="stop",
+                       completion_mask=[0])
+
     # --- the training batch --------------------------------------------------------------------------------
     def build_batch(self, rollouts: list[Rollout]) -> MultimodalBatch:
         """Rollouts -> one right-padded batch. loss_mask is 1 exactly on sampled completion tokens."""
@@ -287,6 +293,19 @@ class Qwen3VLPolicy(nn.Module):
         device = next(model.parameters()).device
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
+    def _idle_vision_pass(self, backbone) -> torch.Tensor:
+        """A micro-batch without images still runs the vision tower once (on a 32x32 blank image) and adds
+        0 x its output: every rank then takes part in the tower's collectives (FSDP all-gathers, DDP
+        gradient buckets) and none waits forever for a rank whose micro-batch had no image."""
+        visual = backbone.visual
+        dim = visual.patch_embed.proj.weight.shape[1:].numel()  # channels * temporal_patch * patch^2
+        merge = visual.spatial_merge_size
+        pixels = torch.zeros(merge * merge, dim, device=self.banned_ids.device, dtype=visual.dtype)
+        grid = torch.tensor([[1, merge, merge]], device=self.banned_ids.device)
+        out = visual(pixels, grid_thw=grid, return_dict=True)
+        feats = [out.pooler_output] + list(getattr(out, "deepstack_features", None) or [])
+        return sum(f.float().sum() for f in feats) * 0.0
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, L] int64
@@ -296,14 +315,25 @@ class Qwen3VLPolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logprobs [B, L] float32, entropy [B, L] float32), 0 outside logprob_mask."""
         backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
+        if "pixel_values" not in model_inputs and _distributed():
+            hidden_bias = self._idle_vision_pass(backbone)
+        else:
+            hidden_bias = None
         # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
         # recompile on its state.
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         hidden = out.last_hidden_state
+        if hidden_bias is not None:
+            hidden = hidden + hidden_bias
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
             hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size
         )
+
+
+def _distributed() -> bool:
+    """Data-parallel training (DDP/FSDP wrap the policy whenever a process group exists, even of one)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def batch_logprobs(policy: nn.Module, batch: MultimodalBatch):

@@ -1,4 +1,8 @@
-"""The order in which a run visits its prompts: a seeded shuffle per epoch, resumable from (epoch, pos)."""
+"""The order in which a run visits its prompts: a seeded shuffle per epoch, shared out among ranks.
+
+Rank r of `world` takes global positions r, r + world, r + 2*world, ... of the epoch-by-epoch order, so two
+ranks together see exactly the prompts one rank would, and each rank resumes from its own count (`index`).
+"""
 
 from __future__ import annotations
 
@@ -8,30 +12,26 @@ from .dataset import Sample
 
 
 class PromptStream:
-    def __init__(self, samples: list[Sample], seed: int, epoch: int = 0, pos: int = 0):
+    def __init__(self, samples: list[Sample], seed: int, rank: int = 0, world: int = 1, index: int = 0):
         if not samples:
             raise ValueError("PromptStream needs at least one sample")
-        self.samples = samples
-        self.seed = seed
-        self.epoch = epoch
-        self.pos = pos
-        self._order = self._permutation(epoch)
+        self.samples, self.seed, self.rank, self.world, self.index = samples, seed, rank, world, index
+        self._orders: dict[int, list[int]] = {}
 
-    def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(len(self.samples)))
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.samples)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # keep one epoch's order
+        return self._orders[epoch]
 
     def take(self, n: int) -> list[Sample]:
         out = []
         for _ in range(n):
-            if self.pos >= len(self._order):
-                self.epoch += 1
-                self.pos = 0
-                self._order = self._permutation(self.epoch)
-            out.append(self.samples[self._order[self.pos]])
-            self.pos += 1
+            epoch, pos = divmod(self.rank + self.index * self.world, len(self.samples))
+            out.append(self.samples[self._order(epoch)[pos]])
+            self.index += 1
         return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"index": self.index}

@@ -13,7 +13,7 @@ class Sampler(Protocol):
         ...
 
 
-def make_sampler(cfg, model, adapter) -> Sampler:
+def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
     """The embedded (in-process) sampler unless `rollout.server_url` names a vLLM server."""
     if cfg.rollout.server_url:
         from pathlib import Path
@@ -24,7 +24,7 @@ def make_sampler(cfg, model, adapter) -> Sampler:
         client = VLLMClient(cfg.rollout.server_url, cfg.rollout)
         client.model_name()  # reachable?
         if cfg.rollout.weight_sync == "nccl":
-            sync = NCCLWeightSync(client, cfg.rollout, model)
+            sync = NCCLWeightSync(client, cfg.rollout, model, rank=rank)
         else:
             sync = DiskWeightSync(client, adapter, Path(cfg.rollout.sync_dir or cfg.run_dir / "weights"))
         return VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media", weight_sync=sync, client=client)
