@@ -109,6 +109,7 @@ def train(
     console.print(reward_curve(read_metrics(run_dir / "metrics.jsonl")))
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
     console.print(f"samples: {run_dir / 'samples.jsonl'}")
+    console.print(f"report: {run_dir / 'report.html'}")
     console.print(f"checkpoint: {ckpt if ckpt else '(none yet)'}")
     if result.stopped:
         raise typer.Exit(130)

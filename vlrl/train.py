@@ -503,6 +503,12 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
             run.save(last_data_state)
             if stop.requested:
                 console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
+        if main and run.step > 0:
+            from .report import write_run_report
+
+            metrics_fh.flush()
+            samples_fh.flush()
+            write_run_report(run.run_dir)
     finally:
         if prefetch is not None:
             prefetch.shutdown(wait=True, cancel_futures=True)
