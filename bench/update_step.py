@@ -420,7 +420,7 @@ def main():
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{dev}, torch {torch.__version__}, N = {non_embedding_params(model) / 1e9:.2f}B params (6N/2N rule)")
-    print(f"| case | path | s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    print("| case | path | s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for r in results:
         for row in r["rows"]:
             if row["seconds"] is None:

@@ -1,0 +1,134 @@
+"""What a training step logs: metrics.jsonl (pooled over ranks), samples.jsonl and bad_samples.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+def step_stats(got) -> dict:
+    """What the metrics need from one rank's rollouts (plain data, so ranks can pool it)."""
+    return {
+        "rewards": [r.reward for r in got.rollouts],
+        "lengths": [len(r.completion_ids) for r in got.rollouts],
+        "truncated": sum(r.finish_reason == "length" for r in got.rollouts),
+        "per_fn": got.per_fn,
+        "trained": len(got.trained),
+        "dropped": got.groups_dropped,
+        "rounds": got.rounds,
+        "failures": dict(got.failures),
+        "bad": len(got.bad_samples),
+    }
+
+
+def pool(run, stats: dict, sums: dict) -> tuple[dict, dict]:
+    """Every rank's stats and loss sums pooled (lists joined, counts added); one rank: unchanged."""
+    if run.world == 1:
+        return stats, sums
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([(stats, sums)])
+    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "trained": 0, "dropped": 0, "rounds": 0,
+           "failures": {}, "bad": 0}
+    pooled: dict = {}
+    for st, sm in everyone:
+        out["rewards"] += st["rewards"]
+        out["lengths"] += st["lengths"]
+        for k in ("truncated", "trained", "dropped", "bad"):
+            out[k] += st[k]
+        out["rounds"] = max(out["rounds"], st["rounds"])
+        for name, values in st["per_fn"].items():
+            out["per_fn"].setdefault(name, []).extend(values)
+        for reason, n in st["failures"].items():
+            out["failures"][reason] = out["failures"].get(reason, 0) + n
+        for k, v in sm.items():
+            same = k in ("grad_norm",)  # already global: identical on every rank
+            pooled[k] = v if same else (max(pooled.get(k, v), v) if k in ("max_abs_diff", "micro_batches")
+                                         else pooled.get(k, 0.0) + v)
+    return out, pooled
+
+
+def step_metrics(run, st: dict, sums: dict, times: dict) -> dict:
+    """One JSON object per step: what `metrics.jsonl` holds (over all ranks)."""
+    n = len(st["rewards"])
+    valid = [r for r in st["rewards"] if not math.isnan(r)]
+    rewards = torch.tensor(valid, dtype=torch.float64) if valid else torch.zeros(1, dtype=torch.float64)
+    lengths = st["lengths"] or [0]
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    first = run.cfg.env.rewards[0].fn
+    m = {
+        "step": run.step,
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(valid) > 1 else 0.0,
+        "accuracy": sum(1 for v in st["per_fn"].get(first, []) if v is not None and v >= 1.0) / max(n, 1),
+        "loss": sums.get("loss", 0.0),
+        "response_length/mean": sum(lengths) / len(lengths),
+        "response_length/max": max(lengths),
+        "truncated_fraction": st["truncated"] / max(n, 1),
+        "clip_fraction": sums.get("clipped_tokens", 0.0) / tokens,
+        "ratio_masked_fraction": sums.get("masked_tokens", 0.0) / tokens,
+        "mismatch_kl": sums.get("mismatch_kl_sum", 0.0) / tokens,
+        "entropy": sums.get("entropy_sum", 0.0) / tokens,
+        "grad_norm": sums.get("grad_norm", 0.0),
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": sums.get("attended_tokens", 0.0) / max(times["update"], 1e-9),
+        "trained_tokens": int(sums.get("tokens", 0)),
+        "samples": n,
+        "samples_trained": st["trained"],
+        "groups_dropped": st["dropped"],
+        "sampling_rounds": st["rounds"],
+        "reward_failures": sum(st["failures"].values()),
+        "bad_samples": st["bad"],
+        "time/rollout": times["rollout"],
+        "time/rollout_wait": times["rollout_wait"],
+        "time/prefetch_wait": times["prefetch_wait"],
+        "time/update": times["update"],
+        "time/sync": times["sync"],
+        "time/step": times["step"],
+    }
+    for name, values in st["per_fn"].items():
+        ok = [v for v in values if v is not None]
+        m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
+    for reason, count in st["failures"].items():
+        m[f"reward_failures/{reason}"] = count
+    if run.cfg.algorithm.kl_coef > 0:
+        m["kl"] = sums.get("kl_sum", 0.0) / tokens
+    return m
+
+
+def log_bad_samples(run, bad: list, console) -> None:
+    """Skipped samples go to bad_samples.jsonl; the first few are also printed, so they are not missed."""
+    with open(run.run_dir / "bad_samples.jsonl", "a") as fh:
+        for sample, reason in bad:
+            fh.write(json.dumps({"step": run.step, "sample_id": sample.id, "reason": reason}) + "\n")
+    for sample, reason in bad[:3]:
+        console.print(f"skipped {reason}", highlight=False, markup=False)
+
+
+def log_samples(run, got, fh) -> None:
+    """A few rollouts of the step (best and worst first), with image references, into samples.jsonl."""
+    from .envs.sample_log import image_refs
+
+    k = run.cfg.logging.samples_per_step
+    if k == 0 or not got.rollouts:
+        return
+    ranked = sorted(got.rollouts, key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
+    chosen = ranked[: (k + 1) // 2] + ranked[::-1][: k // 2]
+    seen = set()
+    for r in chosen:
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        fh.write(json.dumps({
+            "step": run.step,
+            "sample_id": r.sample.id,
+            "group": r.group,
+            "question": r.sample.question,
+            "answer": None if r.sample.answer is None else str(r.sample.answer),
+            "images": image_refs(r, run.image_dir, run.run_dir),
+            "completion": r.text,
+            "reward": None if math.isnan(r.reward) else r.reward,
+            "advantage": r.advantage,
+            "finish_reason": r.finish_reason,
+        }) + "\n")
