@@ -155,3 +155,20 @@ def test_demo_learns_well_above_chance(tiny_model_dir, tmp_path):
     first = sum(m["reward/mean"] for m in ms[:5]) / 5
     last = sum(m["reward/mean"] for m in ms[-10:]) / 10
     assert first < 0.15 and last > 0.6, (first, last)
+
+
+def test_metrics_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=tb", 'logging.trackers=["tensorboard", "wandb"]')))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(res.run_dir.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    rewards = acc.Scalars("reward/mean")
+    logged = [json.loads(line)["reward/mean"] for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in rewards] == [1, 2]
+    assert [e.value for e in rewards] == pytest.approx(logged)
+    assert list(res.run_dir.rglob("offline-run-*"))  # the W&B run, kept on disk with no network

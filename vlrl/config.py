@@ -259,6 +259,12 @@ class LoggingConfig(Section):
     """Rollouts per step written to `samples.jsonl` (with image references)."""
     progress: bool = True
     """Show a progress bar."""
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+    """Also log the metrics through Accelerate's trackers (none by default, so no network is needed):
+    `tensorboard` writes event files under the run directory; `wandb` needs `wandb login` (or
+    WANDB_MODE=offline)."""
+    project: str = "vlrl"
+    """Tracker project name (the W&B project); the run is named after `name`."""
 
 
 class Config(Section):

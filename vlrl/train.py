@@ -92,7 +92,9 @@ class Run:
         precision = cfg.train.precision
         on_gpu = torch.cuda.is_available()
         mixed = "bf16" if (precision == "bf16" or (precision == "auto" and on_gpu)) else "no"
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu)
+        trackers = list(cfg.logging.trackers) or None
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu, log_with=trackers,
+                                       project_dir=str(self.run_dir) if trackers else None)
         if self.accelerator.distributed_type.name == "FSDP":
             raise UserError("FSDP is not supported by vlrl train yet: use DDP (configs/accelerate/ddp-*.yaml), with "
                             "LoRA (model.lora_rank) where full weights, gradients and AdamW state do not fit one GPU")
@@ -146,6 +148,9 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.toml")
         self.image_dir = self.run_dir / "images"
+        if trackers:
+            self.accelerator.init_trackers(cfg.logging.project, config=flat_config(cfg),
+                                           init_kwargs={"wandb": {"name": cfg.name, "dir": str(self.run_dir)}})
         self.eval_samples = None
 
     def _weights_dir(self) -> str | None:
@@ -310,6 +315,18 @@ class Run:
         return self._reduce([float(stop.requested)], "max")[0] > 0
 
 
+def flat_config(cfg: Config) -> dict:
+    """The config as flat `section.key: value` scalars (what TensorBoard's hparams accept)."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+        else:
+            out[section] = values
+    return out
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -363,6 +380,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     m.update(run.evaluate())
                 if main and got.bad_samples:
                     log_bad_samples(run, got.bad_samples, console)
+                if cfg.logging.trackers:
+                    run.accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=run.step)
                 if main:
                     metrics_fh.write(json.dumps(m) + "\n")
                     metrics_fh.flush()
@@ -384,6 +403,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
             samples_fh.flush()
             write_run_report(run.run_dir)
     finally:
+        if cfg.logging.trackers:
+            run.accelerator.end_training()
         if prefetch is not None:
             prefetch.shutdown(wait=True, cancel_futures=True)
         for fh in (metrics_fh, samples_fh):
