@@ -254,3 +254,72 @@ def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_mode
     quick.client._model = sampler.client._model
     with pytest.raises(ServerError, match=r"failed prompt 0 3 times .*is it running\?"):
         quick.sample(ps[:1], n=1)
+
+
+def test_serve_without_vllm_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from vlrl.errors import UserError
+    from vlrl.serve import ServerProcess
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(UserError, match=r"vLLM is not installed.*pip install 'vlrl\[vllm\]'"):
+        ServerProcess(["true"], tmp_path / "log", {})
+
+
+def test_eval_with_the_server(server, tiny_model_dir, tmp_path):
+    from vlrl.evaluate import run_eval
+
+    cfg = small_cfg(server, tiny_model_dir, tmp_path, "name=ev", "rollout.max_new_tokens=4")
+    summary = run_eval(cfg, None, "eval", 2, 3, console=None)
+    assert summary["prompts"] == 3 and summary["samples"] == 6 and 0.0 <= summary["reward/mean"] <= 1.0
+
+
+class _FakeClient:
+    """Records the control calls the NCCL sync makes (no NCCL on these machines)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def world_size(self):
+        return 2
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self.calls.append(name)
+
+
+def test_nccl_sync_is_wired_to_vllms_engine_with_checkpoint_names(tiny_model, vadapter, tmp_path, monkeypatch):
+    """What can be checked without NCCL: the trainer-side init info, the parameter names/dtypes/shapes sent
+    (those vLLM loads from a checkpoint), and the order of the control calls around a push."""
+    from safetensors import safe_open
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from vlrl.rollout.weight_sync import NCCLWeightSync
+
+    seen = {}
+
+    class FakeEngine:
+        def send_weights(self):
+            seen["sent"] = [name for name, _ in seen["source"]]
+            client.calls.append("send_weights")
+
+    def fake_init(cls, init_info, *, client, source):
+        seen.update(info=init_info, source=source)
+        return FakeEngine()
+
+    monkeypatch.setattr(NCCLTrainerWeightTransferEngine, "trainer_init", classmethod(fake_init))
+    client = _FakeClient()
+    sync = NCCLWeightSync(client, RolloutConfig(nccl_master_address="10.0.0.5", nccl_master_port=29601), tiny_model)
+    info = seen["info"]
+    assert (info.world_size, info.rank, info.master_address, info.master_port) == (3, 0, "10.0.0.5", 29601)
+    sync.push(tiny_model)
+    assert client.calls == ["pause", "send_weights", "reset_prefix_cache", "resume"]
+    vadapter.save_pretrained(tiny_model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        on_disk = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    meta = seen["source"].metadata()
+    assert [m.name for m in meta] == seen["sent"]
+    assert {m.name for m in meta} == set(on_disk)
+    for m in meta:
+        assert tuple(m.shape) == on_disk[m.name][1] and str(m.dtype).endswith("float32")
