@@ -377,7 +377,9 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 m = step_metrics(run, *pool(run, step_stats(got), sums), times)
                 m["off_policy_steps"] = int(stale)
                 if cfg.eval.every and run.step % cfg.eval.every == 0:
-                    m.update(run.evaluate())
+                    if main:  # one rank scores the (replicated) policy; the others wait for it
+                        m.update(run.evaluate())
+                    run.accelerator.wait_for_everyone()
                 if main and got.bad_samples:
                     log_bad_samples(run, got.bad_samples, console)
                 if cfg.logging.trackers:
