@@ -102,6 +102,8 @@ def train(
     except UserError as e:
         _fail(str(e))
     run_dir = result.run_dir
+    if not result.main:  # under accelerate launch, one process reports
+        raise typer.Exit(130 if result.stopped else 0)
     from .checkpoint import latest_checkpoint
     from .summary import read_metrics, reward_curve
 

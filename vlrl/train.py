@@ -332,6 +332,7 @@ class TrainResult:
     run_dir: Path
     step: int
     stopped: bool  # True when Ctrl-C ended the run before train.steps
+    main: bool = True  # the main process (the one that prints and writes the run's files)
 
 
 def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
@@ -412,4 +413,4 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()
-    return TrainResult(run.run_dir, run.step, stop.requested)
+    return TrainResult(run.run_dir, run.step, stop.requested, main)
