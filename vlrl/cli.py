@@ -117,7 +117,6 @@ def train(
         raise typer.Exit(130)
 
 
-# --- eval and report (vlrl/evaluate.py, vlrl/report.py) -----------------------------------------------------
 @app.command("eval")
 def eval_policy(
     config: ConfigArg,
@@ -167,7 +166,6 @@ def report(
     except UserError as e:
         _fail(str(e))
     typer.echo(str(path))
-# --- end of eval and report ---------------------------------------------------------------------------------
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
