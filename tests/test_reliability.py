@@ -24,7 +24,7 @@ from PIL import Image
 
 from vlrl.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
 from vlrl.config import load_config
-from vlrl.summary import read_metrics
+from vlrl.summary import read_jsonl
 from vlrl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_every_bad_sample_is_skipped_counted_and_named(tiny_model_dir, tmp_path,
     res = train(cfg_for(tiny_model_dir, tmp_path, data, "name=bad", "train.steps=1", f"rollout.prompts_per_step={n}",
                         "env.eval_size=1", "algorithm.max_refill_rounds=0"))
     assert time.time() - t0 < 120  # the stalled URL cost its timeout, not the run
-    m = read_metrics(res.run_dir / "metrics.jsonl")[0]
+    m = read_jsonl(res.run_dir / "metrics.jsonl")[0]
     logged = [json.loads(line) for line in (res.run_dir / "bad_samples.jsonl").read_text().splitlines()]
     reasons = {r["sample_id"]: r["reason"] for r in logged}
     held_out = set(bad) | set(good) - set(reasons) - {s for s in good}  # one row is the eval split

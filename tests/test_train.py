@@ -15,7 +15,7 @@ import torch
 
 from vlrl.checkpoint import latest_checkpoint, load_trainer_state
 from vlrl.config import load_config
-from vlrl.summary import read_metrics
+from vlrl.summary import read_jsonl
 from vlrl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def without_timing(ms):
 def test_metrics_samples_and_a_servable_checkpoint(tiny_model_dir, tmp_path):
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=3", "name=a")))
     assert res.step == 3 and not res.stopped
-    ms = read_metrics(res.run_dir / "metrics.jsonl")
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2, 3]
     assert REQUIRED <= set(ms[0])
     assert ms[0]["samples"] == 8 and ms[0]["mismatch_kl"] < 1e-6
@@ -74,8 +74,8 @@ def test_resume_repeats_the_uninterrupted_run(tiny_model_dir, tmp_path):
         train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=4", "name=resumed")))
     second = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=4", "name=resumed")), resume=True)
     assert second.step == 4
-    a = without_timing(read_metrics(straight.run_dir / "metrics.jsonl"))
-    b = without_timing(read_metrics(second.run_dir / "metrics.jsonl"))
+    a = without_timing(read_jsonl(straight.run_dir / "metrics.jsonl"))
+    b = without_timing(read_jsonl(second.run_dir / "metrics.jsonl"))
     assert a == b
 
 
@@ -92,11 +92,11 @@ def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "checkpoint saved, resume with --resume" in out
-    done = len(read_metrics(metrics))
+    done = len(read_jsonl(metrics))
     ckpt = latest_checkpoint(tmp_path / "int")
     assert ckpt is not None and ckpt.name == f"step-{done}"
     res = train(cfg_of(small(tiny_model_dir, tmp_path, f"train.steps={done + 1}", "name=int")), resume=True)
-    assert res.step == done + 1 and [m["step"] for m in read_metrics(metrics)] == list(range(1, done + 2))
+    assert res.step == done + 1 and [m["step"] for m in read_jsonl(metrics)] == list(range(1, done + 2))
 
 
 def test_lora_trains_only_adapters_and_checkpoints_merged_weights(tiny_model_dir, tmp_path):
@@ -124,7 +124,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tiny_model_dir
     monkeypatch.syspath_prepend(str(tmp_path))
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=1", "name=dyn", "algorithm.dynamic_sampling=true",
                              "algorithm.max_refill_rounds=2", 'env.rewards=[{fn="flat_reward:const"}]')))
-    m = read_metrics(res.run_dir / "metrics.jsonl")[0]
+    m = read_jsonl(res.run_dir / "metrics.jsonl")[0]
     assert m["groups_dropped"] == 2 * 3 and m["sampling_rounds"] == 3
     assert m["samples_trained"] == 0 and m["grad_norm"] == 0.0
     assert load_trainer_state(latest_checkpoint(res.run_dir))["data"] == [{"index": 6}]  # 3 rounds x 2 prompts
@@ -139,7 +139,7 @@ def test_failing_reward_and_overlong_masking_do_not_stop_the_run(tiny_model_dir,
     monkeypatch.syspath_prepend(str(tmp_path))
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=bad", "algorithm.mask_truncated=true",
                              'env.rewards=[{fn="bad_reward:flaky"}]')))
-    ms = read_metrics(res.run_dir / "metrics.jsonl")
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
     assert res.step == 2
     assert sum(m["reward_failures"] for m in ms) > 0 and sum(m["reward_failures/raised"] for m in ms) > 0
     for m in ms:  # failed and truncated samples are not trained
@@ -151,7 +151,7 @@ def test_demo_learns_well_above_chance(tiny_model_dir, tmp_path):
     """The shipped demo config: chance is 25% (a guess among four colours); the untrained model is ~2%."""
     cfg = cfg_of([f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "logging.progress=false"])
     res = train(cfg)
-    ms = read_metrics(res.run_dir / "metrics.jsonl")
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
     first = sum(m["reward/mean"] for m in ms[:5]) / 5
     last = sum(m["reward/mean"] for m in ms[-10:]) / 10
     assert first < 0.15 and last > 0.6, (first, last)

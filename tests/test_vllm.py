@@ -174,11 +174,11 @@ def small_cfg(server, tiny_model_dir, tmp_path, *extra):
 
 
 def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny_model, tmp_path):
-    from vlrl.summary import read_metrics
+    from vlrl.summary import read_jsonl
     from vlrl.train import train
 
     res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv"))
-    ms = read_metrics(res.run_dir / "metrics.jsonl")
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2, 3]
     # after every sync the server samples from exactly the trainer's weights
     assert all(m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
@@ -186,7 +186,7 @@ def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny
 
     off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
                           "train.learning_rate=0.01"))
-    ms = read_metrics(off.run_dir / "metrics.jsonl")
+    ms = read_jsonl(off.run_dir / "metrics.jsonl")
     assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
     assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # step 2 trains on rollouts one step old
     # leave the module's server serving the base weights

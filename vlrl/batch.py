@@ -81,9 +81,6 @@ class MultimodalBatch:
             images_per_sample=[self.images_per_sample[i] for i in indices],
         )
 
-    def split(self, groups: list[list[int]]) -> list[MultimodalBatch]:
-        return [self.select(g) for g in groups]
-
 
 def _offsets(counts: list[int]) -> list[int]:
     out, total = [], 0

@@ -105,10 +105,10 @@ def train(
     if not result.main:  # under accelerate launch, one process reports
         raise typer.Exit(130 if result.stopped else 0)
     from .checkpoint import latest_checkpoint
-    from .summary import read_metrics, reward_curve
+    from .summary import read_jsonl, reward_curve
 
     ckpt = latest_checkpoint(run_dir)
-    console.print(reward_curve(read_metrics(run_dir / "metrics.jsonl")))
+    console.print(reward_curve(read_jsonl(run_dir / "metrics.jsonl")))
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
     console.print(f"samples: {run_dir / 'samples.jsonl'}")
     console.print(f"report: {run_dir / 'report.html'}")

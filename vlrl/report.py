@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .summary import read_jsonl
 
 MAX_STEPS = 20  # training steps shown in the gallery (the latest ones)
 MAX_PROMPTS = 20  # eval prompts shown in the gallery
@@ -61,19 +62,6 @@ def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return esc(value)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON lines of a log; a line still being written (a live run) is skipped, not an error."""
-    if not Path(path).is_file():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 # --- images -----------------------------------------------------------------------------------------------

@@ -6,8 +6,17 @@ import json
 from pathlib import Path
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines of a log; a line still being written (a live run) is skipped, not an error."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def reward_curve(metrics: list[dict], rows: int = 10, width: int = 40):

@@ -11,7 +11,6 @@ as single tokens, so that a random policy hits a correct answer often enough for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SPECIAL_TOKENS = [
@@ -188,5 +187,4 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
-    (out / "vlrl_tiny.json").write_text(json.dumps({"seed": seed, "vocab_size": len(tokenizer)}) + "\n")
     return out

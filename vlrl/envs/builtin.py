@@ -25,21 +25,16 @@ SPLIT_SEEDS = {"train": 1, "eval": 2}
 
 
 def _draw_shape(rng: random.Random, size: int, rgb: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (size, size), (200, 200, 200))
-    draw = ImageDraw.Draw(img)
+    img = Image.new("RGB", (size, size), BACKGROUND)
     side = rng.randint(size // 2, size - 4)
     x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-    box = (x0, y0, x0 + side - 1, y0 + side - 1)
-    if rng.random() < 0.5:
-        draw.ellipse(box, fill=rgb)
-    else:
-        draw.rectangle(box, fill=rgb)
+    _paint(ImageDraw.Draw(img), "circle" if rng.random() < 0.5 else "square", x0, y0, side, rgb)
     return img
 
 
 def colors_task(split: str, n: int, image_size: int, seed: int = 0) -> list[Sample]:
     names = sorted(COLORS)
-    options = ", ".join(names[:-1]) + " or " + names[-1]
+    options = _options(names)
     out = []
     for i in range(n):
         rng = random.Random(f"colors/{seed}/{SPLIT_SEEDS[split]}/{i}")

@@ -18,16 +18,16 @@ def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
     if cfg.rollout.server_url:
         from pathlib import Path
 
-        from .vllm_client import VLLMClient, VLLMSampler
+        from .vllm_client import VLLMSampler
         from .weight_sync import DiskWeightSync, NCCLWeightSync
 
-        client = VLLMClient(cfg.rollout.server_url, cfg.rollout)
-        client.model_name()  # reachable?
+        sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")  # fails clearly if unreachable
         if cfg.rollout.weight_sync == "nccl":
-            sync = NCCLWeightSync(client, cfg.rollout, model, rank=rank)
+            sampler.weight_sync = NCCLWeightSync(sampler.client, cfg.rollout, model, rank=rank)
         else:
-            sync = DiskWeightSync(client, adapter, Path(cfg.rollout.sync_dir or cfg.run_dir / "weights"))
-        return VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media", weight_sync=sync, client=client)
+            sync_dir = Path(cfg.rollout.sync_dir or cfg.run_dir / "weights")
+            sampler.weight_sync = DiskWeightSync(sampler.client, adapter, sync_dir)
+        return sampler
     from .embedded import EmbeddedSampler
 
     return EmbeddedSampler(model, adapter, cfg.rollout)

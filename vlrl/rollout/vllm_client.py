@@ -161,7 +161,7 @@ class VLLMSampler:
         img.save(path, "PNG")
         return path.resolve().as_uri()
 
-    def request_body(self, prompt: EncodedPrompt, n: int, seed: int | None, prompt_id: int = 0) -> dict:
+    def request_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
         images = iter(prompt.images)
         messages, k = [], 0
         for m in prompt.messages:
@@ -196,8 +196,6 @@ class VLLMSampler:
             "stop_token_ids": self.adapter.eos_token_ids,
             "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
         }
-        if seed is not None:
-            body["seed"] = seed
         return body
 
     def to_rollouts(self, prompt: EncodedPrompt, response: dict, group: int, name: str) -> list[Rollout]:
@@ -239,7 +237,7 @@ class VLLMSampler:
                 name = f"prompt {g}"
                 # No per-request seed: vLLM's CPU backend crashes on seeded requests ("CPU Generator does not
                 # use offset"), and batched GPU sampling is not bit-reproducible anyway.
-                body = self.request_body(prompt, n, None, g)
+                body = self.request_body(prompt, n, g)
                 return self.to_rollouts(prompt, await self.client.chat(client, body, name), g, name)
 
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
