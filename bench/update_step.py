@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
+from vlrl.adapters.shared_images import share_repeated_images  # noqa: E402
 from vlrl.config import ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
 from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
@@ -81,14 +82,21 @@ def bench_adapter(image_id, video_id, pad, eos, max_model_len, min_pixels=64 * 3
                                             max_pixels=max_pixels))
 
 
-def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab, seed=0):
+def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab, seed=0, group=1):
     """Synthetic rollouts of exact shapes: text, then `images` images of image_side^2 pixels, then text,
-    then `completion` sampled tokens. Random ids avoid the special tokens."""
+    then `completion` sampled tokens. Random ids avoid the special tokens. With `group` > 1, consecutive
+    samples share their prompt (text and images), as the rollouts of one GRPO group do."""
     g = torch.Generator().manual_seed(seed)
     grid = image_side // 16
     per_image = grid * grid // 4
     rollouts = []
     for i in range(batch):
+        if i % group:
+            comp = torch.randint(0, min(vocab - 8, 150000), (completion,), generator=g).tolist()
+            lps = (-torch.rand(completion, generator=g) * 3).tolist()
+            rollouts.append(Rollout(prompt=rollouts[-1].prompt, completion_ids=comp, logprobs=lps,
+                                    finish_reason="length", advantage=float(torch.randn(1, generator=g))))
+            continue
         prompt_len = seq_len - completion
         text = prompt_len - images * (per_image + 2)
         assert text >= 2, "sequence too short for its images"
@@ -110,8 +118,14 @@ def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab
 
 def naive_logprobs(model, batch, banned, temperature=1.0):
     """The naive path: full [B, L, V] logits, float32 log_softmax over the vocabulary, gather. (The sampler's
-    placeholder ban is applied too, so both paths compute the same function.)"""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs)
+    placeholder ban is applied too, so both paths compute the same function.) Every image copy is encoded."""
+    from vlrl.adapters.shared_images import set_image_sharing
+
+    set_image_sharing(model.model.visual, False)
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs)
+    finally:
+        set_image_sharing(model.model.visual, True)
     logits = out.logits.float() / temperature  # [B, L, V]
     logits[..., banned] = float("-inf")
     lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
@@ -188,6 +202,23 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def shared_vision_error(model, batch) -> float:
+    """Relative difference of the vision features with repeated images encoded once vs every copy encoded
+    (0 when no image repeats; in bf16, a smaller matmul may round differently)."""
+    from vlrl.adapters.shared_images import set_image_sharing
+
+    if "pixel_values" not in batch.model_inputs:
+        return 0.0
+    feats = []
+    with torch.no_grad():
+        for shared in (False, True):
+            set_image_sharing(model.model.visual, shared)
+            out = model.model.visual(batch.model_inputs["pixel_values"], grid_thw=batch.model_inputs["image_grid_thw"],
+                                     return_dict=True)
+            feats.append(out.pooler_output.float())
+    return rel_err(feats[1], feats[0])
+
+
 def non_embedding_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
 
@@ -239,6 +270,7 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
             policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
 
     rows = []
+    vision_err = shared_vision_error(model, batch)
     # exactness first: logprobs and gradients of the fast path against the naive path, same weights
     set_trainable(model, vision=False, checkpointing=True)
     try:
@@ -292,6 +324,7 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
 
             set_trainable(model, **mode)
             compile_decoder_layers(model)
+            policy.fused_head = True  # what train.compile turns on with the compiled layers
             model._bench_compiled = True
             t0 = time.perf_counter()
             fn()
@@ -314,7 +347,13 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         mfu = flops_per_param * n * tps / (PEAK_TFLOPS * 1e12)
         rows.append(dict(case=name, path=label, seconds=t, tokens_per_s=tps, mfu=mfu, peak_gib=peak))
         print(f"  {name} | {label}: {t:.3f} s, {tps:,.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB", flush=True)
-    results.append(dict(case=name, tokens=tokens, rows=rows, logprob_max_abs_diff=lp_diff, grad_max_rel_err=g_err))
+    if getattr(model, "_bench_compiled", False):  # every case starts uncompiled (and below dynamo's recompile limit)
+        for layer in model.model.language_model.layers:
+            layer._compiled_call_impl = None
+        model._bench_compiled = False
+        torch._dynamo.reset()
+    results.append(dict(case=name, tokens=tokens, rows=rows, logprob_max_abs_diff=lp_diff, grad_max_rel_err=g_err,
+                        shared_vision_rel_err=vision_err))
 
 
 def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images, side, completion, vocab):
@@ -363,6 +402,8 @@ def main():
     ap.add_argument("--images", type=int, default=1, help="images per sample")
     ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--completion", type=int, default=768)
+    ap.add_argument("--group", type=int, default=8,
+                    help="also run the first shape as GRPO groups of this many samples sharing a prompt (1: skip)")
     ap.add_argument("--long", default="8x4096x4", help="long case BATCHxSEQxIMAGES ('' to skip)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
@@ -388,7 +429,7 @@ def main():
         path = build_tiny_qwen3_vl(Path(tempfile.mkdtemp()) / "tiny")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         cfg = model.config
-        args.batch, args.seq_len, args.image_side, args.completion = 4, 160, 64, 96
+        args.batch, args.seq_len, args.image_side, args.completion, args.group = 4, 160, 64, 96, 2
         args.long, args.warmup, args.repeat = "4x256x2", 1, 3
         settings = LossSettings(max_new_tokens=args.completion)
     else:
@@ -397,18 +438,22 @@ def main():
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    share_repeated_images(model.model.visual)  # as Qwen3VLAdapter.load_model does; the naive path turns it off
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
     results = []
     cases = [(f"{args.batch} x {args.seq_len}, {args.images} image(s) of {args.image_side}px",
-              args.batch, args.seq_len, args.images)]
+              args.batch, args.seq_len, args.images, 1)]
+    if args.group > 1:
+        cases.append((f"{args.batch} x {args.seq_len}, {args.images} image(s) of {args.image_side}px, groups of "
+                      f"{args.group}", args.batch, args.seq_len, args.images, args.group))
     if args.long:
         b, s, i = (int(x) for x in args.long.split("x"))
-        cases.append((f"{b} x {s}, {i} image(s) of {args.image_side}px", b, s, i))
-    for name, b, s, i in cases:
+        cases.append((f"{b} x {s}, {i} image(s) of {args.image_side}px", b, s, i, 1))
+    for name, b, s, i, group in cases:
         completion = min(args.completion, s // 2)
-        rollouts = make_rollouts(adapter, b, s, i, args.image_side, completion, vocab)
+        rollouts = make_rollouts(adapter, b, s, i, args.image_side, completion, vocab, group=group)
         run_case(name, model, adapter, rollouts, device, args, settings, results)
         gc.collect()
         if device.type == "cuda":
@@ -429,22 +474,29 @@ def main():
             print(f"| {r['case']} | {row['path']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | "
                   f"{row['mfu']:.1%} | {row['peak_gib']:.1f} |")
         print(f"| {r['case']} | fast vs naive | logprob max abs diff {r['logprob_max_abs_diff']:.2e}, "
-              f"grad max rel err {r['grad_max_rel_err']:.2e} | | | |")
+              f"grad max rel err {r['grad_max_rel_err']:.2e}, shared-image vision features rel err "
+              f"{r['shared_vision_rel_err']:.1e} | | | |")
     if fit:
         print(f"largest micro-batch that fits (update, {args.seq_len} tokens/sample): naive {fit['naive']['tokens']:,} "
               f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")
     if args.json:
         args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit}, indent=2))
-    first = {row["path"]: row for row in results[0]["rows"]}
+    def speedups(rows):
+        by = {row["path"]: row for row in rows}
 
-    def ratio(fast, slow):
-        f, s = first.get(fast), first.get(slow)
-        return f["tokens_per_s"] / s["tokens_per_s"] if f and s and f["tokens_per_s"] and s["tokens_per_s"] else math.nan
+        def ratio(fast, slow):
+            f, s = by.get(fast), by.get(slow)
+            ok = f and s and f["tokens_per_s"] and s["tokens_per_s"]
+            return f["tokens_per_s"] / s["tokens_per_s"] if ok else math.nan
 
-    up = max(ratio(k, "naive update (all params, ckpt, full logits)") for k in first if k.startswith("vlrl update"))
-    lp = ratio("vlrl logprob pass (chunked)", "naive logprob pass (full logits)")
+        up = max(ratio(k, "naive update (all params, ckpt, full logits)") for k in by if k.startswith("vlrl update"))
+        lp = max(ratio(k, "naive logprob pass (full logits)") for k in by if k.startswith("vlrl logprob pass"))
+        return up, lp
+
+    for r in results[1:]:
+        print(f"{r['case']}: update speedup {speedups(r['rows'])[0]:.2f}x, logprob speedup {speedups(r['rows'])[1]:.2f}x")
+    up, lp = speedups(results[0]["rows"])  # the baseline's shapes
     print(f"update speedup {up:.2f}x, logprob speedup {lp:.2f}x")
-
 
 if __name__ == "__main__":
     main()

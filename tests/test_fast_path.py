@@ -68,3 +68,45 @@ def test_compiled_layers_give_the_same_logprobs(tiny_model, case):
         compile_decoder_layers(model)
         after, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
+    """A GRPO-like batch (a prompt's image repeated over its group, plus an image one pixel away from another):
+    with image sharing on, the vision tower sees each distinct image once, and the logprobs and every gradient
+    (vision tower trainable) equal those of encoding every copy."""
+    from vlrl.adapters.shared_images import set_image_sharing
+    from vlrl.records import EncodedPrompt, Rollout
+
+    cfg = tiny_model.config
+    adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, 0, 1, max_model_len=4096)
+    base = make_rollouts(adapter, 2, 120, 1, 64, 60, cfg.text_config.vocab_size)
+    near = base[1].prompt.pixel_values.clone()
+    near[5, 7] += 0.25  # same grid, one value different: must not be shared
+    twin = EncodedPrompt(input_ids=base[1].prompt.input_ids, messages=[], images=[], pixel_values=near,
+                         image_grid_thw=base[1].prompt.image_grid_thw)
+    g = torch.Generator().manual_seed(4)
+    rollouts = []
+    for prompt in (base[0].prompt, base[0].prompt, base[1].prompt, base[0].prompt, twin):
+        comp = torch.randint(2, 300, (60,), generator=g).tolist()
+        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=[-1.0] * 60, finish_reason="length",
+                                advantage=float(torch.randn(1, generator=g))))
+    batch = adapter.build_batch(rollouts)
+    model = copy.deepcopy(tiny_model).train()  # every parameter trainable, the vision tower included
+    rows_seen = []
+    model.model.visual.patch_embed.register_forward_hook(lambda m, a, out: rows_seen.append(a[0].shape[0]))
+    policy = adapter.policy(model, 1.0)
+    out = {}
+    for shared in (False, True):
+        set_image_sharing(model.model.visual, shared)
+        rows_seen.clear()
+        model.zero_grad(set_to_none=True)
+        lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+        (lp * batch.loss_mask).sum().backward()
+        out[shared] = (lp.detach(), grads(model), list(rows_seen))
+    per_image = int(base[0].prompt.image_grid_thw.prod())
+    assert out[False][2] == [5 * per_image]
+    assert out[True][2] == [3 * per_image]  # base[0], base[1] and the near-twin
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    assert any("visual" in n for n in out[False][1])
+    for name, ref in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], ref, atol=1e-5, rtol=1e-4, msg=name)

@@ -77,3 +77,24 @@ def test_entropy_gradient_matches_autograd_of_the_definition():
     (0.3 * logp.gather(-1, t[:, None]).sum() + 1.7 * ref_ent.sum()).backward()
     torch.testing.assert_close(g_h, h.grad)
     torch.testing.assert_close(g_w, w.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_eager(dtype):
+    """train.compile's fused (compiled) softmax statistics and backward against the eager ones: values,
+    entropy, and gradients with a logprob and an entropy term, banned tokens, temperature, a ragged last chunk."""
+    torch.manual_seed(3)
+    h = torch.randn(11, 16, dtype=dtype)
+    w = torch.randn(40, 16, dtype=dtype)
+    t = torch.randint(3, 40, (11,))
+    banned = torch.tensor([0, 1, 2])
+    out = {}
+    for fused in (False, True):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        lp, ent = token_logprobs(hh, ww, t, 0.7, banned, chunk_size=4, fused=fused)
+        (0.5 * lp.sum() + 0.25 * ent.sum()).backward()
+        out[fused] = (lp.detach(), ent.detach(), hh.grad, ww.grad)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, b in zip(out[False], out[True]):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, **tol)

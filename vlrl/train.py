@@ -105,7 +105,7 @@ class Run:
         dtype = resolve_dtype(cfg, self.device)
         self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
-        self.policy = self.adapter.policy(self.model, cfg.rollout.temperature)
+        self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.train.learning_rate, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,

@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
 from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
+from .shared_images import share_repeated_images
 
 
 class PromptError(UserError):
@@ -227,6 +228,7 @@ class Qwen3VLAdapter:
             )
         except OSError as e:
             raise PromptError(f"model.path {path!r}: cannot load the model ({e})") from None
+        share_repeated_images(model.model.visual)  # a group's copies of an image are encoded once
         return model.to(device)
 
     def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None:
@@ -244,8 +246,8 @@ class Qwen3VLAdapter:
         if cfg.train.compile:
             compile_decoder_layers(model)
 
-    def policy(self, model, temperature: float) -> Qwen3VLPolicy:
-        return Qwen3VLPolicy(model, self.banned_token_ids, temperature)
+    def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLPolicy:
+        return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head)
 
     @staticmethod
     def generation_model(model):
@@ -285,11 +287,13 @@ class Qwen3VLPolicy(nn.Module):
     wrap it: the loss never calls a sub-module behind the wrapper's back.
     """
 
-    def __init__(self, model: nn.Module, banned_ids: list[int], temperature: float, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, banned_ids: list[int], temperature: float, chunk_size: int = 1024,
+                 fused_head: bool = False):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
         device = next(model.parameters()).device
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
@@ -327,7 +331,7 @@ class Qwen3VLPolicy(nn.Module):
             hidden = hidden + hidden_bias
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
-            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head
         )
 
 

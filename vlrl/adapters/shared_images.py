@@ -1,0 +1,117 @@
+"""Each distinct image goes through the vision tower once per call, however often it repeats.
+
+A GRPO batch holds `group_size` rollouts of every prompt, so a prompt's image appears up to `group_size`
+times in one micro-batch (and `num_return_sequences` repeats it in the in-process sampler's prefill). Two
+hooks on the vision tower encode every distinct image once and copy its features to each place it appears.
+The outputs are those of encoding every copy, and so are the gradients (a trainable tower gets the sum over
+the copies, as it would from separate passes). Images are matched exactly: equal grid, then equal
+fingerprints, then equal pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Plan:
+    pixel_rows: torch.Tensor  # [P_unique] rows of pixel_values that make up the distinct images
+    unique: torch.Tensor  # [N_unique] which images are kept (first occurrences)
+    merged_index: torch.Tensor  # [sum merged tokens]: output row of the unique pass for every original row
+    patch_index: torch.Tensor  # [P]: the same for patch-level outputs
+    unique_patches: int
+
+
+def share_repeated_images(visual: nn.Module) -> None:
+    """Hook `visual` (a Qwen3-VL vision tower) so repeated images are encoded once. Idempotent."""
+    if getattr(visual, "_vlrl_image_sharing", None) is not None:
+        return
+    # the state lives on the module (a deep copy of the model gets its own)
+    visual._vlrl_image_sharing = {"enabled": True, "plan": None, "merge": int(visual.spatial_merge_size)}
+    visual.register_forward_pre_hook(lambda m, a, k: _before(m._vlrl_image_sharing, a, k), with_kwargs=True)
+    visual.register_forward_hook(lambda m, a, k, out: _after(m._vlrl_image_sharing, out), with_kwargs=True)
+
+
+def set_image_sharing(visual: nn.Module, enabled: bool) -> None:
+    state = getattr(visual, "_vlrl_image_sharing", None)
+    if state is not None:
+        state["enabled"] = enabled
+
+
+def _before(state, args, kwargs):
+    state["plan"] = None
+    if not state["enabled"] or not kwargs.get("return_dict", False):
+        return None
+    pixels = args[0] if args else kwargs.get("hidden_states")
+    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    if pixels is None or grid is None or len(grid) < 2:
+        return None
+    plan = _plan(pixels, grid, state["merge"])
+    if plan is None:
+        return None
+    state["plan"] = plan
+    pixels, grid = pixels.index_select(0, plan.pixel_rows), grid.index_select(0, plan.unique)
+    if args:
+        args = (pixels, *args[1:]) if "grid_thw" in kwargs else (pixels, grid, *args[2:])
+    else:
+        kwargs = {**kwargs, "hidden_states": pixels}
+    if "grid_thw" in kwargs:
+        kwargs = {**kwargs, "grid_thw": grid}
+    return args, kwargs
+
+
+def _after(state, out):
+    plan, state["plan"] = state["plan"], None
+    if plan is None:
+        return None
+    out.pooler_output = out.pooler_output.index_select(0, plan.merged_index)
+    if getattr(out, "deepstack_features", None):
+        out.deepstack_features = [f.index_select(0, plan.merged_index) for f in out.deepstack_features]
+    last = getattr(out, "last_hidden_state", None)
+    if last is not None and last.shape[0] == plan.unique_patches:
+        out.last_hidden_state = last.index_select(0, plan.patch_index)
+    return out
+
+
+def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
+    """Which images repeat an earlier one (None when all are distinct). Two host syncs at most."""
+    sizes = grid.prod(-1)  # [N] patch rows per image
+    device = pixels.device
+    image_of_row = torch.repeat_interleave(torch.arange(len(grid), device=device), sizes.to(device))  # [P]
+    starts = torch.cumsum(sizes, 0) - sizes
+    local = torch.arange(pixels.shape[0], device=device) - starts.to(device)[image_of_row]  # row index in its image
+    cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device, dtype=torch.float32).sin() + 1.5
+    row_fp = pixels.float() @ cols  # [P]
+    fp = torch.zeros(len(grid), 2, dtype=torch.float64, device=device)
+    fp[:, 0].index_add_(0, image_of_row, row_fp.double())
+    fp[:, 1].index_add_(0, image_of_row, row_fp.double() * (local + 1).double().sqrt())
+    keys = [(tuple(g), tuple(f)) for g, f in zip(grid.tolist(), fp.tolist())]
+    first: dict = {}
+    source = []
+    for i, k in enumerate(keys):
+        source.append(first.setdefault(k, i))
+    pairs = [(i, s) for i, s in enumerate(source) if s != i]
+    if not pairs:
+        return None
+    sizes_l = sizes.tolist()
+    starts_l = starts.tolist()
+    rows = lambda i: slice(starts_l[i], starts_l[i] + sizes_l[i])  # noqa: E731
+    differ = torch.stack([(pixels[rows(i)] != pixels[rows(s)]).any() for i, s in pairs]).tolist()
+    for (i, _), d in zip(pairs, differ):
+        if d:  # a fingerprint collision: encode it on its own
+            source[i] = i
+    unique = sorted(set(source))
+    if len(unique) == len(grid):
+        return None
+    slot = {u: j for j, u in enumerate(unique)}
+    u_sizes = [sizes_l[u] for u in unique]
+    u_starts = [sum(u_sizes[:j]) for j in range(len(unique))]
+    pixel_rows = torch.cat([torch.arange(starts_l[u], starts_l[u] + sizes_l[u]) for u in unique])
+    patch_index = torch.cat([torch.arange(u_starts[slot[s]], u_starts[slot[s]] + sizes_l[s]) for s in source])
+    m = merge * merge
+    merged_index = torch.cat([torch.arange(u_starts[slot[s]] // m, (u_starts[slot[s]] + sizes_l[s]) // m) for s in source])
+    return _Plan(pixel_rows.to(device), torch.tensor(unique, device=grid.device), merged_index.to(device),
+                 patch_index.to(device), sum(u_sizes))
