@@ -16,11 +16,16 @@ from PIL import Image
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.batch import plan_micro_batches
 from vlrl.config import ModelConfig
+from vlrl.fsdp import prepare_on_cpu
 from vlrl.records import Rollout
 from vlrl.update import LossSettings, accumulate_gradients
 
 
-def main(model_dir: str, out: str) -> None:
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     acc = Accelerator(cpu=True)
     rank, world = acc.process_index, acc.num_processes
     adapter = Qwen3VLAdapter.from_config(ModelConfig(path=model_dir, dtype="float32", min_pixels=4096, max_pixels=16384))
@@ -40,7 +45,7 @@ def main(model_dir: str, out: str) -> None:
     for r, lp in zip(rollouts, own):
         n = len(r.completion_ids)
         r.logprobs = (lp[-n:] + 0.05 * torch.randn(n, generator=g)).tolist() if n else []
-    policy = acc.prepare(policy)
+    policy = prepare_on_cpu(acc, policy) if mode == "fsdp" else acc.prepare(policy)
     mine = rollouts[rank::world]
     batch = adapter.build_batch(mine)
     groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
@@ -51,11 +56,43 @@ def main(model_dir: str, out: str) -> None:
                                 accelerator=acc, total_tokens=float(counts[0]), total_sequences=float(counts[1]),
                                 loss_scale=world, padding_passes=int(most) - len(groups))
     loss = acc.reduce(torch.tensor([sums["loss"]], dtype=torch.float64), "sum")
+    grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
+    result = {"loss": float(loss), "grads": grads, "world": world}
+    if mode == "fsdp":
+        result.update(fsdp_state_round_trip(acc, adapter, model_dir, policy))
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
-        torch.save({"loss": float(loss), "grads": grads, "world": world}, out)
+        torch.save(result, out)
     acc.wait_for_everyone()
 
 
+def fsdp_state_round_trip(acc, adapter, model_dir, policy) -> dict:
+    """After an optimizer step: the gathered weights and optimizer state, a fresh sharded policy loaded from
+    them (as a resumed run is), and an unsharded replica refreshed from the shards (the in-process sampler's)."""
+    from vlrl.fsdp import copy_full_weights, full_state, load_optimizer_state, optimizer_state
+
+    params = lambda pol: [p for p in pol.parameters() if p.requires_grad]  # noqa: E731
+    opt = torch.optim.AdamW(params(policy), lr=1e-2)
+    opt.step()
+    weights, ostate = full_state(policy), optimizer_state(policy, opt)
+    replica = adapter.load_model(torch.float32)
+    copy_full_weights(policy, replica)
+    replica_diff = max(float((gathered(p) - dict(replica.named_parameters())[n[len("model."):]]).abs().max())
+                       for n, p in policy.named_parameters())
+    model2 = adapter.load_model(torch.float32).train()
+    if acc.process_index == 0:
+        model2.load_state_dict(weights)
+    policy2 = prepare_on_cpu(acc, adapter.policy(model2, 1.0))
+    # rank 0's weights reach the others through the optimizer-state broadcast's twin for weights:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(policy2, {f"model.{k}": v for k, v in weights.items()},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    opt2 = torch.optim.AdamW(params(policy2), lr=1e-2)
+    load_optimizer_state(policy2, opt2, ostate)
+    weights2, ostate2 = full_state(policy2), optimizer_state(policy2, opt2)
+    return {"weights": weights, "weights2": weights2, "opt": ostate, "opt2": ostate2, "replica_diff": replica_diff,
+            "step_weights": {n: gathered(p).detach().clone() for n, p in policy.named_parameters()}}
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

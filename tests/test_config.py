@@ -117,4 +117,13 @@ def test_accelerate_configs_parse(path):
 
     cfg = load_config_from_file(str(path))
     assert cfg.mixed_precision == "bf16" and cfg.num_processes >= 1
-    assert cfg.distributed_type.name in ("NO", "MULTI_GPU")
+    assert cfg.distributed_type.name in ("NO", "MULTI_GPU", "FSDP")
+    if cfg.distributed_type.name == "FSDP":
+        from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+        from vlrl.fsdp import FSDP_UNITS
+
+        fsdp = cfg.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        units = fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        assert tuple(units) == FSDP_UNITS and all(hasattr(modeling_qwen3_vl, u) for u in units)

@@ -43,6 +43,38 @@ def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
         torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_fsdp2_two_ranks_give_the_single_rank_gradient_and_gather_whole_state(tiny_model_dir, tmp_path):
+    """FSDP2 (Accelerate's own sharding: every decoder layer and vision block a unit) on 2 CPU ranks: the loss and
+    every gradient equal the single-rank ones (rank 1 never sees an image: the vision blocks' all-gathers are
+    matched by its idle vision pass); the gathered weights and optimizer state load into a fresh sharded policy
+    and gather back unchanged; an unsharded replica refreshed from the shards equals them."""
+    outs = {}
+    for n, mode in ((1, "ddp"), (2, "fsdp")):
+        outs[mode] = tmp_path / f"{mode}.pt"
+        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(outs[mode]), mode)
+        assert res.returncode == 0, res.stderr[-4000:]
+    one = torch.load(outs["ddp"], weights_only=True)
+    two = torch.load(outs["fsdp"], weights_only=True)
+    assert two["world"] == 2
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(one["grads"]) and any("visual" in k for k in one["grads"])
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+    weights, stepped = two["weights"], two["step_weights"]
+    assert set(weights) == {k[len("model."):] for k in stepped} and all(not k.startswith("model.model") for k in weights)
+    for k, v in stepped.items():  # the gathered state is the trained weights, under the HF model's names
+        assert torch.equal(weights[k[len("model."):]], v), k
+    for k, v in weights.items():
+        assert torch.equal(two["weights2"][k], v), k
+    assert two["replica_diff"] == 0.0
+    opt, opt2 = two["opt"], two["opt2"]
+    assert set(opt["state"]) == set(opt2["state"]) and len(opt["state"]) == len(stepped)
+    for k, st in opt["state"].items():
+        assert float(st["exp_avg_sq"].abs().sum()) > 0
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt2["state"][k][field], st[field]), (k, field)
+
+
 def test_vlrl_train_with_two_processes(tiny_model_dir, tmp_path):
     """Two CPU processes over gloo, started by torchrun (accelerate launch's CPU multi-process mode needs MPI;
     on GPUs `accelerate launch --config_file configs/accelerate/...` starts the same processes)."""
@@ -62,3 +94,45 @@ def test_vlrl_train_with_two_processes(tiny_model_dir, tmp_path):
 
     state = load_trainer_state(latest_checkpoint(tmp_path / "ddp"))
     assert state["data"] == [{"index": 4}, {"index": 2}]  # rank 0 took prompts 0, 2 of each step; rank 1 took 1
+
+
+def fsdp_train(tiny_model_dir, out_dir, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    sets = (f"model.path={tiny_model_dir}", f"output_dir={out_dir}", "rollout.prompts_per_step=3",
+            "rollout.group_size=4", "rollout.max_new_tokens=4", "logging.progress=false", "checkpoint.every=1",
+            'env.rewards=[{fn="rewards_for_tests:parity"}]', *overrides)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port()}",
+           "tests/fsdp_train_worker.py", "train", "configs/tiny-cpu.toml", *[f"--set={o}" for o in sets],
+           *(["--resume"] if resume else [])]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    return res
+
+
+def test_vlrl_train_under_fsdp2_trains_samples_fresh_weights_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """`vlrl train` with the policy sharded by FSDP2 over 2 CPU processes: the in-process sampler's replica gets
+    every step's weights (the sampler's logprobs match the trainer's), checkpoints hold the whole model, and a run
+    resumed from step 2 (weights and re-sharded AdamW state) gives the uninterrupted run's step 3."""
+    from safetensors.torch import load_file
+
+    from vlrl.checkpoint import load_trainer_state
+
+    fsdp_train(tiny_model_dir, tmp_path, "name=whole", "train.steps=3")
+    fsdp_train(tiny_model_dir, tmp_path, "name=split", "train.steps=2")
+    fsdp_train(tiny_model_dir, tmp_path, "name=split", "train.steps=3", resume=True)
+    runs = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("whole", "split")}
+    whole, split = runs["whole"], runs["split"]
+    assert [m["step"] for m in whole] == [1, 2, 3] == [m["step"] for m in split]
+    assert all(m["samples"] == 12 for m in whole)
+    assert any(m["grad_norm"] > 0 for m in whole)  # the weights moved...
+    assert all(m["mismatch_kl"] < 1e-6 for m in whole)  # ...and the replica the sampler uses moved with them
+    for key in ("loss", "grad_norm", "reward/mean", "mismatch_kl", "entropy"):
+        assert split[2][key] == pytest.approx(whole[2][key], rel=1e-4, abs=1e-6), key
+    w, s = load_file(tmp_path / "whole" / "step-3" / "model.safetensors"), load_file(tmp_path / "split" / "step-3" / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert set(w) == set(base) and any(not torch.equal(w[k], base[k]) for k in base)
+    for k in w:
+        torch.testing.assert_close(s[k], w[k], atol=1e-6, rtol=1e-5, msg=k)
+    state = load_trainer_state(tmp_path / "whole" / "step-3")
+    assert state["data"] == [{"index": 6}, {"index": 3}]
+    assert all(k.startswith("model.") for k in state["optimizer"]["state"]) and state["optimizer"]["state"]

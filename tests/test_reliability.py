@@ -198,7 +198,7 @@ def test_full_disk_at_checkpoint_time_is_a_clear_error(tiny_model_dir, tmp_path,
     first = train(small(tiny_model_dir, tmp_path, "name=d", "train.steps=1"))
     from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 
-    def no_space(self, model, out_dir):
+    def no_space(self, model, out_dir, state_dict=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Qwen3VLAdapter, "save_pretrained", no_space)
@@ -215,9 +215,9 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_it_then_stops(tiny_model_dir,
 
     real = Qwen3VLAdapter.save_pretrained
 
-    def interrupted(self, model, out_dir):
+    def interrupted(self, model, out_dir, state_dict=None):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while the weights are being written
-        real(self, model, out_dir)
+        real(self, model, out_dir, state_dict)
 
     monkeypatch.setattr(Qwen3VLAdapter, "save_pretrained", interrupted)
     res = train(small(tiny_model_dir, tmp_path, "name=c", "train.steps=10", "checkpoint.every=1"))

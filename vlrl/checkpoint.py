@@ -112,7 +112,7 @@ def load_trainer_state(ckpt: Path) -> dict:
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read lazily (see fsdp.py)
     except (pickle.UnpicklingError, RuntimeError) as e:
         raise CheckpointError(
             f"{path} is not a plain trainer state (tensors, numbers, strings); refusing to unpickle it ({e})"

@@ -26,6 +26,7 @@ import torch
 from .batch import plan_micro_batches
 from .config import Config, save_config
 from .errors import UserError
+from .fsdp import copy_full_weights, full_state, is_fsdp, load_optimizer_state, optimizer_state
 from .metrics import log_bad_samples, log_samples, pool, step_metrics, step_stats
 from .records import Rollout
 from .update import LossSettings, accumulate_gradients
@@ -95,14 +96,19 @@ class Run:
         trackers = list(cfg.logging.trackers) or None
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu, log_with=trackers,
                                        project_dir=str(self.run_dir) if trackers else None)
-        if self.accelerator.distributed_type.name == "FSDP":
-            raise UserError("FSDP is not supported by vlrl train yet: use DDP (configs/accelerate/ddp-*.yaml), with "
-                            "LoRA (model.lora_rank) where full weights, gradients and AdamW state do not fit one GPU")
+        self.fsdp = is_fsdp(self.accelerator)
+        if self.fsdp:
+            if self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+                raise UserError("FSDP1 is not supported: set fsdp_version: 2 in the Accelerate config "
+                                "(configs/accelerate/fsdp2-*.yaml)")
+            if cfg.model.lora_rank > 0:
+                raise UserError("LoRA with FSDP is not supported: LoRA weights fit every GPU, so use DDP "
+                                "(configs/accelerate/ddp-*.yaml), or set model.lora_rank = 0 for full-parameter FSDP")
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
 
         self.adapter = Qwen3VLAdapter.from_config(cfg.model)
-        dtype = resolve_dtype(cfg, self.device)
+        self.dtype = dtype = resolve_dtype(cfg, self.device)
         self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
         self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
@@ -118,7 +124,13 @@ class Run:
         if cfg.algorithm.kl_coef > 0:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
             self.ref_policy = self.adapter.policy(ref, cfg.rollout.temperature)
-        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.model), self.adapter,
+        # Under FSDP no rank holds the whole policy: the in-process sampler gets an unsharded replica per rank,
+        # refreshed after every step (sync_weights), so ranks sample independently.
+        self.replica = None
+        if self.fsdp and not cfg.rollout.server_url:
+            self.replica = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
+            self.replica.eval().requires_grad_(False)
+        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.replica or self.model), self.adapter,
                                     rank=self.accelerator.process_index)
         if self.accelerator.num_processes > 1 and cfg.rollout.one_step_off_policy:
             raise UserError("rollout.one_step_off_policy runs with one training process only (for now)")
@@ -130,7 +142,7 @@ class Run:
         data_state = {"index": 0}
         if self.ckpt is not None:
             state = load_trainer_state(self.ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             ranks = state["data"]
@@ -250,6 +262,8 @@ class Run:
         )
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,7 +275,7 @@ class Run:
     def trainer_state(self, data_state: dict | None = None) -> dict:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.policy, self.optimizer),  # by parameter name; gathered under FSDP
             "scheduler": self.scheduler.state_dict(),
             "data": data_state or self.stream.state(),
             "torch_rng": torch.get_rng_state(),
@@ -292,17 +306,30 @@ class Run:
             state["data"] = gather_object([state["data"]])
         else:
             state["data"] = [state["data"]]
+        weights = full_state(self.policy) if self.fsdp else None  # every rank takes part in the gather
         path = None
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.policy).model
-            path = save_checkpoint(self.run_dir, self.step, lambda d: self.adapter.save_pretrained(model, d), state,
-                                   self.cfg.checkpoint.keep_last)
+            path = save_checkpoint(self.run_dir, self.step, lambda d: self.adapter.save_pretrained(model, d, weights),
+                                   state, self.cfg.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         return path
 
     def sync_weights(self) -> None:
         """Send the updated weights to the sampler: a server gets them once (from the main process)."""
         model = self.adapter.generation_model(self.accelerator.unwrap_model(self.policy).model)
+        if self.fsdp:
+            if self.replica is not None:  # every rank refreshes its own replica
+                copy_full_weights(self.policy, self.replica)
+                self.sampler.sync_weights(self.adapter.generation_model(self.replica))
+                return
+            weights = full_state(self.policy)  # on the main process's CPU, gathered one tensor at a time
+            # the server gets the model's dtype (FSDP keeps float32 master weights)
+            weights = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weights.items()}
+            if self.accelerator.is_main_process:
+                self.sampler.sync_weights(model, weights)
+            self.accelerator.wait_for_everyone()
+            return
         if self.world == 1 or not self.cfg.rollout.server_url:
             self.sampler.sync_weights(model)
             return

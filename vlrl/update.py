@@ -77,7 +77,10 @@ def accumulate_gradients(
     for i, (g, weight) in enumerate(passes):
         mb = batch.select(g).to(device)
         last = i == len(passes) - 1
-        sync = nullcontext() if (accelerator is None or last) else accelerator.no_sync(policy)
+        # DDP reduces gradients once, after the last pass; FSDP2 reduce-scatters every pass (its no_sync would
+        # keep whole unsharded gradients on every rank).
+        defer = accelerator is not None and not last and accelerator.distributed_type.name != "FSDP"
+        sync = accelerator.no_sync(policy) if defer else nullcontext()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
             logp, entropy = _forward(policy, mb)  # [b, l] each

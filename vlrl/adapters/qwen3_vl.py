@@ -254,11 +254,14 @@ class Qwen3VLAdapter:
         """The module whose `generate` the embedded sampler calls (the HF model itself)."""
         return model
 
-    def save_pretrained(self, model, out_dir: Path) -> None:
-        """An HF-format directory vLLM can serve: weights (LoRA merged in), config, processor."""
+    def save_pretrained(self, model, out_dir: Path, state_dict: dict | None = None) -> None:
+        """An HF-format directory vLLM can serve: weights (LoRA merged in), config, processor. `state_dict`:
+        the weights to write instead of the model's own (the gathered weights of an FSDP-sharded model)."""
         from .lora import has_lora, save_merged
 
-        if has_lora(model):
+        if state_dict is not None:
+            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        elif has_lora(model):
             save_merged(model, Path(out_dir))
         else:
             model.save_pretrained(out_dir, safe_serialization=True)

@@ -244,6 +244,7 @@ class VLLMSampler:
             groups = await asyncio.gather(*(one(c, g, p) for g, p in enumerate(prompts)))
         return [r for group in groups for r in group]
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, model, state: dict | None = None) -> None:
+        """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server."""
         if self.weight_sync is not None:
-            self.weight_sync.push(model)
+            self.weight_sync.push(model, state)

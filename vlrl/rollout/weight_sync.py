@@ -31,9 +31,9 @@ class DiskWeightSync:
         self.adapter = adapter
         self.sync_dir = Path(sync_dir)
 
-    def push(self, model) -> None:
+    def push(self, model, state: dict | None = None) -> None:
         self.sync_dir.mkdir(parents=True, exist_ok=True)
-        self.adapter.save_pretrained(model, self.sync_dir)
+        self.adapter.save_pretrained(model, self.sync_dir, state)
         self.client.pause()
         try:
             self.client.reload_weights(str(self.sync_dir.resolve()))
@@ -50,13 +50,17 @@ class NCCLWeightSync:
 
         class StateSource(WeightSource):
             def __init__(self, module):
-                self.module = module
+                self.module, self.state = module, None
+
+            def tensors(self):
+                return self.state if self.state is not None else export_state(self.module)
 
             def metadata(self):
-                return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in export_state(self.module).items()]
+                return [ParamMeta(k, v.dtype, tuple(v.shape)) for k, v in self.tensors().items()]
 
             def __iter__(self):
-                yield from export_state(self.module).items()
+                for k, v in self.tensors().items():  # gathered (FSDP) weights wait on the CPU: one at a time
+                    yield k, v.cuda(non_blocking=True) if torch.cuda.is_available() and not v.is_cuda else v
 
         self.client = client
         self.source = StateSource(model)
@@ -68,8 +72,8 @@ class NCCLWeightSync:
         )
         self.engine = NCCLTrainerWeightTransferEngine.trainer_init(self.init_info, client=client, source=self.source)
 
-    def push(self, model) -> None:
-        self.source.module = model
+    def push(self, model, state: dict | None = None) -> None:
+        self.source.module, self.source.state = model, state
         self.client.pause()
         try:
             self.engine.send_weights()
