@@ -136,3 +136,14 @@ def test_vlrl_train_under_fsdp2_trains_samples_fresh_weights_and_resumes_exactly
     state = load_trainer_state(tmp_path / "whole" / "step-3")
     assert state["data"] == [{"index": 6}, {"index": 3}]
     assert all(k.startswith("model.") for k in state["optimizer"]["state"]) and state["optimizer"]["state"]
+
+
+def test_fsdp_bench_runs_on_cpu_processes():
+    """`bench/fsdp_update.py --tiny` (its GPU runs are in bench/README.md): both runs give a row, none an error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "bench/fsdp_update.py", "--tiny", "--gpus", "1", "2", "--warmup", "1",
+                          "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| bf16-mixed |")]
+    assert len(rows) == 2 and all(" - |" not in r for r in rows), res.stdout[-3000:]
+    assert rows[0].endswith("| 1.00 (vs 1 GPU) |")

@@ -43,7 +43,7 @@ def set_image_sharing(visual: nn.Module, enabled: bool) -> None:
 
 def _before(state, args, kwargs):
     state["plan"] = None
-    if not state["enabled"] or not kwargs.get("return_dict", False):
+    if not state["enabled"] or kwargs.get("return_dict") is False:  # (transformers returns outputs by default)
         return None
     pixels = args[0] if args else kwargs.get("hidden_states")
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -67,6 +67,9 @@ def _after(state, out):
     plan, state["plan"] = state["plan"], None
     if plan is None:
         return None
+    if not hasattr(out, "pooler_output"):
+        raise RuntimeError("shared_images: the vision tower returned no pooler_output; this transformers version is "
+                           "not supported by vlrl's image sharing")
     out.pooler_output = out.pooler_output.index_select(0, plan.merged_index)
     if getattr(out, "deepstack_features", None):
         out.deepstack_features = [f.index_select(0, plan.merged_index) for f in out.deepstack_features]
