@@ -80,18 +80,21 @@ def _after(state, out):
 
 
 def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
-    """Which images repeat an earlier one (None when all are distinct). Two host syncs at most."""
-    sizes = grid.prod(-1)  # [N] patch rows per image
+    """Which images repeat an earlier one (None when all are distinct). Three host syncs at most."""
+    grids = grid.tolist()
+    sizes_l = [t * h * w for t, h, w in grids]  # patch rows per image
+    starts_l = [sum(sizes_l[:i]) for i in range(len(sizes_l))]
     device = pixels.device
-    image_of_row = torch.repeat_interleave(torch.arange(len(grid), device=device), sizes.to(device))  # [P]
-    starts = torch.cumsum(sizes, 0) - sizes
-    local = torch.arange(pixels.shape[0], device=device) - starts.to(device)[image_of_row]  # row index in its image
+    image_of_row = torch.repeat_interleave(torch.arange(len(grids), device=device),
+                                           torch.tensor(sizes_l, device=device))  # [P]
+    starts = torch.tensor(starts_l, device=device)
+    local = torch.arange(pixels.shape[0], device=device) - starts[image_of_row]  # row index in its image
     cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device, dtype=torch.float32).sin() + 1.5
     row_fp = pixels.float() @ cols  # [P]
-    fp = torch.zeros(len(grid), 2, dtype=torch.float64, device=device)
+    fp = torch.zeros(len(grids), 2, dtype=torch.float64, device=device)
     fp[:, 0].index_add_(0, image_of_row, row_fp.double())
     fp[:, 1].index_add_(0, image_of_row, row_fp.double() * (local + 1).double().sqrt())
-    keys = [(tuple(g), tuple(f)) for g, f in zip(grid.tolist(), fp.tolist())]
+    keys = [(tuple(g), tuple(f)) for g, f in zip(grids, fp.tolist())]
     first: dict = {}
     source = []
     for i, k in enumerate(keys):
@@ -99,15 +102,13 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     pairs = [(i, s) for i, s in enumerate(source) if s != i]
     if not pairs:
         return None
-    sizes_l = sizes.tolist()
-    starts_l = starts.tolist()
     rows = lambda i: slice(starts_l[i], starts_l[i] + sizes_l[i])  # noqa: E731
     differ = torch.stack([(pixels[rows(i)] != pixels[rows(s)]).any() for i, s in pairs]).tolist()
     for (i, _), d in zip(pairs, differ):
         if d:  # a fingerprint collision: encode it on its own
             source[i] = i
     unique = sorted(set(source))
-    if len(unique) == len(grid):
+    if len(unique) == len(grids):
         return None
     slot = {u: j for j, u in enumerate(unique)}
     u_sizes = [sizes_l[u] for u in unique]
