@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
 from vlrl.adapters.shared_images import share_repeated_images  # noqa: E402
+from vlrl.adapters.vision_seqlens import keep_seqlens_on_host  # noqa: E402
 from vlrl.config import ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
 from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
@@ -404,6 +405,8 @@ def main():
     ap.add_argument("--completion", type=int, default=768)
     ap.add_argument("--group", type=int, default=8,
                     help="also run the first shape as GRPO groups of this many samples sharing a prompt (1: skip)")
+    ap.add_argument("--host-syncs", action="store_true",
+                    help="leave the vision tower's cu_seqlens on the GPU (transformers' default), for comparison")
     ap.add_argument("--long", default="8x4096x4", help="long case BATCHxSEQxIMAGES ('' to skip)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
@@ -439,6 +442,8 @@ def main():
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     share_repeated_images(model.model.visual)  # as Qwen3VLAdapter.load_model does; the naive path turns it off
+    if not args.host_syncs:
+        keep_seqlens_on_host(model.model.visual)  # as load_model does (transformers >= 5.19)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
@@ -489,8 +494,10 @@ def main():
             ok = f and s and f["tokens_per_s"] and s["tokens_per_s"]
             return f["tokens_per_s"] / s["tokens_per_s"] if ok else math.nan
 
-        up = max(ratio(k, "naive update (all params, ckpt, full logits)") for k in by if k.startswith("vlrl update"))
-        lp = max(ratio(k, "naive logprob pass (full logits)") for k in by if k.startswith("vlrl logprob pass"))
+        up = max((ratio(k, "naive update (all params, ckpt, full logits)") for k in by if k.startswith("vlrl update")),
+                 default=math.nan)
+        lp = max((ratio(k, "naive logprob pass (full logits)") for k in by if k.startswith("vlrl logprob pass")),
+                 default=math.nan)
         return up, lp
 
     for r in results[1:]:

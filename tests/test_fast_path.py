@@ -110,3 +110,30 @@ def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
     assert any("visual" in n for n in out[False][1])
     for name, ref in out[False][1].items():
         torch.testing.assert_close(out[True][1][name], ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_vision_seqlens_on_the_host_change_nothing(tiny_model_dir, adapter):
+    """With transformers >= 5.19 the vision blocks get their per-image boundaries from a CPU tensor (no host
+    sync per block); the vision features are those of transformers' own path, to the bit."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlrl.adapters.vision_seqlens import supported
+
+    if not supported():
+        pytest.skip("this transformers has no precomputed cu_seqlens (vlrl leaves the vision tower as it is)")
+    hooked = adapter.load_model(torch.float32)
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seen = []
+    hooked.model.visual.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["cu_seqlens"].device.type), with_kwargs=True)
+    cfg = hooked.config
+    bad = bench_adapter(cfg.image_token_id, cfg.video_token_id, 0, 1, max_model_len=4096)
+    batch = bad.build_batch(make_rollouts(bad, 3, 120, 1, 64, 60, cfg.text_config.vocab_size))
+    pv, grid = batch.model_inputs["pixel_values"], batch.model_inputs["image_grid_thw"]
+    with torch.no_grad():
+        ours = hooked.model.visual(pv, grid_thw=grid, return_dict=True)
+        ref = plain.model.visual(pv, grid_thw=grid, return_dict=True)
+    assert seen == ["cpu"]
+    assert torch.equal(ours.pooler_output, ref.pooler_output)
+    for a, b in zip(ours.deepstack_features, ref.deepstack_features):
+        assert torch.equal(a, b)

@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
 from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
 from .shared_images import share_repeated_images
+from .vision_seqlens import keep_seqlens_on_host
 
 
 class PromptError(UserError):
@@ -229,6 +230,7 @@ class Qwen3VLAdapter:
         except OSError as e:
             raise PromptError(f"model.path {path!r}: cannot load the model ({e})") from None
         share_repeated_images(model.model.visual)  # a group's copies of an image are encoded once
+        keep_seqlens_on_host(model.model.visual)  # (after the sharing hook: it sees the images actually encoded)
         return model.to(device)
 
     def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None:

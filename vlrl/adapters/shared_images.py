@@ -85,15 +85,12 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     sizes_l = [t * h * w for t, h, w in grids]  # patch rows per image
     starts_l = [sum(sizes_l[:i]) for i in range(len(sizes_l))]
     device = pixels.device
-    image_of_row = torch.repeat_interleave(torch.arange(len(grids), device=device),
-                                           torch.tensor(sizes_l, device=device))  # [P]
-    starts = torch.tensor(starts_l, device=device)
-    local = torch.arange(pixels.shape[0], device=device) - starts[image_of_row]  # row index in its image
-    cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device, dtype=torch.float32).sin() + 1.5
-    row_fp = pixels.float() @ cols  # [P]
-    fp = torch.zeros(len(grids), 2, dtype=torch.float64, device=device)
-    fp[:, 0].index_add_(0, image_of_row, row_fp.double())
-    fp[:, 1].index_add_(0, image_of_row, row_fp.double() * (local + 1).double().sqrt())
+    # Fingerprints: two weighted sums per image, each image reduced on its own (same-size reductions are
+    # deterministic; a scatter-add over all rows is not on CUDA, and equal images must get equal sums).
+    cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device, dtype=torch.float64).sin() + 1.5
+    row_fp = pixels.double() @ cols  # [P]
+    fp = torch.stack([torch.stack([r.sum(), (r * torch.arange(1, len(r) + 1, device=device).sqrt()).sum()])
+                      for r in torch.split(row_fp, sizes_l)])  # [N, 2]
     keys = [(tuple(g), tuple(f)) for g, f in zip(grids, fp.tolist())]
     first: dict = {}
     source = []
