@@ -147,3 +147,14 @@ def test_fsdp_bench_runs_on_cpu_processes():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| bf16-mixed |")]
     assert len(rows) == 2 and all(" - |" not in r for r in rows), res.stdout[-3000:]
     assert rows[0].endswith("| 1.00 (vs 1 GPU) |")
+
+
+def test_fsdp_with_lora_is_refused_with_a_message(tiny_model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port()}",
+           "tests/fsdp_train_worker.py", "train", "configs/tiny-cpu.toml", f"--set=model.path={tiny_model_dir}",
+           f"--set=output_dir={tmp_path}", "--set=model.lora_rank=4", "--set=logging.progress=false"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0
+    assert "LoRA with FSDP is not supported" in res.stdout + res.stderr and "ddp-" in res.stdout + res.stderr
+    assert not (tmp_path / "tiny-cpu" / "metrics.jsonl").exists()
