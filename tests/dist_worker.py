@@ -59,13 +59,13 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
     result = {"loss": float(loss), "grads": grads, "world": world}
     if mode == "fsdp":
-        result.update(fsdp_state_round_trip(acc, adapter, model_dir, policy))
+        result.update(fsdp_state_round_trip(acc, adapter, policy))
     if rank == 0:
         torch.save(result, out)
     acc.wait_for_everyone()
 
 
-def fsdp_state_round_trip(acc, adapter, model_dir, policy) -> dict:
+def fsdp_state_round_trip(acc, adapter, policy) -> dict:
     """After an optimizer step: the gathered weights and optimizer state, a fresh sharded policy loaded from
     them (as a resumed run is), and an unsharded replica refreshed from the shards (the in-process sampler's)."""
     from vlrl.fsdp import copy_full_weights, full_state, load_optimizer_state, optimizer_state
@@ -78,11 +78,8 @@ def fsdp_state_round_trip(acc, adapter, model_dir, policy) -> dict:
     copy_full_weights(policy, replica)
     replica_diff = max(float((gathered(p) - dict(replica.named_parameters())[n[len("model."):]]).abs().max())
                        for n, p in policy.named_parameters())
-    model2 = adapter.load_model(torch.float32).train()
-    if acc.process_index == 0:
-        model2.load_state_dict(weights)
-    policy2 = prepare_on_cpu(acc, adapter.policy(model2, 1.0))
-    # rank 0's weights reach the others through the optimizer-state broadcast's twin for weights:
+    policy2 = prepare_on_cpu(acc, adapter.policy(adapter.load_model(torch.float32).train(), 1.0))
+    # the fresh shards get the gathered weights from rank 0 (a resumed run reads them from the checkpoint)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(policy2, {f"model.{k}": v for k, v in weights.items()},

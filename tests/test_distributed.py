@@ -1,9 +1,9 @@
-"""Data parallelism on the CPU (gloo): one step with 2 ranks gives the single-rank loss and gradients on the
-same global batch, and `vlrl train` runs with 2 processes."""
+"""Data parallelism on the CPU (gloo), DDP and FSDP2: one step with 2 ranks gives the single-rank loss and
+gradients on the same global batch, FSDP2's gathered state round-trips, and `vlrl train` runs (and, sharded,
+resumes) with 2 processes."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +15,20 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port()}", *args]
+    """`n` CPU processes on a free port (tests/ importable: its reward functions and workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def train_args(entry: str, tiny_model_dir, out_dir, *overrides: str) -> list[str]:
+    """`train configs/tiny-cpu.toml` with a small step (3 prompts x 4 rollouts of 4 tokens, a reward that
+    varies within every group) and `overrides`; `entry` is `-m vlrl` or a worker script."""
+    sets = (f"model.path={tiny_model_dir}", f"output_dir={out_dir}", "rollout.prompts_per_step=3",
+            "rollout.group_size=4", "rollout.max_new_tokens=4", "logging.progress=false",
+            'env.rewards=[{fn="rewards_for_tests:parity"}]', *overrides)
+    return [*entry.split(), "train", "configs/tiny-cpu.toml", *[f"--set={o}" for o in sets]]
 
 
 def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
@@ -78,14 +82,7 @@ def test_fsdp2_two_ranks_give_the_single_rank_gradient_and_gather_whole_state(ti
 def test_vlrl_train_with_two_processes(tiny_model_dir, tmp_path):
     """Two CPU processes over gloo, started by torchrun (accelerate launch's CPU multi-process mode needs MPI;
     on GPUs `accelerate launch --config_file configs/accelerate/...` starts the same processes)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port()}",
-           "-m", "vlrl", "train", "configs/tiny-cpu.toml",
-           *[f"--set={o}" for o in (f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "name=ddp",
-                                    "train.steps=2", "rollout.prompts_per_step=3", "rollout.group_size=4",
-                                    "rollout.max_new_tokens=4", "logging.progress=false",
-                                    'env.rewards=[{fn="rewards_for_tests:parity"}]')]]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(2, *train_args("-m vlrl", tiny_model_dir, tmp_path, "name=ddp", "train.steps=2"))
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
@@ -97,14 +94,8 @@ def test_vlrl_train_with_two_processes(tiny_model_dir, tmp_path):
 
 
 def fsdp_train(tiny_model_dir, out_dir, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    sets = (f"model.path={tiny_model_dir}", f"output_dir={out_dir}", "rollout.prompts_per_step=3",
-            "rollout.group_size=4", "rollout.max_new_tokens=4", "logging.progress=false", "checkpoint.every=1",
-            'env.rewards=[{fn="rewards_for_tests:parity"}]', *overrides)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port()}",
-           "tests/fsdp_train_worker.py", "train", "configs/tiny-cpu.toml", *[f"--set={o}" for o in sets],
-           *(["--resume"] if resume else [])]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    args = train_args("tests/fsdp_train_worker.py", tiny_model_dir, out_dir, "checkpoint.every=1", *overrides)
+    res = torchrun(2, *args, *(["--resume"] if resume else []))
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     return res
 
@@ -150,11 +141,7 @@ def test_fsdp_bench_runs_on_cpu_processes():
 
 
 def test_fsdp_with_lora_is_refused_with_a_message(tiny_model_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port()}",
-           "tests/fsdp_train_worker.py", "train", "configs/tiny-cpu.toml", f"--set=model.path={tiny_model_dir}",
-           f"--set=output_dir={tmp_path}", "--set=model.lora_rank=4", "--set=logging.progress=false"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    res = torchrun(1, *train_args("tests/fsdp_train_worker.py", tiny_model_dir, tmp_path, "model.lora_rank=4"))
     assert res.returncode != 0
     assert "LoRA with FSDP is not supported" in res.stdout + res.stderr and "ddp-" in res.stdout + res.stderr
     assert not (tmp_path / "tiny-cpu" / "metrics.jsonl").exists()

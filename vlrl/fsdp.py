@@ -20,6 +20,10 @@ PREFIX = "model."  # the policy wraps the HF model as `.model`; checkpoints use 
 FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")  # = fsdp_transformer_layer_cls_to_wrap in the configs
 
 
+def _hf_name(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+
+
 def is_fsdp(accelerator) -> bool:
     return accelerator is not None and accelerator.distributed_type.name == "FSDP"
 
@@ -35,7 +39,7 @@ def full_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(policy, options=_options(cpu_offload=True))
-    return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+    return {_hf_name(k): v for k, v in state.items()}
 
 
 @torch.no_grad()
@@ -44,9 +48,8 @@ def copy_full_weights(policy: nn.Module, replica: nn.Module) -> None:
     all-gathered tensor at a time (cast to the replica's dtype). Every rank calls it."""
     targets = dict(replica.named_parameters())
     for name, param in policy.named_parameters():
-        key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        targets[key].copy_(full)
+        targets[_hf_name(name)].copy_(full)
         del full
 
 

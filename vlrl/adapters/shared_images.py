@@ -87,8 +87,9 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     device = pixels.device
     # Fingerprints: two weighted sums per image, each image reduced on its own (same-size reductions are
     # deterministic; a scatter-add over all rows is not on CUDA, and equal images must get equal sums).
-    cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device, dtype=torch.float64).sin() + 1.5
-    row_fp = pixels.double() @ cols  # [P]
+    # (in the pixels' own dtype: no float copy of all the pixels; a coarse fingerprint only costs an extra compare)
+    cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device).sin() + 1.5
+    row_fp = (pixels @ cols.to(pixels.dtype)).double()  # [P]
     fp = torch.stack([torch.stack([r.sum(), (r * torch.arange(1, len(r) + 1, device=device).sqrt()).sum()])
                       for r in torch.split(row_fp, sizes_l)])  # [N, 2]
     keys = [(tuple(g), tuple(f)) for g, f in zip(grids, fp.tolist())]
