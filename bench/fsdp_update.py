@@ -43,7 +43,7 @@ def worker(args) -> None:
     from transformers import AutoModelForImageTextToText
     from update_step import PAD, IM_END, bench_adapter, make_rollouts, non_embedding_params, qwen3_vl_8b_config
 
-    from vlrl.adapters.qwen3_vl import compile_decoder_layers, set_checkpointing
+    from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.adapters.shared_images import share_repeated_images
     from vlrl.fsdp import is_fsdp, prepare_on_cpu
     from vlrl.update import LossSettings, accumulate_gradients
@@ -72,7 +72,7 @@ def worker(args) -> None:
     model.model.visual.requires_grad_(False)
     set_checkpointing(model, args.checkpoint_fraction)
     if args.compile:
-        compile_decoder_layers(model)
+        compile_layers(model)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)

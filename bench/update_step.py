@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
 from vlrl.adapters.shared_images import share_repeated_images  # noqa: E402
-from vlrl.adapters.vision_seqlens import keep_seqlens_on_host  # noqa: E402
+from vlrl.adapters.fast_vision import fast_vision, set_fast_vision  # noqa: E402
 from vlrl.config import ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
 from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
@@ -117,16 +118,29 @@ def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab
     return rollouts
 
 
-def naive_logprobs(model, batch, banned, temperature=1.0):
-    """The naive path: full [B, L, V] logits, float32 log_softmax over the vocabulary, gather. (The sampler's
-    placeholder ban is applied too, so both paths compute the same function.) Every image copy is encoded."""
+@contextmanager
+def transformers_defaults(model, matmul_patch_embed=False):
+    """The naive path runs transformers' own code: every image copy encoded, its own vision attention (also
+    when checkpointed blocks recompute in the backward: keep the whole update inside), its own positions.
+    `matmul_patch_embed`: keep vlrl's patch embedding (for the exactness check: in bf16 the convolution and
+    the matmul round differently, and a random tower amplifies that to ~1.5% of its features)."""
     from vlrl.adapters.shared_images import set_image_sharing
 
     set_image_sharing(model.model.visual, False)
+    set_fast_vision(model.model.visual, False, patch_embed_as_matmul=matmul_patch_embed)
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs)
+        yield
     finally:
         set_image_sharing(model.model.visual, True)
+        set_fast_vision(model.model.visual, True)
+
+
+def naive_logprobs(model, batch, banned, temperature=1.0):
+    """The naive path: full [B, L, V] logits, float32 log_softmax over the vocabulary, gather. (The sampler's
+    placeholder ban is applied too, so both paths compute the same function.) The model computes its M-RoPE
+    positions itself; run it inside `transformers_defaults` for the rest of transformers' defaults."""
+    inputs = {k: v for k, v in batch.model_inputs.items() if k != "position_ids"}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **inputs)
     logits = out.logits.float() / temperature  # [B, L, V]
     logits[..., banned] = float("-inf")
     lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
@@ -134,15 +148,16 @@ def naive_logprobs(model, batch, banned, temperature=1.0):
     return torch.where(batch.loss_mask.bool(), lp, 0.0)  # (prompt image tokens are banned targets: -inf there)
 
 
-def naive_update(model, batch, settings, banned):
+def naive_update(model, batch, settings, banned, matmul_patch_embed=False):
     from vlrl.algo.losses import aggregation_weights, policy_loss
 
-    logp = naive_logprobs(model, batch, banned)
-    tok, _ = policy_loss(logp, batch.behavior_logprobs, batch.advantages, batch.loss_mask, settings.policy_loss,
-                         settings.clip_low, settings.clip_high, settings.ratio_cap, settings.mask_ratio)
-    w = aggregation_weights(batch.loss_mask, settings.aggregation, float(batch.loss_mask.sum()),
-                            float((batch.loss_mask.sum(-1) > 0).sum()), settings.max_new_tokens)
-    (tok * w).sum().backward()
+    with transformers_defaults(model, matmul_patch_embed):
+        logp = naive_logprobs(model, batch, banned)
+        tok, _ = policy_loss(logp, batch.behavior_logprobs, batch.advantages, batch.loss_mask, settings.policy_loss,
+                             settings.clip_low, settings.clip_high, settings.ratio_cap, settings.mask_ratio)
+        w = aggregation_weights(batch.loss_mask, settings.aggregation, float(batch.loss_mask.sum()),
+                                float((batch.loss_mask.sum(-1) > 0).sum()), settings.max_new_tokens)
+        (tok * w).sum().backward()
     return logp.detach()
 
 
@@ -220,6 +235,30 @@ def shared_vision_error(model, batch) -> float:
     return rel_err(feats[1], feats[0])
 
 
+def patch_embed_errors(model, batch) -> tuple[float, float]:
+    """How far the vision features are from a float32 copy of the tower (transformers' own path), with
+    transformers' convolution patch embedding and with vlrl's matmul: (conv, matmul). Equal errors mean the
+    matmul costs no accuracy; their size is what bf16 does to this tower."""
+    import copy
+
+    if "pixel_values" not in batch.model_inputs:
+        return 0.0, 0.0
+    pv, grid = batch.model_inputs["pixel_values"], batch.model_inputs["image_grid_thw"]
+    visual = model.model.visual
+    reference = copy.deepcopy(visual).float()
+    set_fast_vision(reference, False)
+    out = []
+    with torch.no_grad():
+        want = reference(pv.float(), grid_thw=grid, return_dict=True).pooler_output
+        del reference
+        for matmul in (False, True):
+            set_fast_vision(visual, True, patch_embed_as_matmul=matmul)
+            got = visual(pv.to(visual.dtype), grid_thw=grid, return_dict=True).pooler_output
+            out.append(rel_err(got.float(), want))
+    set_fast_vision(visual, True)
+    return out[0], out[1]
+
+
 def non_embedding_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
 
@@ -238,8 +277,50 @@ def profile(fn, model, device, rows=18):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
+def breakdown(fn, model, device, label):
+    """Where one call of `fn` spends its time, on the GPU's clock (CUDA events recorded as the host reaches
+    each boundary) and on the host's: before the vision tower, the tower, between the tower and the language
+    model (feature merge, M-RoPE positions), the language model, after it (the logprob head). A GPU span
+    longer than its kernels is the GPU waiting for the host."""
+    marks = []
+
+    def mark(name):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append((name, ev, time.perf_counter()))
+
+    hooks = []
+    gc.collect()
+    torch.cuda.empty_cache()
+    for part in ("visual", "language_model"):
+        mod = getattr(model.model, part)
+        hooks.append(mod.register_forward_pre_hook(lambda *a, p=part: mark(f"{p} start")))
+        hooks.append(mod.register_forward_hook(lambda *a, p=part: mark(f"{p} end")))
+    try:
+        fn()  # warm
+        sync(device)
+        marks.clear()
+        mark("call")
+        fn()
+        mark("return")
+        sync(device)
+    except torch.OutOfMemoryError:
+        print(f"  breakdown, {label}: OOM", flush=True)
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+    cells = []
+    for (n0, e0, t0), (n1, e1, t1) in zip(marks, marks[1:]):
+        span = {"visual end": "vision tower", "language_model end": "language model"}.get(n1, f"{n0} -> {n1}")
+        cells.append(f"{span} {e0.elapsed_time(e1):.1f} ms (host {1e3 * (t1 - t0):.1f})")
+    print(f"  breakdown, {label}: " + "; ".join(cells), flush=True)
+
+
 def run_case(name, model, adapter, rollouts, device, args, settings, results):
     batch = adapter.build_batch(rollouts).to(device)
+    if args.host_syncs:  # transformers computes M-RoPE positions in the forward, as it does by default
+        batch.model_inputs.pop("position_ids")
     tokens = int(batch.attention_mask.sum())
     n = non_embedding_params(model)
     policy = adapter.policy(model, 1.0)
@@ -263,7 +344,7 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         accumulate_gradients(policy, batch, [list(range(batch.size))], settings, device)
 
     def naive_fwd():
-        with torch.no_grad():
+        with torch.no_grad(), transformers_defaults(model):
             naive_logprobs(model, batch, banned)
 
     def vlrl_fwd():
@@ -272,11 +353,12 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
 
     rows = []
     vision_err = shared_vision_error(model, batch)
+    conv_err, matmul_err = patch_embed_errors(model, batch)
     # exactness first: logprobs and gradients of the fast path against the naive path, same weights
     set_trainable(model, vision=False, checkpointing=True)
     try:
         zero()
-        ref_lp = naive_update(model, batch, settings, banned)
+        ref_lp = naive_update(model, batch, settings, banned, matmul_patch_embed=True)
         ref_g = grads_of(model, device.type == "cpu")
         zero()
         with torch.no_grad():
@@ -308,6 +390,10 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
     ]
     if args.profile and device.type == "cuda":
         profile(vlrl_step, model, device)
+    if args.breakdown and device.type == "cuda":
+        set_trainable(model, vision=False, checkpointing=False)
+        breakdown(naive_fwd, model, device, "naive logprob pass")
+        breakdown(vlrl_fwd, model, device, "vlrl logprob pass")
     if args.compile:
         variants += [
             ("vlrl update, compiled layers", vlrl_step, dict(vision=False, checkpointing=True, compiled=True), 6),
@@ -321,16 +407,19 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         if args.skip and any(s in label for s in args.skip):
             continue
         if mode.pop("compiled", False) and not getattr(model, "_bench_compiled", False):
-            from vlrl.adapters.qwen3_vl import compile_decoder_layers
+            from vlrl.adapters.qwen3_vl import compile_layers
 
             set_trainable(model, **mode)
-            compile_decoder_layers(model)
+            compile_layers(model)
             policy.fused_head = True  # what train.compile turns on with the compiled layers
             model._bench_compiled = True
             t0 = time.perf_counter()
             fn()
             sync(device)
             print(f"  compile + first step: {time.perf_counter() - t0:.1f} s", flush=True)
+            if args.breakdown and device.type == "cuda":
+                set_trainable(model, vision=False, checkpointing=False)
+                breakdown(vlrl_fwd, model, device, "vlrl logprob pass, compiled")
         set_trainable(model, **mode)
         try:
             peak = peak_gib(device, fn)
@@ -349,12 +438,13 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         rows.append(dict(case=name, path=label, seconds=t, tokens_per_s=tps, mfu=mfu, peak_gib=peak))
         print(f"  {name} | {label}: {t:.3f} s, {tps:,.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB", flush=True)
     if getattr(model, "_bench_compiled", False):  # every case starts uncompiled (and below dynamo's recompile limit)
-        for layer in model.model.language_model.layers:
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
             layer._compiled_call_impl = None
         model._bench_compiled = False
         torch._dynamo.reset()
     results.append(dict(case=name, tokens=tokens, rows=rows, logprob_max_abs_diff=lp_diff, grad_max_rel_err=g_err,
-                        shared_vision_rel_err=vision_err))
+                        shared_vision_rel_err=vision_err, vision_vs_float32_conv=conv_err,
+                        vision_vs_float32_matmul=matmul_err))
 
 
 def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images, side, completion, vocab):
@@ -406,7 +496,10 @@ def main():
     ap.add_argument("--group", type=int, default=8,
                     help="also run the first shape as GRPO groups of this many samples sharing a prompt (1: skip)")
     ap.add_argument("--host-syncs", action="store_true",
-                    help="leave the vision tower's cu_seqlens on the GPU (transformers' default), for comparison")
+                    help="transformers' defaults, for comparison: its own vision attention (boundaries read from "
+                         "the GPU, one call per image) and M-RoPE positions computed in every forward")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="print where one logprob pass spends its time (vision, merge, language model, head)")
     ap.add_argument("--long", default="8x4096x4", help="long case BATCHxSEQxIMAGES ('' to skip)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
@@ -415,7 +508,7 @@ def main():
     ap.add_argument("--fit-max", type=int, default=256)
     ap.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains these words")
     ap.add_argument("--json", type=Path, help="write the results here too")
-    ap.add_argument("--compile", action="store_true", help="also time vlrl's path with compiled decoder layers")
+    ap.add_argument("--compile", action="store_true", help="also time vlrl's path with compiled layers (train.compile)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one vlrl update")
     ap.add_argument("--fractions", type=float, nargs="*", default=[], help="with --compile: checkpoint fractions")
     args = ap.parse_args()
@@ -443,7 +536,7 @@ def main():
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     share_repeated_images(model.model.visual)  # as Qwen3VLAdapter.load_model does; the naive path turns it off
     if not args.host_syncs:
-        keep_seqlens_on_host(model.model.visual)  # as load_model does (transformers >= 5.19)
+        fast_vision(model.model.visual)  # as load_model does (transformers >= 5.19)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
@@ -480,7 +573,8 @@ def main():
                   f"{row['mfu']:.1%} | {row['peak_gib']:.1f} |")
         print(f"| {r['case']} | fast vs naive | logprob max abs diff {r['logprob_max_abs_diff']:.2e}, "
               f"grad max rel err {r['grad_max_rel_err']:.2e}, shared-image vision features rel err "
-              f"{r['shared_vision_rel_err']:.1e} | | | |")
+              f"{r['shared_vision_rel_err']:.1e}; vision features vs float32: conv patch embedding "
+              f"{r['vision_vs_float32_conv']:.1e}, matmul {r['vision_vs_float32_matmul']:.1e} | | | |")
     if fit:
         print(f"largest micro-batch that fits (update, {args.seq_len} tokens/sample): naive {fit['naive']['tokens']:,} "
               f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")

@@ -121,6 +121,60 @@ def test_micro_batches_give_the_same_logprobs_as_the_whole_batch(adapter, tiny_m
     assert (whole != 0).sum() == b.num_loss_tokens
 
 
+def test_host_positions_equal_transformers_own(adapter, tiny_model):
+    """The batch's M-RoPE positions (built on the host) are exactly what transformers' get_rope_index computes
+    in the forward, for images of several shapes, two images in one sample, an image-less sample and padding;
+    and micro-batches carry their samples' positions."""
+    prompts = [
+        prompt(adapter, "Two images", [image(96, 64, (0, 200, 0)), image(64, 128, (0, 0, 200))]),
+        prompt(adapter, "No image"),
+        prompt(adapter, "Wide", [image(128, 64, (9, 9, 9))]),
+        prompt(adapter, "Tall and small", [image(32, 96)]),
+    ]
+    rs = [Rollout(prompt=p, completion_ids=list(range(5, 5 + 2 + 3 * i)), logprobs=[0.0] * (2 + 3 * i),
+                  finish_reason="length") for i, p in enumerate(prompts)]
+    b = adapter.build_batch(rs)
+    inputs = b.model_inputs
+    want, _ = tiny_model.model.get_rope_index(
+        b.input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=b.attention_mask,
+    )
+    assert inputs["position_ids"].shape == (3, b.size, b.seq_len)
+    assert torch.equal(inputs["position_ids"], want)
+    # image rows really differ per axis (the check could fail): height and width positions of sample 0's image
+    img = b.input_ids[0] == adapter.image_token_id
+    assert not torch.equal(inputs["position_ids"][1, 0][img], inputs["position_ids"][2, 0][img])
+    sub = b.select([3, 1])
+    assert torch.equal(sub.model_inputs["position_ids"], want[:, [3, 1], : sub.seq_len])
+
+
+def test_logprobs_with_host_positions_equal_the_models_own(adapter, tiny_model):
+    rs = [
+        Rollout(prompt=prompt(adapter, "Two", [image(96, 64), image(64, 128, (0, 0, 200))]), completion_ids=[5, 6, 7],
+                logprobs=[0.0] * 3, finish_reason="length"),
+        Rollout(prompt=prompt(adapter, "None"), completion_ids=[8, 9], logprobs=[0.0] * 2, finish_reason="length"),
+    ]
+    b = adapter.build_batch(rs)
+    policy = adapter.policy(tiny_model, 1.0)
+    with torch.no_grad():
+        ours, _ = batch_logprobs(policy, b)
+        inputs = {k: v for k, v in b.model_inputs.items() if k != "position_ids"}
+        theirs, _ = policy(b.input_ids, b.attention_mask, b.loss_mask, **inputs)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_positions_refuse_placeholders_that_do_not_match_the_grid():
+    from vlrl.adapters.mrope import mrope_positions
+
+    ids = torch.tensor([[1, 9, 9, 9, 2]])  # a run of 3 placeholders
+    with pytest.raises(ValueError, match="grid 1x4x4 needs 4"):
+        mrope_positions(ids, torch.ones_like(ids), torch.tensor([[1, 4, 4]]), 9, 2)
+    with pytest.raises(ValueError, match="more image placeholder runs"):
+        mrope_positions(ids, torch.ones_like(ids), None, 9, 2)
+    with pytest.raises(ValueError, match="2 image grids but 1"):
+        mrope_positions(torch.tensor([[1, 9, 9, 9, 9, 2]]), torch.ones(1, 6), torch.tensor([[1, 4, 4]] * 2), 9, 2)
+
+
 def test_placeholder_count_is_checked(adapter):
     p = prompt(adapter, "x", [image(64, 64)])
     bad = list(p.input_ids)
@@ -151,3 +205,20 @@ def test_plan_micro_batches_respects_samples_and_tokens():
     # padded tokens = samples * longest: [10, 10] = 20 fits 20; adding 30 would make 90
     assert plan_micro_batches([10, 10, 30, 5, 5], max_samples=8, max_tokens=60) == [[0, 1], [2, 3], [4]]
     assert plan_micro_batches([100], max_samples=8, max_tokens=60) == [[0]]  # a single sample always goes
+
+
+def test_check_batch_catches_positions_that_differ_from_the_models(adapter, tiny_model):
+    """`vlrl check-batch`'s positions check fails (naming the count) when the batch's positions are not the
+    model's: what a transformers with changed M-RoPE rules would look like."""
+    from vlrl.check_batch import Report, check_positions
+
+    r = Rollout(prompt=prompt(adapter, "x", [image(64, 64)]), completion_ids=[5, 6], logprobs=[0.0, 0.0],
+                finish_reason="length")
+    b = adapter.build_batch([r])
+    good = Report()
+    check_positions(b, tiny_model, good)
+    assert good.ok and good.checks[0].name == "M-RoPE positions"
+    b.model_inputs["position_ids"][2, 0, 5] += 1  # one width position off
+    bad = Report()
+    check_positions(b, tiny_model, bad)
+    assert not bad.ok and bad.checks[0].detail.startswith("1 of ")

@@ -30,7 +30,8 @@ def test_check_batch_json_ok(tiny_model_dir):
     report = json.loads(res.stdout)
     assert report["ok"] is True
     names = {c["name"]: c["ok"] for c in report["checks"]}
-    assert set(names) >= {"shapes", "image tokens vs grid", "token budget", "loss mask", "trainer vs sampler logprobs"}
+    assert set(names) >= {"shapes", "image tokens vs grid", "token budget", "loss mask", "M-RoPE positions",
+                          "trainer vs sampler logprobs"}
     assert all(names.values())
     assert report["stats"]["mismatch_kl"] < 1e-6
     assert report["shapes"]["pixel_values"][1] == 1536

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from update_step import bench_adapter, make_rollouts, naive_logprobs, naive_update  # noqa: E402
 
-from vlrl.adapters.qwen3_vl import compile_decoder_layers, set_checkpointing  # noqa: E402
+from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing  # noqa: E402
 from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
 
 
@@ -25,6 +25,10 @@ def case(tiny_model):
         own = naive_logprobs(tiny_model.eval(), batch, adapter.banned_token_ids)
     batch.behavior_logprobs = (own + 0.05 * torch.randn(own.shape, generator=torch.Generator().manual_seed(0))) * batch.loss_mask
     return adapter, batch
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
 
 
 def grads(model):
@@ -65,7 +69,7 @@ def test_compiled_layers_give_the_same_logprobs(tiny_model, case):
     policy = adapter.policy(model, 1.0)
     with torch.no_grad():
         before, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
-        compile_decoder_layers(model)
+        compile_layers(model)
         after, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
@@ -112,28 +116,95 @@ def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
         torch.testing.assert_close(out[True][1][name], ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_vision_seqlens_on_the_host_change_nothing(tiny_model_dir, adapter):
-    """With transformers >= 5.19 the vision blocks get their per-image boundaries from a CPU tensor (no host
-    sync per block); the vision features are those of transformers' own path, to the bit."""
+def test_vision_inputs_from_the_host_change_nothing(tiny_model_dir, adapter):
+    """With transformers >= 5.19 the vision tower gets its grid-derived inputs (attention boundaries as a CPU
+    tensor, rotary positions, position-table interpolation) from the host, built image size by image size
+    and cached: they equal, to the bit, what transformers' helpers compute for the whole grid; no keyword is
+    left over for the blocks; the patch embedding as a matmul equals the convolution; the features are
+    transformers' own."""
+    from transformers import AutoModelForImageTextToText, vision_utils
+
+    from vlrl.adapters.fast_vision import supported
+
+    if not supported():
+        pytest.skip("this transformers takes no precomputed vision inputs (vlrl leaves the vision tower as it is)")
+    hooked = adapter.load_model(torch.float32)
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    visual = hooked.model.visual
+    given, seen = [], []
+    visual.register_forward_pre_hook(lambda m, a, k: given.append(dict(k)), with_kwargs=True)  # after vlrl's
+    visual.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["cu_seqlens"].device.type, sorted(k))), with_kwargs=True)
+    grid = torch.tensor([[1, 8, 8], [1, 4, 12], [1, 8, 8], [1, 6, 4]])  # a repeated size: served from the cache
+    pv = torch.randn(int(grid.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = visual(pv, grid_thw=grid, return_dict=True)
+        ref = plain.model.visual(pv, grid_thw=grid, return_dict=True)
+        embed_ref = plain.model.visual.patch_embed(pv)
+        embed = visual.patch_embed(pv)
+    assert seen == [("cpu", ["cu_seqlens", "max_seqlen", "position_embeddings"])]
+    idx, w = vision_utils.get_vision_interpolation_indices_and_weights(
+        grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
+    assert torch.equal(given[0]["interp_indices"], idx) and torch.equal(given[0]["interp_weights"], w)
+    assert torch.equal(given[0]["position_ids"], vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size))
+    assert torch.equal(given[0]["cu_seqlens"], vision_utils.get_vision_cu_seqlens(grid))
+    assert len(visual._vlrl_fast_vision["inputs"]) == 3
+    assert rel_err(embed, embed_ref) < 1e-6  # float32: a matmul sums in another order than the convolution
+    for a, b in zip([ours.pooler_output, *ours.deepstack_features], [ref.pooler_output, *ref.deepstack_features]):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("grids", [[[1, 8, 8]] * 3, [[1, 8, 8], [1, 4, 8], [1, 8, 4]]], ids=["equal", "unequal"])
+def test_vision_attention_matches_transformers(tiny_model_dir, adapter, grids):
+    """The vision tower's attention routed through `vision_attention` (equal-size images in one batched call;
+    otherwise one call per image): features and the gradients of a trainable tower are transformers' own,
+    the language model keeps transformers' sdpa, and nothing of it reaches a saved config."""
     from transformers import AutoModelForImageTextToText
 
-    from vlrl.adapters.vision_seqlens import supported
+    from vlrl.adapters.fast_vision import NAME, supported
 
     if not supported():
         pytest.skip("this transformers has no precomputed cu_seqlens (vlrl leaves the vision tower as it is)")
-    hooked = adapter.load_model(torch.float32)
+    ours = adapter.load_model(torch.float32)
     plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    seen = []
-    hooked.model.visual.blocks[0].register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["cu_seqlens"].device.type), with_kwargs=True)
-    cfg = hooked.config
-    bad = bench_adapter(cfg.image_token_id, cfg.video_token_id, 0, 1, max_model_len=4096)
-    batch = bad.build_batch(make_rollouts(bad, 3, 120, 1, 64, 60, cfg.text_config.vocab_size))
-    pv, grid = batch.model_inputs["pixel_values"], batch.model_inputs["image_grid_thw"]
+    assert ours.model.visual.config._attn_implementation == NAME
+    assert ours.model.language_model.config._attn_implementation == "sdpa"
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(0))
+    weights = None
+    out = {}
+    for name, model in (("ours", ours), ("plain", plain)):
+        model.model.visual.requires_grad_(True)
+        feats = model.model.visual(pixels, grid_thw=grid, return_dict=True)
+        every = [feats.pooler_output, *feats.deepstack_features]
+        if weights is None:
+            weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i)) for i, f in enumerate(every)]
+        sum((f * w).sum() for f, w in zip(every, weights)).backward()
+        out[name] = ([f.detach() for f in every],
+                     {n: p.grad for n, p in model.model.visual.named_parameters() if p.grad is not None})
+    for a, b in zip(out["ours"][0], out["plain"][0]):
+        assert rel_err(a, b) < 1e-5
+    assert set(out["ours"][1]) == set(out["plain"][1]) and out["plain"][1]
+    for n, g in out["plain"][1].items():
+        assert rel_err(out["ours"][1][n], g) < 1e-5, n
+
+
+def test_equal_size_images_make_a_vision_block_one_graph(adapter):
+    """With every image the same size, a vision block traces as one graph (fullgraph=True would raise at
+    the per-image split transformers' own attention makes: a host read of the boundaries)."""
+    from vlrl.adapters.fast_vision import supported
+
+    if not supported():
+        pytest.skip("this transformers has no precomputed cu_seqlens")
+    model = adapter.load_model(torch.float32)
+    block = model.model.visual.blocks[0]
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a, k: seen.update(args=a, kwargs=k), with_kwargs=True)
+    grid = torch.tensor([[1, 8, 8]] * 2)
     with torch.no_grad():
-        ours = hooked.model.visual(pv, grid_thw=grid, return_dict=True)
-        ref = plain.model.visual(pv, grid_thw=grid, return_dict=True)
-    assert seen == ["cpu"]
-    assert torch.equal(ours.pooler_output, ref.pooler_output)
-    for a, b in zip(ours.deepstack_features, ref.deepstack_features):
-        assert torch.equal(a, b)
+        model.model.visual(torch.randn(128, 1536), grid_thw=grid, return_dict=True)
+        ref = block(*seen["args"], **seen["kwargs"])
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(*seen["args"], **seen["kwargs"]), ref)

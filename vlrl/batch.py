@@ -1,7 +1,8 @@
 """`MultimodalBatch`: the padded training batch, and its split into micro-batches.
 
 The batch is model-agnostic: the adapter fills `model_inputs` and declares, per key, how its rows map to
-samples (`layout`): "token" tensors are [B, L] like input_ids; "patch" tensors are packed over every image of
+samples (`layout`): "token" tensors are [B, L] like input_ids; "positions" tensors are [K, B, L] (one [B, L]
+plane per position axis, as M-RoPE's position_ids); "patch" tensors are packed over every image of
 the batch and are sliced by each sample's patch count; "image" tensors have one row per image. Slicing by
 patch counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
 """
@@ -20,8 +21,8 @@ class MultimodalBatch:
     loss_mask: torch.Tensor  # [B, L] float32, 1 exactly on tokens the policy sampled
     behavior_logprobs: torch.Tensor  # [B, L] float32, sampler logprob of token t stored at t, 0 elsewhere
     advantages: torch.Tensor  # [B] float32
-    model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], mm_token_type_ids [B, L]
-    layout: dict[str, str]  # model_inputs key -> "token" | "patch" | "image"
+    model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], position_ids [3, B, L]
+    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image"
     patches_per_sample: list[int]
     images_per_sample: list[int]
 
@@ -60,6 +61,8 @@ class MultimodalBatch:
             kind = self.layout[key]
             if kind == "token":
                 inputs[key] = value[idx, :length]
+            elif kind == "positions":
+                inputs[key] = value[:, idx, :length]
             elif kind in ("patch", "image"):
                 starts, counts = (
                     (patch_starts, self.patches_per_sample) if kind == "patch" else (image_starts, self.images_per_sample)

@@ -2,9 +2,9 @@
 
 It loads the config and the model, rolls out one group for each of a few prompts with the configured
 sampler, builds the training batch and checks: tensor shapes, image placeholders against the image grid,
-the token budget, that the loss mask covers exactly the sampled tokens, and that the trainer's logprobs of
-the sampled tokens agree with the sampler's (mismatch KL and max abs diff), the check that catches every
-alignment bug.
+the token budget, that the loss mask covers exactly the sampled tokens, the M-RoPE positions against the
+model's own, and that the trainer's logprobs of the sampled tokens agree with the sampler's (mismatch KL
+and max abs diff), the check that catches every alignment bug.
 """
 
 from __future__ import annotations
@@ -109,6 +109,23 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.add("no sampled placeholders", banned == 0, f"{banned} image/video placeholder tokens in completions")
 
 
+def check_positions(batch: MultimodalBatch, model, report: Report) -> None:
+    """The M-RoPE positions vlrl builds with the batch against the model's own `get_rope_index` (what it
+    would compute in the forward): a transformers whose position rules changed is caught here."""
+    ours = batch.model_inputs.get("position_ids")
+    if ours is None:
+        return
+    inputs = batch.model_inputs
+    theirs, _ = model.model.get_rope_index(
+        batch.input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+        attention_mask=batch.attention_mask,
+    )
+    real = batch.attention_mask.bool().expand_as(ours)
+    differ = int((ours != theirs.to(ours.device))[real].sum())
+    report.add("M-RoPE positions", differ == 0,
+               f"{differ} of {int(real.sum())} (token, axis) positions differ from the model's own get_rope_index")
+
+
 def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, bool]]]:
     """The sample as (plain text with [[trained]] marks, [(piece, trained)] spans); image pads collapsed."""
     tok = adapter.tokenizer
@@ -168,6 +185,7 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         else f"{checked}/{len(prompts)} prompts: the server's prompt_token_ids equal the processor's",
     )
     check_batch_structure(batch, rollouts, adapter, report)
+    check_positions(batch, model, report)
 
     step("recomputing the sampled tokens' logprobs with the trainer")
     policy = adapter.policy(model, cfg.rollout.temperature).eval()

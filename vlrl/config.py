@@ -231,9 +231,10 @@ class TrainConfig(Section):
     """With gradient checkpointing, the fraction of decoder layers recomputed (spread evenly); below 1
     keeps more activations and recomputes less."""
     compile: bool = False
-    """torch.compile each decoder layer (regional compilation: all layers share one compiled graph), and the
-    softmax statistics of the logprob head (one fused kernel per chunk of logits, forward and backward). Fuses
-    the norms, rotary embedding and activations; the first steps pay the compile time."""
+    """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
+    one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,
+    forward and backward). Fuses the norms, rotary embedding and activations; the first steps pay the compile
+    time, and each new image size recompiles the vision blocks once."""
     seed: int = 0
     """Seed of the data order and the model's random parts."""
 

@@ -19,9 +19,10 @@ from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
+from .fast_vision import fast_vision
 from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
+from .mrope import mrope_positions
 from .shared_images import share_repeated_images
-from .vision_seqlens import keep_seqlens_on_host
 
 
 class PromptError(UserError):
@@ -201,6 +202,11 @@ class Qwen3VLAdapter:
             model_inputs["pixel_values"] = torch.cat(pixel_rows)  # [P, D]
             model_inputs["image_grid_thw"] = torch.cat(grids)  # [N, 3]
             layout.update(pixel_values="patch", image_grid_thw="image")
+        # M-RoPE positions built here, on the host, so the model does not walk the batch on the GPU every pass
+        model_inputs["position_ids"] = mrope_positions(
+            input_ids, attention_mask, model_inputs.get("image_grid_thw"), self.image_token_id, self.merge_size
+        )  # [3, B, L]
+        layout["position_ids"] = "positions"
         return MultimodalBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -230,7 +236,9 @@ class Qwen3VLAdapter:
         except OSError as e:
             raise PromptError(f"model.path {path!r}: cannot load the model ({e})") from None
         share_repeated_images(model.model.visual)  # a group's copies of an image are encoded once
-        keep_seqlens_on_host(model.model.visual)  # (after the sharing hook: it sees the images actually encoded)
+        # the tower's grid-derived inputs from the host, equal-size images attending in one call, the patch
+        # embedding as a matmul (after the sharing hook: it sees the images actually encoded)
+        fast_vision(model.model.visual)
         return model.to(device)
 
     def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None:
@@ -246,7 +254,7 @@ class Qwen3VLAdapter:
 
             add_lora(model, cfg.model, None if adapter_dir is None else Path(adapter_dir) / "adapter")
         if cfg.train.compile:
-            compile_decoder_layers(model)
+            compile_layers(model)
 
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLPolicy:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head)
@@ -279,9 +287,10 @@ def set_checkpointing(model, fraction: float) -> None:
         layer.gradient_checkpointing = int((i + 1) * fraction) > int(i * fraction)
 
 
-def compile_decoder_layers(model) -> None:
-    """Regional compilation: each decoder layer compiled in place; identical layers reuse one graph."""
-    for layer in model.model.language_model.layers:
+def compile_layers(model) -> None:
+    """Regional compilation: each decoder layer and each vision block compiled in place; identical layers
+    reuse one graph. (A vision block is one graph when its images are of one size: `fast_vision`.)"""
+    for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
         layer.compile()
 
 
