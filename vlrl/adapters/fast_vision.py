@@ -113,8 +113,9 @@ def _image_inputs(module, cache: OrderedDict, grid: tuple, device) -> tuple[torc
     """(rotary positions, interpolation taps, their weights) of one image of `grid` patches, on `device`.
 
     transformers' helpers compute them for every image at once; each image's rows depend on its own grid
-    only, so they are computed once per image size (on the CPU, where they cost ~0.1 us a patch) and kept on
-    the device: RL revisits the same few sizes every step."""
+    only, so they are computed once per image size and kept on the device: RL revisits the same few sizes
+    every step, and computing them on the host every call cost 4 ms (8 images of 448px) to 40 ms (8 of
+    1344px) on the H100 machine's CPU, more than the GPU saved."""
     key = (grid, str(device))
     if key in cache:
         cache.move_to_end(key)
