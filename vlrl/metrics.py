@@ -7,6 +7,7 @@ import math
 
 import torch
 
+
 def step_stats(got) -> dict:
     """What the metrics need from one rank's rollouts (plain data, so ranks can pool it)."""
     return {
