@@ -45,8 +45,9 @@ def worker(args) -> None:
 
     from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.adapters.shared_images import share_repeated_images
+    from vlrl.config import AlgorithmConfig
     from vlrl.fsdp import is_fsdp, prepare_on_cpu
-    from vlrl.update import LossSettings, accumulate_gradients
+    from vlrl.update import accumulate_gradients
 
     acc = Accelerator(cpu=args.tiny)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
@@ -78,7 +79,7 @@ def worker(args) -> None:
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
     policy = adapter.policy(model, 1.0, fused_head=args.compile)
     if args.tiny:
-        policy = prepare_on_cpu(acc, policy)
+        policy = prepare_on_cpu(acc, policy, adapter.fsdp_units)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     else:  # (no reference to the unsharded parameters may outlive prepare: they would stay allocated)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, fused=True)
@@ -93,10 +94,10 @@ def worker(args) -> None:
     counts = torch.tensor([batch.num_loss_tokens, float(b)], dtype=torch.float64, device=device)
     counts = acc.reduce(counts, "sum")
     groups = [list(range(i, min(i + args.micro_batch, b))) for i in range(0, b, args.micro_batch)]
-    settings = LossSettings(max_new_tokens=completion)
+    settings = AlgorithmConfig()
 
     def step():
-        accumulate_gradients(policy, batch, groups, settings, device, accelerator=acc, total_tokens=float(counts[0]),
+        accumulate_gradients(policy, batch, groups, settings, completion, device, accelerator=acc, total_tokens=float(counts[0]),
                              total_sequences=float(counts[1]), loss_scale=world)
         acc.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
         optimizer.step()

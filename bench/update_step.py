@@ -37,7 +37,8 @@ from vlrl.adapters.shared_images import share_repeated_images  # noqa: E402
 from vlrl.adapters.fast_vision import fast_vision, set_fast_vision  # noqa: E402
 from vlrl.config import ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
-from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
+from vlrl.config import AlgorithmConfig  # noqa: E402
+from vlrl.update import accumulate_gradients  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END, PAD, IM_END = 151655, 151656, 151652, 151653, 151643, 151645
@@ -148,15 +149,14 @@ def naive_logprobs(model, batch, banned, temperature=1.0):
     return torch.where(batch.loss_mask.bool(), lp, 0.0)  # (prompt image tokens are banned targets: -inf there)
 
 
-def naive_update(model, batch, settings, banned, matmul_patch_embed=False):
+def naive_update(model, batch, settings, max_new_tokens, banned, matmul_patch_embed=False):
     from vlrl.algo.losses import aggregation_weights, policy_loss
 
     with transformers_defaults(model, matmul_patch_embed):
         logp = naive_logprobs(model, batch, banned)
-        tok, _ = policy_loss(logp, batch.behavior_logprobs, batch.advantages, batch.loss_mask, settings.policy_loss,
-                             settings.clip_low, settings.clip_high, settings.ratio_cap, settings.mask_ratio)
+        tok, _ = policy_loss(logp, batch.behavior_logprobs, batch.advantages, batch.loss_mask, settings)
         w = aggregation_weights(batch.loss_mask, settings.aggregation, float(batch.loss_mask.sum()),
-                                float((batch.loss_mask.sum(-1) > 0).sum()), settings.max_new_tokens)
+                                float((batch.loss_mask.sum(-1) > 0).sum()), max_new_tokens)
         (tok * w).sum().backward()
     return logp.detach()
 
@@ -339,11 +339,11 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
 
     def naive_step():
         zero()
-        naive_update(model, batch, settings, banned)
+        naive_update(model, batch, settings, args.completion, banned)
 
     def vlrl_step():
         zero()
-        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, device)
+        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, args.completion, device)
 
     def naive_fwd():
         with torch.no_grad(), transformers_defaults(model):
@@ -360,12 +360,12 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
     set_trainable(model, vision=False, checkpointing=True)
     try:
         zero()
-        ref_lp = naive_update(model, batch, settings, banned, matmul_patch_embed=True)
+        ref_lp = naive_update(model, batch, settings, args.completion, banned, matmul_patch_embed=True)
         ref_g = grads_of(model, device.type == "cpu")
         zero()
         with torch.no_grad():
             fast_lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
-        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, device)
+        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, args.completion, device)
         fast_g = grads_of(model, device.type == "cpu")
         m = batch.loss_mask.bool()
         lp_diff = float((fast_lp - ref_lp)[m].abs().max())
@@ -461,9 +461,9 @@ def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images,
             model.zero_grad(set_to_none=True)
             try:
                 if update == "naive":
-                    naive_update(model, batch, settings, adapter.banned_token_ids)
+                    naive_update(model, batch, settings, completion, adapter.banned_token_ids)
                 else:
-                    accumulate_gradients(policy, batch, [list(range(b))], settings, device)
+                    accumulate_gradients(policy, batch, [list(range(b))], settings, completion, device)
                 sync(device)
                 return True
             except torch.OutOfMemoryError:
@@ -517,7 +517,7 @@ def main():
 
     from transformers import AutoModelForImageTextToText
 
-    settings = LossSettings(max_new_tokens=args.completion)
+    settings = AlgorithmConfig()  # the config's defaults
     if args.tiny:
         import tempfile
 
@@ -529,7 +529,6 @@ def main():
         cfg = model.config
         args.batch, args.seq_len, args.image_side, args.completion, args.group = 4, 160, 64, 96, 2
         args.long, args.warmup, args.repeat = "4x256x2", 1, 3
-        settings = LossSettings(max_new_tokens=args.completion)
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         cfg = qwen3_vl_8b_config()

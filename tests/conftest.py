@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny Qwen3-VL (built once per session, or taken from $VLRL_TINY_MODEL)."""
+"""Shared fixtures: the tiny Qwen3-VL (built once per session, or taken from $VLRL_TINY_MODEL), and the
+overrides of a small training run of it (`from conftest import tiny_config`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_CPU = ROOT / "configs/tiny-cpu.toml"
+PARITY = 'env.rewards=[{fn="rewards_for_tests:parity"}]'  # varies within a group: every group carries signal
+SMALL_STEP = ("rollout.prompts_per_step=2", "rollout.group_size=4")
+
+
+def tiny_overrides(tiny_model_dir, out_dir, *extra: str, step: tuple[str, ...] = SMALL_STEP) -> list[str]:
+    """`--set` overrides of configs/tiny-cpu.toml for a small run of the tiny model: outputs under `out_dir`,
+    `step` (2 prompts x 4 rollouts), 4 new tokens, no progress bar, the parity reward; then `extra`, which
+    may override any of them (later overrides win)."""
+    return [f"model.path={tiny_model_dir}", f"output_dir={out_dir}", *step, "rollout.max_new_tokens=4",
+            "logging.progress=false", PARITY, *extra]
+
+
+def tiny_config(tiny_model_dir, out_dir, *extra: str, step: tuple[str, ...] = SMALL_STEP):
+    """configs/tiny-cpu.toml with `tiny_overrides`."""
+    from vlrl.config import load_config
+
+    return load_config(TINY_CPU, tiny_overrides(tiny_model_dir, out_dir, *extra, step=step))
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,10 @@ from PIL import Image
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.batch import plan_micro_batches
-from vlrl.config import ModelConfig
+from vlrl.config import AlgorithmConfig, ModelConfig
 from vlrl.fsdp import prepare_on_cpu
 from vlrl.records import Rollout
-from vlrl.update import LossSettings, accumulate_gradients
+from vlrl.update import accumulate_gradients
 
 
 def gathered(t: torch.Tensor) -> torch.Tensor:
@@ -45,14 +45,15 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     for r, lp in zip(rollouts, own):
         n = len(r.completion_ids)
         r.logprobs = (lp[-n:] + 0.05 * torch.randn(n, generator=g)).tolist() if n else []
-    policy = prepare_on_cpu(acc, policy) if mode == "fsdp" else acc.prepare(policy)
+    policy = prepare_on_cpu(acc, policy, adapter.fsdp_units) if mode == "fsdp" else acc.prepare(policy)
     mine = rollouts[rank::world]
     batch = adapter.build_batch(mine)
     groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
     counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
     most = torch.tensor([float(len(groups))])
     counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
-    sums = accumulate_gradients(policy, batch, groups, LossSettings(max_new_tokens=10, entropy_coef=0.01), acc.device,
+    sums = accumulate_gradients(policy, batch, groups, AlgorithmConfig(entropy_coef=0.01), 10,
+                                acc.device,
                                 accelerator=acc, total_tokens=float(counts[0]), total_sequences=float(counts[1]),
                                 loss_scale=world, padding_passes=int(most) - len(groups))
     loss = acc.reduce(torch.tensor([sums["loss"]], dtype=torch.float64), "sum")
@@ -78,7 +79,7 @@ def fsdp_state_round_trip(acc, adapter, policy) -> dict:
     copy_full_weights(policy, replica)
     replica_diff = max(float((gathered(p) - dict(replica.named_parameters())[n[len("model."):]]).abs().max())
                        for n, p in policy.named_parameters())
-    policy2 = prepare_on_cpu(acc, adapter.policy(adapter.load_model(torch.float32).train(), 1.0))
+    policy2 = prepare_on_cpu(acc, adapter.policy(adapter.load_model(torch.float32).train(), 1.0), adapter.fsdp_units)
     # the fresh shards get the gathered weights from rank 0 (a resumed run reads them from the checkpoint)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

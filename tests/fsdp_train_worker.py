@@ -8,10 +8,11 @@ sampler's replica, gathered checkpoints, a resume that re-shards the optimizer s
 import sys
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
 
+from vlrl.adapters.qwen3_vl import FSDP_UNITS
 from vlrl.cli import app
-from vlrl.fsdp import FSDP_UNITS
+from vlrl.fsdp import fsdp2_plugin
 from vlrl.train import Run
 
 _init = Accelerator.__init__
@@ -20,9 +21,7 @@ _init = Accelerator.__init__
 def fsdp_init(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     self.state.distributed_type = DistributedType.FSDP
-    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        transformer_cls_names_to_wrap=list(FSDP_UNITS))
+    self.state.fsdp_plugin = fsdp2_plugin(FSDP_UNITS)
 
 
 def checked_run_init(self, *args, **kwargs):

@@ -7,6 +7,7 @@ import torch
 
 from vlrl.algo.advantages import group_advantages, zero_variance_groups
 from vlrl.algo.losses import aggregation_weights, kl_k3, policy_loss
+from vlrl.config import AlgorithmConfig
 
 E = math.e
 
@@ -39,11 +40,13 @@ def test_groups_are_independent_and_failed_samples_are_left_out():
     assert zero_variance_groups(r, g) == {1}
 
 
-def loss_of(log_r, adv, **kw):
+def loss_of(log_r, adv, kind="token", **kw):
+    """The loss with the config's defaults, changed by `kw` (AlgorithmConfig fields)."""
     behavior = torch.zeros(1, len(log_r), dtype=torch.float64)
     logp = torch.tensor([log_r], dtype=torch.float64, requires_grad=True)
     mask = torch.ones_like(behavior)
-    loss, stats = policy_loss(logp, behavior, torch.tensor([adv], dtype=torch.float64), mask, **kw)
+    loss, stats = policy_loss(logp, behavior, torch.tensor([adv], dtype=torch.float64), mask,
+                              AlgorithmConfig(policy_loss=kind, **kw))
     loss.sum().backward()
     return loss.detach()[0].tolist(), logp.grad[0].tolist(), stats
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrl.adapters.qwen3_vl import PromptError, batch_logprobs
+from vlrl.adapters.qwen3_vl import PromptError
 from vlrl.batch import plan_micro_batches
 from vlrl.records import Rollout
+from vlrl.update import batch_logprobs
 
 
 def image(w, h, rgb=(200, 10, 10)):
@@ -216,9 +217,9 @@ def test_check_batch_catches_positions_that_differ_from_the_models(adapter, tiny
                 finish_reason="length")
     b = adapter.build_batch([r])
     good = Report()
-    check_positions(b, tiny_model, good)
+    check_positions(b, adapter, tiny_model, good)
     assert good.ok and good.checks[0].name == "M-RoPE positions"
     b.model_inputs["position_ids"][2, 0, 5] += 1  # one width position off
     bad = Report()
-    check_positions(b, tiny_model, bad)
+    check_positions(b, adapter, tiny_model, bad)
     assert not bad.ok and bad.checks[0].detail.startswith("1 of ")

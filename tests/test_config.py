@@ -121,7 +121,7 @@ def test_accelerate_configs_parse(path):
     if cfg.distributed_type.name == "FSDP":
         from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-        from vlrl.fsdp import FSDP_UNITS
+        from vlrl.adapters.qwen3_vl import FSDP_UNITS
 
         fsdp = cfg.fsdp_config
         assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_overrides
+
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +27,7 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
 def train_args(entry: str, tiny_model_dir, out_dir, *overrides: str) -> list[str]:
     """`train configs/tiny-cpu.toml` with a small step (3 prompts x 4 rollouts of 4 tokens, a reward that
     varies within every group) and `overrides`; `entry` is `-m vlrl` or a worker script."""
-    sets = (f"model.path={tiny_model_dir}", f"output_dir={out_dir}", "rollout.prompts_per_step=3",
-            "rollout.group_size=4", "rollout.max_new_tokens=4", "logging.progress=false",
-            'env.rewards=[{fn="rewards_for_tests:parity"}]', *overrides)
+    sets = tiny_overrides(tiny_model_dir, out_dir, "rollout.prompts_per_step=3", *overrides)
     return [*entry.split(), "train", "configs/tiny-cpu.toml", *[f"--set={o}" for o in sets]]
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import tiny_config
 from test_report import Dom, pixels_near, render
 from vlrl.checkpoint import latest_checkpoint
-from vlrl.config import load_config
 from vlrl.errors import UserError
 from vlrl.evaluate import check_checkpoint, evaluate, pass_at_k, pass_ks, run_eval, summarize
 from vlrl.report import write_run_report
@@ -28,10 +28,7 @@ REWARDS = 'env.rewards=[{fn="rewards_for_tests:parity"}, {fn="choice"}]'
 
 
 def cfg_of(tiny_model_dir, tmp_path, *extra):
-    return load_config(ROOT / "configs/tiny-cpu.toml", [
-        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.max_new_tokens=4",
-        "logging.progress=false", REWARDS, *extra,
-    ])
+    return tiny_config(tiny_model_dir, tmp_path, REWARDS, *extra, step=())
 
 
 def lines(path: Path) -> list[dict]:
@@ -109,10 +106,22 @@ def test_eval_of_the_base_model_is_complete_and_deterministic(tiny_model_dir, tm
     assert (Path(other["out_dir"]) / "samples.jsonl").read_text() != first  # the seed matters
 
 
+def test_a_reward_function_listed_twice_is_scored_under_two_keys(tiny_model_dir, tmp_path):
+    fn = "rewards_for_tests:parity"
+    twice = f'env.rewards=[{{fn="{fn}"}}, {{fn="{fn}", weight=0.5}}]'
+    summary = run_eval(cfg_of(tiny_model_dir, tmp_path, twice), None, "eval", 4, 2, quiet())
+    assert summary["rewards"] == [fn, f"{fn}#2"]
+    assert summary[f"reward/{fn}/mean"] == summary[f"reward/{fn}#2/mean"] > 0
+    assert summary["reward/mean"] == pytest.approx(1.5 * summary[f"reward/{fn}/mean"])
+    recs = lines(Path(summary["out_dir"]) / "samples.jsonl")
+    assert all(set(r["rewards"]) == {fn, f"{fn}#2"} for r in recs)
+
+
 def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(adapter, tiny_model, tmp_path,
                                                                                 tiny_model_dir):
     from vlrl.envs.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
+    from vlrl.rollout.groups import RolloutGroups
 
     cfg = cfg_of(tiny_model_dir, tmp_path, "rollout.prompts_per_step=2")
     sampler = EmbeddedSampler(tiny_model, adapter, cfg.rollout)
@@ -120,7 +129,7 @@ def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(
     calls = []
     tiny_model.train()
     rng = torch.get_rng_state()
-    summary = evaluate(cfg, adapter, sampler, samples, 2, 7, tmp_path / "ev",
+    summary = evaluate(cfg, RolloutGroups(cfg, adapter, sampler), samples, 2, 7, tmp_path / "ev",
                        progress=lambda done, total: calls.append((done, total)), info={"step": 5})
     assert calls == [(0, 3), (2, 3), (3, 3)]  # batches of prompts_per_step prompts
     assert summary["step"] == 5 and summary["seed"] == 7 and summary["samples"] == 6

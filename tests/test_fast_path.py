@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from update_step import bench_adapter, make_rollouts, naive_logprobs, naive_update  # noqa: E402
 
 from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing  # noqa: E402
-from vlrl.update import LossSettings, accumulate_gradients  # noqa: E402
+from vlrl.config import AlgorithmConfig  # noqa: E402
+from vlrl.update import accumulate_gradients  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,16 @@ def test_fast_path_matches_naive(tiny_model, case, dtype, tol, variant):
     if variant == "checkpoint-half":
         set_checkpointing(model, 0.5)
         assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [False, True]
-    settings = LossSettings(max_new_tokens=60)
+    settings = AlgorithmConfig()
     batch = batch.to("cpu")
     model.zero_grad(set_to_none=True)
-    ref_lp = naive_update(model, batch, settings, adapter.banned_token_ids)
+    ref_lp = naive_update(model, batch, settings, 60, adapter.banned_token_ids)
     ref = grads(model)
     model.zero_grad(set_to_none=True)
     policy = adapter.policy(model, 1.0)
     with torch.no_grad():
         lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
-    accumulate_gradients(policy, batch, [[0, 1], [2]], settings)
+    accumulate_gradients(policy, batch, [[0, 1], [2]], settings, 60)
     fast = grads(model)
     m = batch.loss_mask.bool()
     assert float((lp - ref_lp)[m].abs().max()) < (1e-5 if dtype == torch.float32 else 5e-2)

@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_config
 from vlrl.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
-from vlrl.config import load_config
 from vlrl.summary import read_jsonl
 from vlrl.train import train
 
@@ -113,12 +113,11 @@ def bad_dataset(tmp_path: Path, web: str) -> tuple[Path, dict[str, str], list[st
 
 
 def cfg_for(tiny_model_dir, tmp_path, data: Path, *extra):
-    return load_config(ROOT / "configs/tiny-cpu.toml", [
-        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", f"env.dataset={data}", "env.eval_size=1",
-        "model.image_max_bytes=200000", "model.image_max_decoded_pixels=16000000", "model.image_fetch_timeout_s=1",
-        "model.max_model_len=60", "rollout.max_new_tokens=4", "rollout.group_size=2", "logging.progress=false",
-        'env.rewards=[{fn="rewards_for_tests:parity"}]', *extra,
-    ])
+    return tiny_config(
+        tiny_model_dir, tmp_path, f"env.dataset={data}", "env.eval_size=1", "model.image_max_bytes=200000",
+        "model.image_max_decoded_pixels=16000000", "model.image_fetch_timeout_s=1", "model.max_model_len=60",
+        "rollout.group_size=2", *extra, step=(),
+    )
 
 
 def test_every_bad_sample_is_skipped_counted_and_named(tiny_model_dir, tmp_path, web):
@@ -175,10 +174,7 @@ def _write_then_die(run_dir: str) -> None:
 
 
 def small(tiny_model_dir, tmp_path, *extra):
-    return load_config(ROOT / "configs/tiny-cpu.toml", [
-        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.prompts_per_step=2", "rollout.group_size=4",
-        "rollout.max_new_tokens=4", "logging.progress=false", 'env.rewards=[{fn="rewards_for_tests:parity"}]', *extra,
-    ])
+    return tiny_config(tiny_model_dir, tmp_path, *extra)
 
 
 def test_kill_9_during_a_checkpoint_leaves_the_previous_one_loadable(tiny_model_dir, tmp_path):
@@ -239,9 +235,9 @@ def test_weights_load_from_safetensors_only(tiny_model_dir, tmp_path, adapter):
     pickled = tmp_path / "pickled"  # the same model, its weights as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
     torch.save(AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
-    from vlrl.adapters.qwen3_vl import PromptError
+    from vlrl.adapters.qwen3_vl import ModelError
 
-    with pytest.raises(PromptError, match="cannot load the model"):
+    with pytest.raises(ModelError, match="cannot load the model"):
         adapter.load_model(torch.float32, weights_from=str(pickled))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_overrides
 from vlrl.checkpoint import latest_checkpoint, load_trainer_state
 from vlrl.config import load_config
 from vlrl.summary import read_jsonl
@@ -25,11 +26,7 @@ REQUIRED = {"step", "reward/mean", "reward/std", "loss", "response_length/mean",
 
 
 def small(tiny_model_dir, tmp_path, *extra):
-    return [
-        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.prompts_per_step=2",
-        "rollout.group_size=4", "rollout.max_new_tokens=4", "train.micro_batch_size=3", "logging.progress=false",
-        "checkpoint.every=2", 'env.rewards=[{fn="rewards_for_tests:parity"}]', *extra,
-    ]
+    return tiny_overrides(tiny_model_dir, tmp_path, "train.micro_batch_size=3", "checkpoint.every=2", *extra)
 
 
 def cfg_of(overrides):
@@ -172,3 +169,18 @@ def test_metrics_reach_tensorboard_and_wandb_offline(tiny_model_dir, tmp_path, m
     assert [e.step for e in rewards] == [1, 2]
     assert [e.value for e in rewards] == pytest.approx(logged)
     assert list(res.run_dir.rglob("offline-run-*"))  # the W&B run, kept on disk with no network
+
+
+def test_a_reward_function_listed_twice_gets_a_key_of_its_own(tiny_model_dir, tmp_path):
+    """The same function twice (at weights 1 and 0.5) is two rewards, `fn` and `fn#2`, as `vlrl eval` names
+    them, and the total weighs both (it died with KeyError: 'fn#2')."""
+    fn = "rewards_for_tests:parity"
+    twice = f'env.rewards=[{{fn="{fn}"}}, {{fn="{fn}", weight=0.5}}]'
+    res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=twice", twice)))
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
+    assert len(ms) == 2
+    for m in ms:
+        first, second = m[f"reward/{fn}/mean"], m[f"reward/{fn}#2/mean"]
+        assert first == second and 0 < first < 1  # parity varies within the step
+        assert m["reward/mean"] == pytest.approx(1.5 * first)
+        assert m["accuracy"] == pytest.approx(first)  # the first reward decides what is correct

@@ -8,7 +8,8 @@ from PIL import Image
 
 from vlrl.config import RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.update import LossSettings, accumulate_gradients
+from vlrl.config import AlgorithmConfig
+from vlrl.update import accumulate_gradients
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def batch(adapter, tiny_model):
 
 def grads(policy, batch, groups, settings, ref=None):
     policy.zero_grad(set_to_none=True)
-    stats = accumulate_gradients(policy, batch, groups, settings, ref_policy=ref)
+    stats = accumulate_gradients(policy, batch, groups, settings, 6, ref_policy=ref)
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}, stats
 
 
@@ -36,7 +37,7 @@ def grads(policy, batch, groups, settings, ref=None):
 def test_gradient_is_the_same_for_1_2_and_4_micro_batches(adapter, tiny_model, batch, aggregation, kind):
     model = copy.deepcopy(tiny_model).train()
     policy = adapter.policy(model, 1.0)
-    settings = LossSettings(policy_loss=kind, aggregation=aggregation, max_new_tokens=6, entropy_coef=0.01)
+    settings = AlgorithmConfig(policy_loss=kind, aggregation=aggregation, entropy_coef=0.01)
     n = batch.size
     whole, s1 = grads(policy, batch, [list(range(n))], settings)
     assert len(whole) > 10 and s1["tokens"] == batch.num_loss_tokens
@@ -52,16 +53,16 @@ def test_kl_to_a_reference_is_zero_at_the_start_and_adds_gradient(adapter, tiny_
     model = copy.deepcopy(tiny_model).train()
     policy = adapter.policy(model, 1.0)
     ref = adapter.policy(copy.deepcopy(tiny_model).eval(), 1.0)
-    plain, _ = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6))
-    with_kl, s = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5), ref)
+    plain, _ = grads(policy, batch, [list(range(batch.size))], AlgorithmConfig())
+    with_kl, s = grads(policy, batch, [list(range(batch.size))], AlgorithmConfig(kl_coef=0.5), ref)
     assert s["kl_sum"] == pytest.approx(0.0, abs=1e-9)  # identical weights: k3 = 0, gradient of k3 = 0 too
     for name in plain:
         torch.testing.assert_close(with_kl[name], plain[name], atol=1e-7, rtol=1e-5)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    moved, s = grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5), ref)
+    moved, s = grads(policy, batch, [list(range(batch.size))], AlgorithmConfig(kl_coef=0.5), ref)
     assert s["kl_sum"] > 0
     assert any(not torch.allclose(moved[n], plain[n]) for n in plain)
     with pytest.raises(ValueError, match="reference policy"):
-        grads(policy, batch, [list(range(batch.size))], LossSettings(max_new_tokens=6, kl_coef=0.5))
+        grads(policy, batch, [list(range(batch.size))], AlgorithmConfig(kl_coef=0.5))

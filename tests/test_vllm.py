@@ -19,12 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrl.adapters.qwen3_vl import Qwen3VLAdapter, batch_logprobs
+from conftest import tiny_config
+from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.check_batch import mismatch_stats
-from vlrl.config import RolloutConfig, load_config
+from vlrl.config import RolloutConfig
 from vlrl.rollout.vllm_client import ServerError, VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 from vlrl.serve import build_command, parse_limit_mm
+from vlrl.update import batch_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,11 +168,8 @@ def test_weight_sync_makes_the_server_follow_the_trainer(server, vadapter, tiny_
 
 
 def small_cfg(server, tiny_model_dir, tmp_path, *extra):
-    return load_config(ROOT / "configs/tiny-cpu.toml", [
-        f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", f"rollout.server_url={server.url}",
-        "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "logging.progress=false",
-        'env.rewards=[{fn="rewards_for_tests:parity"}]', "train.steps=3", *extra,
-    ])
+    return tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "rollout.max_new_tokens=6",
+                       "train.steps=3", *extra)
 
 
 def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny_model, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .algo.losses import k3
 from .batch import MultimodalBatch, plan_micro_batches
 from .config import Config
 from .records import Rollout
@@ -51,8 +52,7 @@ def mismatch_stats(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Ten
     d = (trainer - sampler)[m].double()  # log(p_trainer / p_sampler) on sampled tokens
     if d.numel() == 0:
         return {"mismatch_kl": 0.0, "max_abs_diff": 0.0, "tokens": 0}
-    k3 = (torch.exp(d) - 1 - d).mean().item()  # k3 estimator, >= 0 (Schulman, "Approximating KL divergence")
-    return {"mismatch_kl": k3, "max_abs_diff": d.abs().max().item(), "tokens": int(d.numel())}
+    return {"mismatch_kl": k3(d).mean().item(), "max_abs_diff": d.abs().max().item(), "tokens": int(d.numel())}
 
 
 def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapter, report: Report) -> None:
@@ -109,17 +109,13 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.add("no sampled placeholders", banned == 0, f"{banned} image/video placeholder tokens in completions")
 
 
-def check_positions(batch: MultimodalBatch, model, report: Report) -> None:
-    """The M-RoPE positions vlrl builds with the batch against the model's own `get_rope_index` (what it
-    would compute in the forward): a transformers whose position rules changed is caught here."""
+def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> None:
+    """The M-RoPE positions vlrl builds with the batch against the model's own (`get_rope_index`, what it would
+    compute in the forward): a transformers whose position rules changed is caught here."""
     ours = batch.model_inputs.get("position_ids")
     if ours is None:
         return
-    inputs = batch.model_inputs
-    theirs, _ = model.model.get_rope_index(
-        batch.input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-        attention_mask=batch.attention_mask,
-    )
+    theirs = adapter.reference_positions(model, batch)
     real = batch.attention_mask.bool().expand_as(ours)
     differ = int((ours != theirs.to(ours.device))[real].sum())
     report.add("M-RoPE positions", differ == 0,
@@ -151,11 +147,13 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, bool]
 
 
 def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, bool]]]:
-    from .adapters.qwen3_vl import Qwen3VLAdapter, batch_logprobs
-    from .envs.dataset import encode_samples
+    from .adapters import load_adapter
     from .envs.sources import load_samples
+    from .errors import UserError
     from .rollout import make_sampler
+    from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
+    from .update import batch_logprobs
 
     quiet_libraries()
     step = progress or (lambda msg: None)
@@ -164,28 +162,27 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     device = resolve_device()
     dtype = resolve_dtype(cfg, device)
     step(f"loading {cfg.model.path} ({dtype}, {device})")
-    adapter = Qwen3VLAdapter.from_config(cfg.model)
+    adapter = load_adapter(cfg.model)
     model = adapter.load_model(dtype, device)
     samples = load_samples(cfg.env, "train", cfg.train.seed)[:num_prompts]
-    prompts, samples, bad = encode_samples(adapter, samples, cfg.env)
-    report.stats["bad_samples"] = [{"sample_id": s.id, "reason": r} for s, r in bad]
-    if not prompts:
-        from .errors import UserError
-
-        raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {bad[0][1]}")
-    step(f"rolling out {len(prompts)} prompts x {cfg.rollout.group_size} samples")
     sampler = make_sampler(cfg, model, adapter)
-    rollouts = sampler.sample(prompts, cfg.rollout.group_size, seed=cfg.rollout.seed)
+    step(f"rolling out {len(samples)} prompts x {cfg.rollout.group_size} samples")
+    got = RolloutGroups(cfg, adapter, sampler).score_groups(samples, cfg.rollout.group_size, cfg.rollout.seed)
+    report.stats["bad_samples"] = [{"sample_id": s.id, "reason": r} for s, r in got.bad_samples]
+    if not got.rollouts:
+        raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {got.bad_samples[0][1]}")
+    rollouts = got.rollouts
+    prompts = len({r.group for r in rollouts})
     batch = adapter.build_batch(rollouts)
     checked = getattr(sampler, "prompts_checked", None)
     report.add(
         "prompt ids: trainer == sampler",
-        checked is None or checked == len(prompts),
+        checked is None or checked == prompts,
         "the embedded sampler generates from the processor's ids" if checked is None
-        else f"{checked}/{len(prompts)} prompts: the server's prompt_token_ids equal the processor's",
+        else f"{checked}/{prompts} prompts: the server's prompt_token_ids equal the processor's",
     )
     check_batch_structure(batch, rollouts, adapter, report)
-    check_positions(batch, model, report)
+    check_positions(batch, adapter, model, report)
 
     step("recomputing the sampled tokens' logprobs with the trainer")
     policy = adapter.policy(model, cfg.rollout.temperature).eval()
@@ -209,6 +206,8 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         response_length=sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         truncated=sum(r.finish_reason == "length" for r in rollouts),
         samples=len(rollouts),
+        reward_mean=sum(r.reward for r in got.trained) / max(len(got.trained), 1),
+        reward_failures=sum(got.failures.values()),
     )
     note = "" if cfg.rollout.top_p >= 1 and cfg.rollout.top_k < 0 else " (top_p/top_k renormalise the sampler)"
     if cfg.rollout.server_url and stats["mismatch_kl"] > tol:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_atomic
 from .errors import UserError
 
 STATE_FILE = "trainer_state.pt"
@@ -31,15 +32,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -99,7 +91,7 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
     _fsync_dir(run_dir)
-    _write_atomic(run_dir / "latest", final.name + "\n")
+    write_atomic(run_dir / "latest", final.name + "\n", durable=True)
     for s in checkpoint_steps(run_dir)[:-keep_last]:
         shutil.rmtree(run_dir / f"step-{s}", ignore_errors=True)
     return final

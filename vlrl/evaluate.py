@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import UserError
 
 ProgressFn = Callable[[int, int], None]  # (prompts done, prompts in all)
@@ -38,11 +38,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def pass_ks(n: int) -> list[int]:
     """The k reported for n completions per prompt: the powers of two up to n."""
     return [2**i for i in range(n.bit_length()) if 2**i <= n]
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """The sampler's seed for one batch of prompts (a stream apart from training's, which starts at step 1)."""
-    return seed * 1_000_003 + 500_009 + batch
 
 
 def summarize(records: list[dict], reward_keys: list[str], n: int) -> dict:
@@ -68,27 +63,20 @@ def summarize(records: list[dict], reward_keys: list[str], n: int) -> dict:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evaluate(
-    cfg, adapter, sampler, samples: list, n: int, seed: int, out_dir: Path,
+    cfg, rollouts, samples: list, n: int, seed: int, out_dir: Path,
     progress: ProgressFn | None = None, info: dict | None = None,
 ) -> dict:
     """Sample `n` completions for each of `samples`, score them, and write the results into `out_dir`.
 
-    `sampler` samples with the policy being scored (training passes its live sampler). The sampler restores
-    the model's mode and the global RNG afterwards, so an eval does not change a training run. `info` adds
-    fields to the summary (split, checkpoint, training step...).
-    Returns the summary, also written to `out_dir/summary.json`.
+    `rollouts` is the rollout layer (`rollout.groups.RolloutGroups`) holding the sampler of the policy being
+    scored (training passes its own). The sampler restores the model's mode and the global RNG afterwards,
+    so an eval does not change a training run. `info` adds fields to the summary (split, checkpoint,
+    training step...). Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.dataset import encode_samples
-    from .envs.rewards import RewardSet
     from .envs.sample_log import image_refs
     from .report import write_eval_report
+    from .rollout.groups import EVAL_STREAM, sampler_seed
 
     if not samples:
         raise UserError("eval: the split holds no samples; check env.dataset / env.eval_dataset and --limit")
@@ -96,8 +84,7 @@ def evaluate(
         raise UserError(f"eval: --n must be at least 1 (got {n})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
-    first = rewards.keys[0]
+    first = rollouts.keys[0]
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
     skipped: list[tuple[str, str]] = []  # (sample id, reason) of samples env.on_bad_sample skipped
@@ -106,21 +93,14 @@ def evaluate(
         progress(0, len(samples))
     for b, start in enumerate(range(0, len(samples), per_batch)):
         batch = samples[start : start + per_batch]
-        prompts, batch, bad = encode_samples(adapter, batch, cfg.env)
-        skipped.extend((s.id, reason) for s, reason in bad)
-        if not prompts:
-            continue
-        rollouts = sampler.sample(prompts, n, seed=batch_seed(seed, b))
-        for r in rollouts:
-            r.sample = batch[r.group]
-        result = rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
+        got = rollouts.score_groups(batch, n, sampler_seed(seed, EVAL_STREAM + b))
+        skipped.extend((s.id, reason) for s, reason in got.bad_samples)
         refs: dict[int, list[str]] = {}
         seen: dict[int, int] = {}
-        for i, r in enumerate(rollouts):
+        for r in got.rollouts:
             if r.group not in refs:  # one image file per prompt, shared by its n completions
                 refs[r.group] = image_refs(r, out_dir / "images", out_dir)
             seen[r.group] = seen.get(r.group, -1) + 1
-            values = {key: result.per_fn[key][i] for key in rewards.keys}
             records.append({
                 "prompt": start + r.group,
                 "sample_id": r.sample.id,
@@ -129,9 +109,9 @@ def evaluate(
                 "answer": None if r.sample.answer is None else str(r.sample.answer),
                 "images": refs[r.group],
                 "completion": r.text,
-                "reward": result.total[i],
-                "rewards": values,
-                "correct": values[first] is not None and values[first] >= 1.0,
+                "reward": None if math.isnan(r.reward) else r.reward,
+                "rewards": dict(r.rewards),
+                "correct": r.rewards[first] is not None and r.rewards[first] >= 1.0,
                 "length": len(r.completion_ids),
                 "finish_reason": r.finish_reason,
             })
@@ -144,16 +124,16 @@ def evaluate(
         "samples_per_prompt": n,
         "samples": len(records),
         "seed": seed,
-        "rewards": list(rewards.keys),
-        **summarize(records, rewards.keys, n),
+        "rewards": rollouts.keys,
+        **summarize(records, rollouts.keys, n),
         "bad_samples": len(skipped),
         "time/eval": time.perf_counter() - t0,
     }
-    _write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if skipped:
-        _write_atomic(out_dir / "bad_samples.jsonl",
-                      "".join(json.dumps({"sample_id": i, "reason": r}) + "\n" for i, r in skipped))
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / "bad_samples.jsonl",
+                     "".join(json.dumps({"sample_id": i, "reason": r}) + "\n" for i, r in skipped))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_eval_report(out_dir, summary, records)
     return summary
 
@@ -182,41 +162,16 @@ def check_checkpoint(checkpoint: Path) -> Path:
     return p
 
 
-class _Bar:
-    """A rich progress bar over prompts, fed by `evaluate`'s progress callback."""
-
-    def __init__(self, console, enabled: bool):
-        self.console, self.enabled, self.progress = console, enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-                TimeRemainingColumn(), console=self.console,
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task("eval", total=None)
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-
 def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int | None, console) -> dict:
     """Load the policy (`model.path`, or the checkpoint's weights) and evaluate it on `split`.
 
     The summary it returns also names `out_dir`, where the results were written.
     """
-    from .adapters.qwen3_vl import Qwen3VLAdapter
+    from .adapters import load_adapter
     from .envs.sources import load_samples
+    from .progress import eval_bar
     from .rollout import make_sampler
+    from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
 
     if split not in ("train", "eval"):
@@ -230,15 +185,16 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
     samples = load_samples(cfg.env, split, cfg.train.seed)  # the split training holds out (same seed)
     samples = samples[:limit] if limit is not None else samples
     device = resolve_device()
-    adapter = Qwen3VLAdapter.from_config(cfg.model)
+    adapter = load_adapter(cfg.model)
     weights = None if checkpoint is None else str(checkpoint)
     model = adapter.load_model(resolve_dtype(cfg, device), device, weights_from=weights).eval()
-    sampler = make_sampler(cfg, adapter.generation_model(model), adapter)
-    sampler.sync_weights(adapter.generation_model(model))  # a vLLM server must serve these weights, not its own
+    sampler = make_sampler(cfg, model, adapter)
+    sampler.sync_weights(model)  # a vLLM server must serve these weights, not its own
     out_dir = default_out_dir(cfg, checkpoint, split)
     info = {"model": cfg.model.path, "checkpoint": weights, "split": split}
-    with _Bar(console, cfg.logging.progress) as bar:
-        summary = evaluate(cfg, adapter, sampler, samples, n, cfg.rollout.seed, out_dir, bar, info)
+    with eval_bar(console, cfg.logging.progress) as bar:
+        summary = evaluate(cfg, RolloutGroups(cfg, adapter, sampler), samples, n, cfg.rollout.seed, out_dir,
+                           bar.update, info)
     return {**summary, "out_dir": str(out_dir)}
 
 

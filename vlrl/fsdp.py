@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 PREFIX = "model."  # the policy wraps the HF model as `.model`; checkpoints use the HF model's own names
-FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")  # = fsdp_transformer_layer_cls_to_wrap in the configs
 
 
 def _hf_name(name: str) -> str:
@@ -71,13 +70,18 @@ def load_optimizer_state(policy: nn.Module, optimizer, state: dict) -> None:
     set_optimizer_state_dict(policy, optimizer, state, options=_options(broadcast_from_rank0=distributed))
 
 
-def prepare_on_cpu(accelerator, policy: nn.Module) -> nn.Module:
+def fsdp2_plugin(units: tuple[str, ...]):
+    """The FSDP2 plugin the fsdp2-*.yaml configs describe, sharding `units` (the adapter's `fsdp_units`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, transformer_cls_names_to_wrap=list(units))
+
+
+def prepare_on_cpu(accelerator, policy: nn.Module, units: tuple[str, ...]) -> nn.Module:
     """Accelerate's own FSDP2 preparation, as the fsdp2-*.yaml configs ask for it, applied to CPU processes
     (Accelerate runs FSDP on GPUs only): for the gloo tests and `bench/fsdp_update.py --tiny`."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        transformer_cls_names_to_wrap=list(FSDP_UNITS))
+    accelerator.state.fsdp_plugin = fsdp2_plugin(units)
     return fsdp2_prepare_model(accelerator, policy)

@@ -9,7 +9,7 @@ import torch
 
 
 def step_stats(got) -> dict:
-    """What the metrics need from one rank's rollouts (plain data, so ranks can pool it)."""
+    """What the metrics need from one rank's `rollout.groups.Groups` (plain data, so ranks can pool it)."""
     return {
         "rewards": [r.reward for r in got.rollouts],
         "lengths": [len(r.completion_ids) for r in got.rollouts],
@@ -23,9 +23,10 @@ def step_stats(got) -> dict:
     }
 
 
-def pool(run, stats: dict, sums: dict) -> tuple[dict, dict]:
-    """Every rank's stats and loss sums pooled (lists joined, counts added); one rank: unchanged."""
-    if run.world == 1:
+def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
+    """Every rank's stats and loss sums pooled (lists joined, counts added); one rank: unchanged. Every rank
+    calls it."""
+    if world == 1:
         return stats, sums
     from accelerate.utils import gather_object
 
@@ -50,19 +51,19 @@ def pool(run, stats: dict, sums: dict) -> tuple[dict, dict]:
     return out, pooled
 
 
-def step_metrics(run, st: dict, sums: dict, times: dict) -> dict:
-    """One JSON object per step: what `metrics.jsonl` holds (over all ranks)."""
+def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accuracy_key: str, kl: bool) -> dict:
+    """One JSON object per step: what `metrics.jsonl` holds (over all ranks). `accuracy_key`: the reward whose
+    value 1 counts as correct (the first configured); `kl`: a KL penalty is on."""
     n = len(st["rewards"])
     valid = [r for r in st["rewards"] if not math.isnan(r)]
     rewards = torch.tensor(valid, dtype=torch.float64) if valid else torch.zeros(1, dtype=torch.float64)
     lengths = st["lengths"] or [0]
     tokens = max(sums.get("tokens", 0.0), 1.0)
-    first = run.cfg.env.rewards[0].fn
     m = {
-        "step": run.step,
+        "step": step,
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(valid) > 1 else 0.0,
-        "accuracy": sum(1 for v in st["per_fn"].get(first, []) if v is not None and v >= 1.0) / max(n, 1),
+        "accuracy": sum(1 for v in st["per_fn"].get(accuracy_key, []) if v is not None and v >= 1.0) / max(n, 1),
         "loss": sums.get("loss", 0.0),
         "response_length/mean": sum(lengths) / len(lengths),
         "response_length/max": max(lengths),
@@ -72,7 +73,7 @@ def step_metrics(run, st: dict, sums: dict, times: dict) -> dict:
         "mismatch_kl": sums.get("mismatch_kl_sum", 0.0) / tokens,
         "entropy": sums.get("entropy_sum", 0.0) / tokens,
         "grad_norm": sums.get("grad_norm", 0.0),
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "tokens_per_s": sums.get("attended_tokens", 0.0) / max(times["update"], 1e-9),
         "trained_tokens": int(sums.get("tokens", 0)),
         "samples": n,
@@ -93,28 +94,28 @@ def step_metrics(run, st: dict, sums: dict, times: dict) -> dict:
         m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
     for reason, count in st["failures"].items():
         m[f"reward_failures/{reason}"] = count
-    if run.cfg.algorithm.kl_coef > 0:
+    if kl:
         m["kl"] = sums.get("kl_sum", 0.0) / tokens
     return m
 
 
-def log_bad_samples(run, bad: list, console) -> None:
-    """Skipped samples go to bad_samples.jsonl; the first few are also printed, so they are not missed."""
-    with open(run.run_dir / "bad_samples.jsonl", "a") as fh:
+def log_bad_samples(path, step: int, bad: list, console) -> None:
+    """Skipped samples go to `path` (bad_samples.jsonl); the first few are also printed, so they are not missed."""
+    with open(path, "a") as fh:
         for sample, reason in bad:
-            fh.write(json.dumps({"step": run.step, "sample_id": sample.id, "reason": reason}) + "\n")
+            fh.write(json.dumps({"step": step, "sample_id": sample.id, "reason": reason}) + "\n")
     for sample, reason in bad[:3]:
         console.print(f"skipped {reason}", highlight=False, markup=False)
 
 
-def log_samples(run, got, fh) -> None:
-    """A few rollouts of the step (best and worst first), with image references, into samples.jsonl."""
+def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:
+    """`k` rollouts of the step (best and worst first), with image references, into `fh` (samples.jsonl);
+    in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
     from .envs.sample_log import image_refs
 
-    k = run.cfg.logging.samples_per_step
-    if k == 0 or not got.rollouts:
+    if k == 0 or not rollouts:
         return
-    ranked = sorted(got.rollouts, key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
+    ranked = sorted(rollouts, key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
     chosen = ranked[: (k + 1) // 2] + ranked[::-1][: k // 2]
     seen = set()
     for r in chosen:
@@ -122,12 +123,12 @@ def log_samples(run, got, fh) -> None:
             continue
         seen.add(id(r))
         fh.write(json.dumps({
-            "step": run.step,
+            "step": step,
             "sample_id": r.sample.id,
             "group": r.group,
             "question": r.sample.question,
             "answer": None if r.sample.answer is None else str(r.sample.answer),
-            "images": image_refs(r, run.image_dir, run.run_dir),
+            "images": image_refs(r, image_dir, run_dir),
             "completion": r.text,
             "reward": None if math.isnan(r.reward) else r.reward,
             "advantage": r.advantage,

@@ -54,6 +54,9 @@ class Rollout:
     group: int = 0
     """Index of the prompt's group within the step."""
     reward: float = 0.0
+    """The weighted sum of the reward functions; NaN when one of them failed on this rollout."""
+    rewards: dict[str, float | None] = field(default_factory=dict)
+    """Each reward function's value (None: it failed), by the reward set's keys (`fn`, `fn#2`...)."""
     advantage: float = 0.0
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ import mimetypes
 import re
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import UserError
 from .summary import read_jsonl
 
@@ -101,8 +102,9 @@ class ImageEmbedder:
         if ref not in self.cache:
             # relative to the run (images the run wrote), else to the working directory (a data file given by a
             # relative path: its images are logged as the sampler found them)
-            p = Path(ref)
-            path = next((c for c in ([p] if p.is_absolute() else [self.base_dir / p, p]) if c.is_file()), None)
+            from .adapters.images import resolve_source
+
+            path = next((Path(c) for c in (resolve_source(ref, self.base_dir), ref) if Path(c).is_file()), None)
             self.cache[ref] = None if path is None else self._data_uri(path)
         got = self.cache[ref]
         if got is None:
@@ -257,13 +259,6 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
     )
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 # --- the two reports ---------------------------------------------------------------------------------------
 def eval_summaries(run_dir: Path) -> list[tuple[str, dict]]:
     """(path relative to the run, summary) of every eval written under the run or its checkpoints."""
@@ -327,7 +322,7 @@ def write_run_report(run_dir) -> Path:
         sections += [f"<h3>step {esc(step)}</h3>", ranked_cards(by_step[step], images)]
     last = trained[-1].get("step") if trained else "-"
     subtitle = f"{run_dir.resolve()} · {len(trained)} steps logged · last step {last}"
-    return _write(run_dir / "report.html", page(f"vlrl run: {run_dir.name}", subtitle, sections))
+    return write_atomic(run_dir / "report.html", page(f"vlrl run: {run_dir.name}", subtitle, sections))
 
 
 def write_eval_report(out_dir, summary: dict, samples: list[dict]) -> Path:
@@ -356,7 +351,7 @@ def write_eval_report(out_dir, summary: dict, samples: list[dict]) -> Path:
     who = summary.get("checkpoint") or summary.get("model") or "policy"
     subtitle = (f"{who} · split {summary.get('split', '?')} · {summary.get('prompts')} prompts x "
                 f"{summary.get('samples_per_prompt')} samples · seed {summary.get('seed')}")
-    return _write(out_dir / "report.html", page(f"vlrl eval: {out_dir.name}", subtitle, sections))
+    return write_atomic(out_dir / "report.html", page(f"vlrl eval: {out_dir.name}", subtitle, sections))
 
 
 def write_report(path) -> Path:

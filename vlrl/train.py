@@ -1,10 +1,12 @@
 """`vlrl train`: the RL loop, read top to bottom.
 
-Every step: sample prompts -> roll out a group per prompt -> score rewards -> group advantages (dynamic
-sampling drops groups with no signal and refills) -> build the batch -> micro-batched update under
-Accelerate (loss normalised once by the step's trained-token count) -> optimizer step -> weight sync to the
-sampler -> metrics -> checkpoint. One optimizer step per batch of rollouts, with the ratio taken against the
-sampler's own logprobs (algo/losses.py), so no extra "old logprob" pass is needed.
+Two parts meet at plain records. The rollout layer (`vlrl/rollout/groups.py`) turns prompts into scored
+groups: sample a group per prompt -> score rewards -> group advantages (dynamic sampling drops groups with no
+signal and refills). The learner (`Run`) takes the rollouts: build the batch -> micro-batched update under
+Accelerate (loss normalised once by the step's trained-token count) -> optimizer step. Then the weight-sync
+strategy chosen at start sends the weights to the sampler (`vlrl/policy_sync.py`) -> metrics -> checkpoint.
+One optimizer step per batch of rollouts, with the ratio taken against the sampler's own logprobs
+(algo/losses.py), so no extra "old logprob" pass is needed.
 
 A run is resumable: `--resume` reloads the newest checkpoint (weights, optimizer, scheduler, data position)
 and continues on the same data order; sampling is seeded per step, so a resumed run repeats the metrics of
@@ -14,11 +16,10 @@ an uninterrupted one. Ctrl-C finishes or drops the current step, saves a checkpo
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ import torch
 from .batch import plan_micro_batches
 from .config import Config, save_config
 from .errors import UserError
-from .fsdp import copy_full_weights, full_state, is_fsdp, load_optimizer_state, optimizer_state
+from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
 from .metrics import log_bad_samples, log_samples, pool, step_metrics, step_stats
 from .records import Rollout
-from .update import LossSettings, accumulate_gradients
+from .update import accumulate_gradients
 
 
 class StopFlag:
@@ -52,31 +53,17 @@ class StopFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
-@dataclass
-class StepRollouts:
-    rollouts: list[Rollout]  # every scored rollout of the kept groups
-    trained: list[Rollout]  # the ones that enter the loss
-    per_fn: dict[str, list[float | None]] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    groups_dropped: int = 0
-    bad_samples: list = field(default_factory=list)  # [(sample, reason)] skipped by env.on_bad_sample
-    rounds: int = 0
-    seconds: float = 0.0  # time spent sampling and scoring
-
-
 class Run:
-    """Everything a run holds: config, model, optimizer, sampler, data, logs."""
+    """The learner: policy, optimizer, scheduler, reference model, and the state a checkpoint holds. Its verbs:
+    `update` (one optimizer step on plain rollouts) and `save`; a resume happens at construction. It knows
+    nothing of samplers, prompts or rewards: the rollout layer (`vlrl/rollout/groups.py`) feeds it."""
 
     def __init__(self, cfg: Config, resume: bool = False):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        from .adapters.qwen3_vl import Qwen3VLAdapter
+        from .adapters import load_adapter
         from .checkpoint import latest_checkpoint, load_trainer_state
-        from .envs.rewards import RewardSet
-        from .envs.sources import load_samples
-        from .envs.stream import PromptStream
-        from .rollout import make_sampler
         from .runtime import quiet_libraries, resolve_dtype
 
         quiet_libraries()
@@ -104,10 +91,13 @@ class Run:
             if cfg.model.lora_rank > 0:
                 raise UserError("LoRA with FSDP is not supported: LoRA weights fit every GPU, so use DDP "
                                 "(configs/accelerate/ddp-*.yaml), or set model.lora_rank = 0 for full-parameter FSDP")
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.world > 1 and cfg.rollout.one_step_off_policy:
+            raise UserError("rollout.one_step_off_policy runs with one training process only (for now)")
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
 
-        self.adapter = Qwen3VLAdapter.from_config(cfg.model)
+        self.adapter = load_adapter(cfg.model)
         self.dtype = dtype = resolve_dtype(cfg, self.device)
         self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
@@ -125,21 +115,14 @@ class Run:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
             self.ref_policy = self.adapter.policy(ref, cfg.rollout.temperature)
         # Under FSDP no rank holds the whole policy: the in-process sampler gets an unsharded replica per rank,
-        # refreshed after every step (sync_weights), so ranks sample independently.
+        # refreshed after every step (policy_sync.ReplicaRefresh), so ranks sample independently.
         self.replica = None
         if self.fsdp and not cfg.rollout.server_url:
             self.replica = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
             self.replica.eval().requires_grad_(False)
-        self.sampler = make_sampler(cfg, self.adapter.generation_model(self.replica or self.model), self.adapter,
-                                    rank=self.accelerator.process_index)
-        if self.accelerator.num_processes > 1 and cfg.rollout.one_step_off_policy:
-            raise UserError("rollout.one_step_off_policy runs with one training process only (for now)")
-        self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
-        self.settings = LossSettings.from_config(cfg)
 
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.step = 0
-        data_state = {"index": 0}
+        self.data_state = {"index": 0}  # this rank's position in the prompt stream
         if self.ckpt is not None:
             state = load_trainer_state(self.ckpt)
             load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
@@ -149,21 +132,13 @@ class Run:
             if len(ranks) != self.world:
                 raise UserError(f"{self.ckpt} was written by {len(ranks)} process(es); resume it with as many "
                                 f"(this run has {self.world})")
-            data_state = ranks[self.rank]
+            self.data_state = ranks[self.rank]
             torch.set_rng_state(state["torch_rng"])
-        # A server may hold other weights (another run, an older step): start from the trainer's.
-        self.sync_weights()
-        samples = load_samples(cfg.env, "train", cfg.train.seed)
-        self.stream = PromptStream(samples, cfg.train.seed, self.rank, self.world, **data_state)
-        # This rank's share of a step's prompts (rank r takes prompts r, r + world, ...).
-        self.local_prompts = len(range(self.rank, cfg.rollout.prompts_per_step, self.world))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.toml")
-        self.image_dir = self.run_dir / "images"
         if trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=flat_config(cfg),
                                            init_kwargs={"wandb": {"name": cfg.name, "dir": str(self.run_dir)}})
-        self.eval_samples = None
 
     def _weights_dir(self) -> str | None:
         """Full-parameter runs resume from the checkpoint's weights; LoRA runs from the base + adapter."""
@@ -171,63 +146,10 @@ class Run:
             return None
         return str(self.ckpt)
 
-    # --- one step --------------------------------------------------------------------------------------
-    def collect(self, step: int) -> StepRollouts:
-        """Roll out groups until `prompts_per_step` groups carry signal (or the refill bound is reached).
-
-        `step` (0-based) seeds the sampler, so a resumed run samples what an uninterrupted one would."""
-        from .algo.advantages import group_advantages, zero_variance_groups
-        from .envs.dataset import encode_samples
-
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        kept: list[list[Rollout]] = []
-        out = StepRollouts([], [])
-        per_fn: dict[str, list] = {s.fn: [] for s in cfg.env.rewards}
-        # Groups dropped by dynamic sampling and skipped bad samples are refilled, within a bound.
-        for rnd in range(1 + cfg.algorithm.max_refill_rounds):
-            need = self.local_prompts - len(kept)
-            if need <= 0:
-                break
-            prompts, samples, bad = encode_samples(self.adapter, self.stream.take(need), cfg.env)
-            out.bad_samples.extend(bad)
-            if not prompts:
-                continue
-            seed = (cfg.rollout.seed * 1_000_003 + step * 101 + rnd) * self.world + self.rank
-            rollouts = self.sampler.sample(prompts, cfg.rollout.group_size, seed=seed)
-            for r in rollouts:
-                r.sample = samples[r.group]
-            result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
-            for k, v in result.failures.items():
-                out.failures[k] = out.failures.get(k, 0) + v
-            rewards = torch.tensor([math.nan if t is None else t for t in result.total], dtype=torch.float64)
-            groups = torch.tensor([r.group for r in rollouts])
-            adv = group_advantages(rewards, groups, cfg.algorithm.advantage, cfg.algorithm.std_normalize)
-            dead = zero_variance_groups(rewards, groups) if cfg.algorithm.dynamic_sampling else set()
-            for i, r in enumerate(rollouts):
-                r.reward = float(rewards[i])
-                r.advantage = float(adv[i])
-            for g in range(len(prompts)):
-                if g in dead:
-                    out.groups_dropped += 1
-                    continue
-                members = [i for i, r in enumerate(rollouts) if r.group == g]
-                kept.append([rollouts[i] for i in members])
-                for name, values in result.per_fn.items():
-                    per_fn[name].extend(values[i] for i in members)
-            out.rounds = rnd + 1
-        for gi, members in enumerate(kept):
-            for r in members:
-                r.group = gi
-        out.rollouts = [r for members in kept for r in members]
-        out.per_fn = per_fn
-        out.trained = [
-            r
-            for r in out.rollouts
-            if not math.isnan(r.reward) and not (cfg.algorithm.mask_truncated and r.finish_reason == "length")
-        ]
-        out.seconds = time.perf_counter() - t0
-        return out
+    @property
+    def sampling_model(self):
+        """The HF model an in-process sampler generates with: the policy's own, or (FSDP) the replica."""
+        return self.replica if self.replica is not None else self.accelerator.unwrap_model(self.policy).model
 
     def _reduce(self, values: list[float], op: str) -> list[float]:
         if self.world == 1:
@@ -257,7 +179,8 @@ class Run:
             return {}
         self.policy.train()
         sums = accumulate_gradients(
-            self.policy, batch, groups, self.settings, self.device, self.ref_policy, self.accelerator,
+            self.policy, batch, groups, cfg.algorithm, cfg.rollout.max_new_tokens, self.device, self.ref_policy,
+            self.accelerator,
             total_tokens=tokens, total_sequences=seqs, loss_scale=self.world, padding_passes=int(most) - len(groups),
         )
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -271,41 +194,23 @@ class Run:
         sums["micro_batches"] = len(groups)
         return sums
 
-    # --- bookkeeping -----------------------------------------------------------------------------------
-    def trainer_state(self, data_state: dict | None = None) -> dict:
-        return {
-            "step": self.step,
-            "optimizer": optimizer_state(self.policy, self.optimizer),  # by parameter name; gathered under FSDP
-            "scheduler": self.scheduler.state_dict(),
-            "data": data_state or self.stream.state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def evaluate(self) -> dict:
-        """Score the current policy on the eval split; returns `eval/...` metrics."""
-        from .envs.sources import load_samples
-        from .evaluate import evaluate
-
-        cfg = self.cfg
-        if self.eval_samples is None:
-            samples = load_samples(cfg.env, "eval", cfg.train.seed)
-            self.eval_samples = samples[: cfg.eval.limit] if cfg.eval.limit else samples
-        n = cfg.eval.n or cfg.rollout.group_size
-        summary = evaluate(cfg, self.adapter, self.sampler, self.eval_samples, n, cfg.rollout.seed,
-                           self.run_dir / f"eval-step-{self.step}", info={"step": self.step, "split": "eval"})
-        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seed"}
-
-    def save(self, data_state: dict | None = None) -> Path | None:
-        """Checkpoint (every rank's data position in it); the main process writes, the others wait."""
+    def save(self, data_state: dict) -> Path | None:
+        """Checkpoint the learner with `data_state` (this rank's prompt-stream position; every rank's is gathered
+        into it). The main process writes, the others wait."""
         from .checkpoint import save_checkpoint
 
-        state = self.trainer_state(data_state)
+        data = [data_state]
         if self.world > 1:
             from accelerate.utils import gather_object
 
-            state["data"] = gather_object([state["data"]])
-        else:
-            state["data"] = [state["data"]]
+            data = gather_object(data)
+        state = {
+            "step": self.step,
+            "optimizer": optimizer_state(self.policy, self.optimizer),  # by parameter name; gathered under FSDP
+            "scheduler": self.scheduler.state_dict(),
+            "data": data,
+            "torch_rng": torch.get_rng_state(),
+        }
         weights = full_state(self.policy) if self.fsdp else None  # every rank takes part in the gather
         path = None
         if self.accelerator.is_main_process:
@@ -314,28 +219,6 @@ class Run:
                                    state, self.cfg.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         return path
-
-    def sync_weights(self) -> None:
-        """Send the updated weights to the sampler: a server gets them once (from the main process)."""
-        model = self.adapter.generation_model(self.accelerator.unwrap_model(self.policy).model)
-        if self.fsdp:
-            if self.replica is not None:  # every rank refreshes its own replica
-                copy_full_weights(self.policy, self.replica)
-                self.sampler.sync_weights(self.adapter.generation_model(self.replica))
-                return
-            weights = full_state(self.policy)  # on the main process's CPU, gathered one tensor at a time
-            # the server gets the model's dtype (FSDP keeps float32 master weights)
-            weights = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weights.items()}
-            if self.accelerator.is_main_process:
-                self.sampler.sync_weights(model, weights)
-            self.accelerator.wait_for_everyone()
-            return
-        if self.world == 1 or not self.cfg.rollout.server_url:
-            self.sampler.sync_weights(model)
-            return
-        if self.accelerator.is_main_process:
-            self.sampler.sync_weights(model)
-        self.accelerator.wait_for_everyone()
 
     def stop_requested(self, stop: StopFlag) -> bool:
         """Ctrl-C on any rank stops every rank at the same point."""
@@ -366,58 +249,75 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     """Run (or resume) training."""
     from rich.console import Console
 
-    from .progress import TrainProgress
+    from .envs.sources import load_samples
+    from .envs.stream import PromptStream
+    from .policy_sync import choose_sync
+    from .progress import train_bar, train_fields
+    from .rollout import make_sampler
+    from .rollout.groups import RolloutGroups
 
     console = console or Console()
     run = Run(cfg, resume=resume)
     main = run.accelerator.is_main_process
+    sampler = make_sampler(cfg, run.sampling_model, run.adapter, rank=run.rank)
+    sync = choose_sync(bool(cfg.rollout.server_url), run.fsdp, sampler, run.accelerator, run.replica, run.dtype)
+    sync(run.policy)  # a server may hold other weights (another run, an older step): start from the trainer's
+    rollouts = RolloutGroups(cfg, run.adapter, sampler, run.rank, run.world)
+    stream = PromptStream(load_samples(cfg.env, "train", cfg.train.seed), cfg.train.seed, run.rank, run.world,
+                          **run.data_state)
+    local_prompts = len(range(run.rank, cfg.rollout.prompts_per_step, run.world))  # prompts r, r + world, ...
+    evaluator = TrainingEval(cfg, rollouts) if cfg.eval.every else None
     metrics_fh = open(run.run_dir / "metrics.jsonl", "a") if main else None
     samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
     last_saved = run.step if run.ckpt is not None else None
+    last_data_state = stream.state()
     # One-step-off-policy: step n+1's rollouts are sampled (by the server, with the weights of step n-1)
     # while step n trains. The checkpoint records the data position before that prefetch, so a resumed run
     # samples those prompts again rather than skipping them.
     prefetch = ThreadPoolExecutor(max_workers=1) if cfg.rollout.one_step_off_policy else None
     pending: Future | None = None
     try:
-        with StopFlag() as stop, TrainProgress(console, cfg.train.steps, run.step, enabled=main and cfg.logging.progress) as bar:
+        with StopFlag() as stop, train_bar(console, cfg.train.steps, run.step, main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
                 stale = pending is not None
-                got = pending.result() if stale else run.collect(run.step)
+                got = pending.result() if stale else rollouts.step(stream, run.step, local_prompts)
                 pending = None
                 t1 = time.perf_counter()
                 if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
                     break
-                data_state = run.stream.state()
+                data_state = stream.state()
                 if prefetch is not None and run.step + 1 < cfg.train.steps:
-                    pending = prefetch.submit(run.collect, run.step + 1)
+                    pending = prefetch.submit(rollouts.step, stream, run.step + 1, local_prompts)
                 sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
                 if pending is not None:
                     wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()
-                run.sync_weights()
+                sync(run.policy)
                 t4 = time.perf_counter()
                 run.step += 1
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
                          "prefetch_wait": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
-                m = step_metrics(run, *pool(run, step_stats(got), sums), times)
+                stats, sums = pool(step_stats(got), sums, run.world)
+                m = step_metrics(run.step, stats, sums, times, run.scheduler.get_last_lr()[0], rollouts.keys[0],
+                                 cfg.algorithm.kl_coef > 0)
                 m["off_policy_steps"] = int(stale)
-                if cfg.eval.every and run.step % cfg.eval.every == 0:
+                if evaluator is not None and run.step % cfg.eval.every == 0:
                     if main:  # one rank scores the (replicated) policy; the others wait for it
-                        m.update(run.evaluate())
+                        m.update(evaluator(run.step, run.run_dir))
                     run.accelerator.wait_for_everyone()
                 if main and got.bad_samples:
-                    log_bad_samples(run, got.bad_samples, console)
+                    log_bad_samples(run.run_dir / "bad_samples.jsonl", run.step, got.bad_samples, console)
                 if cfg.logging.trackers:
                     run.accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=run.step)
                 if main:
                     metrics_fh.write(json.dumps(m) + "\n")
                     metrics_fh.flush()
-                    log_samples(run, got, samples_fh)
+                    log_samples(samples_fh, run.step, got.rollouts, cfg.logging.samples_per_step,
+                                run.run_dir / "images", run.run_dir)
                     samples_fh.flush()
-                bar.advance(m)
+                bar.update(run.step, **train_fields(m))
                 if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
                     run.save(data_state)
                     last_saved = run.step
@@ -441,3 +341,23 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
             if fh is not None:
                 fh.close()
     return TrainResult(run.run_dir, run.step, stop.requested, main)
+
+
+class TrainingEval:
+    """`eval.every`: the live policy scored on the eval split (its first `eval.limit` samples) with the
+    training run's own sampler and rewards, into `<run dir>/eval-step-N/`; returns `eval/...` metrics."""
+
+    def __init__(self, cfg: Config, rollouts):
+        from .envs.sources import load_samples
+
+        samples = load_samples(cfg.env, "eval", cfg.train.seed)
+        self.cfg, self.rollouts = cfg, rollouts
+        self.samples = samples[: cfg.eval.limit] if cfg.eval.limit else samples
+
+    def __call__(self, step: int, run_dir: Path) -> dict:
+        from .evaluate import evaluate
+
+        cfg = self.cfg
+        summary = evaluate(cfg, self.rollouts, self.samples, cfg.eval.n or cfg.rollout.group_size, cfg.rollout.seed,
+                           run_dir / f"eval-step-{step}", info={"step": step, "split": "eval"})
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seed"}

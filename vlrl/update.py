@@ -7,46 +7,25 @@ gradient is the same however the step is split (tested with 1, 2 and 4 micro-bat
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
-from .algo.losses import aggregation_weights, kl_k3, policy_loss
+from .algo.losses import aggregation_weights, k3, kl_k3, policy_loss
 from .batch import MultimodalBatch
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The algorithm fields the loss reads (not the whole config: the loss stays a pure function)."""
-
-    policy_loss: str = "token"
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    ratio_cap: float = 3.0
-    mask_ratio: float = 10.0
-    aggregation: str = "token-mean"
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    max_new_tokens: int = 512
-
-    @classmethod
-    def from_config(cls, cfg) -> LossSettings:
-        a = cfg.algorithm
-        return cls(
-            a.policy_loss, a.clip_low, a.clip_high, a.ratio_cap, a.mask_ratio, a.aggregation, a.kl_coef,
-            a.entropy_coef, cfg.rollout.max_new_tokens,
-        )
-
-
-def _forward(policy, mb: MultimodalBatch):
-    return policy(mb.input_ids, mb.attention_mask, mb.loss_mask, **mb.model_inputs)
+def batch_logprobs(policy: torch.nn.Module, batch: MultimodalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [B, L], entropy [B, L]) of the batch's trained tokens under `policy`: the one forward of the
+    update, the reference model and every trainer-side recompute (check-batch, tests)."""
+    return policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
 
 
 def accumulate_gradients(
     policy: torch.nn.Module,
     batch: MultimodalBatch,
     groups: list[list[int]],
-    settings: LossSettings,
+    settings,  # config.AlgorithmConfig: the loss's settings (policy_loss, clips, aggregation, kl/entropy coefs)
+    max_new_tokens: int,  # rollout.max_new_tokens: Dr.GRPO's constant normaliser
     device: torch.device | str = "cpu",
     ref_policy: torch.nn.Module | None = None,
     accelerator=None,
@@ -83,21 +62,18 @@ def accumulate_gradients(
         sync = accelerator.no_sync(policy) if defer else nullcontext()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
-            logp, entropy = _forward(policy, mb)  # [b, l] each
+            logp, entropy = batch_logprobs(policy, mb)  # [b, l] each
             mask = mb.loss_mask
-            tok_loss, st = policy_loss(
-                logp, mb.behavior_logprobs, mb.advantages, mask, settings.policy_loss, settings.clip_low,
-                settings.clip_high, settings.ratio_cap, settings.mask_ratio,
-            )
+            tok_loss, st = policy_loss(logp, mb.behavior_logprobs, mb.advantages, mask, settings)
             if settings.kl_coef > 0:
                 with torch.no_grad():
-                    ref_lp, _ = _forward(ref_policy, mb)
+                    ref_lp, _ = batch_logprobs(ref_policy, mb)
                 kl = kl_k3(logp, ref_lp) * mask
                 tok_loss = tok_loss + settings.kl_coef * kl
                 sums["kl_sum"] += float(kl.detach().sum())
             if settings.entropy_coef > 0:
                 tok_loss = tok_loss - settings.entropy_coef * entropy * mask
-            w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, settings.max_new_tokens)
+            w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, max_new_tokens)
             loss = (tok_loss * w).sum() * weight
             if accelerator is not None:
                 accelerator.backward(loss * loss_scale)
@@ -109,7 +85,7 @@ def accumulate_gradients(
             d = ((logp - mb.behavior_logprobs) * mask).double()
             sums["loss"] += float(loss.detach())
             sums["tokens"] += float(mask.sum())
-            sums["mismatch_kl_sum"] += float(((torch.exp(d) - d - 1) * mask).sum())
+            sums["mismatch_kl_sum"] += float((k3(d) * mask).sum())
             sums["max_abs_diff"] = max(sums["max_abs_diff"], float(d.abs().max()) if d.numel() else 0.0)
             sums["entropy_sum"] += float((entropy * mask).sum())
             sums["padded_tokens"] += float(mb.input_ids.numel())

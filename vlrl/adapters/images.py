@@ -103,9 +103,7 @@ def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> byte
             scheme = s.split("://", 1)[0]
             raise ImageError(f"image {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data URI")
         else:
-            path = Path(s.removeprefix("file://"))
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
+            path = Path(resolve_source(s.removeprefix("file://"), base_dir))
             if path.is_file():
                 size = path.stat().st_size
                 if size > limits.max_bytes:
@@ -120,10 +118,10 @@ def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> byte
     else:
         raise ImageError(f"image {describe_source(source)}: unsupported source type {type(source).__name__}")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image {describe_source(display_name(source, base_dir))}: {len(data)} bytes is over the limit "
+        raise ImageError(f"image {describe_source(resolve_source(source, base_dir))}: {len(data)} bytes is over the limit "
                          f"of {limits.max_bytes} bytes; raise model.image_max_bytes or shrink the file")
     if not data:
-        raise ImageError(f"image {describe_source(display_name(source, base_dir))}: empty (0 bytes)")
+        raise ImageError(f"image {describe_source(resolve_source(source, base_dir))}: empty (0 bytes)")
     return data
 
 
@@ -146,8 +144,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def display_name(source: Any, base_dir: Path | None) -> Any:
-    """A relative file path is named as resolved against the dataset's directory, so it can be found."""
+def resolve_source(source: Any, base_dir: Path | None) -> Any:
+    """A relative file path resolved against `base_dir` (the dataset's directory): where it is read from,
+    how messages and logs name it. Any other source (URL, data URI, absolute path, base64, bytes, an image)
+    is returned unchanged."""
     if isinstance(source, (str, Path)) and base_dir is not None:
         s = str(source)
         if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", s) and not Path(s).is_absolute() and len(s) < 1024:
@@ -157,7 +157,7 @@ def display_name(source: Any, base_dir: Path | None) -> Any:
 
 def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Load any supported source into an upright RGB PIL image (not resized)."""
-    shown = display_name(source, base_dir)
+    shown = resolve_source(source, base_dir)
     if isinstance(source, Image.Image):
         img = source
     else:

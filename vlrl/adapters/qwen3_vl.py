@@ -20,17 +20,28 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
 from .fast_vision import fast_vision
-from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
+from .images import ImageLimits, decode_image, describe_source, resolve_source, fit_image
 from .mrope import mrope_positions
 from .shared_images import share_repeated_images
+
+
+# The modules FSDP2 shards as units (every decoder layer and vision block); = fsdp_transformer_layer_cls_to_wrap
+# in configs/accelerate/fsdp2-*.yaml.
+FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")
 
 
 class PromptError(UserError):
     """A prompt that cannot be trained on (too many images, too long); the message names the sample."""
 
 
+class ModelError(UserError):
+    """model.path does not hold a loadable Qwen3-VL (processor or weights); the message names the path."""
+
+
 class Qwen3VLAdapter:
     """Turns dataset samples into encoded prompts and rollouts into training batches, for Qwen3-VL."""
+
+    fsdp_units = FSDP_UNITS
 
     def __init__(self, processor: Any, cfg: ModelConfig):
         self.processor = processor
@@ -56,9 +67,9 @@ class Qwen3VLAdapter:
         try:
             processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         except OSError as e:
-            raise PromptError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
+            raise ModelError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "merge_size"):
-            raise PromptError(f"model.path {cfg.path!r} does not hold a Qwen3-VL processor")
+            raise ModelError(f"model.path {cfg.path!r} does not hold a Qwen3-VL processor")
         return cls(processor, cfg)
 
     # --- tokens the sampler must never produce ------------------------------------------------------------
@@ -71,7 +82,7 @@ class Qwen3VLAdapter:
     def load_image(self, source: Any, base_dir: Path | None = None):
         """Any supported source -> RGB PIL image resized to the pixel policy."""
         img = decode_image(source, base_dir, self.limits)
-        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, display_name(source, base_dir))
+        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, resolve_source(source, base_dir))
 
     @staticmethod
     def build_messages(
@@ -234,7 +245,7 @@ class Qwen3VLAdapter:
                 use_safetensors=True,
             )
         except OSError as e:
-            raise PromptError(f"model.path {path!r}: cannot load the model ({e})") from None
+            raise ModelError(f"model.path {path!r}: cannot load the model ({e})") from None
         share_repeated_images(model.model.visual)  # a group's copies of an image are encoded once
         # the tower's grid-derived inputs from the host, equal-size images attending in one call, the patch
         # embedding as a matmul (after the sharing hook: it sees the images actually encoded)
@@ -260,9 +271,15 @@ class Qwen3VLAdapter:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head)
 
     @staticmethod
-    def generation_model(model):
-        """The module whose `generate` the embedded sampler calls (the HF model itself)."""
-        return model
+    def reference_positions(model, batch: MultimodalBatch) -> torch.Tensor:
+        """[3, B, L] M-RoPE positions as the model itself computes them (`get_rope_index`): what check-batch
+        holds the positions built with the batch against."""
+        inputs = batch.model_inputs
+        positions, _ = model.model.get_rope_index(
+            batch.input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=batch.attention_mask,
+        )
+        return positions
 
     def save_pretrained(self, model, out_dir: Path, state_dict: dict | None = None) -> None:
         """An HF-format directory vLLM can serve: weights (LoRA merged in), config, processor. `state_dict`:
@@ -352,8 +369,3 @@ class Qwen3VLPolicy(nn.Module):
 def _distributed() -> bool:
     """Data-parallel training (DDP/FSDP wrap the policy whenever a process group exists, even of one)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def batch_logprobs(policy: nn.Module, batch: MultimodalBatch):
-    """(logprobs [B, L], entropy [B, L]) of the batch's trained tokens under `policy`."""
-    return policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)

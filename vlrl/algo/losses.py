@@ -24,13 +24,11 @@ def policy_loss(
     behavior: torch.Tensor,  # [B, L] float32, sampler
     advantages: torch.Tensor,  # [B] float32
     mask: torch.Tensor,  # [B, L] float32, trained tokens
-    kind: str = "token",
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    ratio_cap: float = 3.0,
-    mask_ratio: float = 10.0,
+    settings,  # the algorithm's settings (config.AlgorithmConfig): policy_loss, clip_low/high, ratio_cap, mask_ratio
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [B, L] (0 off the mask) and detached statistics (sums over tokens, for logging)."""
+    kind, clip_low, clip_high = settings.policy_loss, settings.clip_low, settings.clip_high
+    ratio_cap, mask_ratio = settings.ratio_cap, settings.mask_ratio
     log_r = (logprobs - behavior) * mask  # [B, L]
     A = advantages[:, None]  # [B, 1]
     if kind == "token":
@@ -61,10 +59,15 @@ def policy_loss(
     return loss, stats
 
 
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(d) - d - 1 for d = log(q / p) at samples of p: the k3 estimator of KL(p || q) per token; >= 0,
+    unbiased (Schulman, "Approximating KL divergence")."""
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = ref - logp; >= 0, unbiased."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    """KL(pi_theta || pi_ref) per token, k3-estimated at the policy's own samples."""
+    return k3(ref_logprobs - logprobs)
 
 
 def aggregation_weights(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..adapters.images import resolve_source
+
 
 def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
     """Printable references to the rollout's images. In-memory images (built-in tasks) are written once to
@@ -15,10 +17,7 @@ def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
     refs = []
     for k, src in enumerate(getattr(sample, "images", []) or []):
         if isinstance(src, (str, Path)) and not str(src).startswith("data:") and len(str(src)) < 1024:
-            s = str(src)
-            if sample.base_dir is not None and not s.startswith(("http://", "https://", "/")):
-                s = str(Path(sample.base_dir) / s)
-            refs.append(s)
+            refs.append(str(resolve_source(src, sample.base_dir)))
             continue
         img = rollout.prompt.images[k] if k < len(rollout.prompt.images) else None
         if not isinstance(img, Image.Image):

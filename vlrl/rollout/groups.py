@@ -1,0 +1,132 @@
+"""Prompts in, scored groups out: the one rollout pipeline of `vlrl train`, `vlrl eval` and `vlrl check-batch`.
+
+encode (samples -> prompts; a sample the data makes unusable is skipped and named, or stops the run, as
+`env.on_bad_sample` says) -> sample (`n` completions per prompt, the configured sampler) -> score (the reward
+set) -> group advantages -> for training, dynamic sampling (groups whose rewards all agree are dropped and
+refilled from the prompt stream, within `algorithm.max_refill_rounds`). Out come plain records, `Rollout`s
+carrying their rewards and advantages, and counts: the learner never sees a sample source, a sampler or a
+reward function, and train, eval and check-batch share every line of it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..algo.advantages import group_advantages, zero_variance_groups
+from ..envs.dataset import Sample, encode_samples
+from ..envs.rewards import RewardSet
+from ..records import Rollout
+
+EVAL_STREAM = 500_009  # eval's sampler seeds: a stream apart from training's (step * 101 + round)
+
+
+def sampler_seed(seed: int, stream: int, rank: int = 0, world: int = 1) -> int:
+    """The sampler's seed for one call: `stream` numbers the call within a run (training: step * 101 + refill
+    round; eval: EVAL_STREAM + batch), and every rank gets seeds of its own."""
+    return (seed * 1_000_003 + stream) * world + rank
+
+
+@dataclass
+class Groups:
+    """Scored groups of rollouts, and what it took to make them."""
+
+    keys: list[str]
+    """The reward functions' keys (`fn`, a repeated fn as `fn#2`...): what `Rollout.rewards` is keyed by."""
+    rollouts: list[Rollout] = field(default_factory=list)
+    """The rollouts of the kept groups, prompt-major; `group` numbers the kept groups 0, 1, ..."""
+    trained: list[Rollout] = field(default_factory=list)
+    """The rollouts that enter the loss (a reward, and not cut by max_new_tokens under overlong masking)."""
+    bad_samples: list[tuple[Sample, str]] = field(default_factory=list)
+    """Samples skipped by env.on_bad_sample, with the reason."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Reward-function failures by reason (raised, timeout, nan...), over every scored rollout."""
+    errors: list[str] = field(default_factory=list)
+    """The first few reward-failure messages."""
+    groups_dropped: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    """Time spent encoding, sampling and scoring."""
+
+    @property
+    def per_fn(self) -> dict[str, list[float | None]]:
+        """Each reward function's values over the kept rollouts."""
+        return {k: [r.rewards.get(k) for r in self.rollouts] for k in self.keys}
+
+
+class RolloutGroups:
+    """Turns samples into scored groups with one sampler and the configured rewards."""
+
+    def __init__(self, cfg, adapter, sampler, rank: int = 0, world: int = 1):
+        self.cfg, self.adapter, self.sampler, self.rank, self.world = cfg, adapter, sampler, rank, world
+        self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.rewards.keys)
+
+    def score_groups(self, samples: list[Sample], n: int, seed: int) -> Groups:
+        """A group of `n` scored rollouts for every usable sample, none dropped (eval, check-batch)."""
+        out = Groups(self.keys)
+        t0 = time.perf_counter()
+        for members in self._round(samples, n, seed, out, drop_uniform=False):
+            self._keep(members, out)
+        out.rounds, out.seconds = 1, time.perf_counter() - t0
+        out.trained = [r for r in out.rollouts if not math.isnan(r.reward)]
+        return out
+
+    def step(self, stream, step: int, prompts: int) -> Groups:
+        """A training step's groups: `prompts` of them carrying signal, drawn from `stream` and refilled
+        (dynamic sampling, skipped bad samples) within `algorithm.max_refill_rounds`. `step` (0-based) seeds
+        the sampler, so a resumed run samples what an uninterrupted one would."""
+        cfg = self.cfg
+        out = Groups(self.keys)
+        t0 = time.perf_counter()
+        for rnd in range(1 + cfg.algorithm.max_refill_rounds):
+            need = prompts - len({r.group for r in out.rollouts})
+            if need <= 0:
+                break
+            seed = sampler_seed(cfg.rollout.seed, step * 101 + rnd, self.rank, self.world)
+            for members in self._round(stream.take(need), cfg.rollout.group_size, seed, out,
+                                       drop_uniform=cfg.algorithm.dynamic_sampling):
+                self._keep(members, out)
+            out.rounds = rnd + 1
+        out.seconds = time.perf_counter() - t0
+        out.trained = [r for r in out.rollouts if not math.isnan(r.reward)
+                       and not (cfg.algorithm.mask_truncated and r.finish_reason == "length")]
+        return out
+
+    @staticmethod
+    def _keep(members: list[Rollout], out: Groups) -> None:
+        group = len({r.group for r in out.rollouts})
+        for r in members:
+            r.group = group
+        out.rollouts.extend(members)
+
+    def _round(self, samples: list[Sample], n: int, seed: int, out: Groups, drop_uniform: bool) -> list[list[Rollout]]:
+        """Encode, sample, score and compute advantages for one batch of samples; returns its groups (those
+        with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in `out`."""
+        prompts, kept, bad = encode_samples(self.adapter, samples, self.cfg.env)
+        out.bad_samples.extend(bad)
+        if not prompts:
+            return []
+        rollouts = self.sampler.sample(prompts, n, seed=seed)
+        for r in rollouts:
+            r.sample = kept[r.group]
+        result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
+        for reason, count in result.failures.items():
+            out.failures[reason] = out.failures.get(reason, 0) + count
+        out.errors.extend(result.errors[: max(0, 8 - len(out.errors))])
+        rewards = torch.tensor([math.nan if t is None else t for t in result.total], dtype=torch.float64)  # [N]
+        groups = torch.tensor([r.group for r in rollouts])  # [N]
+        algo = self.cfg.algorithm
+        adv = group_advantages(rewards, groups, algo.advantage, algo.std_normalize)  # [N]
+        for i, r in enumerate(rollouts):
+            r.reward, r.advantage = float(rewards[i]), float(adv[i])
+            r.rewards = {k: result.per_fn[k][i] for k in self.keys}
+        dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
+        out.groups_dropped += len(dead)
+        return [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
