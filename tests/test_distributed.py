@@ -93,6 +93,35 @@ def test_vlrl_train_with_two_processes(tiny_model_dir, tmp_path):
     assert state["data"] == [{"index": 4}, {"index": 2}]  # rank 0 took prompts 0, 2 of each step; rank 1 took 1
 
 
+def test_sigterm_to_torchrun_saves_every_rank_and_resumes(tiny_model_dir, tmp_path):
+    """SIGTERM (a scheduler's preemption) to the launcher: torchrun passes it to both ranks, which agree to stop
+    at the same step, save one checkpoint with both ranks' data positions, and exit 143; the run resumes."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_args("-m vlrl", tiny_model_dir, tmp_path, "name=term", "train.steps=500", "checkpoint.every=1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert out.count("checkpoint saved, resume with --resume") == 1, out[-3000:]  # said once, by the main rank
+    from vlrl.checkpoint import latest_checkpoint, load_trainer_state
+
+    done = len(metrics.read_text().splitlines())
+    ckpt = latest_checkpoint(tmp_path / "term")
+    assert ckpt is not None and ckpt.name == f"step-{done}", out[-3000:]
+    assert load_trainer_state(ckpt)["data"] == [{"index": 2 * done}, {"index": done}]
+    res = torchrun(2, *train_args("-m vlrl", tiny_model_dir, tmp_path, "name=term", f"train.steps={done + 1}"),
+                   "--resume")
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, done + 2))
+
+
 def fsdp_train(tiny_model_dir, out_dir, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
     args = train_args("tests/fsdp_train_worker.py", tiny_model_dir, out_dir, "checkpoint.every=1", *overrides)
     res = torchrun(2, *args, *(["--resume"] if resume else []))

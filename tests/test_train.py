@@ -76,7 +76,10 @@ def test_resume_repeats_the_uninterrupted_run(tiny_model_dir, tmp_path):
     assert a == b
 
 
-def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_and_resume_continues(tiny_model_dir, tmp_path, sig, code):
+    """Ctrl-C, and SIGTERM (what schedulers send on preemption), finish or drop the step, save and exit with
+    128 + the signal's number; with checkpoint.every far away, nothing is lost."""
     args = [sys.executable, "-m", "vlrl", "train", "configs/tiny-cpu.toml",
             *[f"--set={o}" for o in small(tiny_model_dir, tmp_path, "train.steps=500", "name=int", "checkpoint.every=1000")]]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
@@ -85,13 +88,13 @@ def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
+    assert proc.returncode == code, out
     assert "checkpoint saved, resume with --resume" in out
     done = len(read_jsonl(metrics))
     ckpt = latest_checkpoint(tmp_path / "int")
-    assert ckpt is not None and ckpt.name == f"step-{done}"
+    assert ckpt is not None and ckpt.name == f"step-{done}" and done >= 2
     res = train(cfg_of(small(tiny_model_dir, tmp_path, f"train.steps={done + 1}", "name=int")), resume=True)
     assert res.step == done + 1 and [m["step"] for m in read_jsonl(metrics)] == list(range(1, done + 2))
 

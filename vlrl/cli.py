@@ -87,7 +87,8 @@ def train(
     """Train a policy with RL: rollouts, rewards, group advantages, policy update, checkpoints.
 
     Writes runs/NAME/: config.toml (resolved), metrics.jsonl (one line per step), samples.jsonl (rollouts
-    with image references) and step-N/ checkpoints (HF format, servable by vLLM). Ctrl-C saves and exits.
+    with image references) and step-N/ checkpoints (HF format, servable by vLLM). Ctrl-C or SIGTERM saves and
+    exits (130 / 143); --resume continues.
     """
     from rich.console import Console
 
@@ -103,7 +104,7 @@ def train(
         _fail(str(e))
     run_dir = result.run_dir
     if not result.main:  # under accelerate launch, one process reports
-        raise typer.Exit(130 if result.stopped else 0)
+        raise typer.Exit(result.exit_code)
     from .checkpoint import latest_checkpoint
     from .summary import read_jsonl, reward_curve
 
@@ -114,7 +115,7 @@ def train(
     console.print(f"report: {run_dir / 'report.html'}")
     console.print(f"checkpoint: {ckpt if ckpt else '(none yet)'}")
     if result.stopped:
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_code)
 
 
 @app.command("eval")

@@ -34,23 +34,37 @@ from .update import accumulate_gradients
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to stop at the next safe point; a second one interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next safe point (the step's rollouts
+    dropped, or its update finished), save a checkpoint and exit; a second one interrupts at once.
+
+    SIGTERM is what Slurm, Kubernetes and most schedulers send on preemption or time-out, then SIGKILL after a
+    grace period (Slurm's KillWait, 30 s by default; Kubernetes' terminationGracePeriodSeconds, 30 s): the
+    grace must cover what is left of one step plus a checkpoint write (`--signal=TERM@120` or a longer grace
+    for large models). Under `accelerate launch` / torchrun every rank gets the signal, and the ranks agree on
+    stopping through `Run.stop_requested`. `code` is the exit code the command ends with: 130 for SIGINT,
+    143 for SIGTERM (128 + the signal's number), as shells report them."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.code = 0
+        self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
+            self.code = 128 + signum
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class Run:
@@ -221,8 +235,11 @@ class Run:
         return path
 
     def stop_requested(self, stop: StopFlag) -> bool:
-        """Ctrl-C on any rank stops every rank at the same point."""
-        return self._reduce([float(stop.requested)], "max")[0] > 0
+        """Ctrl-C or SIGTERM on any rank stops every rank at the same point, with the same exit code."""
+        code = int(self._reduce([float(stop.code)], "max")[0])
+        if code:
+            stop.requested, stop.code = True, code
+        return stop.requested
 
 
 def flat_config(cfg: Config) -> dict:
@@ -241,8 +258,9 @@ def flat_config(cfg: Config) -> dict:
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: bool  # True when Ctrl-C ended the run before train.steps
+    stopped: bool  # True when Ctrl-C or SIGTERM ended the run before train.steps
     main: bool = True  # the main process (the one that prints and writes the run's files)
+    exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
@@ -324,7 +342,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 last_data_state = data_state
         if last_saved != run.step and run.step > 0:
             run.save(last_data_state)
-            if stop.requested:
+            if stop.requested and main:
                 console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
         if main and run.step > 0:
             from .report import write_run_report
@@ -340,7 +358,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()
-    return TrainResult(run.run_dir, run.step, stop.requested, main)
+    return TrainResult(run.run_dir, run.step, stop.requested, main, stop.code)
 
 
 class TrainingEval:
