@@ -2,7 +2,7 @@ import hashlib
 
 from PIL import Image
 
-from vlrl.tiny_model import ANSWER_WORDS, build_tiny_qwen3_vl
+from vlrl.tiny_model import ANSWER_WORDS, CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, TAG_TOKENS, ZOOM_CALLS, build_tiny_qwen3_vl
 
 
 def digest(path):
@@ -51,3 +51,39 @@ def test_chat_template_renders_qwen3_vl_instruct_structure(adapter):
     )
     # 64x64 -> 2x2 merged tokens, 64x96 -> 2x3
     assert enc.input_ids.count(adapter.image_token_id) == 4 + 6
+
+
+def test_chat_template_is_qwen3_vl_8b_instructs_own(adapter):
+    """Byte for byte Qwen3-VL-8B-Instruct's template, so tools, tool calls and tool results render as the 8B
+    model sees them: tools in the system turn, a tool result (with its image) as a user turn."""
+    assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest() == CHAT_TEMPLATE_SHA256
+    assert adapter.processor.chat_template == CHAT_TEMPLATE == adapter.tokenizer.chat_template
+    tool = {"type": "function", "function": {"name": "crop", "description": "Crop.", "parameters": {"type": "object"}}}
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "crop", "arguments": {}}\n</tool_call>'},
+        {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "the crop"}]},
+    ]
+    text = adapter.processor.apply_chat_template(msgs, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "crop", "description": "Crop.", "parameters": {"type": "object"}}}'
+        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Colour?<|im_end|>\n"
+        '<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "crop", "arguments": {}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>the crop\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tags_and_the_zoom_demos_crop_calls_are_single_tokens(adapter):
+    tok = adapter.tokenizer
+    for text in TAG_TOKENS + ZOOM_CALLS:
+        assert len(tok.encode(text, add_special_tokens=False)) == 1, text
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    call = '<tool_call>\n{"name": "crop", "arguments": {"x0": 1, "y0": 0, "x1": 9, "y1": 9}}\n</tool_call>'
+    ids = tok.encode(call, add_special_tokens=False)
+    assert len(ids) > 3 and tok.decode(ids) == call  # any other call: the tags, then its text
