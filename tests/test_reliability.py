@@ -150,6 +150,66 @@ def test_on_bad_sample_error_stops_with_the_reason(tiny_model_dir, tmp_path, web
     assert "sample " in res.stderr and 'env.on_bad_sample = "skip"' in res.stderr
 
 
+def test_check_batch_shows_each_skipped_sample_and_why(tiny_model_dir, tmp_path):
+    """The table view names every skipped sample with its reason and counts them (they were only in --json)."""
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "ok.png")
+    rows = [{"id": "good-1", "question": "Colour?", "answer": "red", "images": "ok.png"},
+            {"id": "gone", "question": "Colour?", "answer": "red", "images": "missing.png"},
+            {"id": "good-2", "question": "Colour?", "answer": "red", "images": "ok.png"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = subprocess.run(
+        [sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--prompts", "3",
+         *[f"--set={o}" for o in (f"model.path={tiny_model_dir}", f"env.dataset={data}", f"env.eval_dataset={data}",
+                                  "rollout.max_new_tokens=4", "rollout.group_size=2")]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "skipped samples: 1" in res.stdout and "1 sample(s) skipped" in res.stdout
+    line = next(x for x in res.stdout.splitlines() if "gone" in x)
+    assert "missing.png: file not found" in line
+
+
+def test_a_bad_sample_is_decoded_once_and_counted_each_time_it_is_drawn(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import vlrl.envs.dataset as dataset
+
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "ok.png")
+    rows = [{"id": "good", "question": "Colour?", "answer": "red", "images": "ok.png"},
+            {"id": "gone", "question": "Colour?", "answer": "red", "images": "missing.png"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tried = []
+    real = dataset.encode_sample
+    monkeypatch.setattr(dataset, "encode_sample", lambda adapter, s, *a: tried.append(s.id) or real(adapter, s, *a))
+    # every step draws both rows (2 prompts, a dataset of 2), for 3 steps
+    res = train(small(tiny_model_dir, tmp_path, "name=once", f"env.dataset={data}", f"env.eval_dataset={data}",
+                      "train.steps=3", "algorithm.max_refill_rounds=0"))
+    assert tried.count("gone") == 1 and tried.count("good") == 3
+    ms = read_jsonl(res.run_dir / "metrics.jsonl")
+    assert [m["bad_samples"] for m in ms] == [1, 1, 1]
+    logged = [json.loads(x) for x in (res.run_dir / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["repeat"]) for x in logged] == [(1, False), (2, True), (3, True)]
+    assert capsys.readouterr().out.count("skipped sample gone") == 1  # told once
+
+
+def test_reward_failure_messages_reach_the_terminal_the_log_and_the_reports(tiny_model_dir, tmp_path, capsys):
+    from vlrl.evaluate import run_eval
+
+    fails = 'env.rewards=[{fn="rewards_for_tests:parity"}, {fn="rewards_for_tests:odd_fails"}]'
+    res = train(small(tiny_model_dir, tmp_path, "name=rf", "train.steps=2", fails))
+    said = capsys.readouterr().out
+    logged = [json.loads(x) for x in (res.run_dir / "reward_errors.jsonl").read_text().splitlines()]
+    per_step = {m["step"]: m["reward_failures"] for m in read_jsonl(res.run_dir / "metrics.jsonl")}
+    assert sum(per_step.values()) > 0  # the first few of each step's failures are logged, by step
+    assert {s: sum(e["step"] == s for e in logged) for s in per_step} == {s: min(n, 8) for s, n in per_step.items()}
+    what = "reward rewards_for_tests:odd_fails on sample colors-train-"
+    assert all(what in e["message"] and "raised ValueError: odd length" in e["message"] for e in logged)
+    assert said.count("reward failed: " + what) == min(len(logged), 5)
+    assert "Reward failures" in (res.run_dir / "report.html").read_text()
+    summary = run_eval(small(tiny_model_dir, tmp_path, "name=rf", fails), None, "eval", 4, 2, None)
+    assert summary["reward_failures"] > 0 and summary["reward_errors"][0].startswith(what.replace("train", "eval"))
+    assert "odd length" in (Path(summary["out_dir"]) / "report.html").read_text()
+
+
 def test_empty_dataset_and_malformed_line_are_refused(tiny_model_dir, tmp_path):
     from vlrl.errors import UserError
 

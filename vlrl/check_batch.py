@@ -242,6 +242,15 @@ def print_report(console, report: Report, spans: list[tuple[str, bool]]) -> None
         checks.add_row("[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.name, c.detail)
     console.print(checks)
 
+    skipped = report.stats.get("bad_samples") or []
+    if skipped:
+        bad = Table(title=f"skipped samples: {len(skipped)} (env.on_bad_sample = \"skip\")", header_style="bold")
+        bad.add_column("sample")
+        bad.add_column("reason")
+        for b in skipped:
+            bad.add_row(str(b["sample_id"]), b["reason"])
+        console.print(bad)
+
     text = Text()
     for piece, trained in spans:
         text.append(piece, style="bold black on green" if trained else ("cyan" if piece.startswith("<|image_pad|>x") else "dim"))
@@ -249,4 +258,6 @@ def print_report(console, report: Report, spans: list[tuple[str, bool]]) -> None
                   f"trained tokens highlighted; finish: {report.sample['finish_reason']})")
     console.print(text)
     verdict = "[bold green]batch OK[/]" if report.ok else "[bold red]batch FAILED[/]"
-    console.print(f"{verdict}: mismatch KL {report.stats['mismatch_kl']:.2e}, max |diff| {report.stats['max_abs_diff']:.2e}")
+    note = f"; {len(skipped)} sample(s) skipped (table above)" if skipped else ""
+    console.print(f"{verdict}: mismatch KL {report.stats['mismatch_kl']:.2e}, max |diff| "
+                  f"{report.stats['max_abs_diff']:.2e}{note}")

@@ -149,6 +149,8 @@ def eval_policy(
     except UserError as e:
         _fail(str(e))
     console.print(summary_table(summary))
+    for message in summary.get("reward_errors", [])[:5]:
+        console.print(f"reward failed: {message}", highlight=False, markup=False)
     out = Path(summary["out_dir"])
     for name in ("summary.json", "samples.jsonl", "report.html"):
         console.print(f"{name}: {out / name}", highlight=False)

@@ -87,6 +87,7 @@ def evaluate(
     first = rollouts.keys[0]
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
+    errors: list[str] = []  # the first reward-failure messages
     skipped: list[tuple[str, str]] = []  # (sample id, reason) of samples env.on_bad_sample skipped
     t0 = time.perf_counter()
     if progress is not None:
@@ -95,6 +96,7 @@ def evaluate(
         batch = samples[start : start + per_batch]
         got = rollouts.score_groups(batch, n, sampler_seed(seed, EVAL_STREAM + b))
         skipped.extend((s.id, reason) for s, reason in got.bad_samples)
+        errors.extend(got.errors[: max(0, 8 - len(errors))])
         refs: dict[int, list[str]] = {}
         seen: dict[int, int] = {}
         for r in got.rollouts:
@@ -127,6 +129,7 @@ def evaluate(
         "rewards": rollouts.keys,
         **summarize(records, rollouts.keys, n),
         "bad_samples": len(skipped),
+        "reward_errors": errors,
         "time/eval": time.perf_counter() - t0,
     }
     write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))

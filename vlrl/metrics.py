@@ -99,13 +99,33 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
     return m
 
 
-def log_bad_samples(path, step: int, bad: list, console) -> None:
-    """Skipped samples go to `path` (bad_samples.jsonl); the first few are also printed, so they are not missed."""
+def log_bad_samples(path, step: int, bad: list, new: list, console) -> None:
+    """Skipped samples go to `path` (bad_samples.jsonl), each time one was drawn; the first few of those skipped
+    for the first time (`new`) are also printed, so they are not missed (and not repeated every epoch)."""
+    first = {id(s) for s, _ in new}
     with open(path, "a") as fh:
         for sample, reason in bad:
-            fh.write(json.dumps({"step": step, "sample_id": sample.id, "reason": reason}) + "\n")
-    for sample, reason in bad[:3]:
+            fh.write(json.dumps({"step": step, "sample_id": sample.id, "reason": reason,
+                                 "repeat": id(sample) not in first}) + "\n")
+    for sample, reason in new[:3]:
         console.print(f"skipped {reason}", highlight=False, markup=False)
+
+
+SHOWN_ERRORS = 5  # reward-failure messages printed per run (all of them go to reward_errors.jsonl)
+
+
+def log_reward_errors(path, step: int, errors: list[str], console, shown: int) -> int:
+    """A step's reward-failure messages into `path` (reward_errors.jsonl); the run's first few also printed.
+    Returns how many have been printed so far."""
+    with open(path, "a") as fh:
+        for message in errors:
+            fh.write(json.dumps({"step": step, "message": message}) + "\n")
+    for message in errors[: max(0, SHOWN_ERRORS - shown)]:
+        console.print(f"reward failed: {message}", highlight=False, markup=False)
+        shown += 1
+        if shown == SHOWN_ERRORS:
+            console.print(f"(further reward failures: {path})", highlight=False, markup=False)
+    return shown
 
 
 def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:

@@ -23,6 +23,7 @@ from .summary import read_jsonl
 
 MAX_STEPS = 20  # training steps shown in the gallery (the latest ones)
 MAX_PROMPTS = 20  # eval prompts shown in the gallery
+MAX_ERRORS = 10  # reward-failure messages shown
 INLINE_BYTES = 96 * 1024  # image files up to this size are embedded as they are; larger ones are shrunk
 THUMB = 384  # longest side of a shrunk image (shown at 192 px: sharp on a high-density screen)
 MAIN_METRICS = [
@@ -249,6 +250,11 @@ def prompt_card(group: list[dict], images: ImageEmbedder) -> str:
     return "".join(parts) + "</div>"
 
 
+def error_list(messages: list[str]) -> str:
+    """The first reward-failure messages (function, sample, what it did), so a failing reward is seen at once."""
+    return "<ul>" + "".join(f"<li><code>{esc(m)}</code></li>" for m in messages) + "</ul>"
+
+
 def page(title: str, subtitle: str, sections: list[str]) -> str:
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -309,6 +315,11 @@ def write_run_report(run_dir) -> Path:
     evals = eval_summaries(run_dir)
     if evals:
         sections += ["<h2>Evals</h2>", evals_table(evals, run_dir)]
+    errors = read_jsonl(run_dir / "reward_errors.jsonl")
+    if errors:
+        total = sum(m.get("reward_failures", 0) for m in trained)
+        sections += [f"<h2>Reward failures ({total} in all)</h2>",
+                     error_list([f"step {e.get('step')}: {e.get('message')}" for e in errors[:MAX_ERRORS]])]
     by_step: dict = {}
     for s in samples:
         by_step.setdefault(s.get("step"), []).append(s)
@@ -333,6 +344,9 @@ def write_eval_report(out_dir, summary: dict, samples: list[dict]) -> Path:
     rows = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     rows.sort(key=lambda kv: not kv[0].startswith(SCORES))  # scores first, counts and times after (stable)
     sections = ["<h2>Summary</h2>", metrics_table(rows)]
+    if summary.get("reward_errors"):
+        sections += [f"<h2>Reward failures ({summary.get('reward_failures', 0)} in all)</h2>",
+                     error_list(summary["reward_errors"][:MAX_ERRORS])]
     ks = sorted((int(k[5:]), v) for k, v in summary.items() if k.startswith("pass@") and k[5:].isdigit())
     if len(ks) > 1:
         try:

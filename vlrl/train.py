@@ -28,7 +28,7 @@ from .batch import plan_micro_batches
 from .config import Config, save_config
 from .errors import UserError
 from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
-from .metrics import log_bad_samples, log_samples, pool, step_metrics, step_stats
+from .metrics import log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
 from .records import Rollout
 from .update import accumulate_gradients
 
@@ -289,6 +289,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
     last_saved = run.step if run.ckpt is not None else None
     last_data_state = stream.state()
+    shown_errors = 0  # reward-failure messages printed so far
     # One-step-off-policy: step n+1's rollouts are sampled (by the server, with the weights of step n-1)
     # while step n trains. The checkpoint records the data position before that prefetch, so a resumed run
     # samples those prompts again rather than skipping them.
@@ -325,8 +326,12 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     if main:  # one rank scores the (replicated) policy; the others wait for it
                         m.update(evaluator(run.step, run.run_dir))
                     run.accelerator.wait_for_everyone()
+                if main and got.errors:
+                    shown_errors = log_reward_errors(run.run_dir / "reward_errors.jsonl", run.step, got.errors,
+                                                     console, shown_errors)
                 if main and got.bad_samples:
-                    log_bad_samples(run.run_dir / "bad_samples.jsonl", run.step, got.bad_samples, console)
+                    log_bad_samples(run.run_dir / "bad_samples.jsonl", run.step, got.bad_samples, got.new_bad_samples,
+                                    console)
                 if cfg.logging.trackers:
                     run.accelerator.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=run.step)
                 if main:

@@ -41,7 +41,9 @@ class Groups:
     trained: list[Rollout] = field(default_factory=list)
     """The rollouts that enter the loss (a reward, and not cut by max_new_tokens under overlong masking)."""
     bad_samples: list[tuple[Sample, str]] = field(default_factory=list)
-    """Samples skipped by env.on_bad_sample, with the reason."""
+    """Samples skipped by env.on_bad_sample, with the reason: each time one was drawn (the count stays honest)."""
+    new_bad_samples: list[tuple[Sample, str]] = field(default_factory=list)
+    """Those skipped for the first time in the run (the ones worth telling a person about)."""
     failures: dict[str, int] = field(default_factory=dict)
     """Reward-function failures by reason (raised, timeout, nan...), over every scored rollout."""
     errors: list[str] = field(default_factory=list)
@@ -63,6 +65,9 @@ class RolloutGroups:
     def __init__(self, cfg, adapter, sampler, rank: int = 0, world: int = 1):
         self.cfg, self.adapter, self.sampler, self.rank, self.world = cfg, adapter, sampler, rank, world
         self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
+        # Samples found bad once stay bad for the run: when the data order brings one back it is counted again
+        # but not decoded (fetched, resized...) again. Keyed by the sample object, which lives the whole run.
+        self.known_bad: dict[int, tuple[Sample, str]] = {}
 
     @property
     def keys(self) -> list[str]:
@@ -109,8 +114,12 @@ class RolloutGroups:
     def _round(self, samples: list[Sample], n: int, seed: int, out: Groups, drop_uniform: bool) -> list[list[Rollout]]:
         """Encode, sample, score and compute advantages for one batch of samples; returns its groups (those
         with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in `out`."""
-        prompts, kept, bad = encode_samples(self.adapter, samples, self.cfg.env)
+        out.bad_samples.extend(self.known_bad[id(s)] for s in samples if id(s) in self.known_bad)
+        prompts, kept, bad = encode_samples(self.adapter, [s for s in samples if id(s) not in self.known_bad],
+                                            self.cfg.env)
+        self.known_bad.update((id(s), (s, reason)) for s, reason in bad)
         out.bad_samples.extend(bad)
+        out.new_bad_samples.extend(bad)
         if not prompts:
             return []
         rollouts = self.sampler.sample(prompts, n, seed=seed)
