@@ -124,6 +124,7 @@ def test_serve_command_has_what_rl_needs():
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
     assert cmd[cmd.index("--generation-config") + 1] == "vllm"
+    assert "--enable-scale-out" in cmd  # the token-in/token-out route of multi-turn rollouts
     assert json.loads(cmd[cmd.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
     assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {"size": {"shortest_edge": 100, "longest_edge": 200}}
     assert parse_limit_mm('{"image": 2, "video": 0}') == {"image": 2, "video": 0}

@@ -73,7 +73,8 @@ class RewardSpec(Section):
 
 class EnvConfig(Section):
     dataset: str = "builtin:colors"
-    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position),
+    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position; with
+    their environments: zoom, calculator),
     a `.jsonl` or `.parquet` file, a directory written by `datasets.save_to_disk`, or `hf:NAME` (a Hugging
     Face hub dataset; needs hub access)."""
     eval_dataset: str | None = None
@@ -109,6 +110,16 @@ class EnvConfig(Section):
     in the metrics as `bad_samples`, listed in `<run dir>/bad_samples.jsonl`), or stop with the `error`."""
     reward_timeout_s: float = Field(10.0, gt=0)
     """A reward function running longer than this marks the sample as failed (the run goes on)."""
+    environment: str | None = None
+    """A multi-turn environment (tools, feedback): `builtin:zoom`, `builtin:calculator`, or your own
+    `module:Class` (a subclass of vlrl.envs.environment.Environment). Unset: single-turn, one completion per
+    prompt; a built-in task that belongs to an environment (`builtin:zoom`) brings its own."""
+    max_turns: int = Field(4, ge=1)
+    """Most assistant turns in a multi-turn episode; an episode still going then ends (finish reason
+    `max_turns`). A whole trajectory also stays within model.max_model_len (finish `context`) and
+    model.max_images_per_prompt images (finish `images`)."""
+    tool_timeout_s: float = Field(10.0, gt=0)
+    """A tool call running longer than this is abandoned and the model gets an error as its result."""
 
     @field_validator("question_template")
     @classmethod

@@ -1,7 +1,9 @@
-"""The records that flow between parts: an encoded prompt, and one rollout (a sampled completion of it).
+"""The records that flow between parts: an encoded prompt, an environment's reply, and one rollout (a sampled
+completion of a prompt, or a multi-turn trajectory).
 
 Token in, token out: `EncodedPrompt.input_ids` are the processor's ids (image placeholders expanded) and
-`Rollout.completion_ids` are the sampler's own ids, never re-tokenised text.
+`Rollout.completion_ids` are the sampler's own ids, never re-tokenised text. In a multi-turn trajectory the
+environment's replies sit between the sampled turns, each rendered once by the chat template (`EnvReply`).
 """
 
 from __future__ import annotations
@@ -19,18 +21,35 @@ class EncodedPrompt:
 
     input_ids: list[int]
     """Processor ids, image placeholders expanded, generation prompt included."""
-    messages: list[dict]
-    """Chat messages; image parts are `{"type": "image"}` in order of `images`."""
+    messages: list[dict] | None
+    """Chat messages; image parts are `{"type": "image"}` in order of `images`. None for a continuation of a
+    trajectory (a later turn), which a sampler takes by its token ids alone."""
     images: list[Image.Image]
     """RGB images already resized to the pixel policy (what the sampler receives)."""
     pixel_values: torch.Tensor | None = None  # [P, D] float32, P = sum over images of t*h*w
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3] int64
     image_refs: list[str] = field(default_factory=list)
     """Printable names of the image sources (paths, URLs), for logs and reports."""
+    tools: list[dict] | None = None
+    """Tool schemas the chat template rendered into the system turn (multi-turn environments)."""
+    max_new_tokens: int | None = None
+    """Most tokens a sampler may add (a later turn of a trajectory: what is left of model.max_model_len)."""
 
     @property
     def num_patches(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.prod(-1).sum())
+
+
+@dataclass
+class EnvReply:
+    """An environment's reply to an assistant turn (tool results, feedback), rendered once by the chat template:
+    `input_ids` close the assistant turn's line, hold the reply's messages with their image placeholders
+    expanded, and open the next assistant turn; they are appended to the trajectory as they are."""
+
+    input_ids: list[int]
+    images: list[Image.Image] = field(default_factory=list)
+    pixel_values: torch.Tensor | None = None  # [P, D]
+    image_grid_thw: torch.Tensor | None = None  # [n, 3]
 
 
 @dataclass
@@ -46,9 +65,22 @@ class Rollout:
     finish_reason: str
     """`stop` (an end-of-turn token was sampled) or `length` (max_new_tokens reached)."""
     text: str = ""
-    """Decoded completion, for rewards and logs."""
+    """Decoded completion, for rewards and logs (multi-turn: the last assistant turn, the answer)."""
     completion_mask: list[int] | None = None
     """1 on tokens the policy sampled, 0 on environment tokens; None means every token was sampled."""
+    env_images: list[Image.Image] = field(default_factory=list)
+    """Images the environment returned inside the completion (tool results), in order."""
+    env_pixel_values: torch.Tensor | None = None  # [P_env, D]: their patches
+    env_image_grid_thw: torch.Tensor | None = None  # [n_env, 3]
+    turns: int = 1
+    """Assistant turns sampled (1 for a single-turn rollout)."""
+    tool_calls: int = 0
+    tool_errors: dict[str, int] = field(default_factory=dict)
+    """Tool calls that failed, by reason (malformed, unknown_tool, bad_arguments, raised, timeout)."""
+    env_reward: float | None = None
+    """The sum of the rewards the environment gave along the trajectory (None: it gave none)."""
+    transcript: str = ""
+    """The whole completion decoded, environment turns included (multi-turn), for logs and reports."""
     sample: Any = None
     """The dataset sample the prompt came from (rewards read its answer)."""
     group: int = 0
@@ -70,3 +102,25 @@ class Rollout:
     @property
     def trained_mask(self) -> list[int]:
         return self.completion_mask if self.completion_mask is not None else [1] * len(self.completion_ids)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """[P, D]: the patches of every image of the sequence, prompt's then environment's, in order."""
+        parts = [t for t in (self.prompt.pixel_values, self.env_pixel_values) if t is not None and len(t)]
+        return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        """[n, 3]: every image's grid, prompt's then environment's."""
+        parts = [t for t in (self.prompt.image_grid_thw, self.env_image_grid_thw) if t is not None and len(t)]
+        return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+
+    @property
+    def num_patches(self) -> int:
+        grid = self.image_grid_thw
+        return 0 if grid is None else int(grid.prod(-1).sum())
+
+    @property
+    def num_images(self) -> int:
+        grid = self.image_grid_thw
+        return 0 if grid is None else len(grid)

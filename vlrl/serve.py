@@ -5,6 +5,8 @@
   temperature and the placeholder ban), which is what the trainer recomputes;
 - `--generation-config vllm`: the checkpoint's generation defaults (Qwen ships top_k=20, top_p=0.8...)
   never silently override a request's sampling parameters;
+- `--enable-scale-out`: the token-in/token-out route `/inference/v1/generate`, which samples a multi-turn
+  trajectory's next turn from exactly the ids the trainer holds (with the trajectory's images);
 - the trainer's pixel policy (`--min-pixels/--max-pixels` -> the processor's size), so both sides count the
   same image tokens;
 - bound to 127.0.0.1 unless `--host` says otherwise.
@@ -82,6 +84,7 @@ def build_command(
         "--dtype", dtype,
         "--logprobs-mode", "processed_logprobs",
         "--generation-config", "vllm",
+        "--enable-scale-out",  # the token-in/token-out route (/inference/v1/generate): multi-turn rollouts
     ]  # fmt: skip
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]

@@ -18,9 +18,9 @@ from ..algo.logprobs import sequence_logprobs
 from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
-from ..records import EncodedPrompt, Rollout
+from ..records import EncodedPrompt, EnvReply, Rollout
 from .fast_vision import fast_vision
-from .images import ImageLimits, decode_image, describe_source, resolve_source, fit_image
+from .images import ImageLimits, decode_image, describe_source, fit_image, resolve_source, to_rgb
 from .mrope import mrope_positions
 from .shared_images import share_repeated_images
 
@@ -42,6 +42,7 @@ class Qwen3VLAdapter:
     """Turns dataset samples into encoded prompts and rollouts into training batches, for Qwen3-VL."""
 
     fsdp_units = FSDP_UNITS
+    END_OF_TURN = "<|im_end|>"
 
     def __init__(self, processor: Any, cfg: ModelConfig):
         self.processor = processor
@@ -98,11 +99,13 @@ class Qwen3VLAdapter:
         return messages
 
     def encode_prompt(
-        self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None, name: str = "prompt"
+        self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None, name: str = "prompt",
+        tools: list[dict] | None = None,
     ) -> EncodedPrompt:
         """Tokenise a chat with its images through the processor; check placeholders against the grid.
 
-        `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`.
+        `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`; `tools`
+        (function schemas) go into the system turn as the chat template writes them.
         """
         n_parts = sum(
             1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
@@ -115,18 +118,17 @@ class Qwen3VLAdapter:
                 f"({self.cfg.max_images_per_prompt}); raise it (and the server's --limit-mm-per-prompt) or drop images"
             )
         images = [self.load_image(s, base_dir) for s in image_sources]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        size = {"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels}
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt", size=size)
-        ids = enc["input_ids"][0].tolist()
-        grid = enc.get("image_grid_thw")
+        text = self.processor.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True)
+        ids, pixel_values, grid = self._tokenize(text, images)
         prompt = EncodedPrompt(
             input_ids=ids,
             messages=messages,
             images=images,
-            pixel_values=enc.get("pixel_values"),
+            pixel_values=pixel_values,
             image_grid_thw=grid,
             image_refs=[describe_source(s) for s in image_sources],
+            tools=tools or None,
         )
         self.check_placeholders(ids, grid, name)
         if len(ids) >= self.cfg.max_model_len:
@@ -135,6 +137,31 @@ class Qwen3VLAdapter:
                 f"({self.cfg.max_model_len}); lower model.max_pixels, use fewer images, or raise max_model_len"
             )
         return prompt
+
+    def _tokenize(self, text: str, images: list) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """The processor on rendered text: (ids with placeholders expanded, pixel_values, image_grid_thw)."""
+        size = {"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels}
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt", size=size)
+        return enc["input_ids"][0].tolist(), enc.get("pixel_values"), enc.get("image_grid_thw")
+
+    def encode_reply(self, messages: list[dict], images: list, name: str = "reply") -> EnvReply:
+        """An environment's reply (tool/user messages; image parts in the order of `images`) rendered once by the
+        chat template, as the ids that follow a sampled assistant turn: the line break after its `<|im_end|>`,
+        the messages, and the next `<|im_start|>assistant\n`. Rendered after a stand-in assistant turn and cut
+        after it, so the earlier turns are never rendered (or tokenised) again; the template's own rules (tool
+        results grouped into one user turn) apply as they would to the whole chat."""
+        images = [fit_image(to_rgb(img), self.cfg.min_pixels, self.cfg.max_pixels, self.factor, f"{name} image")
+                  for img in images]
+        before = [{"role": "assistant", "content": "."}]
+        head = self.processor.apply_chat_template(before, tokenize=False, add_generation_prompt=False)
+        whole = self.processor.apply_chat_template(before + messages, tokenize=False, add_generation_prompt=True)
+        end = head.rfind(self.END_OF_TURN)
+        if end < 0 or not whole.startswith(head):
+            raise PromptError(f"{name}: the chat template does not end an assistant turn with {self.END_OF_TURN}; "
+                              "multi-turn rollouts need Qwen3-VL's template")
+        ids, pixel_values, grid = self._tokenize(whole[end + len(self.END_OF_TURN) :], images)
+        self.check_placeholders(ids, grid, name)
+        return EnvReply(input_ids=ids, images=images, pixel_values=pixel_values, image_grid_thw=grid)
 
     def placeholders_per_image(self, grid: torch.Tensor | None) -> list[int]:
         if grid is None:
@@ -180,7 +207,8 @@ class Qwen3VLAdapter:
 
     # --- the training batch --------------------------------------------------------------------------------
     def build_batch(self, rollouts: list[Rollout]) -> MultimodalBatch:
-        """Rollouts -> one right-padded batch. loss_mask is 1 exactly on sampled completion tokens."""
+        """Rollouts -> one right-padded batch. loss_mask is 1 exactly on sampled completion tokens (never on
+        an environment's reply); each sample's images are its prompt's, then those its environment returned."""
         if not rollouts:
             raise ValueError("build_batch needs at least one rollout")
         lengths = [len(r.prompt.input_ids) + len(r.completion_ids) for r in rollouts]
@@ -192,21 +220,22 @@ class Qwen3VLAdapter:
         pixel_rows, grids, patches, n_images = [], [], [], []
         for i, r in enumerate(rollouts):
             p, c = len(r.prompt.input_ids), len(r.completion_ids)
-            if any(t in (self.image_token_id, self.video_token_id) for t in r.completion_ids):
+            placeholders = (self.image_token_id, self.video_token_id)
+            if any(t in placeholders for t, m in zip(r.completion_ids, r.trained_mask) if m):
                 # The sampler bans placeholders, so this is a sampler bug, not bad data.
-                raise ValueError(f"rollout {i}: the completion holds an image/video placeholder token")
+                raise ValueError(f"rollout {i}: a sampled token is an image/video placeholder")
             input_ids[i, : p + c] = torch.tensor(r.prompt.input_ids + r.completion_ids, dtype=torch.long)
             attention_mask[i, : p + c] = 1
             mask = torch.tensor(r.trained_mask, dtype=torch.float32)
             loss_mask[i, p : p + c] = mask
             behavior[i, p : p + c] = torch.tensor(r.logprobs, dtype=torch.float32) * mask
-            grid = r.prompt.image_grid_thw
+            grid = r.image_grid_thw
             self.check_placeholders(input_ids[i, : p + c].tolist(), grid, f"rollout {i}")
-            if grid is not None and len(grid):
-                pixel_rows.append(r.prompt.pixel_values)
+            if grid is not None:
+                pixel_rows.append(r.pixel_values)
                 grids.append(grid)
-            patches.append(r.prompt.num_patches)
-            n_images.append(0 if grid is None else len(grid))
+            patches.append(r.num_patches)
+            n_images.append(r.num_images)
         model_inputs = {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
         layout = {"mm_token_type_ids": "token"}
         if pixel_rows:

@@ -5,6 +5,8 @@ The answers are single tokens of the tiny model's tokenizer, so a random policy 
 `shapes`: one circle, square or triangle (random colour, size and place); answer the shape's name.
 `count`: one to four identical small shapes in distinct cells of a 3x3 grid; answer the number as a word.
 `position`: one shape wholly inside the left or the right half; answer left or right.
+`zoom` (with the `builtin:zoom` environment): a checkered square whose colour shows only once cropped
+(vlrl/envs/zoom.py). `calculator` (with `builtin:calculator`): arithmetic, text only (vlrl/envs/calculator.py).
 
 Every sample is drawn from its own RNG seeded by (task, seed, split, index), so a split is reproducible
 sample by sample and train and eval never share an RNG stream. The colour, size and kind of shape vary
@@ -20,7 +22,11 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
+from .calculator import calculator_split
 from .dataset import Sample
+from .zoom import COLORS as ZOOM_COLORS
+from .zoom import QUESTION as ZOOM_QUESTION
+from .zoom import zoom_image
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 30)}
 SHAPES = ["circle", "square", "triangle"]
@@ -128,13 +134,17 @@ TASKS = {
         _task("shapes", SHAPES, "What shape is in the image?", _shapes_image),
         _task("count", COUNT_WORDS, "How many shapes are in the image?", _count_image),
         _task("position", SIDES, "Is the shape in the left or the right half of the image?", _position_image),
+        _task("zoom", list(ZOOM_COLORS), ZOOM_QUESTION, zoom_image),
     )
 }
 
 
 def builtin_split(name: str, split: str, n: int, image_size: int, seed: int = 0) -> list[Sample]:
+    if name == "calculator":
+        return calculator_split(split, n, seed)
     if name not in TASKS:
-        raise UserError(f"env.dataset: unknown built-in task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+        names = ", ".join(sorted([*TASKS, "calculator"]))
+        raise UserError(f"env.dataset: unknown built-in task {name!r}; choose one of {names}")
     if split not in SPLIT_SEEDS:
         raise UserError(f"unknown split {split!r}; built-in tasks have 'train' and 'eval'")
     return TASKS[name](split, n, image_size, seed)

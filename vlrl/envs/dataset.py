@@ -23,9 +23,11 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[Sample], list[tuple[Sample, str]]]:
-    """Encode each sample; a sample the user's data makes unusable (missing or corrupt image, too many
-    images, too long...) is skipped and reported, or stops the run, as `env.on_bad_sample` says.
+def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | None = None
+                   ) -> tuple[list, list[Sample], list[tuple[Sample, str]]]:
+    """Encode each sample (with `tools`, an environment's tool schemas, in its system turn); a sample the
+    user's data makes unusable (missing or corrupt image, too many images, too long...) is skipped and
+    reported, or stops the run, as `env.on_bad_sample` says.
 
     Returns (prompts, the samples they came from, [(bad sample, reason)]).
     """
@@ -34,7 +36,7 @@ def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[
     prompts, kept, bad = [], [], []
     for s in samples:
         try:
-            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template))
+            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template, tools))
             kept.append(s)
         except UserError as e:
             reason = str(e) if f"sample {s.id}" in str(e) else f"sample {s.id}: {e}"
@@ -44,9 +46,10 @@ def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[
     return prompts, kept, bad
 
 
-def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str):
-    """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images and the question."""
+def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str,
+                  tools: list[dict] | None = None):
+    """Sample -> EncodedPrompt: system prompt (and tools), earlier turns, user turn with the images and the
+    question."""
     question = question_template.format(question=sample.question)
     messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history)
-    prompt = adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}")
-    return prompt
+    return adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}", tools=tools)

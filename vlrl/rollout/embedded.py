@@ -30,13 +30,13 @@ class EmbeddedSampler:
         self.max_prompts_per_call = max_prompts_per_call
         self.static_cache = cfg.static_cache if static_cache is None else static_cache
 
-    def generation_config(self, n: int):
+    def generation_config(self, n: int, max_new_tokens: int | None = None):
         from transformers import GenerationConfig
 
         return GenerationConfig(
             do_sample=True,
             num_return_sequences=n,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),  # 0 disables top-k
@@ -77,9 +77,12 @@ class EmbeddedSampler:
             self.model.train(was_training)
 
     def _sample_chunk(self, prompts: list[EncodedPrompt], n: int, first_group: int, device) -> list[Rollout]:
-        """One `generate` call for several prompts: left-padded, each expanded to `n` samples."""
+        """One `generate` call for several prompts: left-padded, each expanded to `n` samples. A prompt with a
+        budget of its own (`max_new_tokens`, a late turn) keeps the first tokens of its sample within it: a
+        sample cut at k tokens is a sample drawn with max_new_tokens = k."""
         inputs = self.adapter.generation_inputs(prompts, device)
-        res = self.model.generate(**inputs, generation_config=self.generation_config(n))
+        budgets = [min(self.max_new_tokens, p.max_new_tokens or self.max_new_tokens) for p in prompts]
+        res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets)))
         width = inputs["input_ids"].shape[1]
         new_tokens = res.sequences[:, width:]  # [P*n, T]
         scores = torch.stack(res.scores, dim=1).float()  # [P*n, T, V]: the processed scores sampled from
@@ -87,7 +90,7 @@ class EmbeddedSampler:
         rollouts = []
         for row in range(new_tokens.shape[0]):
             g = row // n
-            toks = new_tokens[row].tolist()
+            toks = new_tokens[row].tolist()[: budgets[g]]
             end = next((j for j, t in enumerate(toks) if t in self.eos_token_ids), None)
             stop = end is not None
             toks = toks[: end + 1] if stop else toks

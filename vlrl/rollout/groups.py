@@ -1,8 +1,8 @@
 """Prompts in, scored groups out: the one rollout pipeline of `vlrl train`, `vlrl eval` and `vlrl check-batch`.
 
 encode (samples -> prompts; a sample the data makes unusable is skipped and named, or stops the run, as
-`env.on_bad_sample` says) -> sample (`n` completions per prompt, the configured sampler) -> score (the reward
-set) -> group advantages -> for training, dynamic sampling (groups whose rewards all agree are dropped and
+`env.on_bad_sample` says) -> sample (`n` completions per prompt, the configured sampler; with a multi-turn
+environment, `n` trajectories it drives turn by turn: rollout/episodes.py) -> score (the reward set) -> group advantages -> for training, dynamic sampling (groups whose rewards all agree are dropped and
 refilled from the prompt stream, within `algorithm.max_refill_rounds`). Out come plain records, `Rollout`s
 carrying their rewards and advantages, and counts: the learner never sees a sample source, a sampler or a
 reward function, and train, eval and check-batch share every line of it.
@@ -18,8 +18,10 @@ import torch
 
 from ..algo.advantages import group_advantages, zero_variance_groups
 from ..envs.dataset import Sample, encode_samples
+from ..envs.environment import load_environment
 from ..envs.rewards import RewardSet
 from ..records import Rollout
+from .episodes import run_episodes
 
 EVAL_STREAM = 500_009  # eval's sampler seeds: a stream apart from training's (step * 101 + round)
 
@@ -55,8 +57,9 @@ class Groups:
 
     @property
     def per_fn(self) -> dict[str, list[float | None]]:
-        """Each reward function's values over the kept rollouts."""
-        return {k: [r.rewards.get(k) for r in self.rollouts] for k in self.keys}
+        """Each reward function's values over the kept rollouts (and the environment's own rewards, `env`)."""
+        keys = self.keys + (["env"] if any("env" in r.rewards for r in self.rollouts) else [])
+        return {k: [r.rewards.get(k) for r in self.rollouts] for k in keys}
 
 
 class RolloutGroups:
@@ -65,6 +68,7 @@ class RolloutGroups:
     def __init__(self, cfg, adapter, sampler, rank: int = 0, world: int = 1):
         self.cfg, self.adapter, self.sampler, self.rank, self.world = cfg, adapter, sampler, rank, world
         self.rewards = RewardSet(cfg.env.rewards, cfg.env.reward_timeout_s)
+        self.env = load_environment(cfg.env)  # None: single-turn
         # Samples found bad once stay bad for the run: when the data order brings one back it is counted again
         # but not decoded (fetched, resized...) again. Keyed by the sample object, which lives the whole run.
         self.known_bad: dict[int, tuple[Sample, str]] = {}
@@ -115,17 +119,28 @@ class RolloutGroups:
         """Encode, sample, score and compute advantages for one batch of samples; returns its groups (those
         with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in `out`."""
         out.bad_samples.extend(self.known_bad[id(s)] for s in samples if id(s) in self.known_bad)
+        tools = self.env.schemas() if self.env is not None else None
         prompts, kept, bad = encode_samples(self.adapter, [s for s in samples if id(s) not in self.known_bad],
-                                            self.cfg.env)
+                                            self.cfg.env, tools)
         self.known_bad.update((id(s), (s, reason)) for s, reason in bad)
         out.bad_samples.extend(bad)
         out.new_bad_samples.extend(bad)
         if not prompts:
             return []
-        rollouts = self.sampler.sample(prompts, n, seed=seed)
+        if self.env is None:
+            rollouts = self.sampler.sample(prompts, n, seed=seed)
+        else:  # the environment drives the sampler turn by turn; one that raises makes its sample bad
+            rollouts, failed = run_episodes(self.env, self.adapter, self.sampler, prompts, kept, n, seed, self.cfg)
+            out.bad_samples.extend(failed)
+            out.new_bad_samples.extend(failed)
+            if not rollouts:
+                return []
         for r in rollouts:
             r.sample = kept[r.group]
         result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
+        for i, r in enumerate(rollouts):  # rewards the environment gave along the way count as the reward `env`
+            if r.env_reward is not None and result.total[i] is not None:
+                result.total[i] += r.env_reward
         for reason, count in result.failures.items():
             out.failures[reason] = out.failures.get(reason, 0) + count
         out.errors.extend(result.errors[: max(0, 8 - len(out.errors))])
@@ -136,6 +151,9 @@ class RolloutGroups:
         for i, r in enumerate(rollouts):
             r.reward, r.advantage = float(rewards[i]), float(adv[i])
             r.rewards = {k: result.per_fn[k][i] for k in self.keys}
+            if r.env_reward is not None:
+                r.rewards["env"] = r.env_reward
         dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
         out.groups_dropped += len(dead)
-        return [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
+        members = [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
+        return [m for m in members if m]

@@ -108,17 +108,22 @@ class VLLMClient:
         r = httpx.get(f"{self.base_url}/get_world_size", headers=self.headers, timeout=30.0)
         return int(r.json()["world_size"])
 
-    # --- chat completions -----------------------------------------------------------------------------
-    async def chat(self, client, body: dict, name: str) -> dict:
-        """One chat completion, retried on transient failures with exponential backoff."""
+    # --- sampling -----------------------------------------------------------------------------------------
+    async def sample(self, client, path: str, body: dict, name: str) -> dict:
+        """One sampling request (`path`: the chat route, or the token-in/token-out route), retried on transient
+        failures with exponential backoff."""
         import httpx
 
         delay = self.cfg.retry_backoff_s
         for attempt in range(self.cfg.max_retries + 1):
             try:
-                r = await client.post(f"{self.base_url}/v1/chat/completions", json=body, headers=self.headers)
+                r = await client.post(f"{self.base_url}{path}", json=body, headers=self.headers)
                 if r.status_code == 200:
                     return r.json()
+                if r.status_code == 404 and path == TOKENS_ROUTE:
+                    raise ServerError(
+                        f"vLLM server {self.base_url} has no {TOKENS_ROUTE} route, which multi-turn rollouts "
+                        "need (token in, token out); start it with `vlrl serve` (or vLLM's --enable-scale-out)")
                 if r.status_code < 500 and r.status_code != 429:
                     raise ServerError(f"vLLM server refused {name}: HTTP {r.status_code}: {_error_text(r)}")
                 reason = f"HTTP {r.status_code}: {_error_text(r)}"
@@ -141,8 +146,18 @@ def _error_text(r) -> str:
         return r.text[:500]
 
 
+CHAT_ROUTE = "/v1/chat/completions"
+TOKENS_ROUTE = "/inference/v1/generate"  # vLLM's token-in/token-out route (vlrl serve turns it on)
+
+
 class VLLMSampler:
-    """Samples rollouts from a vLLM server; pushes updated weights to it with a weight-sync strategy."""
+    """Samples rollouts from a vLLM server; pushes updated weights to it with a weight-sync strategy.
+
+    A prompt with chat messages goes to the chat route (the server renders and tokenises it; its prompt ids
+    are checked against ours). A continuation of a multi-turn trajectory (no messages: its ids are the
+    trajectory so far) goes to the token-in/token-out route as those ids, one `<|image_pad|>` per image (the
+    server's processor expands it, as it would in a chat) with the trajectory's images in order; the server's
+    expanded prompt ids are checked against ours every turn."""
 
     def __init__(self, adapter, cfg: RolloutConfig, media_dir: Path | None = None, weight_sync=None, client=None):
         self.adapter = adapter
@@ -161,6 +176,35 @@ class VLLMSampler:
         img.save(path, "PNG")
         return path.resolve().as_uri()
 
+    def sampling_params(self, prompt: EncodedPrompt, n: int) -> dict:
+        """Every sampling parameter, explicitly (a server's or checkpoint's defaults never apply)."""
+        cfg = self.cfg
+        return {
+            "n": n,
+            "max_tokens": min(cfg.max_new_tokens, prompt.max_new_tokens or cfg.max_new_tokens),
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "stop_token_ids": self.adapter.eos_token_ids,
+            "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
+        }
+
+    def tokens_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
+        """The token-in/token-out request of a continuation: its ids with each image's run of placeholders
+        as one placeholder, and the images in order."""
+        pad = self.adapter.image_token_id
+        ids = [t for i, t in enumerate(prompt.input_ids) if not (t == pad and i and prompt.input_ids[i - 1] == pad)]
+        runs = sum(1 for t in ids if t == pad)
+        if runs != len(prompt.images):
+            raise ValueError(f"prompt {prompt_id}: {runs} image placeholder runs but {len(prompt.images)} images")
+        parts = [{"type": "image_url", "url": self._image_url(img, prompt_id, k)} for k, img in enumerate(prompt.images)]
+        return {"token_ids": ids, "content_parts": parts, "return_token_ids": True,
+                "sampling_params": {**self.sampling_params(prompt, n), "logprobs": 0}}
+
     def request_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
         images = iter(prompt.images)
         messages, k = [], 0
@@ -176,26 +220,17 @@ class VLLMSampler:
                         parts.append(part)
                 content = parts
             messages.append({"role": m["role"], "content": content})
-        cfg = self.cfg
         body = {
             "model": self.client.model_name(),
             "messages": messages,
-            "n": n,
-            "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "top_k": cfg.top_k,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
+            **self.sampling_params(prompt, n),
             "logprobs": True,
             "top_logprobs": 0,
             "return_token_ids": True,
             "skip_special_tokens": True,
-            "stop_token_ids": self.adapter.eos_token_ids,
-            "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
         }
+        if prompt.tools:
+            body["tools"] = prompt.tools  # rendered into the system turn by the server's chat template
         return body
 
     def to_rollouts(self, prompt: EncodedPrompt, response: dict, group: int, name: str) -> list[Rollout]:
@@ -219,8 +254,11 @@ class VLLMSampler:
             if len(lps) != len(ids):
                 raise ServerError(f"{name}: {len(ids)} token ids but {len(lps)} logprobs from the server")
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            # the token route returns no text: decoded here as the chat route's server decodes it
+            text = (choice["message"].get("content") if "message" in choice
+                    else self.adapter.tokenizer.decode(ids, skip_special_tokens=True))
             out.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=lps, finish_reason=finish,
-                               text=choice["message"].get("content") or "", group=group))
+                               text=text or "", group=group))
         return out
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
@@ -237,8 +275,11 @@ class VLLMSampler:
                 name = f"prompt {g}"
                 # No per-request seed: vLLM's CPU backend crashes on seeded requests ("CPU Generator does not
                 # use offset"), and batched GPU sampling is not bit-reproducible anyway.
-                body = self.request_body(prompt, n, g)
-                return self.to_rollouts(prompt, await self.client.chat(client, body, name), g, name)
+                if prompt.messages is None:
+                    path, body = TOKENS_ROUTE, self.tokens_body(prompt, n, g)
+                else:
+                    path, body = CHAT_ROUTE, self.request_body(prompt, n, g)
+                return self.to_rollouts(prompt, await self.client.sample(client, path, body, name), g, name)
 
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
             groups = await asyncio.gather(*(one(c, g, p) for g, p in enumerate(prompts)))

@@ -1,0 +1,71 @@
+"""`builtin:zoom`: an answer legible only after cropping, with a `crop(x0, y0, x1, y1)` tool.
+
+Each 256 x 256 image holds one square inside one of its four quadrants, painted as a one-pixel checkerboard
+of a colour (red, green or blue) and its complement (cyan, magenta, yellow). Seen whole, the image is resized
+to the pixel policy (a 2x reduction for the tiny CPU model: 128 x 128 at most), and every checkerboard
+averages to the same grey: where the square is shows, its colour does not. `crop` returns the region at full
+resolution (a quadrant fits the pixel policy unshrunk), where the checkerboard and its colour are plain.
+The question asks for the colour; the `choice` reward scores the last assistant turn.
+"""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+from .environment import Environment
+from .tools import Tool
+
+SIZE = 256  # the image side (env.image_size does not apply: the tiny tokenizer knows this task's quadrant calls)
+COLORS = {"red": ((255, 0, 0), (0, 255, 255)), "green": ((0, 255, 0), (255, 0, 255)),
+          "blue": ((0, 0, 255), (255, 255, 0))}
+QUESTION = ("What colour is the checkered square? It is too fine to see whole: crop the part of the image it is "
+            "in to look closer.")
+
+
+def zoom_image(rng: random.Random, answer: str, size: int = SIZE) -> Image.Image:
+    """White, with one checkered square (even side and corner, so every 2x2 cell is whole) in one quadrant."""
+    img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    half = SIZE // 2
+    side = 2 * rng.randint(16, 48)
+    qx, qy = rng.choice((0, half)), rng.choice((0, half))
+    x0 = qx + 2 * rng.randint(2, (half - side) // 2 - 2)
+    y0 = qy + 2 * rng.randint(2, (half - side) // 2 - 2)
+    color, complement = COLORS[answer]
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((x0, y0, x0 + side - 1, y0 + side - 1), fill=complement)
+    for y in range(y0, y0 + side):
+        for x in range(x0 + (y - y0) % 2, x0 + side, 2):
+            draw.point((x, y), fill=color)
+    return img
+
+
+def crop(sample, state, x0: int, y0: int, x1: int, y1: int) -> list:
+    """The region [x0, x1) x [y0, y1) of the sample's image, at full resolution."""
+    img = sample.images[0]
+    if not (0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height):
+        raise ValueError(f"the box ({x0}, {y0}, {x1}, {y1}) is not inside the {img.width}x{img.height} image "
+                         "with x0 < x1 and y0 < y1")
+    return [img.crop((x0, y0, x1, y1)), f"the region ({x0}, {y0}) to ({x1}, {y1})"]
+
+
+CROP = Tool(
+    name="crop",
+    description="Crop a box of the image and see it at full resolution.",
+    parameters={
+        "type": "object",
+        "properties": {k: {"type": "integer", "description": d} for k, d in (
+            ("x0", "left edge, pixels"), ("y0", "top edge, pixels"), ("x1", "right edge (exclusive)"),
+            ("y1", "bottom edge (exclusive)"))},
+        "required": ["x0", "y0", "x1", "y1"],
+        "additionalProperties": False,
+    },
+    fn=crop,
+)
+
+
+class ZoomEnv(Environment):
+    """The model may crop the image as often as the turn budget allows; a turn without a call is its answer."""
+
+    tools = [CROP]
