@@ -83,7 +83,10 @@ class NCCLWeightSync:
 
     def __init__(self, client, cfg, model, rank: int = 0):
         from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
 
         class StateSource(WeightSource):
             def __init__(self, module):
