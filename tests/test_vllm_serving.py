@@ -99,3 +99,22 @@ def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkey
 def test_sighup_stops_the_server_too(tiny_model_dir, tmp_path):
     """A closed terminal or SSH session: the server goes with `vlrl serve`, exit code 129 (128 + SIGHUP)."""
     assert_stops(Server(tiny_model_dir, tmp_path / "serve.log").start(), signal.SIGHUP, 129)
+
+
+def test_judge_with_a_real_vllm_server(tied_server):
+    """The tiny model as judge: its free text holds no verdict (a counted `unparseable` failure, not a crash);
+    constrained by vLLM's structured outputs to `Score: N`, every judgement parses into N / 9."""
+    from vlrl.config import JudgeConfig, RewardSpec
+    from vlrl.envs.dataset import Sample
+    from vlrl.envs.rewards import RewardSet
+
+    samples = [Sample(id=str(i), question="What is 2 + 2?", answer="4") for i in range(4)]
+    completions = ["<think>easy</think> 4", "5", "four", "I do not know"]
+    judge = {"base_url": f"{tied_server.url}/v1", "max_tokens": 8, "timeout_s": 60}
+    free = RewardSet([RewardSpec(fn="judge", judge=JudgeConfig(**judge, score_pattern=r"VERDICT=(\d)"))], 5.0)
+    res = free.score(completions, samples)
+    assert res.total == [None] * 4 and res.failures["unparseable"] == 4 and res.failures["judge_failed"] == 0
+    assert res.errors[0].startswith("reward judge on sample 0: the judge's reply has no score matching")
+    forced = JudgeConfig(**judge, max_score=9, extra_body={"structured_outputs": {"regex": "Score: [0-9]"}})
+    res = RewardSet([RewardSpec(fn="judge", judge=forced)], 5.0).score(completions, samples)
+    assert res.errors == [] and all(v in [k / 9 for k in range(10)] for v in res.per_fn["judge"]), res.per_fn
