@@ -192,6 +192,10 @@ class EnvConfig(Section):
     """System message put before every prompt (none when unset)."""
     question_template: str = "{question}"
     """Template of the user text; `{question}` is replaced by the sample's question."""
+    image_marker: str = "<image>"
+    """Text in a question that marks where an image goes (LLaVA / EasyR1 datasets, e.g. geometry3k's
+    "<image>Find x."): the sample's images are placed at the markers, in order, and the markers removed; a
+    question without markers gets its images first. "" keeps markers as plain text."""
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(fn="exact_match")])
     """Reward functions; a sample's reward is their weighted sum."""
     on_bad_sample: Literal["skip", "error"] = "skip"

@@ -34,7 +34,8 @@ def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[
     prompts, kept, bad = [], [], []
     for s in samples:
         try:
-            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template))
+            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template,
+                                         env_cfg.image_marker))
             kept.append(s)
         except UserError as e:
             reason = str(e) if f"sample {s.id}" in str(e) else f"sample {s.id}: {e}"
@@ -44,9 +45,11 @@ def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[
     return prompts, kept, bad
 
 
-def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str):
-    """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images and the question."""
+def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str,
+                  image_marker: str | None = None):
+    """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images and the question (the
+    images where the question's `image_marker`s are, else first)."""
     question = question_template.format(question=sample.question)
-    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history)
+    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history, image_marker)
     prompt = adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}")
     return prompt
