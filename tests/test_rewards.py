@@ -241,6 +241,13 @@ def user_module(tmp_path, monkeypatch):
         "def picky(completion, sample):\n"
         "    from vlrl.envs.rewards import RewardFailure\n"
         "    raise RewardFailure('unparseable', 'no verdict in ' + repr(completion))\n"
+        "class Counted:\n"
+        "    pickled = 0\n"
+        "    def __getstate__(self):\n"
+        "        Counted.pickled += 1\n"
+        "        return {}\n"
+        "def seen_twice(completion, sample):\n"
+        "    return float(sample.meta['twice'] is sample.meta['also'])\n"
         "class Scorers:\n"
         "    @staticmethod\n"
         "    def half(completion, sample):\n"
@@ -452,6 +459,23 @@ def test_a_call_that_takes_its_process_down_is_counted_and_replaced(user_module)
     rs.close()
 
 
+def test_a_sample_crosses_to_a_reward_process_once_per_batch(user_module):
+    """A GRPO group's completions share one sample: it is pickled once a batch, and a worker that already holds it
+    gets only the completion (a 448x448 PIL image costs ~2 ms a call otherwise: bench/rewards.py)."""
+    import my_rewards
+
+    counted = my_rewards.Counted()
+    sample = Sample(id="g", question="q", answer="a", meta={"twice": counted, "also": counted})
+    rs = RewardSet([RewardSpec(fn="my_rewards:seen_twice"), RewardSpec(fn="my_rewards:length_bonus")], 5.0,
+                   processes=2)
+    res = rs.score(["abcd"] * 8, [sample] * 8)
+    assert res.per_fn["my_rewards:seen_twice"] == [1.0] * 8  # the sample arrived whole (shared references kept)
+    assert my_rewards.Counted.pickled == 1
+    rs.score(["abcd"] * 8, [sample] * 8)
+    assert my_rewards.Counted.pickled == 2  # a new batch sends it again (its content may have changed)
+    rs.close()
+
+
 def test_a_function_may_fail_a_sample_under_its_own_reason(user_module):
     res = RewardSet([RewardSpec(fn="my_rewards:picky")], timeout_s=5.0).score(["hm"], [S("x", "a")])
     assert res.total == [None] and res.failures["unparseable"] == 1
@@ -504,4 +528,14 @@ def test_a_pathological_math_answer_cannot_hang_a_step():
     assert time.monotonic() - t0 < 6.0
     assert res.per_fn["math"] == [None, 1.0] and res.failures["timeout"] == 1
     assert res.errors == ["reward math on sample p: did not return within 2 s (timeout)"]
+    rs.close()
+
+
+def test_an_unpicklable_sample_fails_its_calls_not_the_pool(user_module):
+    rs = RewardSet([RewardSpec(fn="my_rewards:length_bonus")], 5.0, processes=1)
+    bad = Sample(id="u", question="q", answer="a", meta={"f": lambda: 0})
+    res = rs.score(["ab", "abcd"], [bad, S("x", "ok")])
+    assert res.per_fn["my_rewards:length_bonus"] == [None, 0.4] and res.failures["raised"] == 1
+    assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent to a "
+                                    "reward process (")
     rs.close()

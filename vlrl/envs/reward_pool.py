@@ -11,9 +11,10 @@ again for each killed one (and re-imports the parent's main module). `forkserver
 (no torch, no threads) with this module and the reward modules preloaded, then forks each worker from it: safe
 like spawn, and a replacement costs a fork (bench/rewards.py measures both).
 
-What crosses the pipe: the function's name, the completion, and the sample (its images are sources: paths,
-URLs, bytes; built-in tasks hold small PIL images); what comes back is an outcome, never the function's raw
-return value, so an unpicklable return cannot break the pool.
+What crosses the pipe: the function's name, the completion, and the sample, pickled once per batch and sent
+to a worker only the first time it needs it (a GRPO group holds `group_size` completions of one sample, and a
+448x448 PIL image costs ~2 ms per call to pickle, send and unpickle: bench/rewards.py). What comes back is an
+outcome, never the function's raw return value, so an unpicklable return cannot break the pool.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import time
@@ -57,12 +59,18 @@ def _worker_main(conn: Connection, sys_path: list[str], names: list[str]) -> Non
             fns[name] = resolve_reward(name)
         except Exception:  # noqa: BLE001 - reported by the call, which resolves again
             pass
+    samples: dict[tuple[int, int], Any] = {}  # this batch's samples, as sent once by the trainer
     while True:
         try:
-            name, completion, sample = conn.recv()
+            name, completion, key, blob = conn.recv()
         except (EOFError, OSError):  # the trainer closed the pool or died: nothing left to do
             return
         try:
+            if blob is not None:
+                if any(k[0] != key[0] for k in samples):  # a new batch: forget the last one's samples
+                    samples.clear()
+                samples[key] = pickle.loads(blob)
+            sample = samples[key]
             fn = fns[name] if name in fns else fns.setdefault(name, resolve_reward(name))
             outcome = call_outcome(lambda: fn(completion, sample))
         except Exception as e:  # noqa: BLE001
@@ -79,6 +87,7 @@ class _Worker:
         child.close()
         self.task: int | None = None
         self.deadline = 0.0
+        self.known: set[tuple[int, int]] = set()  # samples this worker holds
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -95,24 +104,40 @@ class RewardPool:
         self.size = max(1, size or min(8, os.cpu_count() or 1))
         self.ctx = _context()
         self.idle: list[_Worker] = [_Worker(self.ctx, self.names) for _ in range(self.size)]
-        self.started = time.monotonic()
+        self.batch = 0
         atexit.register(self.close)  # before multiprocessing's own exit handler, which would join them
 
     def run(self, calls: list[tuple[str, str, Any]], timeout_s: float) -> list[Outcome]:
         """Outcomes of `(name, completion, sample)` calls, in order. Never raises for a failing call."""
+        self.batch += 1
         results: list[Outcome | None] = [None] * len(calls)
         todo = list(range(len(calls)))[::-1]
         busy: dict[Connection, _Worker] = {}
+        index: dict[int, int] = {}  # id(sample) -> its number in this batch
+        blobs: dict[int, bytes] = {}
+        for w in self.idle:
+            w.known.clear()
         while todo or busy:
             while todo and (self.idle or len(busy) < self.size):
                 w = self.idle.pop() if self.idle else _Worker(self.ctx, self.names)
                 w.task = todo.pop()
+                name, completion, sample = calls[w.task]
+                key = (self.batch, index.setdefault(id(sample), len(index)))
                 try:
-                    w.conn.send(calls[w.task])
-                except Exception as e:  # noqa: BLE001 - an unpicklable sample, or a dead worker
-                    results[w.task] = (None, "raised", f"could not be sent to a reward process ({type(e).__name__}: {e})")
+                    if key not in w.known and key[1] not in blobs:
+                        blobs[key[1]] = pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as e:  # noqa: BLE001 - a sample holding something unpicklable
+                    results[w.task] = (None, "raised", f"its sample cannot be sent to a reward process "
+                                                       f"({type(e).__name__}: {e})")
+                    self.idle.append(w)
+                    continue
+                try:
+                    w.conn.send((name, completion, key, None if key in w.known else blobs[key[1]]))
+                except (OSError, ValueError) as e:  # the worker died while idle
+                    results[w.task] = (None, "crashed", f"its reward process was gone ({type(e).__name__}: {e})")
                     w.kill()
                     continue
+                w.known.add(key)
                 w.deadline = time.monotonic() + timeout_s
                 busy[w.conn] = w
             next_deadline = min(w.deadline for w in busy.values())
