@@ -91,7 +91,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--processes", type=int, default=None, help="pool size (default min(8, CPUs))")
+    ap.add_argument("--processes", type=int, default=None, help="pool size (default min(4, CPUs))")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (each sample repeats this often)")
     args = ap.parse_args()
     n = args.calls
@@ -119,7 +119,7 @@ def main():
 
     starts = [(f"start one worker ({name})", worker_start(name, args.repeats)) for name in ("forkserver", "spawn")]
 
-    size = args.processes or min(8, os.cpu_count() or 1)
+    size = args.processes or min(4, os.cpu_count() or 1)
     print(f"{n} calls per batch ({n // args.group} samples x {args.group}), median of {args.repeats}, pool of "
           f"{size} processes, {os.cpu_count()} CPUs")
     print("| path | us per call | vs exact_match on threads |")

@@ -539,3 +539,17 @@ def test_an_unpicklable_sample_fails_its_calls_not_the_pool(user_module):
     assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent to a "
                                     "reward process (")
     rs.close()
+
+
+def test_reward_processes_end_with_their_set(user_module):
+    import gc
+    import os
+
+    rs = RewardSet([RewardSpec(fn="my_rewards:length_bonus")], 5.0, processes=2)
+    procs = [w.proc for w in rs.pool.alive]
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    del rs
+    gc.collect()
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)

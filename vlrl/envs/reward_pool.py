@@ -19,13 +19,13 @@ outcome, never the function's raw return value, so an unpicklable return cannot 
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
 import os
 import pickle
 import signal
 import sys
 import time
+import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -101,11 +101,24 @@ class RewardPool:
 
     def __init__(self, names: list[str], size: int | None = None):
         self.names = list(names)
-        self.size = max(1, size or min(8, os.cpu_count() or 1))
+        self.size = max(1, size or min(4, os.cpu_count() or 1))
         self.ctx = _context()
-        self.idle: list[_Worker] = [_Worker(self.ctx, self.names) for _ in range(self.size)]
+        self.alive: list[_Worker] = []  # every worker not yet killed, idle or busy
+        self.idle: list[_Worker] = [self._start() for _ in range(self.size)]
         self.batch = 0
-        atexit.register(self.close)  # before multiprocessing's own exit handler, which would join them
+        # Workers are daemons (multiprocessing ends them when the trainer exits); a pool dropped earlier ends its
+        # own when it is collected.
+        self._finalizer = weakref.finalize(self, _kill_all, self.alive)
+
+    def _start(self) -> _Worker:
+        w = _Worker(self.ctx, self.names)
+        self.alive.append(w)
+        return w
+
+    def _kill(self, w: _Worker) -> None:
+        w.kill()
+        if w in self.alive:
+            self.alive.remove(w)
 
     def run(self, calls: list[tuple[str, str, Any]], timeout_s: float) -> list[Outcome]:
         """Outcomes of `(name, completion, sample)` calls, in order. Never raises for a failing call."""
@@ -119,7 +132,7 @@ class RewardPool:
             w.known.clear()
         while todo or busy:
             while todo and (self.idle or len(busy) < self.size):
-                w = self.idle.pop() if self.idle else _Worker(self.ctx, self.names)
+                w = self.idle.pop() if self.idle else self._start()
                 w.task = todo.pop()
                 name, completion, sample = calls[w.task]
                 key = (self.batch, index.setdefault(id(sample), len(index)))
@@ -135,7 +148,7 @@ class RewardPool:
                     w.conn.send((name, completion, key, None if key in w.known else blobs[key[1]]))
                 except (OSError, ValueError) as e:  # the worker died while idle
                     results[w.task] = (None, "crashed", f"its reward process was gone ({type(e).__name__}: {e})")
-                    w.kill()
+                    self._kill(w)
                     continue
                 w.known.add(key)
                 w.deadline = time.monotonic() + timeout_s
@@ -149,16 +162,20 @@ class RewardPool:
                 except (EOFError, OSError):  # the function took its process down (os._exit, a crash)
                     w.proc.join(5)
                     results[w.task] = (None, "crashed", f"crashed its process (exit code {w.proc.exitcode})")
-                    w.kill()
+                    self._kill(w)
             now = time.monotonic()
             for conn, w in list(busy.items()):
                 if now >= w.deadline:
                     results[w.task] = (None, "timeout", f"did not return within {timeout_s:g} s")
                     del busy[conn]
-                    w.kill()  # replaced on demand by the loop above
+                    self._kill(w)  # replaced on demand by the loop above
         return [r for r in results if r is not None]
 
     def close(self) -> None:
-        for w in self.idle:
-            w.kill()
+        self._finalizer()
         self.idle = []
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    while workers:
+        workers.pop().kill()

@@ -212,8 +212,8 @@ def _light(sample: Sample) -> Sample:
 class RewardSet:
     """The configured reward functions and their weights; `score` never raises for a failing function.
 
-    `processes`: most worker processes for `math` and user functions (default: min(8, CPUs)). `close()` ends
-    them (they also end with the trainer).
+    `processes`: most worker processes for `math` and user functions (default: min(4, CPUs)). `close()` ends
+    them (they also end with the trainer, or when the set is garbage-collected).
     """
 
     def __init__(self, specs: list[RewardSpec], timeout_s: float, max_workers: int = 16,
@@ -257,32 +257,43 @@ class RewardSet:
             self.pool.close()
 
     def _outcomes(self, completions: list[str], samples: list[Sample]) -> list[list[Outcome]]:
-        """Per spec, per sample: threads, the process pool and each judge all run at once."""
+        """Per spec, per sample: the process pool and each judge run on threads of their own while the built-ins
+        run here. (A bug in any of them still raises here, after all have finished.)"""
+        n = len(samples)
         out: list[list[Outcome]] = [[] for _ in self.specs]
-        side: list[threading.Thread] = []
+        side: list[Callable[[], None]] = []
+        jobs = [(j, r) for j, (r, w) in enumerate(zip(self.runners, self.where)) if w == "process"]
+        if jobs:
+            def pooled() -> None:
+                calls = [(r, c, _light(s) if r == "math" else s) for _, r in jobs for c, s in zip(completions, samples)]
+                flat = self.pool.run(calls, self.timeout_s)
+                for k, (j, _) in enumerate(jobs):
+                    out[j] = flat[k * n : (k + 1) * n]
 
-        def pooled() -> None:
-            jobs = [(j, r) for j, (r, w) in enumerate(zip(self.runners, self.where)) if w == "process"]
-            calls = [(r, c, _light(s) if r == "math" else s) for _, r in jobs for c, s in zip(completions, samples)]
-            flat = self.pool.run(calls, self.timeout_s)
-            for k, (j, _) in enumerate(jobs):
-                out[j] = flat[k * len(samples) : (k + 1) * len(samples)]
-
-        if self.pool is not None:
-            side.append(threading.Thread(target=pooled, name="vlrl-reward-pool"))
+            side.append(pooled)
         for j, (r, w) in enumerate(zip(self.runners, self.where)):
             if w == "judge":
-                side.append(threading.Thread(target=lambda j=j, r=r: out.__setitem__(j, r.score(completions, samples)),
-                                             name="vlrl-judge"))
-        for t in side:
+                side.append(lambda j=j, r=r: out.__setitem__(j, r.score(completions, samples)))
+        errors: list[BaseException] = []
+
+        def guarded(fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                errors.append(e)
+
+        threads = [threading.Thread(target=guarded, args=(fn,), name="vlrl-rewards", daemon=True) for fn in side]
+        for t in threads:
             t.start()
         inline = [j for j, w in enumerate(self.where) if w == "thread"]
         calls = [(lambda fn=self.runners[j], c=c, s=s: fn(c, s)) for j in inline for c, s in zip(completions, samples)]
         flat = run_bounded(calls, self.timeout_s, self.max_workers)
         for k, j in enumerate(inline):
-            out[j] = [outcome_of(st, p, self.timeout_s) for st, p in flat[k * len(samples) : (k + 1) * len(samples)]]
-        for t in side:
+            out[j] = [outcome_of(st, p, self.timeout_s) for st, p in flat[k * n : (k + 1) * n]]
+        for t in threads:
             t.join()
+        if errors:
+            raise errors[0]
         return out
 
     def score(self, completions: list[str], samples: list[Sample]) -> RewardResult:
