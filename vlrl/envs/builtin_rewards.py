@@ -128,7 +128,12 @@ def _gold_number(sample: Sample) -> float:
 
 def numeric(completion: str, sample: Sample) -> float:
     """1.0 when the number in the last `\\boxed{}` (else the last number of the answer part) equals the
-    numeric answer within a relative tolerance of 1e-6."""
+    numeric answer within a relative tolerance of 1e-6.
+
+    Kept beside `math` (math-verify) for what that one gets wrong: scientific notation, which math-verify reads
+    with `e` as Euler's number (`1.2e-9` becomes -9 + 1.2e), and small magnitudes, which it compares after
+    rounding to 6 decimals (so 1.2e-6 equals 1.3e-6 there). It is also pure Python on a thread (~20 us a call,
+    no sympy, no worker process). For anything symbolic (fractions, radicals, sets...) use `math`."""
     gold = _gold_number(sample)
     text = answer_part(completion)
     boxed = boxed_contents(text)
