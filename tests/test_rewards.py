@@ -553,3 +553,12 @@ def test_reward_processes_end_with_their_set(user_module):
     for p in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
+
+
+def test_numeric_keeps_what_math_verify_rounds_away():
+    """Why `numeric` stays beside `math`: math-verify compares after rounding to 6 decimals."""
+    from vlrl.envs.math_reward import math_reward
+
+    assert math_reward("\\boxed{0.0000013}", S("0.0000012")) == 1.0  # math-verify: equal
+    assert numeric("\\boxed{0.0000013}", S("0.0000012")) == 0.0
+    assert numeric("\\boxed{1.3e-9}", S("1.2e-9")) == 0.0 and numeric("\\boxed{1.2e-9}", S("1.2e-9")) == 1.0
