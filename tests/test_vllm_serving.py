@@ -96,6 +96,19 @@ def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkey
     assert trainer_logprobs(adapter, model, rollouts)["max_abs_diff"] > 1e-2  # the server did move
 
 
+def test_sigterm_while_the_server_starts_stops_it(tiny_model_dir, tmp_path):
+    """Preempted during the long start-up (minutes for an 8B model): the half-started server goes too."""
+    import time
+
+    srv = Server(tiny_model_dir, tmp_path / "serve.log").launch()
+    deadline = time.time() + 60
+    while time.time() < deadline and "Starting to load model" not in srv.log_text():
+        time.sleep(0.2)
+    assert "Starting to load model" in srv.log_text() and "vLLM ready" not in srv.out.read_text()
+    assert len(live_processes_in_group(srv.vllm_pid())) >= 3  # the API server, its engine core, a worker
+    assert_stops(srv, signal.SIGTERM, 143)
+
+
 def test_sighup_stops_the_server_too(tiny_model_dir, tmp_path):
     """A closed terminal or SSH session: the server goes with `vlrl serve`, exit code 129 (128 + SIGHUP)."""
     assert_stops(Server(tiny_model_dir, tmp_path / "serve.log").start(), signal.SIGHUP, 129)

@@ -1,4 +1,5 @@
-"""`vlrl serve` in a subprocess, as a user starts it, for the tests that need a real vLLM server on the CPU."""
+"""`vlrl serve` in a subprocess, as a user starts it, and helpers for the tests that need a real vLLM server on
+the CPU (prompts, trainer-side logprobs against the server's)."""
 
 from __future__ import annotations
 
@@ -49,12 +50,23 @@ class Server:
                      "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
                      "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
         self.out = log.with_suffix(".out")
+        self.log = log
 
-    def start(self, timeout: float = 240) -> Server:
+    def log_text(self) -> str:
+        """The vLLM server's own log (`vlrl serve --log-file`)."""
+        return self.log.read_text() if self.log.is_file() else ""
+
+    def launch(self) -> Server:
+        """Start `vlrl serve` without waiting for it."""
         self.fh = open(self.out, "a")
-        seen = self.out.stat().st_size  # a restarted server appends to the same file
+        self.seen = self.out.stat().st_size  # a restarted server appends to the same file
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
                                      env=self.env)
+        return self
+
+    def start(self, timeout: float = 240) -> Server:
+        self.launch()
+        seen = self.seen
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc.poll() is None, self.out.read_text()[-3000:]
