@@ -538,6 +538,7 @@ def test_an_unpicklable_sample_fails_its_calls_not_the_pool(user_module):
     assert res.per_fn["my_rewards:length_bonus"] == [None, 0.4] and res.failures["raised"] == 1
     assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent to a "
                                     "reward process (")
+    assert rs.score(["ab"], [bad]).per_fn == {"my_rewards:length_bonus": [None]}  # nothing else to wait for
     rs.close()
 
 

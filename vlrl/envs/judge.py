@@ -25,8 +25,7 @@ import re
 from ..config import JudgeConfig
 from .builtin_rewards import answer_part
 from .dataset import Sample
-
-Outcome = tuple[float | None, str | None, str]
+from .rewards import Outcome
 
 
 class JudgeFailed(Exception):

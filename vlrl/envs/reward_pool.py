@@ -29,8 +29,7 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-# An outcome: (reward or None, failure reason or None, detail for messages).
-Outcome = tuple[float | None, str | None, str]
+from .rewards import Outcome, call_outcome, resolve_reward
 
 
 def _context():
@@ -51,8 +50,6 @@ def _worker_main(conn: Connection, sys_path: list[str], names: list[str]) -> Non
     """Run calls until the pipe closes: (name, completion, sample) in, an Outcome out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
     sys.path[:] = sys_path  # the trainer's import path, as it is now (tests and users may have extended it)
-    from .rewards import call_outcome, resolve_reward
-
     fns = {}
     for name in names:  # import the user's modules before the first call, not inside its clock
         try:
@@ -153,6 +150,8 @@ class RewardPool:
                 w.known.add(key)
                 w.deadline = time.monotonic() + timeout_s
                 busy[w.conn] = w
+            if not busy:  # every call handed out so far failed before it started
+                continue
             next_deadline = min(w.deadline for w in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
                 w = busy.pop(conn)

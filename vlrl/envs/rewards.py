@@ -49,10 +49,10 @@ class RewardFailure(Exception):
 
 def _math() -> RewardFn:
     try:
-        from .math_reward import math_reward
+        import math_verify  # noqa: F401 - fail here, at start-up, rather than in every call
     except ImportError:
         raise RewardError("reward 'math' needs math-verify: pip install 'math-verify>=0.9,<0.10'") from None
-    import math_verify  # noqa: F401 - fail here, at start-up, rather than in every call
+    from .math_reward import math_reward
 
     return math_reward
 
