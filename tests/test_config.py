@@ -100,15 +100,37 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_field_is_documented():
+    import typing
+
+    section = Config.__mro__[1]
+
+    def sections(ann):  # the sections inside an annotation: X, list[X], X | None
+        if isinstance(ann, type) and issubclass(ann, section):
+            return [ann]
+        return [s for arg in typing.get_args(ann) for s in sections(arg)]
+
+    seen = []
+
     def walk(model):
+        seen.append(model.__name__)
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, Config.__mro__[1]):
-                walk(ann)
-            else:
+            inner = sections(field.annotation)
+            if not (isinstance(field.annotation, type) and inner):
                 assert field.description, f"{model.__name__}.{name} has no docstring"
+            for sub in inner:
+                walk(sub)
 
     walk(Config)
+    assert {"RewardSpec", "JudgeConfig"} <= set(seen)
+
+
+def test_a_group_of_one_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[rollout]\ngroup_size = 1\n"))
+    msg = str(e.value)
+    assert "rollout.group_size: a sample's advantage is its reward minus its group's mean, always 0" in msg
+    assert "set rollout.group_size to 2 or more" in msg and "(got 1)" in msg
+    assert load_config(write(tmp_path, "[rollout]\ngroup_size = 2\n")).rollout.group_size == 2
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import random
+import struct
 import threading
+import warnings
+import zlib
 
 import pytest
 from PIL import Image
@@ -20,6 +24,17 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 RED = Image.new("RGB", (40, 30), (255, 0, 0))
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height grayscale pixels, with almost no pixel data: what a
+    decompression bomb looks like to `Image.open`, without the memory to build a real one."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -123,6 +138,61 @@ def test_decompression_bomb_guard(tmp_path):
         decode_image(str(p), limits=ImageLimits(max_decoded_pixels=1_000_000))
 
 
+def test_pillows_own_bomb_check_takes_the_guards_path(monkeypatch):
+    """Above twice Pillow's MAX_IMAGE_PIXELS (~179 Mpx) `Image.open` raises DecompressionBombError itself,
+    before vlrl's guard sees the size; between once and twice it warns, which is an exception when warnings
+    are errors. Both end as the guard's message, naming the field to raise."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # undo what a test may loosen
+    bomb = header_only_png(20000, 10000)  # 200 Mpx in 69 bytes
+    with pytest.raises(ImageError, match=r"^image <69 bytes>: 200000000 pixels is over the limit of 67108864 "
+                                         r"\(decompression-bomb guard\); downscale it or raise model\.image_max_decoded_pixels$"):
+        decode_image(bomb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=r": 100000000 pixels is over the limit of 67108864 \(decompression-bomb"):
+            decode_image(header_only_png(10000, 10000))  # 100 Mpx: Pillow warns
+        with pytest.raises(ImageError, match=r": 8000x8000 pixels is over the limit of 1000000 \(decompression-bomb"):
+            decode_image(header_only_png(8000, 8000), limits=ImageLimits(max_decoded_pixels=1_000_000))
+    # a user who allows more than Pillow does is not overruled by Pillow: the file gets decoded (and is short)
+    with pytest.raises(ImageError, match=r"corrupt or truncated"):
+        decode_image(header_only_png(15000, 13000), limits=ImageLimits(max_decoded_pixels=200_000_000))
+    assert Image.MAX_IMAGE_PIXELS == 200_000_000
+
+
+def fuzzed(seed: int, n: int) -> list[bytes]:
+    """`n` damaged copies of small valid images in nine formats (EXIF in the JPEG and TIFF): bytes overwritten,
+    some cut short."""
+    rng = random.Random(seed)
+    base = Image.effect_noise((48, 40), 60).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "camera"
+    files = [png_bytes(base, fmt, **({"exif": exif.tobytes()} if fmt in ("JPEG", "TIFF") else {}))
+             for fmt in ("PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP", "ICO", "TGA", "PPM")]
+    out = []
+    for i in range(n):
+        d = bytearray(files[i % len(files)])
+        for _ in range(rng.randint(1, 8)):
+            d[rng.randrange(len(d))] = rng.randrange(256)
+        out.append(bytes(d[: rng.randrange(1, len(d))] if rng.random() < 0.2 else d))
+    return out
+
+
+def test_damaged_files_of_every_format_fail_as_image_errors():
+    """Found by this fuzzing before the fix: DecompressionBombError from a BMP whose header grew, and
+    "Tag data larger than file" warnings from broken EXIF/TIFF tags (exceptions under warnings-as-errors)."""
+    kinds = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in fuzzed(1, 900):
+            try:
+                img = decode_image(data)
+                kinds.add("decoded")
+                assert img.mode == "RGB"
+            except ImageError as e:
+                kinds.update(k for k in ("corrupt or truncated", "not a recognised", "decompression-bomb") if k in str(e))
+    assert kinds == {"decoded", "corrupt or truncated", "not a recognised", "decompression-bomb"}
+
+
 def test_modes_become_rgb():
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent: flattened onto white
     assert decode_image(rgba).getpixel((0, 0)) == (255, 255, 255)
@@ -140,6 +210,10 @@ def test_modes_become_rgb():
     assert decode_image(png_bytes(pal_t, transparency=0)).getpixel((0, 0)) == (255, 255, 255)
     deep = Image.new("I;16", (8, 8), 65535)
     assert decode_image(deep).getpixel((0, 0)) == (255, 255, 255)
+    premultiplied = Image.new("La", (8, 8), (100, 128))  # Pillow converts La only to LA
+    assert decode_image(premultiplied).getpixel((0, 0)) == (227, 227, 227)  # 199 at alpha 128 over white
+    for mode in ("1", "LA", "PA", "RGBa", "RGBX", "YCbCr", "LAB", "HSV", "I", "F", "I;16B", "I;16L"):
+        assert decode_image(Image.new(mode, (8, 8))).mode == "RGB", mode
 
 
 def test_exif_orientation_is_honoured():

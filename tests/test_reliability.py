@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_images import header_only_png
 
 from conftest import tiny_config
 from vlrl.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
@@ -76,6 +77,7 @@ def bad_dataset(tmp_path: Path, web: str) -> tuple[Path, dict[str, str], list[st
     (d / "empty.png").write_bytes(b"")
     (d / "big.png").write_bytes(png(Image.effect_noise((600, 600), 64).convert("RGB")))  # > 200 kB limit
     (d / "bomb.png").write_bytes(png(Image.new("L", (5000, 5000))))  # 25 Mpx > 16 Mpx limit, few bytes
+    (d / "pillow_bomb.png").write_bytes(header_only_png(20000, 10000))  # 200 Mpx: Pillow's own check fires first
     (d / "line.png").write_bytes(png(Image.new("RGB", (1, 4000), (9, 9, 9))))
     (d / "gray.png").write_bytes(png(Image.new("L", (64, 64), 90)))
     (d / "rgba.png").write_bytes(png(Image.new("RGBA", (64, 64), (255, 0, 0, 128))))
@@ -96,6 +98,7 @@ def bad_dataset(tmp_path: Path, web: str) -> tuple[Path, dict[str, str], list[st
         "stall": (f"{web}/stall.png", "stall.png: timed out after 1 s"),
         "big": ("big.png", "bytes is over the limit of 200000 bytes; raise model.image_max_bytes"),
         "bomb": ("bomb.png", "decompression-bomb guard"),
+        "pillow_bomb": ("pillow_bomb.png", "200000000 pixels is over the limit of 16000000 (decompression-bomb guard)"),
         "line": ("line.png", "1x4000 cannot be used"),
         "many": (["ok.png"] * 5, "5 images is over model.max_images_per_prompt (4)"),
         "long": (["ok.png"] * 4, "not below model.max_model_len"),

@@ -9,9 +9,7 @@ import pytest
 
 from vlrl.config import RewardSpec
 from vlrl.envs.dataset import Sample
-from vlrl.envs.rewards import (
-    RewardError,
-    RewardSet,
+from vlrl.envs.builtin_rewards import (
     answer_part,
     box_iou,
     exact_match,
@@ -21,9 +19,8 @@ from vlrl.envs.rewards import (
     normalize,
     numbers_in,
     numeric,
-    resolve_reward,
-    run_bounded,
 )
+from vlrl.envs.rewards import RewardError, RewardSet, resolve_reward, run_bounded
 
 
 def S(answer, id="s0"):
@@ -234,6 +231,23 @@ def user_module(tmp_path, monkeypatch):
         "def slow(completion, sample):\n"
         "    time.sleep(3)\n"
         "    return 1.0\n"
+        "def hang_forever(completion, sample):\n"
+        "    import os\n"
+        "    open(sample.meta['pidfile'], 'w').write(str(os.getpid()))\n"
+        "    time.sleep(1000)\n"
+        "def die(completion, sample):\n"
+        "    import os\n"
+        "    os._exit(3)\n"
+        "def picky(completion, sample):\n"
+        "    from vlrl.envs.rewards import RewardFailure\n"
+        "    raise RewardFailure('unparseable', 'no verdict in ' + repr(completion))\n"
+        "class Counted:\n"
+        "    pickled = 0\n"
+        "    def __getstate__(self):\n"
+        "        Counted.pickled += 1\n"
+        "        return {}\n"
+        "def seen_twice(completion, sample):\n"
+        "    return float(sample.meta['twice'] is sample.meta['also'])\n"
         "class Scorers:\n"
         "    @staticmethod\n"
         "    def half(completion, sample):\n"
@@ -257,7 +271,8 @@ def test_resolve_builtin_and_user_functions(user_module):
     [
         (
             "exact",
-            r"reward 'exact': not a built-in reward \(exact_match, choice, multiple_choice, numeric, format, iou\)",
+            r"reward 'exact': not a built-in reward \(exact_match, choice, multiple_choice, numeric, format, iou, math, "
+            r"judge\)",
         ),
         (
             "no_such_module_xyz:f",
@@ -305,7 +320,8 @@ def test_weighted_sum_and_per_fn(user_module):
         "my_rewards:flag": [0.0, 0.0, 1.0],  # bools count as numbers
     }
     assert res.total == [1.5, 0.0, 3.0]
-    assert res.failures == {"raised": 0, "timeout": 0, "nan": 0, "none": 0, "not_a_number": 0}
+    assert set(res.failures) >= {"raised", "timeout", "crashed", "nan", "none", "not_a_number"}
+    assert sum(res.failures.values()) == 0
     assert res.errors == []
 
 
@@ -387,7 +403,7 @@ def test_score_checks_lengths_and_empty_specs():
 
 def test_choice_rewards_the_first_option_mentioned():
     from vlrl.envs.dataset import Sample
-    from vlrl.envs.rewards import choice
+    from vlrl.envs.builtin_rewards import choice
 
     s = Sample(id="c", question="q", answer="red", meta={"options": ["blue", "green", "red", "yellow"]})
     assert choice("red", s) == 1.0
@@ -403,9 +419,147 @@ def test_choice_rewards_the_first_option_mentioned():
 
 def test_builtin_tasks_carry_their_options():
     from vlrl.envs.builtin import TASKS
-    from vlrl.envs.rewards import choice
+    from vlrl.envs.builtin_rewards import choice
 
     for name, task in TASKS.items():
         for s in task("train", 8, 64):
             assert str(s.answer) in s.meta["options"], name
             assert choice(str(s.answer), s) == 1.0
+
+
+# --- user functions run in processes that can be killed ------------------------------------------------
+
+
+def test_a_hung_user_function_is_killed_not_abandoned(user_module, tmp_path):
+    """The process of a call past its deadline is killed (a thread would run on); with one worker, the calls
+    queued behind it still run, in a replacement process, each with its own clock."""
+    import os
+
+    rs = RewardSet([RewardSpec(fn="my_rewards:hang_forever"), RewardSpec(fn="my_rewards:length_bonus")],
+                   timeout_s=0.5, processes=1)
+    pidfile = tmp_path / "pid"
+    sample = Sample(id="h", question="q", answer="a", meta={"pidfile": str(pidfile)})
+    t0 = time.monotonic()
+    res = rs.score(["abcde"], [sample])
+    assert time.monotonic() - t0 < 3.0
+    assert res.per_fn == {"my_rewards:hang_forever": [None], "my_rewards:length_bonus": [0.5]}
+    assert res.errors == ["reward my_rewards:hang_forever on sample h: did not return within 0.5 s (timeout)"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)  # gone, and reaped
+    rs.close()
+
+
+def test_a_call_that_takes_its_process_down_is_counted_and_replaced(user_module):
+    rs = RewardSet([RewardSpec(fn="my_rewards:die"), RewardSpec(fn="my_rewards:flag")], timeout_s=5.0,
+                   processes=1)
+    for _ in range(2):  # the second batch runs on replacement processes
+        res = rs.score(["yes", "no"], [S("x", "a"), S("x", "b")])
+        assert res.failures["crashed"] == 2 and res.per_fn["my_rewards:flag"] == [1.0, 0.0]
+        assert res.errors[0] == "reward my_rewards:die on sample a: crashed its process (exit code 3) (crashed)"
+    rs.close()
+
+
+def test_a_sample_crosses_to_a_reward_process_once_per_batch(user_module):
+    """A GRPO group's completions share one sample: it is pickled once a batch, and a worker that already holds it
+    gets only the completion (a 448x448 PIL image costs ~2 ms a call otherwise: bench/rewards.py)."""
+    import my_rewards
+
+    counted = my_rewards.Counted()
+    sample = Sample(id="g", question="q", answer="a", meta={"twice": counted, "also": counted})
+    rs = RewardSet([RewardSpec(fn="my_rewards:seen_twice"), RewardSpec(fn="my_rewards:length_bonus")], 5.0,
+                   processes=2)
+    res = rs.score(["abcd"] * 8, [sample] * 8)
+    assert res.per_fn["my_rewards:seen_twice"] == [1.0] * 8  # the sample arrived whole (shared references kept)
+    assert my_rewards.Counted.pickled == 1
+    rs.score(["abcd"] * 8, [sample] * 8)
+    assert my_rewards.Counted.pickled == 2  # a new batch sends it again (its content may have changed)
+    rs.close()
+
+
+def test_a_function_may_fail_a_sample_under_its_own_reason(user_module):
+    res = RewardSet([RewardSpec(fn="my_rewards:picky")], timeout_s=5.0).score(["hm"], [S("x", "a")])
+    assert res.total == [None] and res.failures["unparseable"] == 1
+    assert res.errors == ["reward my_rewards:picky on sample a: no verdict in 'hm' (unparseable)"]
+
+
+# --- math (math-verify) --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("so \\boxed{0.5}", "\\frac{1}{2}", 1.0),  # decimal vs LaTeX fraction
+        ("$\\boxed{\\frac{1}{2}}$", "1/2", 1.0),  # plain-text gold
+        ("\\boxed{\\frac{1}{3}}", "1/2", 0.0),
+        ("\\boxed{50\\%}", "0.5", 1.0),  # percentage
+        ("\\boxed{(1,2]}", "(1, 2]", 1.0),  # interval
+        ("\\boxed{[1,2]}", "(1, 2]", 0.0),  # closed is not half-open
+        ("\\boxed{\\{3,2,1\\}}", "\\{1,2,3\\}", 1.0),  # set, any order
+        ("\\boxed{y=1+2x}", "y = 2x + 1", 1.0),  # equation
+        ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", 1.0),  # symbolic equality
+        ("\\boxed{60^\\circ}", "60", 1.0),
+        ("the answer is 3", "3", 1.0),  # no box: the last expression
+        ("I think 4. \\boxed{3}", "3", 1.0),  # the box wins
+        ("<think>\\boxed{3}</think> \\boxed{\\frac12}", "\\frac{1}{2}", 1.0),  # reasoning is not scored
+        ("no idea", "3", 0.0),
+        ("\\boxed{7}", ["6", "7"], 1.0),  # any of several answers
+    ],
+)
+def test_math(completion, answer, expected):
+    from vlrl.envs.math_reward import math_reward
+
+    assert math_reward(completion, S(answer)) == expected
+
+
+def test_math_needs_an_answer():
+    from vlrl.envs.math_reward import math_reward
+
+    with pytest.raises(ValueError, match="sample s0 has no answer"):
+        math_reward("\\boxed{1}", S(None))
+
+
+def test_a_pathological_math_answer_cannot_hang_a_step():
+    """`10^{10^{10}}` sends sympy into one C-level big-integer power: math-verify's SIGALRM timeout could not
+    interrupt it even in a main thread, and on a thread it would spin for good. In a killed process it is a
+    counted timeout, and the other samples of the batch are scored."""
+    rs = RewardSet([RewardSpec(fn="math")], timeout_s=2.0, processes=2)
+    t0 = time.monotonic()
+    res = rs.score(["\\boxed{10^{10^{10}}}", "\\boxed{\\frac{6}{4}}"], [S("7", "p"), S("1.5", "q")])
+    assert time.monotonic() - t0 < 6.0
+    assert res.per_fn["math"] == [None, 1.0] and res.failures["timeout"] == 1
+    assert res.errors == ["reward math on sample p: did not return within 2 s (timeout)"]
+    rs.close()
+
+
+def test_an_unpicklable_sample_fails_its_calls_not_the_pool(user_module):
+    rs = RewardSet([RewardSpec(fn="my_rewards:length_bonus")], 5.0, processes=1)
+    bad = Sample(id="u", question="q", answer="a", meta={"f": lambda: 0})
+    res = rs.score(["ab", "abcd"], [bad, S("x", "ok")])
+    assert res.per_fn["my_rewards:length_bonus"] == [None, 0.4] and res.failures["raised"] == 1
+    assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent to a "
+                                    "reward process (")
+    assert rs.score(["ab"], [bad]).per_fn == {"my_rewards:length_bonus": [None]}  # nothing else to wait for
+    rs.close()
+
+
+def test_reward_processes_end_with_their_set(user_module):
+    import gc
+    import os
+
+    rs = RewardSet([RewardSpec(fn="my_rewards:length_bonus")], 5.0, processes=2)
+    procs = [w.proc for w in rs.pool.alive]
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    del rs
+    gc.collect()
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)
+
+
+def test_numeric_keeps_what_math_verify_rounds_away():
+    """Why `numeric` stays beside `math`: math-verify compares after rounding to 6 decimals."""
+    from vlrl.envs.math_reward import math_reward
+
+    assert math_reward("\\boxed{0.0000013}", S("0.0000012")) == 1.0  # math-verify: equal
+    assert numeric("\\boxed{0.0000013}", S("0.0000012")) == 0.0
+    assert numeric("\\boxed{1.3e-9}", S("1.2e-9")) == 0.0 and numeric("\\boxed{1.2e-9}", S("1.2e-9")) == 1.0

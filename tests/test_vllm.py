@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,64 +15,17 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 
 from conftest import tiny_config
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
-from vlrl.check_batch import mismatch_stats
 from vlrl.config import RolloutConfig
 from vlrl.rollout.vllm_client import ServerError, VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 from vlrl.serve import build_command, parse_limit_mm
-from vlrl.update import batch_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vlrl serve` in a subprocess, as a user starts it."""
-
-    def __init__(self, model_dir: Path, log: Path, port: int | None = None, api_key: str | None = None):
-        self.port = port or free_port()
-        self.env = {**os.environ, **({"VLRL_TEST_KEY": api_key} if api_key else {})}
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
-                     "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
-                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
-                     "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
-        self.out = log.with_suffix(".out")
-
-    def start(self, timeout: float = 240) -> Server:
-        self.fh = open(self.out, "a")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.out.read_text()[-3000:]
-            if "vLLM ready" in self.out.read_text():
-                return self
-            time.sleep(0.5)
-        raise AssertionError("vlrl serve did not become ready:\n" + self.out.read_text()[-3000:])
-
-    def kill_hard(self) -> None:
-        """SIGKILL the server's process group: the engine dies without any chance to clean up."""
-        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        for pid in children:  # `vlrl serve` starts vLLM in a session of its own: its pid is the group id
-            os.killpg(int(pid), signal.SIGKILL)
-        assert self.proc.wait(30) == 1  # `vlrl serve` reports the dead server and exits non-zero
-        self.fh.close()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(60)
-        self.fh.close()
-        return code
 
 
 @pytest.fixture(scope="module")
@@ -95,28 +45,6 @@ def vadapter(tiny_model_dir):
 
     return Qwen3VLAdapter.from_config(ModelConfig(path=str(tiny_model_dir), dtype="float32", min_pixels=4096,
                                                   max_pixels=16384, max_model_len=1024))
-
-
-def prompts(adapter, shapes=((64, 64), (96, 128)), with_text_only=True):
-    out = []
-    for i, size in enumerate(shapes):
-        imgs = [Image.new("RGB", size, (200, 30 * i, 40))] * (1 + i)
-        out.append(adapter.encode_prompt(adapter.build_messages("What color is the shape?", len(imgs),
-                                                                "You are a helpful assistant."), imgs))
-    if with_text_only:
-        out.append(adapter.encode_prompt(adapter.build_messages("Say a colour.", 0), []))
-    return out
-
-
-def rollout_cfg(server, **kw) -> RolloutConfig:
-    return RolloutConfig(**{"server_url": server.url, "max_new_tokens": 12, **kw})
-
-
-def trainer_logprobs(adapter, model, rollouts):
-    batch = adapter.build_batch(rollouts)
-    with torch.no_grad():
-        lp, _ = batch_logprobs(adapter.policy(model, 1.0), batch)
-    return mismatch_stats(lp, batch.behavior_logprobs, batch.loss_mask)
 
 
 def test_serve_command_has_what_rl_needs():

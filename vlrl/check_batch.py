@@ -167,7 +167,11 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     samples = load_samples(cfg.env, "train", cfg.train.seed)[:num_prompts]
     sampler = make_sampler(cfg, model, adapter)
     step(f"rolling out {len(samples)} prompts x {cfg.rollout.group_size} samples")
-    got = RolloutGroups(cfg, adapter, sampler).score_groups(samples, cfg.rollout.group_size, cfg.rollout.seed)
+    rollout_groups = RolloutGroups(cfg, adapter, sampler)
+    try:
+        got = rollout_groups.score_groups(samples, cfg.rollout.group_size, cfg.rollout.seed)
+    finally:
+        rollout_groups.close()
     report.stats["bad_samples"] = [{"sample_id": s.id, "reason": r} for s, r in got.bad_samples]
     if not got.rollouts:
         raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {got.bad_samples[0][1]}")

@@ -196,14 +196,22 @@ def serve(
 
     Turns on the RL routes (weight reload/transfer, pause/resume), returns the logprobs of the distribution
     actually sampled from, ignores the checkpoint's generation defaults, and uses the trainer's pixel limits.
-    Waits until healthy, tees the log to a file, and stops the server cleanly on Ctrl-C.
+    Waits until healthy, tees the log to a file, and stops the server cleanly on Ctrl-C (exit 0), SIGTERM
+    (exit 143) or SIGHUP (exit 129).
     """
     import os
 
     from rich.console import Console
 
     from .errors import UserError
-    from .serve import ServerProcess, build_command, server_env, wait_healthy
+    from .serve import (
+        ServerProcess,
+        StopSignal,
+        build_command,
+        raise_on_stop_signals,
+        server_env,
+        wait_healthy,
+    )
 
     console = Console()
     if weight_sync not in ("disk", "nccl"):
@@ -219,6 +227,7 @@ def serve(
         )
         api_key = os.environ.get(api_key_env) or None
         log_path = log_file or Path("runs") / f"vllm-serve-{port}.log"
+        raise_on_stop_signals()
         server = ServerProcess(cmd, log_path, server_env(on_cpu, api_key))
     except UserError as e:
         _fail(str(e))
@@ -228,7 +237,7 @@ def serve(
             wait_healthy(url, server.proc, startup_timeout,
                          on_wait=lambda: status.update(f"starting vLLM at {url}: {(server.tail or [''])[-1][:100]}"),
                          api_key=api_key)
-        console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C stops it")
+        console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C or SIGTERM stops it")
         while server.proc.poll() is None:
             time.sleep(0.5)
         console.print(f"[red]the vLLM server exited[/] with code {server.proc.returncode}; see {log_path}")
@@ -237,21 +246,24 @@ def serve(
         server.stop()
         console.print("\n".join(list(server.tail)[-15:]), highlight=False, markup=False)
         _fail(f"{e}; see {log_path}", code=1)
-    except KeyboardInterrupt:
-        console.print("stopping the vLLM server...")
+    except (KeyboardInterrupt, StopSignal) as e:
+        console.print(f"{'Ctrl-C' if isinstance(e, KeyboardInterrupt) else e}: stopping the vLLM server...")
         code = server.stop()
         console.print(f"vLLM server stopped (exit code {code})")
+        if isinstance(e, StopSignal):
+            raise typer.Exit(e.exit_code) from None
 
 
 @app.command("build-tiny-model")
 def build_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    tied: Annotated[bool, typer.Option(help="Tie the output head to the input embedding (as Qwen3-VL-2B/4B).")] = False,
 ) -> None:
     """Write a tiny random Qwen3-VL (for tests and the CPU demo) that transformers and vLLM load offline."""
     from .tiny_model import build_tiny_qwen3_vl
 
-    path = build_tiny_qwen3_vl(out, seed=seed)
+    path = build_tiny_qwen3_vl(out, seed=seed, tied=tied)
     typer.echo(f"tiny Qwen3-VL written to {path}")
 
 

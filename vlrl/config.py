@@ -63,12 +63,102 @@ class ModelConfig(Section):
     """Module names LoRA adapts (the vision tower's layers have other names and stay untouched)."""
 
 
+JUDGE_TEMPLATE = """You grade a student's answer against a reference answer.
+
+Question: {question}
+Reference answer: {answer}
+Student's answer: {completion}
+
+Is the student's final answer correct, judged against the reference? Think briefly, then end with one line
+"Score: N" where N is 0 (wrong) to 10 (fully correct)."""
+
+
+class JudgeConfig(Section):
+    """An LLM judge behind any OpenAI-compatible chat API (a second `vlrl serve`, vLLM, OpenAI...)."""
+
+    base_url: str
+    """The API's base URL with its version path, e.g. http://127.0.0.1:8001/v1 (a second `vlrl serve`) or
+    https://api.openai.com/v1; requests go to `<base_url>/chat/completions`."""
+    model: str | None = None
+    """Model name sent with each request; unset: the first model the endpoint lists at `<base_url>/models`."""
+    api_key_env: str = "JUDGE_API_KEY"
+    """Environment variable holding the API key (sent as a bearer token when set); keys never go in configs."""
+    template: str = JUDGE_TEMPLATE
+    """The judge's user message: `{completion}` (required), `{question}` and `{answer}` are filled in (write
+    `{{` and `}}` for literal braces). The judge sees text only, not the images."""
+    system_prompt: str | None = None
+    """System message of each judge request (none when unset)."""
+    answer_only: bool = True
+    """Fill `{completion}` with only the text after the last `</think>`, so the judge grades the answer."""
+    score_pattern: str = r"(?i)score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)"
+    """Regular expression whose one group captures the score in the reply; the last match counts. A reply
+    without a match is a reward failure (`unparseable`)."""
+    max_score: float = Field(10.0, gt=0)
+    """The best score: the reward is score / max_score; a score outside [0, max_score] is `unparseable`."""
+    max_tokens: int = Field(512, ge=1)
+    """Most tokens of a judge reply."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the judge (0: its most likely verdict)."""
+    extra_body: dict[str, Any] = {}
+    """Fields added to every request body, e.g. vLLM's `structured_outputs = {regex = "Score: (10|[0-9])"}`
+    to force a parseable reply, or `chat_template_kwargs = {enable_thinking = false}`."""
+    max_concurrency: int = Field(16, ge=1)
+    """Most judge requests in flight at once."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Timeout of one judge request."""
+    max_retries: int = Field(2, ge=0)
+    """Retries of a request that failed for a transient reason (connection, timeout, 429, 5xx), with
+    exponential backoff; then the sample's judgement is a reward failure (`judge_failed`)."""
+    retry_backoff_s: float = Field(1.0, gt=0)
+    """First retry delay; doubles on each retry (capped at 30 s)."""
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        import string
+
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"is not a valid template ({e}); write {{{{ and }}}} for literal braces") from None
+        unknown = names - {"question", "answer", "completion"}
+        if unknown:
+            raise ValueError(f"uses {{{', '.join(sorted(unknown))}}}: only {{question}}, {{answer}} and {{completion}} "
+                             "are filled in (write {{ and }} for literal braces)")
+        if "completion" not in names:
+            raise ValueError("must contain {completion}")
+        return v
+
+    @field_validator("score_pattern")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        import re
+
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"is not a regular expression ({e})") from None
+        if groups != 1:
+            raise ValueError(f"must have exactly one group, the score (it has {groups})")
+        return v
+
+
 class RewardSpec(Section):
     fn: str
-    """A built-in reward (exact_match, choice, multiple_choice, numeric, format, iou) or `module:function`, a
-    function (completion: str, sample: Sample) -> float."""
+    """A built-in reward (exact_match, choice, multiple_choice, numeric, format, iou, math, judge) or
+    `module:function`, a function (completion: str, sample: Sample) -> float."""
     weight: float = 1.0
     """Weight in the weighted sum that makes a sample's reward."""
+    judge: JudgeConfig | None = None
+    """Settings of the `judge` reward (`[env.rewards.judge]` right after its `[[env.rewards]]`); only there."""
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> RewardSpec:
+        if self.fn == "judge" and self.judge is None:
+            raise ValueError('fn = "judge" needs its settings: add [env.rewards.judge] with at least base_url')
+        if self.fn != "judge" and self.judge is not None:
+            raise ValueError(f"judge settings given for fn = {self.fn!r}; they belong to a fn = \"judge\" reward")
+        return self
 
 
 class EnvConfig(Section):
@@ -103,13 +193,18 @@ class EnvConfig(Section):
     """System message put before every prompt (none when unset)."""
     question_template: str = "{question}"
     """Template of the user text; `{question}` is replaced by the sample's question."""
+    image_marker: str = "<image>"
+    """Text in a question that marks where an image goes (LLaVA / EasyR1 datasets, e.g. geometry3k's
+    "<image>Find x."): the sample's images are placed at the markers, in order, and the markers removed; a
+    question without markers gets its images first. "" keeps markers as plain text."""
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(fn="exact_match")])
     """Reward functions; a sample's reward is their weighted sum."""
     on_bad_sample: Literal["skip", "error"] = "skip"
     """A sample whose image is missing/corrupt/unreachable or whose prompt cannot fit: `skip` it (counted
     in the metrics as `bad_samples`, listed in `<run dir>/bad_samples.jsonl`), or stop with the `error`."""
     reward_timeout_s: float = Field(10.0, gt=0)
-    """A reward function running longer than this marks the sample as failed (the run goes on)."""
+    """A reward call running longer than this marks the sample as failed (the run goes on); `math` and your own
+    functions run in worker processes that are killed at this limit. The judge has its own timeouts."""
     environment: str | None = None
     """A multi-turn environment (tools, feedback): `builtin:zoom`, `builtin:calculator`, or your own
     `module:Class` (a subclass of vlrl.envs.environment.Environment). Unset: single-turn, one completion per
@@ -162,7 +257,7 @@ class RolloutConfig(Section):
     """Generate step n+1's rollouts while step n trains (server backend only). They come from weights one
     step old; the ratio against the sampler's logprobs keeps the update correct."""
     group_size: int = Field(8, ge=1)
-    """Completions sampled per prompt (the GRPO group)."""
+    """Completions sampled per prompt (the GRPO group); at least 2, since advantages are relative to the group."""
     prompts_per_step: int = Field(8, ge=1)
     """Prompts per optimizer step; a step trains on prompts_per_step * group_size samples."""
     max_new_tokens: int = Field(512, ge=1)
@@ -179,6 +274,16 @@ class RolloutConfig(Section):
     static_cache: bool = False
     """Embedded sampler only: a static KV cache, whose decoding step transformers compiles on CUDA (faster
     after a warm-up; see bench/README.md)."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _a_group_to_compare(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                "a sample's advantage is its reward minus its group's mean, always 0 in a group of one, so "
+                "nothing would be learned; set rollout.group_size to 2 or more (8 to 16 is usual)"
+            )
+        return v
 
 
 class AlgorithmConfig(Section):
@@ -307,8 +412,6 @@ class Config(Section):
             )
         if self.rollout.one_step_off_policy and not self.rollout.server_url:
             raise ValueError("rollout.one_step_off_policy needs rollout.server_url (a vLLM server)")
-        if self.algorithm.advantage == "rloo" and self.rollout.group_size < 2:
-            raise ValueError("algorithm.advantage = 'rloo' needs rollout.group_size >= 2")
         if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.model.max_model_len:
             raise ValueError(
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is below model.max_model_len "

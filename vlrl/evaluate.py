@@ -195,9 +195,12 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
     sampler.sync_weights(model)  # a vLLM server must serve these weights, not its own
     out_dir = default_out_dir(cfg, checkpoint, split)
     info = {"model": cfg.model.path, "checkpoint": weights, "split": split}
-    with eval_bar(console, cfg.logging.progress) as bar:
-        summary = evaluate(cfg, RolloutGroups(cfg, adapter, sampler), samples, n, cfg.rollout.seed, out_dir,
-                           bar.update, info)
+    rollouts = RolloutGroups(cfg, adapter, sampler)
+    try:
+        with eval_bar(console, cfg.logging.progress) as bar:
+            summary = evaluate(cfg, rollouts, samples, n, cfg.rollout.seed, out_dir, bar.update, info)
+    finally:
+        rollouts.close()
     return {**summary, "out_dir": str(out_dir)}
 
 

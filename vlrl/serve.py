@@ -10,7 +10,9 @@
 - the trainer's pixel policy (`--min-pixels/--max-pixels` -> the processor's size), so both sides count the
   same image tokens;
 - bound to 127.0.0.1 unless `--host` says otherwise.
-The server's output is teed to a log file; Ctrl-C shuts the server down cleanly.
+The server's output is teed to a log file. Ctrl-C, SIGTERM (what Slurm, Kubernetes and most schedulers send
+on preemption or time-out) and SIGHUP (a closed terminal or SSH session) all shut the server's whole process
+group down and wait for it, so no orphaned vLLM keeps its port and its GPU memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from collections import deque
 from pathlib import Path
 
 from .errors import UserError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 VLLM_MISSING = (
     "vLLM is not installed in this environment: pip install 'vlrl[vllm]' on GPU machines; on CPU-only "
@@ -138,6 +142,33 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=Non
     raise UserError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s")
 
 
+class StopSignal(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException like KeyboardInterrupt, so no `except Exception` stops it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 129 for SIGHUP
+
+
+def raise_on_stop_signals() -> None:
+    """Turn SIGTERM and SIGHUP into `StopSignal` in the main thread, so they stop the server as Ctrl-C does
+    (Python's default for both is to die at once, leaving the server running under PID 1)."""
+
+    def handler(signum, frame):
+        raise StopSignal(signum)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+
+
+def _ignore_stop_signals() -> dict:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP (main thread only); returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)}
+
+
 class ServerProcess:
     """A vLLM server subprocess whose output is teed to a log file (and a callback), stopped cleanly."""
 
@@ -164,7 +195,16 @@ class ServerProcess:
                 self.echo(line.rstrip())
 
     def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGINT to the server's process group, then SIGTERM, then SIGKILL."""
+        """SIGINT to the server's process group, then SIGTERM, then SIGKILL; waits for it. A second Ctrl-C or
+        signal meanwhile is ignored: it must not cut the shutdown short and leave the server orphaned."""
+        previous = _ignore_stop_signals()
+        try:
+            return self._stop(timeout_s)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop(self, timeout_s: float) -> int:
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
                 try:
@@ -176,6 +216,10 @@ class ServerProcess:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        try:  # whatever the server left in its group (engine cores, workers) goes with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._pump.join(timeout=5)
         self._log.close()
         return self.proc.returncode if self.proc.returncode is not None else -9

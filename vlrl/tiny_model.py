@@ -207,10 +207,11 @@ def build_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, tied: bool = False) -> Path:
     """Write a tiny random Qwen3-VL (config, safetensors, tokenizer, processor, chat template) to `out_dir`.
 
-    Deterministic for a seed: the same seed writes the same weights and tokenizer.
+    Deterministic for a seed: the same seed writes the same weights and tokenizer. `tied`: the output head
+    shares the input embedding, as Qwen3-VL-2B and 4B do (the default is untied, like the 8B and 32B).
     """
     import torch
     from transformers import (
@@ -253,7 +254,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
                 mrope_interleaved=True,
             ),
             pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
         ),
         vision_config=dict(
             depth=2,
@@ -271,10 +272,9 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        # Untied like Qwen3-VL-8B: vLLM 0.32's in-place reload_weights leaves a tied lm_head on the old
-        # tensor (its layerwise reload re-binds embed_tokens only), so a tied model would drift from the
-        # trainer after a weight sync.
-        tie_word_embeddings=False,
+        # Untied by default like Qwen3-VL-8B; `tied` builds the 2B/4B layout (see rollout/weight_sync.py for
+        # what that means for the disk weight sync).
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()

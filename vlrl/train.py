@@ -356,6 +356,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
             samples_fh.flush()
             write_run_report(run.run_dir)
     finally:
+        rollouts.close()
         if cfg.logging.trackers:
             run.accelerator.end_training()
         if prefetch is not None:

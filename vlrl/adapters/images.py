@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with alpha flattened onto white; palette, grayscale, 16-bit/float and CMYK converted."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+        img = img.convert("LA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -155,29 +158,52 @@ def resolve_source(source: Any, base_dir: Path | None) -> Any:
     return source
 
 
+# What decoding an untrusted file can raise, beyond Pillow's documented OSError: found by fuzzing PNG, JPEG, GIF,
+# TIFF, BMP, WebP, ICO, TGA and PPM files (tests/test_images.py). A `Warning` is an exception only when warnings
+# are errors (`python -W error`, pytest's filterwarnings), e.g. "Tag data larger than file" from a broken EXIF.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, struct.error,
+                  ZeroDivisionError, Warning)
+
+
+def _bomb(shown: Any, pixels: int | str, limits: ImageLimits) -> ImageError:
+    return ImageError(f"image {describe_source(shown)}: {pixels} pixels is over the limit of "
+                      f"{limits.max_decoded_pixels} (decompression-bomb guard); downscale it or raise "
+                      "model.image_max_decoded_pixels")
+
+
+def _pillow_allows(max_pixels: int) -> None:
+    """Pillow refuses images over twice `Image.MAX_IMAGE_PIXELS` (~179 Mpx) on its own, before our guard: when
+    model.image_max_decoded_pixels allows more, Pillow's limit follows it (only ever upwards)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Load any supported source into an upright RGB PIL image (not resized)."""
+    """Load any supported source into an upright RGB PIL image (not resized).
+
+    Every failure of the image library (open, EXIF, decode, mode conversion; Pillow's own decompression-bomb
+    error and warning) becomes an `ImageError` naming the source, so a bad image is a skipped sample.
+    """
     shown = resolve_source(source, base_dir)
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        data = _read_bytes(source, base_dir, limits)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ImageError(f"image {describe_source(shown)}: not a recognised image format "
-                             f"(is it an image file? {len(data)} bytes)") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({e})") from None
-    if img.width * img.height > limits.max_decoded_pixels:
-        raise ImageError(f"image {describe_source(shown)}: {img.width}x{img.height} pixels is over the limit of "
-                         f"{limits.max_decoded_pixels} (decompression-bomb guard); downscale it or raise model.image_max_decoded_pixels")
+    data = None if isinstance(source, Image.Image) else _read_bytes(source, base_dir, limits)
+    _pillow_allows(limits.max_decoded_pixels)
     try:
+        img = source if data is None else Image.open(io.BytesIO(data))
+        if img.width * img.height > limits.max_decoded_pixels:
+            raise _bomb(shown, f"{img.width}x{img.height}", limits)
         img = ImageOps.exif_transpose(img)
         img.load()
         return to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({e})") from None
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"image {describe_source(shown)}: not a recognised image format "
+                         f"(is it an image file? {len(data or b'')} bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise _bomb(shown, m.group(1) if m else "too many", limits) from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def target_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
@@ -197,4 +223,8 @@ def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, factor: int, s
                          f"{img.width}x{img.height} cannot be used ({e}); crop or pad it") from None
     if (w, h) == img.size:
         return img
-    return img.resize((w, h), Image.Resampling.BICUBIC)
+    try:
+        return img.resize((w, h), Image.Resampling.BICUBIC)
+    except _DECODE_ERRORS as e:  # a PIL image given as is may still be lazily decoded
+        raise ImageError(f"image {describe_source(source if source is not None else img)}: could not be resized "
+                         f"to {w}x{h} ({type(e).__name__}: {e})") from None

@@ -87,14 +87,33 @@ class Qwen3VLAdapter:
 
     @staticmethod
     def build_messages(
-        question: str, num_images: int, system_prompt: str | None = None, history: list[dict] | None = None
+        question: str, num_images: int, system_prompt: str | None = None, history: list[dict] | None = None,
+        image_marker: str | None = None,
     ) -> list[dict]:
-        """A chat: optional system prompt, earlier turns, then a user turn with its images first, then text."""
+        """A chat: optional system prompt, earlier turns, then a user turn with its images first, then text.
+
+        A question holding `image_marker`s (LLaVA / EasyR1 style: geometry3k's "<image>Find x.") gets its images
+        where the markers are, in order, the markers removed; a leading marker gives the usual images-first turn.
+        """
         messages: list[dict] = []
         if system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
         messages.extend(history or [])
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+        if image_marker and image_marker in question:
+            pieces = question.split(image_marker)
+            if len(pieces) - 1 != num_images:
+                raise PromptError(
+                    f"the question holds {len(pieces) - 1} {image_marker} image marker(s) but the sample has "
+                    f"{num_images} image(s); fix the row, or set env.image_marker = \"\" to keep markers as text"
+                )
+            content = []
+            for k, piece in enumerate(pieces):
+                if piece:
+                    content.append({"type": "text", "text": piece})
+                if k < num_images:
+                    content.append({"type": "image"})
+        else:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
         messages.append({"role": "user", "content": content})
         return messages
 

@@ -36,7 +36,8 @@ def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | 
     prompts, kept, bad = [], [], []
     for s in samples:
         try:
-            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template, tools))
+            prompts.append(encode_sample(adapter, s, env_cfg.system_prompt, env_cfg.question_template,
+                                         env_cfg.image_marker, tools))
             kept.append(s)
         except UserError as e:
             reason = str(e) if f"sample {s.id}" in str(e) else f"sample {s.id}: {e}"
@@ -47,9 +48,9 @@ def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | 
 
 
 def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str,
-                  tools: list[dict] | None = None):
-    """Sample -> EncodedPrompt: system prompt (and tools), earlier turns, user turn with the images and the
-    question."""
+                  image_marker: str | None = None, tools: list[dict] | None = None):
+    """Sample -> EncodedPrompt: system prompt (and `tools`, an environment's), earlier turns, user turn with the
+    images and the question (the images where the question's `image_marker`s are, else first)."""
     question = question_template.format(question=sample.question)
-    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history)
+    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history, image_marker)
     return adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}", tools=tools)

@@ -77,6 +77,10 @@ class RolloutGroups:
     def keys(self) -> list[str]:
         return list(self.rewards.keys)
 
+    def close(self) -> None:
+        """End the reward set's worker processes."""
+        self.rewards.close()
+
     def score_groups(self, samples: list[Sample], n: int, seed: int) -> Groups:
         """A group of `n` scored rollouts for every usable sample, none dropped (eval, check-batch)."""
         out = Groups(self.keys)

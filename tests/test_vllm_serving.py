@@ -1,0 +1,133 @@
+"""A second real vLLM server, serving a tiny model with tied embeddings (as Qwen3-VL-2B/4B): the disk weight sync
+keeps its output head in step with the trainer; `vlrl serve` stops its whole server on SIGTERM and SIGHUP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+from vllm_server import Server, live_processes_in_group, port_is_open, prompts, rollout_cfg, trainer_logprobs
+
+from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
+from vlrl.config import ModelConfig
+from vlrl.rollout import weight_sync
+from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
+from vlrl.rollout.weight_sync import DiskWeightSync, write_tied_head
+
+pytestmark = pytest.mark.vllm
+
+
+def assert_stops(srv: Server, sig: int, code: int) -> None:
+    """`sig` to `vlrl serve`: it exits with `code`, no process of the server's group is left, the port is free."""
+    group = srv.vllm_pid()
+    assert srv.stop(sig) == code, srv.out.read_text()[-2000:]
+    assert live_processes_in_group(group) == []
+    assert not port_is_open(srv.port)
+    assert f"{signal.Signals(sig).name}: stopping the vLLM server" in srv.out.read_text()
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    from vlrl.tiny_model import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tied") / "tiny-tied", tied=True)
+
+
+@pytest.fixture(scope="module")
+def tied_server(tied_dir, tmp_path_factory):
+    srv = Server(tied_dir, tmp_path_factory.mktemp("vllm-tied") / "serve.log").start()
+    yield srv
+    assert_stops(srv, signal.SIGTERM, 143)  # what a scheduler sends on preemption
+
+
+@pytest.fixture(scope="module")
+def tied(tied_dir):
+    adapter = Qwen3VLAdapter.from_config(ModelConfig(path=str(tied_dir), dtype="float32", min_pixels=4096,
+                                                     max_pixels=16384, max_model_len=1024))
+    model = adapter.load_model(torch.float32).eval()
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    return adapter, model
+
+
+def test_tied_head_is_written_beside_the_checkpoint_only_for_tied_models(tied, tiny_model, tmp_path):
+    adapter, model = tied
+    adapter.save_pretrained(model, tmp_path / "t")
+    write_tied_head(model, tmp_path / "t")
+    with safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # transformers writes the shared matrix once
+    with safe_open(str(tmp_path / "t" / weight_sync.TIED_HEAD_FILE), "pt") as f:
+        assert list(f.keys()) == ["lm_head.weight"]
+        assert torch.equal(f.get_tensor("lm_head.weight"), model.lm_head.weight)
+    # a sharded checkpoint: vLLM reads only the files its index names, so the index names the head's file
+    (tmp_path / "t" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model.safetensors"}}))
+    write_tied_head(model, tmp_path / "t")
+    index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a": "model.safetensors", "lm_head.weight": weight_sync.TIED_HEAD_FILE}
+    write_tied_head(tiny_model, tmp_path / "u")  # untied: nothing to add
+    assert not (tmp_path / "u").exists()
+
+
+def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkeypatch):
+    """The trainer changes every language-model weight (the shared embedding/head included) and syncs: the
+    server then samples with exactly the trainer's weights. Without the head's own file, vLLM 0.32 keeps the
+    old head's packed weights and the two drift apart."""
+    adapter, model = tied
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if "language_model" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    assert new.lm_head.weight is new.model.language_model.embed_tokens.weight
+    sync = DiskWeightSync(VLLMClient(tied_server.url, rollout_cfg(tied_server)), adapter, tmp_path / "weights")
+    sampler = VLLMSampler(adapter, rollout_cfg(tied_server), weight_sync=sync)
+    with monkeypatch.context() as m:
+        m.setattr(weight_sync, "write_tied_head", lambda *a, **k: None)  # the sync as it was
+        sampler.sync_weights(new)
+        stale = trainer_logprobs(adapter, new, sampler.sample(prompts(adapter), n=4))
+    assert stale["mismatch_kl"] > 1e-3, stale
+    sampler.sync_weights(new)
+    fixed = trainer_logprobs(adapter, new, sampler.sample(prompts(adapter), n=4))
+    assert fixed["mismatch_kl"] <= 1e-5 and fixed["max_abs_diff"] < 1e-4, fixed
+    rollouts = sampler.sample(prompts(adapter), n=4)
+    assert trainer_logprobs(adapter, model, rollouts)["max_abs_diff"] > 1e-2  # the server did move
+
+
+def test_sigterm_while_the_server_starts_stops_it(tiny_model_dir, tmp_path):
+    """Preempted during the long start-up (minutes for an 8B model): the half-started server goes too."""
+    import time
+
+    srv = Server(tiny_model_dir, tmp_path / "serve.log").launch()
+    deadline = time.time() + 60
+    while time.time() < deadline and "Starting to load model" not in srv.log_text():
+        time.sleep(0.2)
+    assert "Starting to load model" in srv.log_text() and "vLLM ready" not in srv.out.read_text()
+    assert len(live_processes_in_group(srv.vllm_pid())) >= 3  # the API server, its engine core, a worker
+    assert_stops(srv, signal.SIGTERM, 143)
+
+
+def test_sighup_stops_the_server_too(tiny_model_dir, tmp_path):
+    """A closed terminal or SSH session: the server goes with `vlrl serve`, exit code 129 (128 + SIGHUP)."""
+    assert_stops(Server(tiny_model_dir, tmp_path / "serve.log").start(), signal.SIGHUP, 129)
+
+
+def test_judge_with_a_real_vllm_server(tied_server):
+    """The tiny model as judge: its free text holds no verdict (a counted `unparseable` failure, not a crash);
+    constrained by vLLM's structured outputs to `Score: N`, every judgement parses into N / 9."""
+    from vlrl.config import JudgeConfig, RewardSpec
+    from vlrl.envs.dataset import Sample
+    from vlrl.envs.rewards import RewardSet
+
+    samples = [Sample(id=str(i), question="What is 2 + 2?", answer="4") for i in range(4)]
+    completions = ["<think>easy</think> 4", "5", "four", "I do not know"]
+    judge = {"base_url": f"{tied_server.url}/v1", "max_tokens": 8, "timeout_s": 60}
+    free = RewardSet([RewardSpec(fn="judge", judge=JudgeConfig(**judge, score_pattern=r"VERDICT=(\d)"))], 5.0)
+    res = free.score(completions, samples)
+    assert res.total == [None] * 4 and res.failures["unparseable"] == 4 and res.failures["judge_failed"] == 0
+    assert res.errors[0].startswith("reward judge on sample 0: the judge's reply has no score matching")
+    forced = JudgeConfig(**judge, max_score=9, extra_body={"structured_outputs": {"regex": "Score: [0-9]"}})
+    res = RewardSet([RewardSpec(fn="judge", judge=forced)], 5.0).score(completions, samples)
+    assert res.errors == [] and all(v in [k / 9 for k in range(10)] for v in res.per_fn["judge"]), res.per_fn

@@ -1,0 +1,117 @@
+"""`vlrl serve` in a subprocess, as a user starts it, and helpers for the tests that need a real vLLM server on
+the CPU (prompts, trainer-side logprobs against the server's)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlrl.update import batch_logprobs
+from vlrl.check_batch import mismatch_stats
+from vlrl.config import RolloutConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def live_processes_in_group(pgid: int) -> list[str]:
+    """`pid state command` of the group's processes that are not zombies (a zombie holds no port or memory)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
+
+
+class Server:
+    """`vlrl serve` in a subprocess, as a user starts it."""
+
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None, api_key: str | None = None):
+        self.port = port or free_port()
+        self.env = {**os.environ, **({"VLRL_TEST_KEY": api_key} if api_key else {})}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
+                     "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
+                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
+                     "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
+        self.out = log.with_suffix(".out")
+        self.log = log
+
+    def log_text(self) -> str:
+        """The vLLM server's own log (`vlrl serve --log-file`)."""
+        return self.log.read_text() if self.log.is_file() else ""
+
+    def launch(self) -> Server:
+        """Start `vlrl serve` without waiting for it."""
+        self.fh = open(self.out, "a")
+        self.seen = self.out.stat().st_size  # a restarted server appends to the same file
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env)
+        return self
+
+    def start(self, timeout: float = 240) -> Server:
+        self.launch()
+        seen = self.seen
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.out.read_text()[-3000:]
+            if "vLLM ready" in self.out.read_text()[seen:]:
+                return self
+            time.sleep(0.5)
+        raise AssertionError("vlrl serve did not become ready:\n" + self.out.read_text()[-3000:])
+
+    def vllm_pid(self) -> int:
+        """The vLLM server's pid: `vlrl serve` starts it in a session of its own, so it is also its group id."""
+        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 1, children
+        return int(children[0])
+
+    def kill_hard(self) -> None:
+        """SIGKILL the server's process group: the engine dies without any chance to clean up."""
+        os.killpg(self.vllm_pid(), signal.SIGKILL)
+        assert self.proc.wait(30) == 1  # `vlrl serve` reports the dead server and exits non-zero
+        self.fh.close()
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Send `sig` to `vlrl serve` (not to the server: that is its job) and return its exit code."""
+        self.proc.send_signal(sig)
+        code = self.proc.wait(90)
+        self.fh.close()
+        return code
+
+
+def prompts(adapter, shapes=((64, 64), (96, 128)), with_text_only=True):
+    out = []
+    for i, size in enumerate(shapes):
+        imgs = [Image.new("RGB", size, (200, 30 * i, 40))] * (1 + i)
+        out.append(adapter.encode_prompt(adapter.build_messages("What color is the shape?", len(imgs),
+                                                                "You are a helpful assistant."), imgs))
+    if with_text_only:
+        out.append(adapter.encode_prompt(adapter.build_messages("Say a colour.", 0), []))
+    return out
+
+
+def rollout_cfg(server, **kw) -> RolloutConfig:
+    return RolloutConfig(**{"server_url": server.url, "max_new_tokens": 12, **kw})
+
+
+def trainer_logprobs(adapter, model, rollouts):
+    batch = adapter.build_batch(rollouts)
+    with torch.no_grad():
+        lp, _ = batch_logprobs(adapter.policy(model, 1.0), batch)
+    return mismatch_stats(lp, batch.behavior_logprobs, batch.loss_mask)
