@@ -4,7 +4,8 @@ Every rank builds the same global batch of 8 rollouts and trains its share (rank
 as `vlrl train` does; the loss is normalised by the global counts and micro-batch passes are padded to the
 busiest rank. Rank 0 writes the resulting gradients and loss to the file named on the command line.
 Odd samples have no image, so with 2 ranks rank 1 never sees one, while the vision tower is trainable:
-its idle vision pass is what keeps DDP's gradient reduction complete.
+its idle vision pass is what keeps DDP's gradient reduction complete. Mode `multiturn`: every rollout is a
+two-turn trajectory whose environment reply holds an image on even samples (rank 0's) and text on odd ones.
 """
 
 import sys
@@ -36,16 +37,21 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
         images = [Image.new("RGB", (64, 64 + 32 * (i % 4 == 0)), (30 * i, 100, 200))] if i % 2 == 0 else []
         prompt = adapter.encode_prompt(adapter.build_messages(f"Question {i}?", len(images)), images)
         comp = torch.randint(0, 390, (3 + i,), generator=g).tolist()
-        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=[0.0] * len(comp), finish_reason="length",
-                                advantage=float(torch.randn(1, generator=g))))
+        r = Rollout(prompt=prompt, completion_ids=comp, logprobs=[0.0] * len(comp), finish_reason="length",
+                    advantage=float(torch.randn(1, generator=g)))
+        rollouts.append(two_turns(adapter, r, i % 2 == 0, g) if mode == "multiturn" else r)
     policy = adapter.policy(model, 1.0)
     full = adapter.build_batch(rollouts)
     with torch.no_grad():  # behavior logprobs near the policy's own
         own, _ = policy(full.input_ids, full.attention_mask, full.loss_mask, **full.model_inputs)
     for r, lp in zip(rollouts, own):
         n = len(r.completion_ids)
-        r.logprobs = (lp[-n:] + 0.05 * torch.randn(n, generator=g)).tolist() if n else []
+        p = len(r.prompt.input_ids)
+        mask = torch.tensor(r.trained_mask, dtype=torch.float32)
+        r.logprobs = ((lp[p : p + n] + 0.05 * torch.randn(n, generator=g)) * mask).tolist() if n else []
     policy = prepare_on_cpu(acc, policy, adapter.fsdp_units) if mode == "fsdp" else acc.prepare(policy)
+    if mode == "multiturn":  # rank 0 trains the tool images, rank 1 none at all
+        assert all(r.env_images for r in rollouts[0::2]) and not any(r.env_images for r in rollouts[1::2])
     mine = rollouts[rank::world]
     batch = adapter.build_batch(mine)
     groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
@@ -64,6 +70,20 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     if rank == 0:
         torch.save(result, out)
     acc.wait_for_everyone()
+
+
+def two_turns(adapter, r: Rollout, image: bool, g) -> Rollout:
+    """`r` as a two-turn trajectory: its turn, an environment reply (a tool message, with an image or not), a
+    second sampled turn."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": "the tool's answer"}]
+    reply = adapter.encode_reply([{"role": "tool", "content": content}],
+                                 [Image.new("RGB", (64, 96), (200, 100, 0))] if image else [])
+    second = torch.randint(0, 390, (4,), generator=g).tolist()
+    ids = r.completion_ids + reply.input_ids + second
+    mask = [1] * len(r.completion_ids) + [0] * len(reply.input_ids) + [1] * len(second)
+    return Rollout(prompt=r.prompt, completion_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop",
+                   completion_mask=mask, advantage=r.advantage, env_images=reply.images,
+                   env_pixel_values=reply.pixel_values, env_image_grid_thw=reply.image_grid_thw, turns=2)
 
 
 def fsdp_state_round_trip(acc, adapter, policy) -> dict:

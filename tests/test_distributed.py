@@ -47,6 +47,29 @@ def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
         torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_multi_turn_batches_with_tool_images_on_one_rank_only_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
+    """Two-turn trajectories (a sampled turn, an environment reply, a sampled turn): rank 0's replies hold tool
+    images, rank 1's hold none (nor do its prompts): the ranks' vision passes differ, nothing hangs, and loss and
+    gradients equal one rank's over all of them."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"mt-{n}.pt"
+        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out), "multiturn")
+        assert res.returncode == 0, res.stderr[-4000:]
+        results[n] = torch.load(out, weights_only=True)
+    one, two = results[1], results[2]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+    assert any("visual" in k for k in one["grads"]) and set(two["grads"]) == set(one["grads"])
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+    sets = ("env.environment=envs_for_tests:ImageOnRankZero", "env.max_turns=3", "rollout.max_new_tokens=32",
+            "name=mt", "train.steps=2")
+    res = torchrun(2, *train_args("-m vlrl", tiny_model_dir, tmp_path, *sets))
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    metrics = [json.loads(line) for line in (tmp_path / "mt" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all("turns/mean" in m for m in metrics)
+
+
 def test_fsdp2_two_ranks_give_the_single_rank_gradient_and_gather_whole_state(tiny_model_dir, tmp_path):
     """FSDP2 (Accelerate's own sharding: every decoder layer and vision block a unit) on 2 CPU ranks: the loss and
     every gradient equal the single-rank ones (rank 1 never sees an image: the vision blocks' all-gathers are

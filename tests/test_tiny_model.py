@@ -2,7 +2,8 @@ import hashlib
 
 from PIL import Image
 
-from vlrl.tiny_model import ANSWER_WORDS, CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, TAG_TOKENS, ZOOM_CALLS, build_tiny_qwen3_vl
+from vlrl.tiny_model import (ANSWER_WORDS, CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, TAG_TOKENS, TOOLS_AFTER, TOOLS_BEFORE,
+                             ZOOM_CALLS, build_tiny_qwen3_vl)
 
 
 def digest(path):
@@ -65,6 +66,7 @@ def test_chat_template_is_qwen3_vl_8b_instructs_own(adapter):
         {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "the crop"}]},
     ]
     text = adapter.processor.apply_chat_template(msgs, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert TOOLS_BEFORE in text and TOOLS_AFTER in text  # the tiny tokenizer's two tool-instruction tokens
     assert text == (
         "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
@@ -81,7 +83,7 @@ def test_chat_template_is_qwen3_vl_8b_instructs_own(adapter):
 
 def test_tags_and_the_zoom_demos_crop_calls_are_single_tokens(adapter):
     tok = adapter.tokenizer
-    for text in TAG_TOKENS + ZOOM_CALLS:
+    for text in TAG_TOKENS + ZOOM_CALLS + [TOOLS_BEFORE, TOOLS_AFTER]:
         assert len(tok.encode(text, add_special_tokens=False)) == 1, text
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     call = '<tool_call>\n{"name": "crop", "arguments": {"x0": 1, "y0": 0, "x1": 9, "y1": 9}}\n</tool_call>'

@@ -131,6 +131,23 @@ def test_check_batch_against_the_server(server, tiny_model_dir):
     assert {c["name"]: c["ok"] for c in report["checks"]}["prompt ids: trainer == sampler"]
 
 
+def test_multi_turn_rollouts_with_tool_images_match_the_trainer(server, vadapter, tiny_model, tiny_model_dir, tmp_path):
+    """Every later turn goes to the token-in/token-out route as the trajectory's own ids with all its images so
+    far: the server's expanded prompt ids equal the trainer's on every turn, its logprobs the trainer's."""
+    from vlrl.envs.sources import load_samples
+    from vlrl.rollout.groups import RolloutGroups
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=1024",
+                      "env.environment=envs_for_tests:ImageEveryCall", "env.max_turns=3", "rollout.max_new_tokens=48")
+    sampler = VLLMSampler(vadapter, cfg.rollout)
+    got = RolloutGroups(cfg, vadapter, sampler).score_groups(load_samples(cfg.env, "train", 0)[:4], 3, 0)
+    rollouts = got.rollouts
+    assert sum(len(r.env_images) for r in rollouts) >= 3 and max(r.turns for r in rollouts) == 3
+    assert sampler.prompts_checked == 4 + sum(r.turns - 1 for r in rollouts)  # every turn's ids were compared
+    stats = trainer_logprobs(vadapter, tiny_model, rollouts)
+    assert stats["mismatch_kl"] <= 1e-5 and stats["max_abs_diff"] < 1e-4, stats
+
+
 def test_too_many_images_and_mismatched_pixel_limits_are_clear_errors(server, vadapter):
     from vlrl.config import ModelConfig
 

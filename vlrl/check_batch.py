@@ -70,7 +70,7 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows} = sum of per-sample patches")
 
     placeholders = (batch.input_ids == adapter.image_token_id).sum(-1).tolist()
-    expected = [sum(adapter.placeholders_per_image(r.prompt.image_grid_thw)) for r in rollouts]
+    expected = [sum(adapter.placeholders_per_image(r.image_grid_thw)) for r in rollouts]
     report.add(
         "image tokens vs grid",
         placeholders == expected,
@@ -91,9 +91,10 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     )
 
     sampled = sum(sum(r.trained_mask) for r in rollouts)
-    prompt_region = torch.zeros_like(batch.loss_mask)
-    for i, p in enumerate(prompt_lens):
+    prompt_region = torch.zeros_like(batch.loss_mask)  # the prompt and every environment reply
+    for i, (p, r) in enumerate(zip(prompt_lens, rollouts)):
         prompt_region[i, :p] = 1
+        prompt_region[i, p : p + len(r.completion_ids)] = 1 - torch.tensor(r.trained_mask, dtype=torch.float32)
     on_prompt = float((batch.loss_mask * prompt_region).sum())
     on_padding = float((batch.loss_mask * (1 - batch.attention_mask)).sum())
     on_images = float((batch.loss_mask * (batch.input_ids == adapter.image_token_id)).sum())
@@ -102,10 +103,11 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.add(
         "loss mask",
         batch.num_loss_tokens == sampled and on_prompt == on_padding == on_images == stray_logprobs == 0,
-        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/image/padding "
+        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/environment/image/padding "
         f"({batch.num_loss_tokens / max(total, 1):.1%} of {total} tokens)",
     )
-    banned = sum(1 for r in rollouts for t in r.completion_ids if t in adapter.banned_token_ids)
+    banned = sum(1 for r in rollouts for t, m in zip(r.completion_ids, r.trained_mask)
+                 if m and t in adapter.banned_token_ids)
     report.add("no sampled placeholders", banned == 0, f"{banned} image/video placeholder tokens in completions")
 
 
@@ -122,31 +124,34 @@ def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> N
                f"{differ} of {int(real.sum())} (token, axis) positions differ from the model's own get_rope_index")
 
 
-def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, bool]]]:
-    """The sample as (plain text with [[trained]] marks, [(piece, trained)] spans); image pads collapsed."""
-    tok = adapter.tokenizer
-    spans: list[tuple[str, bool]] = []
-    ids = rollout.prompt.input_ids
-    i = 0
+def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]]:
+    """The sample as (plain text with [[sampled]] marks, [(piece, kind)] spans). Kinds: `prompt`, `sampled`
+    (trained), `env` (an environment's reply: prompt to the policy, never trained) and `image` (a run of image
+    placeholders, shown once with its length and named: the prompt's images, then the environment's)."""
+    tok, pad = adapter.tokenizer, adapter.image_token_id
+    p = len(rollout.prompt.input_ids)
+    ids = rollout.prompt.input_ids + rollout.completion_ids
+    kinds = ["prompt"] * p + ["sampled" if m else "env" for m in rollout.trained_mask]
+    kinds = ["image" if t == pad else k for t, k in zip(ids, kinds)]
+    prompt_images = len(rollout.prompt.images)
+    spans: list[tuple[str, str]] = []
+    images = i = 0
     while i < len(ids):
         j = i
-        if ids[i] == adapter.image_token_id:
-            while j < len(ids) and ids[j] == adapter.image_token_id:
-                j += 1
-            spans.append((f"<|image_pad|>x{j - i}", False))
-            i = j
-            continue
-        while j < len(ids) and ids[j] != adapter.image_token_id:
+        while j < len(ids) and kinds[j] == kinds[i]:
             j += 1
-        spans.append((tok.decode(ids[i:j]), False))
+        if kinds[i] == "image":
+            images += 1
+            name = f"image {images}" if images <= prompt_images else f"tool image {images - prompt_images}"
+            spans.append((f"<|image_pad|>x{j - i} ({name})", "image"))
+        else:
+            spans.append((tok.decode(ids[i:j]), kinds[i]))
         i = j
-    for t, m in zip(rollout.completion_ids, rollout.trained_mask):
-        spans.append((tok.decode([t]), bool(m)))
-    plain = "".join(f"[[{s}]]" if m else s for s, m in spans)
+    plain = "".join(f"[[{text}]]" if kind == "sampled" else text for text, kind in spans)
     return plain, spans
 
 
-def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, bool]]]:
+def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, str]]]:
     from .adapters import load_adapter
     from .envs.sources import load_samples
     from .errors import UserError
@@ -176,14 +181,15 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     if not got.rollouts:
         raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {got.bad_samples[0][1]}")
     rollouts = got.rollouts
-    prompts = len({r.group for r in rollouts})
+    # requests: one per prompt, then one per later turn of every trajectory (each turn's prompt ids are checked)
+    prompts = len({r.group for r in rollouts}) + sum(r.turns - 1 for r in rollouts)
     batch = adapter.build_batch(rollouts)
     checked = getattr(sampler, "prompts_checked", None)
     report.add(
         "prompt ids: trainer == sampler",
         checked is None or checked == prompts,
         "the embedded sampler generates from the processor's ids" if checked is None
-        else f"{checked}/{prompts} prompts: the server's prompt_token_ids equal the processor's",
+        else f"{checked}/{prompts} prompts (every turn's): the server's prompt_token_ids equal the trainer's",
     )
     check_batch_structure(batch, rollouts, adapter, report)
     check_positions(batch, adapter, model, report)
@@ -212,6 +218,9 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         samples=len(rollouts),
         reward_mean=sum(r.reward for r in got.trained) / max(len(got.trained), 1),
         reward_failures=sum(got.failures.values()),
+        max_turns=max(r.turns for r in rollouts),
+        env_images=sum(len(r.env_images) for r in rollouts),
+        tool_calls=sum(r.tool_calls for r in rollouts),
     )
     note = "" if cfg.rollout.top_p >= 1 and cfg.rollout.top_k < 0 else " (top_p/top_k renormalise the sampler)"
     if cfg.rollout.server_url and stats["mismatch_kl"] > tol:
@@ -222,12 +231,14 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         f"mismatch KL {stats['mismatch_kl']:.2e} (tolerance {tol:.0e} for {str(dtype).removeprefix('torch.')}), "
         f"max |diff| {stats['max_abs_diff']:.2e} over {stats['tokens']} tokens{note}",
     )
-    plain, spans = render_sample(rollouts[0], adapter)
-    report.sample = {"text": plain, "images": rollouts[0].prompt.image_refs, "finish_reason": rollouts[0].finish_reason}
+    shown = max(rollouts, key=lambda r: r.turns)  # the longest trajectory (multi-turn): the most to see
+    plain, spans = render_sample(shown, adapter)
+    report.sample = {"text": plain, "images": shown.prompt.image_refs, "env_images": len(shown.env_images),
+                     "turns": shown.turns, "finish_reason": shown.finish_reason}
     return report, spans
 
 
-def print_report(console, report: Report, spans: list[tuple[str, bool]]) -> None:
+def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -256,10 +267,14 @@ def print_report(console, report: Report, spans: list[tuple[str, bool]]) -> None
         console.print(bad)
 
     text = Text()
-    for piece, trained in spans:
-        text.append(piece, style="bold black on green" if trained else ("cyan" if piece.startswith("<|image_pad|>x") else "dim"))
-    console.print(f"[bold]sample 0[/] (images: {', '.join(report.sample['images']) or 'none'}; "
-                  f"trained tokens highlighted; finish: {report.sample['finish_reason']})")
+    styles = {"sampled": "bold black on green", "image": "cyan", "env": "dim italic", "prompt": "dim"}
+    for piece, kind in spans:
+        text.append(piece, style=styles[kind])
+    sample = report.sample
+    turns = f"{sample['turns']} turns, {sample['env_images']} tool images; environment turns dimmed; " \
+        if sample.get("turns", 1) > 1 else ""
+    console.print(f"[bold]sample[/] (images: {', '.join(sample['images']) or 'none'}; {turns}"
+                  f"trained tokens highlighted; finish: {sample['finish_reason']})")
     console.print(text)
     verdict = "[bold green]batch OK[/]" if report.ok else "[bold red]batch FAILED[/]"
     note = f"; {len(skipped)} sample(s) skipped (table above)" if skipped else ""

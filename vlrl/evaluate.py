@@ -74,7 +74,7 @@ def evaluate(
     so an eval does not change a training run. `info` adds fields to the summary (split, checkpoint,
     training step...). Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.sample_log import image_refs
+    from .envs.sample_log import image_refs, rollout_record
     from .report import write_eval_report
     from .rollout.groups import EVAL_STREAM, sampler_seed
 
@@ -105,17 +105,12 @@ def evaluate(
             seen[r.group] = seen.get(r.group, -1) + 1
             records.append({
                 "prompt": start + r.group,
-                "sample_id": r.sample.id,
                 "index": seen[r.group],
-                "question": r.sample.question,
-                "answer": None if r.sample.answer is None else str(r.sample.answer),
-                "images": refs[r.group],
-                "completion": r.text,
+                **rollout_record(r, out_dir / "images", out_dir, refs[r.group]),
                 "reward": None if math.isnan(r.reward) else r.reward,
                 "rewards": dict(r.rewards),
                 "correct": r.rewards[first] is not None and r.rewards[first] >= 1.0,
                 "length": len(r.completion_ids),
-                "finish_reason": r.finish_reason,
             })
         if progress is not None:
             progress(start + len(batch), len(samples))

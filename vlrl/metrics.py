@@ -20,7 +20,20 @@ def step_stats(got) -> dict:
         "rounds": got.rounds,
         "failures": dict(got.failures),
         "bad": len(got.bad_samples),
+        "turns": [r.turns for r in got.rollouts],
+        "tool_calls": sum(r.tool_calls for r in got.rollouts),
+        "tool_errors": _added([r.tool_errors for r in got.rollouts]),
+        "env_images": sum(len(r.env_images) for r in got.rollouts),
+        "finish": _added([{r.finish_reason: 1} for r in got.rollouts]),
     }
+
+
+def _added(counts: list[dict]) -> dict:
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
@@ -32,18 +45,18 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
 
     everyone = gather_object([(stats, sums)])
     out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "trained": 0, "dropped": 0, "rounds": 0,
-           "failures": {}, "bad": 0}
+           "failures": {}, "bad": 0, "turns": [], "tool_calls": 0, "tool_errors": {}, "env_images": 0, "finish": {}}
     pooled: dict = {}
     for st, sm in everyone:
-        out["rewards"] += st["rewards"]
-        out["lengths"] += st["lengths"]
-        for k in ("truncated", "trained", "dropped", "bad"):
+        for k in ("rewards", "lengths", "turns"):
+            out[k] += st[k]
+        for k in ("truncated", "trained", "dropped", "bad", "tool_calls", "env_images"):
             out[k] += st[k]
         out["rounds"] = max(out["rounds"], st["rounds"])
         for name, values in st["per_fn"].items():
             out["per_fn"].setdefault(name, []).extend(values)
-        for reason, n in st["failures"].items():
-            out["failures"][reason] = out["failures"].get(reason, 0) + n
+        for k in ("failures", "tool_errors", "finish"):
+            out[k] = _added([out[k], st[k]])
         for k, v in sm.items():
             same = k in ("grad_norm",)  # already global: identical on every rank
             pooled[k] = v if same else (max(pooled.get(k, v), v) if k in ("max_abs_diff", "micro_batches")
@@ -51,9 +64,11 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
     return out, pooled
 
 
-def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accuracy_key: str, kl: bool) -> dict:
+def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accuracy_key: str, kl: bool,
+                 multi_turn: bool = False) -> dict:
     """One JSON object per step: what `metrics.jsonl` holds (over all ranks). `accuracy_key`: the reward whose
-    value 1 counts as correct (the first configured); `kl`: a KL penalty is on."""
+    value 1 counts as correct (the first configured); `kl`: a KL penalty is on; `multi_turn`: an environment
+    drives the rollouts (turns, tool calls and their errors, tool images, how episodes ended are logged)."""
     n = len(st["rewards"])
     valid = [r for r in st["rewards"] if not math.isnan(r)]
     rewards = torch.tensor(valid, dtype=torch.float64) if valid else torch.zeros(1, dtype=torch.float64)
@@ -94,6 +109,12 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
     for reason, count in st["failures"].items():
         m[f"reward_failures/{reason}"] = count
+    if multi_turn:
+        turns = st["turns"] or [0]
+        m.update({"turns/mean": sum(turns) / len(turns), "turns/max": max(turns), "tool_calls": st["tool_calls"],
+                  "tool_errors": sum(st["tool_errors"].values()), "env_images": st["env_images"]})
+        m.update({f"tool_errors/{k}": v for k, v in st["tool_errors"].items()})
+        m.update({f"finish/{k}": v for k, v in st["finish"].items()})
     if kl:
         m["kl"] = sums.get("kl_sum", 0.0) / tokens
     return m
@@ -131,7 +152,7 @@ def log_reward_errors(path, step: int, errors: list[str], console, shown: int) -
 def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:
     """`k` rollouts of the step (best and worst first), with image references, into `fh` (samples.jsonl);
     in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
-    from .envs.sample_log import image_refs
+    from .envs.sample_log import rollout_record
 
     if k == 0 or not rollouts:
         return
@@ -144,13 +165,8 @@ def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> No
         seen.add(id(r))
         fh.write(json.dumps({
             "step": step,
-            "sample_id": r.sample.id,
             "group": r.group,
-            "question": r.sample.question,
-            "answer": None if r.sample.answer is None else str(r.sample.answer),
-            "images": image_refs(r, image_dir, run_dir),
-            "completion": r.text,
+            **rollout_record(r, image_dir, run_dir),
             "reward": None if math.isnan(r.reward) else r.reward,
             "advantage": r.advantage,
-            "finish_reason": r.finish_reason,
         }) + "\n")

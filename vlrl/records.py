@@ -34,6 +34,8 @@ class EncodedPrompt:
     """Tool schemas the chat template rendered into the system turn (multi-turn environments)."""
     max_new_tokens: int | None = None
     """Most tokens a sampler may add (a later turn of a trajectory: what is left of model.max_model_len)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end a sample besides the end-of-turn ones (an environment that stops a turn at its tool call)."""
 
     @property
     def num_patches(self) -> int:

@@ -199,8 +199,19 @@ def last_step_rows(metrics: list[dict]) -> list[tuple[str, object]]:
     return rows
 
 
+def tool_images(s: dict, images: ImageEmbedder) -> str:
+    """A multi-turn sample's environment images (tool results), in the order the model saw them."""
+    refs = s.get("env_images") or []
+    if not refs and not s.get("turns"):
+        return ""
+    shown = "".join(images.html(ref) for ref in refs) or '<span class="noimg">none</span>'
+    return (f'<div><span class="label">{s.get("turns")} turns, {s.get("tool_calls", 0)} tool calls; tool '
+            f"images</span>{shown}</div>")
+
+
 def card(s: dict, images: ImageEmbedder, tag: str = "") -> str:
-    """One sample: its images, question, answer, completion and scores."""
+    """One sample: its images, question, answer, completion (a multi-turn trajectory whole, with the images its
+    environment returned) and scores."""
     imgs = "".join(images.html(ref) for ref in s.get("images") or []) or '<span class="noimg">no image</span>'
     meta = [f'<span class="tag">{esc(tag)}</span>'] if tag else []
     meta.append(f"reward <b>{fmt(s.get('reward'))}</b>")
@@ -215,7 +226,7 @@ def card(s: dict, images: ImageEmbedder, tag: str = "") -> str:
         f'<div class="card {esc(tag)}"><div>{imgs}</div><div>{" · ".join(meta)}</div>'
         f'<div><span class="label">question</span>{esc(s.get("question", ""))}</div>'
         f'<div><span class="label">answer</span>{esc(s.get("answer"))}</div>'
-        f'<pre>{esc(s.get("completion", ""))}</pre></div>'
+        f'{tool_images(s, images)}<pre>{esc(s.get("completion", ""))}</pre></div>'
     )
 
 
@@ -245,7 +256,7 @@ def prompt_card(group: list[dict], images: ImageEmbedder) -> str:
         parts.append(
             f'<div class="{tag}"><span class="tag">{tag}</span> reward <b>{fmt(s.get("reward"))}</b> · '
             f'{"correct" if s.get("correct") else "wrong"} · {esc(s.get("finish_reason"))}'
-            f'<pre>{esc(s.get("completion", ""))}</pre></div>'
+            f'{tool_images(s, images)}<pre>{esc(s.get("completion", ""))}</pre></div>'
         )
     return "".join(parts) + "</div>"
 

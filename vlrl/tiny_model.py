@@ -157,6 +157,14 @@ TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response
 # of the tiny vocabulary: like the answer words below, so that a random policy calls the tool by chance often
 # enough for RL to learn from. The text is Qwen3-VL's tool-call format to the character; the 8B tokenizer
 # spells the same call in ~40 tokens.
+# The template's fixed words around the tool schemas, one token each (the template writes them verbatim), and
+# BPE merges learned from the built-in tools' schemas: a tool prompt stays ~230 tokens instead of ~800 for the
+# tiny model on the CPU. `tests/test_tiny_model.py` checks both strings against the template's rendering.
+TOOLS_BEFORE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                "with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_AFTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+               "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+               "<args-json-object>}\n</tool_call>")
 ZOOM_CALLS = [
     '<tool_call>\n{"name": "crop", "arguments": {"x0": %d, "y0": %d, "x1": %d, "y1": %d}}\n</tool_call>'
     % (x, y, x + 128, y + 128)
@@ -188,8 +196,14 @@ def build_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    import json
+
+    from .envs.calculator import CALCULATE
+    from .envs.zoom import CROP
+
     # Answer words dominate the counts, so their merges come first and each ends as one token.
-    corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS)] * 20
+    schemas = " ".join(json.dumps(t.schema) for t in (CROP, CALCULATE))
+    corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS), schemas] * 20
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=20,
@@ -199,7 +213,8 @@ def build_tokenizer(vocab_size: int = 400):
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.add_tokens(TAG_TOKENS + ZOOM_CALLS)  # matched longest first: a zoom call is one token, not its tags
+    # matched longest first: a zoom call is one token, not its tags
+    tok.add_tokens(TAG_TOKENS + ZOOM_CALLS + [TOOLS_BEFORE, TOOLS_AFTER])
     for word in ANSWER_WORDS:
         for form in (word, " " + word):
             if len(tok.encode(form).ids) != 1:

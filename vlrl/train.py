@@ -320,7 +320,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                          "prefetch_wait": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
                 stats, sums = pool(step_stats(got), sums, run.world)
                 m = step_metrics(run.step, stats, sums, times, run.scheduler.get_last_lr()[0], rollouts.keys[0],
-                                 cfg.algorithm.kl_coef > 0)
+                                 cfg.algorithm.kl_coef > 0, multi_turn=rollouts.env is not None)
                 m["off_policy_steps"] = int(stale)
                 if evaluator is not None and run.step % cfg.eval.every == 0:
                     if main:  # one rank scores the (replicated) policy; the others wait for it

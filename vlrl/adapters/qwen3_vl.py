@@ -163,12 +163,19 @@ class Qwen3VLAdapter:
         enc = self.processor(text=[text], images=images or None, return_tensors="pt", size=size)
         return enc["input_ids"][0].tolist(), enc.get("pixel_values"), enc.get("image_grid_thw")
 
-    def encode_reply(self, messages: list[dict], images: list, name: str = "reply") -> EnvReply:
+    @property
+    def tool_call_end_ids(self) -> list[int]:
+        """Tokens whose text ends a tool call (`</tool_call>`; a tokenizer may hold whole calls as one token)."""
+        return sorted(i for t, i in self.tokenizer.get_added_vocab().items() if t.endswith("</tool_call>"))
+
+    def encode_reply(self, messages: list[dict], images: list, name: str = "reply", close_turn: bool = False
+                     ) -> EnvReply:
         """An environment's reply (tool/user messages; image parts in the order of `images`) rendered once by the
         chat template, as the ids that follow a sampled assistant turn: the line break after its `<|im_end|>`,
-        the messages, and the next `<|im_start|>assistant\n`. Rendered after a stand-in assistant turn and cut
-        after it, so the earlier turns are never rendered (or tokenised) again; the template's own rules (tool
-        results grouped into one user turn) apply as they would to the whole chat."""
+        the messages, and the next `<|im_start|>assistant\n` (`close_turn`: the `<|im_end|>` too, for a turn the
+        sampler stopped at its tool call). Rendered after a stand-in assistant turn and cut after it, so the
+        earlier turns are never rendered (or tokenised) again; the template's own rules (tool results grouped
+        into one user turn) apply as they would to the whole chat."""
         images = [fit_image(to_rgb(img), self.cfg.min_pixels, self.cfg.max_pixels, self.factor, f"{name} image")
                   for img in images]
         before = [{"role": "assistant", "content": "."}]
@@ -178,7 +185,7 @@ class Qwen3VLAdapter:
         if end < 0 or not whole.startswith(head):
             raise PromptError(f"{name}: the chat template does not end an assistant turn with {self.END_OF_TURN}; "
                               "multi-turn rollouts need Qwen3-VL's template")
-        ids, pixel_values, grid = self._tokenize(whole[end + len(self.END_OF_TURN) :], images)
+        ids, pixel_values, grid = self._tokenize(whole[end if close_turn else end + len(self.END_OF_TURN) :], images)
         self.check_placeholders(ids, grid, name)
         return EnvReply(input_ids=ids, images=images, pixel_values=pixel_values, image_grid_thw=grid)
 

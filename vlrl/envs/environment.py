@@ -53,6 +53,9 @@ class Environment:
 
     tools: list[Tool] = []
     tool_timeout_s: float = 10.0  # set from env.tool_timeout_s
+    stop_at_tool_call: bool = False
+    """End a turn as soon as a tool call is written (`</tool_call>`): one call per turn, and the environment
+    closes the turn (its reply starts with the `<|im_end|>` the model would have written)."""
 
     def schemas(self) -> list[dict]:
         """The tools as the chat template renders them into the system turn."""

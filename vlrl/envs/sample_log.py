@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,11 +24,40 @@ def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
         if not isinstance(img, Image.Image):
             refs.append(f"<image {k}>")
             continue
-        image_dir.mkdir(parents=True, exist_ok=True)
-        path = image_dir / f"{sample.id}-{k}.png"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            img.save(tmp, "PNG")
-            os.replace(tmp, path)
-        refs.append(str(path.relative_to(run_dir)))
+        refs.append(_saved(img, image_dir / f"{sample.id}-{k}.png", run_dir))
     return refs
+
+
+def rollout_record(rollout, image_dir: Path, run_dir: Path, images: list[str] | None = None) -> dict:
+    """What samples.jsonl (training and eval) says of a rollout: its sample, its images (`images`: already
+    written refs, else written now), the completion (a multi-turn trajectory whole, tool results included),
+    the images its environment returned, and how it ended."""
+    s = rollout.sample
+    record = {
+        "sample_id": s.id,
+        "question": s.question,
+        "answer": None if s.answer is None else str(s.answer),
+        "images": images if images is not None else image_refs(rollout, image_dir, run_dir),
+        "completion": rollout.transcript or rollout.text,
+        "finish_reason": rollout.finish_reason,
+    }
+    if rollout.turns > 1 or rollout.env_images:
+        record.update(turns=rollout.turns, tool_calls=rollout.tool_calls,
+                      env_images=env_image_refs(rollout, image_dir, run_dir))
+    return record
+
+
+def env_image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
+    """The images an environment returned in the rollout (tool results), written under `image_dir` by content
+    (each trajectory has its own) and referenced relative to `run_dir`."""
+    return [_saved(img, image_dir / f"env-{hashlib.sha1(img.tobytes()).hexdigest()[:16]}.png", run_dir)
+            for img in rollout.env_images]
+
+
+def _saved(img: Image.Image, path: Path, run_dir: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        img.save(tmp, "PNG")
+        os.replace(tmp, path)
+    return str(path.relative_to(run_dir))

@@ -20,8 +20,7 @@ from .tools import Tool
 SIZE = 256  # the image side (env.image_size does not apply: the tiny tokenizer knows this task's quadrant calls)
 COLORS = {"red": ((255, 0, 0), (0, 255, 255)), "green": ((0, 255, 0), (255, 0, 255)),
           "blue": ((0, 0, 255), (255, 255, 0))}
-QUESTION = ("What colour is the checkered square? It is too fine to see whole: crop the part of the image it is "
-            "in to look closer.")
+QUESTION = "What colour is the checkered square? Crop the image to see it."
 
 
 def zoom_image(rng: random.Random, answer: str, size: int = SIZE) -> Image.Image:
@@ -52,20 +51,16 @@ def crop(sample, state, x0: int, y0: int, x1: int, y1: int) -> list:
 
 CROP = Tool(
     name="crop",
-    description="Crop a box of the image and see it at full resolution.",
-    parameters={
-        "type": "object",
-        "properties": {k: {"type": "integer", "description": d} for k, d in (
-            ("x0", "left edge, pixels"), ("y0", "top edge, pixels"), ("x1", "right edge (exclusive)"),
-            ("y1", "bottom edge (exclusive)"))},
-        "required": ["x0", "y0", "x1", "y1"],
-        "additionalProperties": False,
-    },
+    description="Crop the image to the box (x0, y0)-(x1, y1), in pixels, and see it at full resolution.",
+    parameters={"type": "object", "properties": {k: {"type": "integer"} for k in ("x0", "y0", "x1", "y1")},
+                "required": ["x0", "y0", "x1", "y1"], "additionalProperties": False},
     fn=crop,
 )
 
 
 class ZoomEnv(Environment):
-    """The model may crop the image as often as the turn budget allows; a turn without a call is its answer."""
+    """The model may crop the image as often as the turn budget allows, one crop a turn (the turn ends at the
+    call); a turn without a call is its answer."""
 
     tools = [CROP]
+    stop_at_tool_call = True

@@ -30,7 +30,7 @@ class EmbeddedSampler:
         self.max_prompts_per_call = max_prompts_per_call
         self.static_cache = cfg.static_cache if static_cache is None else static_cache
 
-    def generation_config(self, n: int, max_new_tokens: int | None = None):
+    def generation_config(self, n: int, max_new_tokens: int | None = None, stop_ids: list[int] | None = None):
         from transformers import GenerationConfig
 
         return GenerationConfig(
@@ -48,7 +48,7 @@ class EmbeddedSampler:
             no_repeat_ngram_size=0,
             min_new_tokens=0,
             suppress_tokens=self.adapter.banned_token_ids,
-            eos_token_id=self.eos_token_ids,
+            eos_token_id=stop_ids or self.eos_token_ids,
             pad_token_id=self.adapter.pad_token_id,
             output_scores=True,
             return_dict_in_generate=True,
@@ -82,7 +82,8 @@ class EmbeddedSampler:
         sample cut at k tokens is a sample drawn with max_new_tokens = k."""
         inputs = self.adapter.generation_inputs(prompts, device)
         budgets = [min(self.max_new_tokens, p.max_new_tokens or self.max_new_tokens) for p in prompts]
-        res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets)))
+        stops = sorted(set(self.eos_token_ids).union(*(p.stop_token_ids for p in prompts)))
+        res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets), stops))
         width = inputs["input_ids"].shape[1]
         new_tokens = res.sequences[:, width:]  # [P*n, T]
         scores = torch.stack(res.scores, dim=1).float()  # [P*n, T, V]: the processed scores sampled from
@@ -91,7 +92,7 @@ class EmbeddedSampler:
         for row in range(new_tokens.shape[0]):
             g = row // n
             toks = new_tokens[row].tolist()[: budgets[g]]
-            end = next((j for j, t in enumerate(toks) if t in self.eos_token_ids), None)
+            end = next((j for j, t in enumerate(toks) if t in stops), None)
             stop = end is not None
             toks = toks[: end + 1] if stop else toks
             rollouts.append(

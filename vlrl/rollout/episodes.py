@@ -71,7 +71,7 @@ class _Episode:
         grids = [t for t in [p.image_grid_thw, *self.grids] if t is not None]
         return EncodedPrompt(input_ids=ids, messages=None, images=p.images + self.images,
                              pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids) if grids else None,
-                             max_new_tokens=max_model_len - len(ids))
+                             max_new_tokens=max_model_len - len(ids), stop_token_ids=p.stop_token_ids)
 
     def rollout(self, tokenizer, image_token_id: int) -> Rollout:
         return Rollout(
@@ -109,6 +109,10 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
     from ..envs.rewards import run_bounded
 
     bad: dict[int, str] = {}
+    # an environment that stops each turn at its tool call: those tokens end a sample; its reply closes the turn
+    call_ends = set(adapter.tool_call_end_ids) if env.stop_at_tool_call else set()
+    for p in prompts:
+        p.stop_token_ids = sorted(call_ends)
 
     def fail(group: int, where: str, error: BaseException | str) -> None:
         what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -150,7 +154,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
                 continue
             try:
                 encoded = adapter.encode_reply(reply.messages, reply.images,
-                                               name=f"sample {ep.sample.id}, reply to turn {ep.turns}")
+                                               name=f"sample {ep.sample.id}, reply to turn {ep.turns}",
+                                               close_turn=ep.ids[-1] in call_ends)
             except UserError as e:
                 fail(ep.group, "step (its reply cannot be rendered)", e)
                 continue

@@ -189,7 +189,7 @@ class VLLMSampler:
             "repetition_penalty": 1.0,
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
-            "stop_token_ids": self.adapter.eos_token_ids,
+            "stop_token_ids": sorted(set(self.adapter.eos_token_ids) | set(prompt.stop_token_ids)),
             "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
         }
 
