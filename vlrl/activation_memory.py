@@ -1,0 +1,86 @@
+"""`train.checkpoint_fraction = "auto"`: the least recomputation whose peak fits the memory the run really has.
+
+Recomputing a decoder layer's activations in the backward pass (activation checkpointing) trades compute for
+memory: a layer that is not recomputed keeps its activations from its forward to its backward. On one H200 (8B,
+8 x 1041 tokens, compiled layers) recomputing 75% of the layers ran the update in 0.823 s, 25% in 0.719 s and
+none in 0.667 s, so the best fraction is the smallest that fits, and what fits depends on the GPU, the sharding,
+LoRA, the optimizer state and the micro-batch: it is measured, not guessed.
+
+- At the first update, the step's largest micro-batch runs forward and backward (with zero weight: the gradient
+  is unchanged) twice: every layer recomputed, and half of them. Each layer kept adds the same activations, so the
+  two peaks give the peak of any fraction (a line in the number of layers kept).
+- What is not allocated yet is added: AdamW's state (its first step has not run) and a margin for fragmentation
+  and for longer micro-batches later.
+- The fraction is the smallest whose predicted peak fits the device's memory (or the share a process was capped
+  at, `torch.cuda.set_per_process_memory_fraction`). Under DDP/FSDP2 the ranks take the largest of their choices:
+  one fraction for all.
+- An out-of-memory error in a later step steps the fraction up by a quarter of the layers (never past all of them)
+  and redoes that step's update from zeroed gradients (a backward that died midway has summed some gradients and
+  not others); it is said once. At all layers recomputed, the error is raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.06  # of the budget, kept free: allocator fragmentation, a longer micro-batch than the first step's
+GIB = 1024**3
+
+
+@dataclass
+class Choice:
+    fraction: float
+    predicted_peak: int  # bytes, optimizer state included
+    budget: int  # bytes the run may use
+    per_layer: int  # bytes one layer's kept activations add
+
+    def describe(self, layers: int) -> str:
+        kept = layers - round(self.fraction * layers)
+        return (f"activation checkpointing: {self.fraction:.0%} of {layers} layers recomputed ({kept} keep their "
+                f"activations, {self.per_layer / GIB:.2f} GiB each); predicted peak {self.predicted_peak / GIB:.1f} "
+                f"of {self.budget / GIB:.1f} GiB")
+
+
+def levels(layers: int) -> list[float]:
+    """The fractions `set_checkpointing` can realise: k / layers layers recomputed."""
+    return [k / layers for k in range(layers + 1)]
+
+
+def choose(layers: int, peak_all: int, peak_half: int, kept_half: int, budget: int, extra: int = 0,
+           margin: float = MARGIN) -> Choice:
+    """The smallest fraction whose predicted peak (+ `extra`, memory allocated later) fits `budget` less the
+    margin. `peak_all`: the measured peak with every layer recomputed; `peak_half`: with `kept_half` layers keeping
+    their activations. All layers recomputed when even that does not fit (the run may still fit: it is said)."""
+    per_layer = max(0, (peak_half - peak_all) // max(kept_half, 1))
+    limit = int(budget * (1 - margin))
+    for f in levels(layers):
+        kept = layers - round(f * layers)
+        peak = peak_all + kept * per_layer + extra
+        if peak <= limit:
+            return Choice(f, peak, budget, per_layer)
+    return Choice(1.0, peak_all + extra, budget, per_layer)
+
+
+def step_up(fraction: float, layers: int) -> float:
+    """The next fraction after an out-of-memory error: a quarter of the layers more recomputed (at least one)."""
+    step = max(1, round(layers / 4))
+    return min(1.0, (round(fraction * layers) + step) / layers)
+
+
+def optimizer_state_bytes(params: list[torch.Tensor]) -> int:
+    """What AdamW allocates at its first step: two moments per trainable parameter, in the parameter's dtype (the
+    local shard's under FSDP2)."""
+    total = 0
+    for p in params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += 2 * local.numel() * local.element_size()
+    return total
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes this process may allocate on `device`: its memory, times the share it was capped at."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return int(total * (get(device) if get is not None else 1.0))
