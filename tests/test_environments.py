@@ -217,6 +217,29 @@ def test_a_turn_that_stops_at_its_tool_call_is_closed_by_the_environment(adapter
         assert r.env_image_grid_thw.tolist() == [[1, 8, 8]]  # the 128x128 quadrant, not shrunk
 
 
+def test_zoom_colour_shows_only_in_a_crop_and_the_first_crop_holding_the_square_earns_a_little(adapter):
+    import numpy as np
+
+    from vlrl.envs.builtin import builtin_split
+    from vlrl.envs.zoom import COLORS, ZoomEnv
+
+    for s in builtin_split("zoom", "train", 6, 64):
+        img = s.images[0]
+        x0, y0, x1, y1 = img.info["box"]
+        whole = np.asarray(adapter.load_image(img), dtype=float)  # the pixel policy: 256 -> 128
+        square = whole[y0 // 2 + 1 : y1 // 2 - 1, x0 // 2 + 1 : x1 // 2 - 1]
+        assert np.abs(square - 127.5).max() <= 4 and np.ptp(square, axis=-1).max() <= 1  # grey, whatever the colour
+        qx, qy = (x0 // 128) * 128, (y0 // 128) * 128
+        crop = np.asarray(adapter.load_image(img.crop((qx, qy, qx + 128, qy + 128))))  # a quadrant: not resized
+        assert (crop == COLORS[s.answer][0]).all(-1).sum() >= (x1 - x0) ** 2 // 2  # the colour, plain
+        env, state = ZoomEnv(), {}
+        call = '<tool_call>{"name": "crop", "arguments": {"x0": %d, "y0": %d, "x1": %d, "y1": %d}}</tool_call>'
+        miss = env.step(s, state, call % (0, 0, 1, 1))
+        hit = env.step(s, state, call % (qx, qy, qx + 128, qy + 128))
+        again = env.step(s, state, call % (0, 0, 256, 256))
+        assert (miss.reward, hit.reward, again.reward) == (None, 0.25, None) and len(hit.images) == 1
+
+
 # --- failures of the environment itself ------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["Reset", "Step"])
 def test_an_environment_that_raises_makes_a_bad_sample(adapter, tmp_path, tiny_model_dir, where):
