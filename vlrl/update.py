@@ -7,12 +7,13 @@ gradient is the same however the step is split (tested with 1, 2 and 4 micro-bat
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .algo.losses import aggregation_weights, kl_k3, policy_loss
-from .batch import MultimodalBatch
+from .batch import MultimodalBatch, micro_batch_logprobs
+from .planner import StepPlan
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,10 @@ class LossSettings:
         )
 
 
-def _forward(policy, mb: MultimodalBatch):
-    return policy(mb.input_ids, mb.attention_mask, mb.loss_mask, **mb.model_inputs)
-
-
 def accumulate_gradients(
     policy: torch.nn.Module,
     batch: MultimodalBatch,
-    groups: list[list[int]],
+    plan: StepPlan | list[list[int]],
     settings: LossSettings,
     device: torch.device | str = "cpu",
     ref_policy: torch.nn.Module | None = None,
@@ -55,13 +52,20 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     padding_passes: int = 0,
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch (`groups` of sample indices); gradients accumulate in the params.
+    """Forward/backward every micro-batch of `plan` (packed or padded; a plain list of sample-index groups is
+    a padded plan); gradients accumulate in the params.
 
-    `total_tokens` / `total_sequences` are the step's global counts (defaults: this batch's own);
-    `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes` extra
-    passes of the last micro-batch with zero weight keep this rank in step with ranks that have more
-    micro-batches (their collectives must match one for one). Returns sums for logging.
+    `total_tokens` / `total_sequences` are the step's global counts (defaults: the plan's, else this batch's
+    own); `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes`
+    (default: the plan's) extra passes of the last micro-batch with zero weight keep this rank in step with
+    ranks that have more micro-batches (their collectives must match one for one). Returns sums for logging.
     """
+    if not isinstance(plan, StepPlan):
+        plan = StepPlan(plan, packed=False)
+    if padding_passes:
+        plan = replace(plan, padding_passes=padding_passes)
+    total_tokens = plan.total_tokens if total_tokens is None else total_tokens
+    total_sequences = plan.total_sequences if total_sequences is None else total_sequences
     if settings.kl_coef > 0 and ref_policy is None:
         raise ValueError("kl_coef > 0 needs a reference policy")
     if total_tokens is None:
@@ -73,9 +77,9 @@ def accumulate_gradients(
          "max_abs_diff", "padded_tokens", "attended_tokens"],
         0.0,
     )
-    passes = [(g, 1.0) for g in groups] + [(groups[-1], 0.0)] * padding_passes
+    passes = plan.passes
     for i, (g, weight) in enumerate(passes):
-        mb = batch.select(g).to(device)
+        mb = plan.micro_batch(batch, g).to(device)  # padded [b, l] or packed [1, T]; loss tensors [b, l] either way
         last = i == len(passes) - 1
         # DDP reduces gradients once, after the last pass; FSDP2 reduce-scatters every pass (its no_sync would
         # keep whole unsharded gradients on every rank).
@@ -83,7 +87,7 @@ def accumulate_gradients(
         sync = accelerator.no_sync(policy) if defer else nullcontext()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
-            logp, entropy = _forward(policy, mb)  # [b, l] each
+            logp, entropy = micro_batch_logprobs(policy, mb)  # [b, l] each
             mask = mb.loss_mask
             tok_loss, st = policy_loss(
                 logp, mb.behavior_logprobs, mb.advantages, mask, settings.policy_loss, settings.clip_low,
@@ -91,7 +95,7 @@ def accumulate_gradients(
             )
             if settings.kl_coef > 0:
                 with torch.no_grad():
-                    ref_lp, _ = _forward(ref_policy, mb)
+                    ref_lp, _ = micro_batch_logprobs(ref_policy, mb)
                 kl = kl_k3(logp, ref_lp) * mask
                 tok_loss = tok_loss + settings.kl_coef * kl
                 sums["kl_sum"] += float(kl.detach().sum())
@@ -112,8 +116,8 @@ def accumulate_gradients(
             sums["mismatch_kl_sum"] += float(((torch.exp(d) - d - 1) * mask).sum())
             sums["max_abs_diff"] = max(sums["max_abs_diff"], float(d.abs().max()) if d.numel() else 0.0)
             sums["entropy_sum"] += float((entropy * mask).sum())
-            sums["padded_tokens"] += float(mb.input_ids.numel())
-            sums["attended_tokens"] += float(mb.attention_mask.sum())
+            sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
+            sums["attended_tokens"] += float(mb.real_tokens)
             for k, v in st.items():
                 sums[k] += float(v)
     return sums
