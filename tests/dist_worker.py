@@ -5,6 +5,9 @@ as `vlrl train` does; the loss is normalised by the global counts and micro-batc
 busiest rank. Rank 0 writes the resulting gradients and loss to the file named on the command line.
 Odd samples have no image, so with 2 ranks rank 1 never sees one, while the vision tower is trainable:
 its idle vision pass is what keeps DDP's gradient reduction complete.
+
+Mode `packed` is `vlrl train`'s default path instead: rank 0 starts with samples 0-5, rank 1 with 6-7;
+`plan_step` balances them across ranks by tokens (rollouts sent between ranks) and packs micro-batches.
 """
 
 import sys
@@ -15,8 +18,9 @@ from PIL import Image
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.batch import plan_micro_batches
-from vlrl.config import ModelConfig
+from vlrl.config import ModelConfig, TrainConfig
 from vlrl.fsdp import prepare_on_cpu
+from vlrl.planner import plan_step
 from vlrl.records import Rollout
 from vlrl.update import LossSettings, accumulate_gradients
 
@@ -46,18 +50,29 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
         n = len(r.completion_ids)
         r.logprobs = (lp[-n:] + 0.05 * torch.randn(n, generator=g)).tolist() if n else []
     policy = prepare_on_cpu(acc, policy) if mode == "fsdp" else acc.prepare(policy)
-    mine = rollouts[rank::world]
-    batch = adapter.build_batch(mine)
-    groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
-    counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
-    most = torch.tensor([float(len(groups))])
-    counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
-    sums = accumulate_gradients(policy, batch, groups, LossSettings(max_new_tokens=10, entropy_coef=0.01), acc.device,
-                                accelerator=acc, total_tokens=float(counts[0]), total_sequences=float(counts[1]),
-                                loss_scale=world, padding_passes=int(most) - len(groups))
+    settings = LossSettings(max_new_tokens=10, entropy_coef=0.01)
+    result = {"world": world}
+    if mode == "packed":
+        mine = rollouts if world == 1 else (rollouts[:6] if rank == 0 else rollouts[6:])
+        reduce = lambda v, op: acc.reduce(torch.tensor(v, dtype=torch.float64), op).tolist()  # noqa: E731
+        batch, plan = plan_step(mine, [], adapter.build_batch, TrainConfig(micro_batch_tokens=80), None, world, reduce)
+        assert plan.packed
+        sums = accumulate_gradients(policy, batch, plan, settings, acc.device, accelerator=acc, loss_scale=world)
+        result["tokens"] = acc.gather(torch.tensor([sum(batch.lengths)])).tolist()  # per rank, after balancing
+        result["passes"] = len(plan.passes)
+    else:
+        mine = rollouts[rank::world]
+        batch = adapter.build_batch(mine)
+        groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
+        counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
+        most = torch.tensor([float(len(groups))])
+        counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
+        sums = accumulate_gradients(policy, batch, groups, settings, acc.device, accelerator=acc,
+                                    total_tokens=float(counts[0]), total_sequences=float(counts[1]), loss_scale=world,
+                                    padding_passes=int(most) - len(groups))
     loss = acc.reduce(torch.tensor([sums["loss"]], dtype=torch.float64), "sum")
     grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
-    result = {"loss": float(loss), "grads": grads, "world": world}
+    result.update(loss=float(loss), grads=grads)
     if mode == "fsdp":
         result.update(fsdp_state_round_trip(acc, adapter, policy))
     if rank == 0:

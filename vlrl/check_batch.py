@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .batch import MultimodalBatch, plan_micro_batches
+from .batch import MultimodalBatch
 from .config import Config
+from .planner import plan_step
 from .records import Rollout
 
 # Mismatch KL (k3, per token) allowed between trainer and sampler: float32 agrees to ~1e-12; bf16 kernels
@@ -189,14 +190,13 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
 
     step("recomputing the sampled tokens' logprobs with the trainer")
     policy = adapter.policy(model, cfg.rollout.temperature).eval()
-    groups = plan_micro_batches(
-        batch.attention_mask.sum(-1).tolist(), cfg.train.micro_batch_size, cfg.train.micro_batch_tokens
-    )
+    _, plan = plan_step(rollouts, [], lambda _: batch, cfg.train, adapter.packing_unavailable(model))
+    groups = plan.micro_batches
     trainer_lp = torch.zeros_like(batch.loss_mask)
     entropy = torch.zeros_like(batch.loss_mask)
     with torch.no_grad():
         for g in groups:
-            mb = batch.select(g).to(device)
+            mb = plan.micro_batch(batch, g).to(device)
             lp, ent = batch_logprobs(policy, mb)
             trainer_lp[g, : mb.seq_len] = lp.cpu()
             entropy[g, : mb.seq_len] = ent.cpu()
