@@ -186,3 +186,21 @@ def test_packing_unavailable_names_the_attention(model_cfg):
     reason = eager.packing_unavailable(model)
     assert "model.attn_implementation = 'eager'" in reason and "padded" in reason
     assert TrainConfig().packing is True
+
+
+def test_the_padded_path_is_transformers_sdpa_bit_for_bit(adapter, tiny_model, batch):
+    """Packing's attention patch leaves padded batches (and generation) to transformers' own sdpa."""
+    from vlrl.adapters.packing import NAME
+
+    policy = adapter.policy(tiny_model, 1.0)
+    config = tiny_model.model.language_model.config
+    mb = batch.select(list(range(batch.size)))
+    with torch.no_grad():
+        patched = micro_batch_logprobs(policy, mb)
+        assert config._attn_implementation == NAME
+        try:
+            config._attn_implementation = "sdpa"
+            plain = micro_batch_logprobs(policy, mb)
+        finally:
+            config._attn_implementation = NAME
+    assert torch.equal(patched[0], plain[0]) and torch.equal(patched[1], plain[1])
