@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 NAME = "vlrl_packed_sdpa"  # the language model's attention once patched (no "flash" in it: that name routes differently)
 ROUTES = ("varlen", "flex", "sdpa")
@@ -46,8 +47,10 @@ def patch_language_model(language_model: nn.Module) -> bool:
     if config._attn_implementation != "sdpa":
         return False
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _SDPA["forward"] = sdpa_attention_forward  # read by packed_attention, which may be traced by dynamo
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get exactly sdpa's masks
     config._attn_implementation = NAME
@@ -69,8 +72,9 @@ def packing_unavailable(model: nn.Module) -> str | None:
 def resolve_route(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The attention route for packed sequences: `requested`, or the best one for `device`/`dtype` (`auto`)."""
     if requested != "auto":
-        if requested == "varlen" and device.type != "cuda":
-            raise ValueError("model.packed_attention = 'varlen' needs a CUDA device (its kernel is flash attention)")
+        if requested == "varlen" and (device.type != "cuda" or _varlen_attn() is None):
+            raise ValueError("model.packed_attention = 'varlen' needs a CUDA device and torch >= 2.10 "
+                             "(torch.nn.attention.varlen)")
         return requested
     if device.type == "cuda":
         return "varlen" if dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None else "flex"
@@ -87,8 +91,6 @@ def attention_kwargs(route: str, cu_seqlens: torch.Tensor, max_seqlen: int, tota
                 "max_length_k": max_seqlen}
     doc = _document_ids(cu_seqlens, total)  # [T]
     if route == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def same_sample_causal(b, h, q, kv):
             return (doc[q] == doc[kv]) & (q >= kv)
 
@@ -133,11 +135,13 @@ def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts, output_size=total)
 
 
+_SDPA: dict = {}
 _VARLEN: dict = {}
 
 
 def _varlen_attn():
-    """torch's varlen attention and whether it takes `enable_gqa` (2.14 does, 2.11 does not); None without it."""
+    """torch's varlen attention and whether it takes `enable_gqa` (2.14 does, 2.11 does not); None without it.
+    Looked up eagerly (`resolve_route`), before any compiled layer reads `_VARLEN`."""
     if "fn" not in _VARLEN:
         try:
             from torch.nn.attention.varlen import varlen_attn
@@ -153,8 +157,6 @@ _FLEX: dict = {}
 
 def _flex_attention(device: torch.device):
     """FlexAttention; compiled on CUDA outside a compiled region (eager it materialises every score)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     if device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention
     if "compiled" not in _FLEX:
@@ -178,12 +180,9 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """The language model's attention: varlen over packed samples, FlexAttention with a document mask, or
     transformers' sdpa (padded batches, and packed ones with a block-diagonal mask). Returns [B, T, heads, dim]."""
-    from torch.nn.attention.flex_attention import BlockMask
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     heads, kv_heads = query.shape[1], key.shape[1]
     if cu_seq_lens_q is not None:
-        varlen = _varlen_attn()
+        varlen = _VARLEN["fn"]
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
         extra = {}
         if heads != kv_heads:
@@ -198,4 +197,4 @@ def packed_attention(
         flex = _flex_attention(query.device)
         out = flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _SDPA["forward"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
