@@ -140,7 +140,7 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
             f"image, completions log-normal (median {spec.median:g}, sigma {spec.sigma:g}, {spec.shortest}..{spec.longest})")
     print(f"\n{name}: {useful:,} useful tokens; lengths {min(batch.lengths)}..{max(batch.lengths)}", flush=True)
     set_mode()
-    policy.packed_attention = routes(device)[0]
+    policy.packed_attention = routes(device)[0]  # the default route (`auto`) for what is not per route
     own_logprobs(policy, batch, all_plans["packed"], device)
     compiled_before = compiles()
 
@@ -191,7 +191,9 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles() - compiled_before}
     out["exactness"] = exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err)
     if args.compile:
-        out["compiles"] = count_compiles(model, policy, device, settings, make, args.compile_steps)
+        policy.packed_attention = routes(device)[0]
+        out["compiles"] = count_compiles(model, policy, device, settings, make, args.compile_steps,
+                                         spec.micro_batch_tokens)
     return out
 
 
@@ -235,13 +237,13 @@ def exactness(model, adapter, policy, device, settings, make, spec, grads_of, re
     return out
 
 
-def count_compiles(model, policy, device, settings, make, steps: int) -> dict:
+def count_compiles(model, policy, device, settings, make, steps: int, budget: int) -> dict:
     """Graphs compiled over `steps` ragged packed steps, each a new batch (2 prompts' groups, new lengths):
     the first step's and the rest's. Ragged shapes should not recompile every step."""
     per_step = []
     for s in range(steps):
         batch = make(seed=10_000 + s, prompts=2)
-        plan = StepPlan(pack_micro_batches(batch.lengths, max(batch.lengths) * 4, batch.patches_per_sample), True)
+        plan = StepPlan(pack_micro_batches(batch.lengths, budget, batch.patches_per_sample), True)
         before = compiles()
         model.zero_grad(set_to_none=True)
         accumulate_gradients(policy, batch, plan, settings, device)
