@@ -256,6 +256,25 @@ def count_compiles(model, policy, device, settings, make, steps: int, budget: in
     return out
 
 
+def print_table(result: dict) -> None:
+    """The ragged case's rows as a Markdown table (bench/README.md's), exactness and compile counts after it."""
+    print(f"\n{result['case']}; {result['useful_tokens']:,} useful tokens; MFU on useful tokens (6N each)")
+    print("| path | s | useful tokens/s | MFU | padding | micro-batches | peak GiB |\n|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        if row.get("seconds") is None:
+            print(f"| {row['path']} | {row['error']} | - | - | - | - | - |")
+            continue
+        print(f"| {row['path']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | "
+              f"{row['padding']:.1%} | {row['micro_batches']} | {row['peak_gib']:.1f} |")
+    for route, v in result["exactness"].items():
+        detail = v if isinstance(v, str) else f"logprob max abs diff {v[0]:.2e}, grad max rel err {v[1]:.2e}"
+        print(f"| packed ({route}) vs padded | {detail} | | | | | |")
+    c = result.get("compiles")
+    if c:
+        print(f"compiles over {c['steps']} ragged packed steps ({c['route']} attention): {c['first']} graphs in the "
+              f"first step, {c['rest']} in the {c['steps'] - 1} after")
+
+
 def summary_line(result: dict) -> str:
     """`ragged update: packed vs padded X.XXx, padding A% -> B%` (the best packed route against today's path)."""
     rows = [r for r in result["rows"] if r.get("seconds")]

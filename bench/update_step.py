@@ -483,24 +483,6 @@ def run_ragged_case(model, adapter, device, args, vocab) -> dict:
             torch._dynamo.reset()
 
 
-def print_ragged(result: dict) -> None:
-    print(f"\n{result['case']}; {result['useful_tokens']:,} useful tokens; MFU on useful tokens (6N each)")
-    print("| path | s | useful tokens/s | MFU | padding | micro-batches | peak GiB |\n|---|---|---|---|---|---|---|")
-    for row in result["rows"]:
-        if row.get("seconds") is None:
-            print(f"| {row['path']} | {row['error']} | - | - | - | - | - |")
-            continue
-        print(f"| {row['path']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | "
-              f"{row['padding']:.1%} | {row['micro_batches']} | {row['peak_gib']:.1f} |")
-    for route, v in result["exactness"].items():
-        detail = v if isinstance(v, str) else f"logprob max abs diff {v[0]:.2e}, grad max rel err {v[1]:.2e}"
-        print(f"| packed ({route}) vs padded | {detail} | | | | | |")
-    c = result.get("compiles")
-    if c:
-        print(f"compiles over {c['steps']} ragged packed steps ({c['route']} attention): {c['first']} graphs in the "
-              f"first step, {c['rest']} in the {c['steps'] - 1} after")
-
-
 def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images, side, completion, vocab):
     """Largest micro-batch (samples x seq_len tokens) whose full-parameter update fits, for both paths."""
     out = {}
@@ -649,7 +631,7 @@ def main():
         print(f"largest micro-batch that fits (update, {args.seq_len} tokens/sample): naive {fit['naive']['tokens']:,} "
               f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")
     if ragged_result is not None:
-        print_ragged(ragged_result)
+        ragged.print_table(ragged_result)
     if args.json:
         args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit, "ragged": ragged_result},
                                         indent=2))

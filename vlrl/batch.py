@@ -15,7 +15,7 @@ and its statistics are computed by the same code on the same tensors either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -60,16 +60,7 @@ class MultimodalBatch:
         return self.attention_mask.sum(-1).tolist()
 
     def to(self, device: torch.device | str) -> MultimodalBatch:
-        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return replace(
-            self,
-            input_ids=mv(self.input_ids),
-            attention_mask=mv(self.attention_mask),
-            loss_mask=mv(self.loss_mask),
-            behavior_logprobs=mv(self.behavior_logprobs),
-            advantages=mv(self.advantages),
-            model_inputs={k: mv(v) for k, v in self.model_inputs.items()},
-        )
+        return _moved(self, device)
 
     def select(self, indices: list[int]) -> MultimodalBatch:
         """The samples at `indices` (in that order), padding trimmed to their longest sequence."""
@@ -179,17 +170,7 @@ class PackedBatch:
     real_tokens = computed_tokens
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return replace(
-            self,
-            input_ids=mv(self.input_ids),
-            logprob_mask=mv(self.logprob_mask),
-            model_inputs={k: mv(v) for k, v in self.model_inputs.items()},
-            unpack_index=mv(self.unpack_index),
-            loss_mask=mv(self.loss_mask),
-            behavior_logprobs=mv(self.behavior_logprobs),
-            advantages=mv(self.advantages),
-        )
+        return _moved(self, device)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, T] per-token values -> [b, l] in the padded layout (0 on padding); differentiable."""
@@ -212,6 +193,13 @@ def sequence_starts(lengths: list[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return out
+
+
+def _moved(batch, device: torch.device | str):
+    """A copy of a batch (dataclass) with its tensors, and the tensors of its `model_inputs`, on `device`."""
+    mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    changes = {f.name: mv(getattr(batch, f.name)) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return replace(batch, **changes, model_inputs={k: mv(v) for k, v in batch.model_inputs.items()})
 
 
 def _offsets(counts: list[int]) -> list[int]:
