@@ -171,11 +171,22 @@ def test_plan_step_packs_by_tokens_and_pads_with_a_reason(adapter, batch):
         _, padded = plan_step(rollouts, [], lambda rs: batch, train, unavailable="eager attention: padded")
     assert not padded.packed and padded.reason == "eager attention: padded"
     assert padded.micro_batches == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    _, off = plan_step(rollouts, [], lambda rs: batch, train.model_copy(update={"packing": False}))
+    assert not off.packed and off.reason is None and off.micro_batches == padded.micro_batches
     # ranks: counts summed, passes padded to the busiest rank's
     _, plan = plan_step(rollouts, [], lambda rs: batch, train,
                         reduce=lambda v, op: [x * 2 for x in v] if op == "sum" else [x + 2 for x in v])
     assert plan.total_tokens == 2 * batch.num_loss_tokens and plan.padding_passes == 2
     assert len(plan.passes) == len(plan.micro_batches) + 2 and plan.passes[-1][1] == 0.0
+
+
+def test_attention_routes():
+    from vlrl.adapters.packing import resolve_route
+
+    cpu = torch.device("cpu")
+    assert resolve_route("auto", cpu, torch.float32) == "sdpa" and resolve_route("flex", cpu, torch.float32) == "flex"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_route("varlen", cpu, torch.bfloat16)
 
 
 def test_packing_unavailable_names_the_attention(model_cfg):
