@@ -19,10 +19,11 @@ How the boundaries reach the attention: transformers' language model forwards it
 every decoder layer and on to the attention function. `patch_language_model` registers `packed_attention`
 under the name `NAME` (with sdpa's own mask function) and makes it the language model's attention; with no
 packing keywords it is transformers' sdpa, called with the same arguments, so the padded path (and the
-in-process sampler's generation) is unchanged. `language_model_inputs` hands the keywords to the language
-model only (a pre-hook adds them to its call): passed to `Qwen3VLModel.forward` they would also reach the
-vision tower, whose attention takes keywords of the same names. They ride along the decoder layer's
-arguments, so a checkpointed layer recomputes with the same boundaries.
+in-process sampler's generation) is unchanged. `packed_sequences` hands the keywords to the language model
+only (a pre-hook adds them to its call, built there from the input embeddings' device and dtype): passed to
+`Qwen3VLModel.forward` they would also reach the vision tower, whose attention takes keywords of the same
+names. They ride along the decoder layer's arguments, so a checkpointed layer recomputes with the same
+boundaries.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def patch_language_model(language_model: nn.Module) -> bool:
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get exactly sdpa's masks
     config._attn_implementation = NAME
-    language_model._vlrl_packing = {"kwargs": None}
+    language_model._vlrl_packing = {"request": None}
     language_model.register_forward_pre_hook(_add_packing_kwargs, with_kwargs=True)
     return True
 
@@ -106,27 +107,34 @@ def attention_kwargs(route: str, cu_seqlens: torch.Tensor, max_seqlen: int, tota
 
 
 @contextmanager
-def language_model_inputs(language_model: nn.Module, kwargs: dict):
-    """Within the block, every call of `language_model` gets `kwargs` added (the packing keywords)."""
-    if not kwargs:
+def packed_sequences(language_model: nn.Module, route: str, cu_seqlens: torch.Tensor | None, max_seqlen: int | None):
+    """Within the block, every call of `language_model` attends within the samples that `cu_seqlens` [n + 1]
+    (int32, on the model's device) delimits in its [1, T] input, by `route` (`auto`: chosen by the device and
+    dtype of the input embeddings, i.e. the compute dtype, bf16 under FSDP2's mixed precision too). No
+    `cu_seqlens`: nothing changes."""
+    if cu_seqlens is None:
         yield
         return
     state = getattr(language_model, "_vlrl_packing", None)
     if state is None:
         raise ValueError("a packed micro-batch for a model without packed attention: "
                          "packing_unavailable(model) says why; plan padded micro-batches for it")
-    state["kwargs"] = kwargs
+    state["request"] = (route, cu_seqlens, max_seqlen)
     try:
         yield
     finally:
-        state["kwargs"] = None
+        state["request"] = None
 
 
 def _add_packing_kwargs(module, args, kwargs):
-    extra = module._vlrl_packing["kwargs"]
-    if extra is None:
+    """The language model's pre-hook: the attention keywords of the packed request, if any."""
+    request = module._vlrl_packing["request"]
+    if request is None:
         return None
-    return args, {**kwargs, **extra}
+    route, cu_seqlens, max_seqlen = request
+    embeds = kwargs["inputs_embeds"]  # [1, T, H] (Qwen3VLModel passes embeddings, never ids)
+    route = resolve_route(route, embeds.device, embeds.dtype)
+    return args, {**kwargs, **attention_kwargs(route, cu_seqlens, max_seqlen, embeds.shape[1])}
 
 
 def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

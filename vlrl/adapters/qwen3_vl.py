@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..records import EncodedPrompt, Rollout
 from .images import ImageLimits, decode_image, describe_source, display_name, fit_image
 from .mrope import mrope_positions
-from .packing import attention_kwargs, language_model_inputs, packing_unavailable, resolve_route
+from .packing import packed_sequences, packing_unavailable
 from .patches import patch_model
 
 
@@ -348,13 +348,9 @@ class Qwen3VLPolicy(nn.Module):
             hidden_bias = self._idle_vision_pass(backbone)
         else:
             hidden_bias = None
-        packing = {}
-        if cu_seqlens is not None:
-            route = resolve_route(self.packed_attention, input_ids.device, self.model.dtype)
-            packing = attention_kwargs(route, cu_seqlens, max_seqlen, input_ids.shape[1])
         # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
         # recompile on its state.
-        with language_model_inputs(backbone.language_model, packing):
+        with packed_sequences(backbone.language_model, self.packed_attention, cu_seqlens, max_seqlen):
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         hidden = out.last_hidden_state
         if hidden_bias is not None:
