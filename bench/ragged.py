@@ -9,7 +9,8 @@ same batch is updated by:
 - packed: first-fit decreasing within 16384 tokens, one row per attention route available on the device.
 Each row: seconds per update, useful (non-padding) tokens/s, MFU on useful tokens (6N per useful token), the
 padding fraction of the computed tokens, peak memory. Then packed against padded for exactness (logprobs and
-gradients, on the first two groups), and the compiles of 20 ragged packed steps (`--compile`).
+gradients, on the first two groups). With `--compile`, before all of it: the graphs compiled by 20 ragged
+packed steps run from the freshly compiled layers, step by step.
 """
 
 from __future__ import annotations
@@ -141,8 +142,11 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     print(f"\n{name}: {useful:,} useful tokens; lengths {min(batch.lengths)}..{max(batch.lengths)}", flush=True)
     set_mode()
     policy.packed_attention = routes(device)[0]  # the default route (`auto`) for what is not per route
-    own_logprobs(policy, batch, all_plans["packed"], device)
     compiled_before = compiles()
+    counted = None
+    if args.compile:  # first, from the freshly compiled layers: what a training run's first 20 steps compile
+        counted = count_compiles(model, policy, device, settings, make, args.compile_steps, spec.micro_batch_tokens)
+    own_logprobs(policy, batch, all_plans["packed"], device)
 
     def update(plan):
         def step():
@@ -190,10 +194,8 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     model.zero_grad(set_to_none=True)
     out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles() - compiled_before}
     out["exactness"] = exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err)
-    if args.compile:
-        policy.packed_attention = routes(device)[0]
-        out["compiles"] = count_compiles(model, policy, device, settings, make, args.compile_steps,
-                                         spec.micro_batch_tokens)
+    if counted is not None:
+        out["compiles"] = counted
     return out
 
 
