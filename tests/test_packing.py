@@ -215,3 +215,35 @@ def test_the_padded_path_is_transformers_sdpa_bit_for_bit(adapter, tiny_model, b
         finally:
             config._attn_implementation = NAME
     assert torch.equal(patched[0], plain[0]) and torch.equal(patched[1], plain[1])
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
+    """What torch's varlen_attn computes (CUDA only), per sample with sdpa: [T, heads, dim] in and out."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, l, dim]
+        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                                             enable_gqa=enable_gqa)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["torch-2.11", "torch-2.14"])
+def test_the_varlen_route_glue_with_a_cpu_stand_in_for_the_kernel(adapter, tiny_model, batch, monkeypatch, gqa):
+    """The varlen route's plumbing (keywords to every layer, layouts, GQA by repeated k/v or enable_gqa,
+    causality, scale) with the kernel replaced by a per-sample sdpa: the padded path's logprobs and gradients."""
+    from vlrl.adapters import packing
+
+    monkeypatch.setitem(packing._VARLEN, "fn", _reference_varlen)
+    monkeypatch.setitem(packing._VARLEN, "gqa", gqa)
+    monkeypatch.setitem(packing._VARLEN, "scale", True)
+    monkeypatch.setitem(packing._VARLEN, "causal", {"window_size": (-1, 0)})
+    monkeypatch.setattr(packing, "resolve_route", lambda requested, device, dtype: "varlen")
+    model = copy.deepcopy(tiny_model).train()
+    policy = adapter.policy(model, 1.0)
+    settings = LossSettings(max_new_tokens=64, entropy_coef=0.01)
+    want, s0 = gradients(policy, batch, [list(range(batch.size))], settings)
+    got, s = gradients(policy, batch, StepPlan(SPLITS[2], packed=True), settings)
+    assert s["loss"] == pytest.approx(s0["loss"], rel=1e-6)
+    assert max(rel(got[k], want[k]) for k in want) < TOLERANCE[torch.float32]

@@ -148,15 +148,17 @@ _VARLEN: dict = {}
 
 
 def _varlen_attn():
-    """torch's varlen attention and whether it takes `enable_gqa` (2.14 does, 2.11 does not); None without it.
-    Looked up eagerly (`resolve_route`), before any compiled layer reads `_VARLEN`."""
+    """torch's varlen attention (None without it) and the keywords this torch's takes: `enable_gqa` (2.14, not
+    2.11), causality as `window_size=(-1, 0)` (2.11, 2.14) or `is_causal` (2.9), `scale`. Looked up eagerly
+    (`resolve_route`), before any compiled layer reads `_VARLEN`."""
     if "fn" not in _VARLEN:
         try:
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             varlen_attn = None
-        _VARLEN["fn"] = varlen_attn
-        _VARLEN["gqa"] = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+        params = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
+        _VARLEN.update(fn=varlen_attn, gqa="enable_gqa" in params, scale="scale" in params,
+                       causal={"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
     return _VARLEN["fn"]
 
 
@@ -198,8 +200,11 @@ def packed_attention(
                 extra["enable_gqa"] = True
             else:  # torch 2.11: query head h reads kv head h // groups, as transformers' repeat_kv
                 k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                     window_size=(-1, 0), **extra)  # causal
+        if _VARLEN["scale"]:
+            extra["scale"] = scaling
+        elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+            raise ValueError("this torch's varlen_attn takes no scale; use model.packed_attention = 'flex'")
+        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **_VARLEN["causal"], **extra)
         return out[None], None  # [1, T, heads, dim]
     if isinstance(attention_mask, BlockMask):
         flex = _flex_attention(query.device)
