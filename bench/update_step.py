@@ -9,6 +9,10 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
 
     python bench/update_step.py                # on a GPU: the 8B shapes
     python bench/update_step.py --tiny         # the same comparison on the tiny model, on the CPU (< 1 min)
+    python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
+
+Then the ragged case (`bench/ragged.py`): a GRPO step of ragged completions updated padded (today's path, and
+length-sorted) and packed (each attention route), and the line `ragged update: packed vs padded ...`.
 
 The naive path is what most RL code does: `model(**inputs).logits` for every position, a float32
 log_softmax over the full vocabulary, gather, loss, backward, with gradient checkpointing and every
@@ -32,9 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ragged  # noqa: E402  (bench/ragged.py, beside this script)
+from vlrl.adapters.fast_vision import set_fast_vision  # noqa: E402
+from vlrl.adapters.patches import patch_model  # noqa: E402
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
-from vlrl.adapters.shared_images import share_repeated_images  # noqa: E402
-from vlrl.adapters.fast_vision import fast_vision, set_fast_vision  # noqa: E402
 from vlrl.config import ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
 from vlrl.config import AlgorithmConfig  # noqa: E402
@@ -449,6 +454,35 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
                         vision_vs_float32_matmul=matmul_err))
 
 
+def run_ragged_case(model, adapter, device, args, vocab) -> dict:
+    """The ragged GRPO case (bench/ragged.py), as configs/qwen3-vl-8b.toml trains: frozen vision, checkpointing
+    (with --compile: compiled layers and the first of --fractions), chunked logprobs."""
+    from vlrl.adapters.qwen3_vl import compile_layers
+
+    fraction = args.fractions[0] if args.compile and args.fractions else 1.0
+    policy = adapter.policy(model, 1.0)
+    settings = AlgorithmConfig()
+    if args.compile:
+        set_trainable(model, vision=False, checkpointing=True, fraction=fraction)
+        compile_layers(model)
+        policy.fused_head = True
+        # one process runs padded and packed updates with every image count: more graph variants than a
+        # training run has (dynamo's default of 8 would send the rest to eager and flatter the compile count)
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    big = vocab > 150000
+    ids = (vocab, VISION_START if big else adapter.image_token_id - 2, VISION_END if big else adapter.image_token_id - 1)
+    try:
+        return ragged.run_ragged(
+            model, adapter, policy, device, args, settings, non_embedding_params(model), PEAK_TFLOPS, ids, sync,
+            lambda: set_trainable(model, vision=False, checkpointing=True, fraction=fraction), grads_of, rel_err)
+    finally:
+        if args.compile:
+            for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
+                layer._compiled_call_impl = None
+            torch._dynamo.reset()
+
+
 def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images, side, completion, vocab):
     """Largest micro-batch (samples x seq_len tokens) whose full-parameter update fits, for both paths."""
     out = {}
@@ -512,7 +546,20 @@ def main():
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--compile", action="store_true", help="also time vlrl's path with compiled layers (train.compile)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one vlrl update")
-    ap.add_argument("--fractions", type=float, nargs="*", default=[], help="with --compile: checkpoint fractions")
+    ap.add_argument("--fractions", type=float, nargs="*", default=[], help="with --compile: checkpoint fractions "
+                    "(the ragged case uses the first: 0.75 is configs/qwen3-vl-8b.toml's)")
+    ap.add_argument("--ragged", type=int, nargs=2, default=[8, 8], metavar=("PROMPTS", "GROUP"),
+                    help="ragged case: prompts x group size (8 x 8 = 64 rollouts)")
+    ap.add_argument("--ragged-median", type=float, default=400.0, help="ragged completions: log-normal median")
+    ap.add_argument("--ragged-sigma", type=float, default=0.8, help="ragged completions: log-normal sigma")
+    ap.add_argument("--ragged-clip", type=int, nargs=2, default=[16, 2048], help="ragged completions: shortest, longest")
+    ap.add_argument("--ragged-tokens", type=int, default=16384, help="ragged case: micro_batch_tokens")
+    ap.add_argument("--ragged-seed", type=int, default=0)
+    ap.add_argument("--ragged-repeat", type=int, default=2, help="timed updates per ragged path (after one untimed)")
+    ap.add_argument("--ragged-only", action="store_true", help="only the ragged case (no equal-length cases)")
+    ap.add_argument("--no-ragged", action="store_true", help="skip the ragged case")
+    ap.add_argument("--compile-steps", type=int, default=20,
+                    help="with --compile: ragged packed steps whose compiles are counted")
     args = ap.parse_args()
 
     from transformers import AutoModelForImageTextToText
@@ -535,9 +582,8 @@ def main():
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    share_repeated_images(model.model.visual)  # as Qwen3VLAdapter.load_model does; the naive path turns it off
-    if not args.host_syncs:
-        fast_vision(model.model.visual)  # as load_model does (transformers >= 5.19)
+    # as Qwen3VLAdapter.load_model does (the naive path turns image sharing and the vision fast path off)
+    patch_model(model, vision=not args.host_syncs)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
@@ -550,13 +596,16 @@ def main():
     if args.long:
         b, s, i = (int(x) for x in args.long.split("x"))
         cases.append((f"{b} x {s}, {i} image(s) of {args.image_side}px", b, s, i, 1))
-    for name, b, s, i, group in cases:
+    for name, b, s, i, group in [] if args.ragged_only else cases:
         completion = min(args.completion, s // 2)
         rollouts = make_rollouts(adapter, b, s, i, args.image_side, completion, vocab, group=group)
         run_case(name, model, adapter, rollouts, device, args, settings, results)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    ragged_result = None
+    if not args.no_ragged:
+        ragged_result = run_ragged_case(model, adapter, device, args, vocab)
     fit = None
     if args.max_tokens and device.type == "cuda":
         fit = max_tokens_that_fit(model, adapter, device, args, settings, args.seq_len, args.images, args.image_side,
@@ -564,7 +613,8 @@ def main():
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{dev}, torch {torch.__version__}, N = {non_embedding_params(model) / 1e9:.2f}B params (6N/2N rule)")
-    print("| case | path | s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    if results:
+        print("| case | path | s | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for r in results:
         for row in r["rows"]:
             if row["seconds"] is None:
@@ -579,8 +629,11 @@ def main():
     if fit:
         print(f"largest micro-batch that fits (update, {args.seq_len} tokens/sample): naive {fit['naive']['tokens']:,} "
               f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")
+    if ragged_result is not None:
+        ragged.print_table(ragged_result)
     if args.json:
-        args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit}, indent=2))
+        args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit, "ragged": ragged_result},
+                                        indent=2))
     def speedups(rows):
         by = {row["path"]: row for row in rows}
 
@@ -597,7 +650,9 @@ def main():
 
     for r in results[1:]:
         print(f"{r['case']}: update speedup {speedups(r['rows'])[0]:.2f}x, logprob speedup {speedups(r['rows'])[1]:.2f}x")
-    up, lp = speedups(results[0]["rows"])  # the baseline's shapes
+    if ragged_result is not None:
+        print(ragged.summary_line(ragged_result))
+    up, lp = speedups(results[0]["rows"]) if results else (math.nan, math.nan)  # the baseline's shapes
     print(f"update speedup {up:.2f}x, logprob speedup {lp:.2f}x")
 
 if __name__ == "__main__":

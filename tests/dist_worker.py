@@ -6,6 +6,9 @@ busiest rank. Rank 0 writes the resulting gradients and loss to the file named o
 Odd samples have no image, so with 2 ranks rank 1 never sees one, while the vision tower is trainable:
 its idle vision pass is what keeps DDP's gradient reduction complete. Mode `multiturn`: every rollout is a
 two-turn trajectory whose environment reply holds an image on even samples (rank 0's) and text on odd ones.
+
+Mode `packed` is `vlrl train`'s default path instead: rank 0 starts with samples 0-5, rank 1 with 6-7;
+`plan_step` balances them across ranks by tokens (rollouts sent between ranks) and packs micro-batches.
 """
 
 import sys
@@ -16,8 +19,9 @@ from PIL import Image
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.batch import plan_micro_batches
-from vlrl.config import AlgorithmConfig, ModelConfig
+from vlrl.config import AlgorithmConfig, ModelConfig, TrainConfig
 from vlrl.fsdp import prepare_on_cpu
+from vlrl.planner import plan_step
 from vlrl.records import Rollout
 from vlrl.update import accumulate_gradients
 
@@ -52,19 +56,29 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     policy = prepare_on_cpu(acc, policy, adapter.fsdp_units) if mode == "fsdp" else acc.prepare(policy)
     if mode == "multiturn":  # rank 0 trains the tool images, rank 1 none at all
         assert all(r.env_images for r in rollouts[0::2]) and not any(r.env_images for r in rollouts[1::2])
-    mine = rollouts[rank::world]
-    batch = adapter.build_batch(mine)
-    groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
-    counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
-    most = torch.tensor([float(len(groups))])
-    counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
-    sums = accumulate_gradients(policy, batch, groups, AlgorithmConfig(entropy_coef=0.01), 10,
-                                acc.device,
-                                accelerator=acc, total_tokens=float(counts[0]), total_sequences=float(counts[1]),
-                                loss_scale=world, padding_passes=int(most) - len(groups))
+    settings = AlgorithmConfig(entropy_coef=0.01)
+    result = {"world": world}
+    if mode == "packed":
+        mine = rollouts if world == 1 else (rollouts[:6] if rank == 0 else rollouts[6:])
+        reduce = lambda v, op: acc.reduce(torch.tensor(v, dtype=torch.float64), op).tolist()  # noqa: E731
+        batch, plan = plan_step(mine, [], adapter.build_batch, TrainConfig(micro_batch_tokens=80), None, world, reduce)
+        assert plan.packed
+        sums = accumulate_gradients(policy, batch, plan, settings, 10, acc.device, accelerator=acc, loss_scale=world)
+        result["tokens"] = acc.gather(torch.tensor([sum(batch.lengths)])).tolist()  # per rank, after balancing
+        result["passes"] = len(plan.passes)
+    else:
+        mine = rollouts[rank::world]
+        batch = adapter.build_batch(mine)
+        groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
+        counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
+        most = torch.tensor([float(len(groups))])
+        counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
+        sums = accumulate_gradients(policy, batch, groups, settings, 10, acc.device, accelerator=acc,
+                                    total_tokens=float(counts[0]), total_sequences=float(counts[1]), loss_scale=world,
+                                    padding_passes=int(most) - len(groups))
     loss = acc.reduce(torch.tensor([sums["loss"]], dtype=torch.float64), "sum")
     grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
-    result = {"loss": float(loss), "grads": grads, "world": world}
+    result.update(loss=float(loss), grads=grads)
     if mode == "fsdp":
         result.update(fsdp_state_round_trip(acc, adapter, policy))
     if rank == 0:

@@ -70,6 +70,24 @@ def test_multi_turn_batches_with_tool_images_on_one_rank_only_give_the_single_ra
     assert [m["step"] for m in metrics] == [1, 2] and all("turns/mean" in m for m in metrics)
 
 
+def test_two_ranks_with_token_balanced_packing_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
+    """`vlrl train`'s default path on 2 ranks: rank 0 holds 6 rollouts, rank 1 two; the planner moves rollouts
+    until their tokens balance, both pack their micro-batches, and the loss and gradients are one rank's."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"packed-{n}.pt"
+        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out), "packed")
+        assert res.returncode == 0, res.stderr[-4000:]
+        results[n] = torch.load(out, weights_only=True)
+    one, two = results[1], results[2]
+    first, second = two["tokens"]
+    assert first + second == one["tokens"][0] and abs(first - second) < 0.25 * (first + second)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(one["grads"]) and any("visual" in k for k in one["grads"])
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_fsdp2_two_ranks_give_the_single_rank_gradient_and_gather_whole_state(tiny_model_dir, tmp_path):
     """FSDP2 (Accelerate's own sharding: every decoder layer and vision block a unit) on 2 CPU ranks: the loss and
     every gradient equal the single-rank ones (rank 1 never sees an image: the vision blocks' all-gathers are

@@ -10,7 +10,7 @@ from PIL import Image
 from vlrl.check_batch import mismatch_stats
 from vlrl.config import RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.update import batch_logprobs
+from vlrl.batch import batch_logprobs
 
 
 def prompts(adapter):

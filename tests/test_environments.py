@@ -25,7 +25,7 @@ from vlrl.rollout.episodes import run_episodes
 from vlrl.rollout.groups import RolloutGroups
 from vlrl.summary import read_jsonl
 from vlrl.train import train
-from vlrl.update import batch_logprobs
+from vlrl.batch import batch_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 

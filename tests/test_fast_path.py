@@ -160,17 +160,19 @@ def test_vision_inputs_from_the_host_change_nothing(tiny_model_dir, adapter):
 def test_vision_attention_matches_transformers(tiny_model_dir, adapter, grids):
     """The vision tower's attention routed through `vision_attention` (equal-size images in one batched call;
     otherwise one call per image): features and the gradients of a trainable tower are transformers' own,
-    the language model keeps transformers' sdpa, and nothing of it reaches a saved config."""
+    the language model's attention is vlrl's packed one (transformers' sdpa on padded batches), and nothing of
+    it reaches a saved config."""
     from transformers import AutoModelForImageTextToText
 
     from vlrl.adapters.fast_vision import NAME, supported
+    from vlrl.adapters.packing import NAME as PACKED
 
     if not supported():
         pytest.skip("this transformers has no precomputed cu_seqlens (vlrl leaves the vision tower as it is)")
     ours = adapter.load_model(torch.float32)
     plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert ours.model.visual.config._attn_implementation == NAME
-    assert ours.model.language_model.config._attn_implementation == "sdpa"
+    assert ours.model.language_model.config._attn_implementation == PACKED
     grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(0))
     weights = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlrl.update import batch_logprobs
+from vlrl.batch import batch_logprobs
 from vlrl.check_batch import mismatch_stats
 from vlrl.config import RolloutConfig
 

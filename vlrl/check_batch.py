@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .algo.losses import k3
-from .batch import MultimodalBatch, plan_micro_batches
+from .batch import MultimodalBatch
 from .config import Config
+from .planner import packing_report, plan_step
 from .records import Rollout
 
 # Mismatch KL (k3, per token) allowed between trainer and sampler: float32 agrees to ~1e-12; bf16 kernels
@@ -156,9 +157,9 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     from .envs.sources import load_samples
     from .errors import UserError
     from .rollout import make_sampler
+    from .batch import batch_logprobs
     from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
-    from .update import batch_logprobs
 
     quiet_libraries()
     step = progress or (lambda msg: None)
@@ -196,14 +197,21 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
 
     step("recomputing the sampled tokens' logprobs with the trainer")
     policy = adapter.policy(model, cfg.rollout.temperature).eval()
-    groups = plan_micro_batches(
-        batch.attention_mask.sum(-1).tolist(), cfg.train.micro_batch_size, cfg.train.micro_batch_tokens
+    _, plan = plan_step(rollouts, [], lambda _: batch, cfg.train, adapter.packing_unavailable(model))
+    groups = plan.micro_batches
+    packing = report.stats["packing"] = packing_report(batch, plan, cfg.train)
+    report.add(
+        "packing",
+        True,
+        (f"packed: {packing['micro_batches']} micro-batches of {packing['tokens_per_micro_batch']} tokens; padding "
+         f"{packing['padding_before']:.0%} (padded, in order) -> {packing['padding_after']:.0%}") if plan.packed
+        else f"padded micro-batches ({plan.reason or 'train.packing = false'}); padding {packing['padding_after']:.0%}",
     )
     trainer_lp = torch.zeros_like(batch.loss_mask)
     entropy = torch.zeros_like(batch.loss_mask)
     with torch.no_grad():
         for g in groups:
-            mb = batch.select(g).to(device)
+            mb = plan.micro_batch(batch, g).to(device)
             lp, ent = batch_logprobs(policy, mb)
             trainer_lp[g, : mb.seq_len] = lp.cpu()
             entropy[g, : mb.seq_len] = ent.cpu()

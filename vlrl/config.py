@@ -34,7 +34,13 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and compute dtype. `auto`: bfloat16 on GPU, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel of the trainer's model."""
+    """Attention kernel of the trainer's model. Packed micro-batches (`train.packing`) need `sdpa` (their
+    attention is one of `packed_attention`'s routes); with `eager` or `flash_attention_2` the update is padded."""
+    packed_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
+    """How a packed micro-batch's attention stays within each sample: `varlen` (torch's varlen flash attention,
+    CUDA, bf16/fp16), `flex` (FlexAttention with a document mask; no backward on the CPU), `sdpa` (a block-diagonal causal mask over the
+    whole packed sequence: T^2 work, the CPU's route). `auto`: varlen on CUDA in bf16/fp16, flex on CUDA in
+    float32, sdpa on the CPU."""
     trust_remote_code: bool = False
     """Allow code shipped with the checkpoint to run. Off unless you trust the checkpoint's source."""
     min_pixels: int = Field(64 * 32 * 32, gt=0)
@@ -332,10 +338,21 @@ class TrainConfig(Section):
     """Learning-rate schedule after warm-up."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping by global norm."""
+    packing: bool = True
+    """Packed micro-batches: the samples of a micro-batch concatenated into one sequence, no padding computed,
+    attention kept within each sample (`model.packed_attention`); samples assigned to micro-batches by
+    first-fit decreasing length within `micro_batch_tokens` and `micro_batch_patches`, and (several ranks)
+    balanced across ranks by tokens. The gradient is that of padded micro-batches (tested to 1e-6). False:
+    padded micro-batches, in order. Used padded anyway, with a warning saying why, when the model's
+    attention is not `sdpa` (`model.attn_implementation`)."""
     micro_batch_size: int = Field(8, ge=1)
-    """Most samples per forward/backward pass (gradient accumulation over micro-batches)."""
+    """Padded micro-batches: most samples per forward/backward pass (gradient accumulation over
+    micro-batches). Packed ones hold any number of samples within `micro_batch_tokens`; with no token budget
+    set, their budget is micro_batch_size x the step's longest sample (the most a padded micro-batch of that
+    step computes)."""
     micro_batch_tokens: int | None = Field(None, gt=0)
-    """Most tokens per micro-batch, text and image tokens together (padding included); unset: no token cap."""
+    """Most tokens per micro-batch, text and image tokens together (padding included when padded); unset:
+    no token cap (padded), micro_batch_size x the longest sample (packed)."""
     micro_batch_patches: int | None = Field(None, gt=0)
     """Most vision patches (rows of pixel_values) per micro-batch: the vision tower's share of the budget;
     unset: no patch cap."""

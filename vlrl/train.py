@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .batch import plan_micro_batches
 from .config import Config, save_config
 from .errors import UserError
 from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
 from .metrics import log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
+from .planner import plan_step
 from .records import Rollout
 from .update import accumulate_gradients
 
@@ -177,26 +177,13 @@ class Run:
         cfg = self.cfg
         if self.world == 1 and not trained:
             return {}
-        batch = self.adapter.build_batch(trained or fallback or [self.adapter.empty_rollout()])
-        if not trained:
-            batch.loss_mask.zero_()
-        groups = plan_micro_batches(
-            batch.attention_mask.sum(-1).tolist(),
-            cfg.train.micro_batch_size,
-            cfg.train.micro_batch_tokens,
-            batch.patches_per_sample,
-            cfg.train.micro_batch_patches,
-        )
-        tokens, seqs, most = self._reduce([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], "sum") + \
-            self._reduce([float(len(groups))], "max")
-        if tokens == 0:
+        batch, plan = plan_step(trained, fallback or [self.adapter.empty_rollout()], self.adapter.build_batch, cfg.train,
+                                self.adapter.packing_unavailable(self.model), self.world, self._reduce)
+        if plan.total_tokens == 0:
             return {}
         self.policy.train()
-        sums = accumulate_gradients(
-            self.policy, batch, groups, cfg.algorithm, cfg.rollout.max_new_tokens, self.device, self.ref_policy,
-            self.accelerator,
-            total_tokens=tokens, total_sequences=seqs, loss_scale=self.world, padding_passes=int(most) - len(groups),
-        )
+        sums = accumulate_gradients(self.policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
+                                    self.ref_policy, self.accelerator, loss_scale=self.world)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -205,7 +192,7 @@ class Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(grad_norm)
-        sums["micro_batches"] = len(groups)
+        sums["micro_batches"] = len(plan.micro_batches)
         return sums
 
     def save(self, data_state: dict) -> Path | None:

@@ -7,23 +7,19 @@ gradient is the same however the step is split (tested with 1, 2 and 4 micro-bat
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
 from .algo.losses import aggregation_weights, k3, kl_k3, policy_loss
-from .batch import MultimodalBatch
-
-
-def batch_logprobs(policy: torch.nn.Module, batch: MultimodalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [B, L], entropy [B, L]) of the batch's trained tokens under `policy`: the one forward of the
-    update, the reference model and every trainer-side recompute (check-batch, tests)."""
-    return policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+from .batch import MultimodalBatch, batch_logprobs
+from .planner import StepPlan
 
 
 def accumulate_gradients(
     policy: torch.nn.Module,
     batch: MultimodalBatch,
-    groups: list[list[int]],
+    plan: StepPlan | list[list[int]],
     settings,  # config.AlgorithmConfig: the loss's settings (policy_loss, clips, aggregation, kl/entropy coefs)
     max_new_tokens: int,  # rollout.max_new_tokens: Dr.GRPO's constant normaliser
     device: torch.device | str = "cpu",
@@ -34,13 +30,20 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     padding_passes: int = 0,
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch (`groups` of sample indices); gradients accumulate in the params.
+    """Forward/backward every micro-batch of `plan` (packed or padded; a plain list of sample-index groups is
+    a padded plan); gradients accumulate in the params.
 
-    `total_tokens` / `total_sequences` are the step's global counts (defaults: this batch's own);
-    `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes` extra
-    passes of the last micro-batch with zero weight keep this rank in step with ranks that have more
-    micro-batches (their collectives must match one for one). Returns sums for logging.
+    `total_tokens` / `total_sequences` are the step's global counts (defaults: the plan's, else this batch's
+    own); `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes`
+    (default: the plan's) extra passes of the last micro-batch with zero weight keep this rank in step with
+    ranks that have more micro-batches (their collectives must match one for one). Returns sums for logging.
     """
+    if not isinstance(plan, StepPlan):
+        plan = StepPlan(plan, packed=False)
+    if padding_passes:
+        plan = replace(plan, padding_passes=padding_passes)
+    total_tokens = plan.total_tokens if total_tokens is None else total_tokens
+    total_sequences = plan.total_sequences if total_sequences is None else total_sequences
     if settings.kl_coef > 0 and ref_policy is None:
         raise ValueError("kl_coef > 0 needs a reference policy")
     if total_tokens is None:
@@ -52,9 +55,9 @@ def accumulate_gradients(
          "max_abs_diff", "padded_tokens", "attended_tokens"],
         0.0,
     )
-    passes = [(g, 1.0) for g in groups] + [(groups[-1], 0.0)] * padding_passes
+    passes = plan.passes
     for i, (g, weight) in enumerate(passes):
-        mb = batch.select(g).to(device)
+        mb = plan.micro_batch(batch, g).to(device)  # padded [b, l] or packed [1, T]; loss tensors [b, l] either way
         last = i == len(passes) - 1
         # DDP reduces gradients once, after the last pass; FSDP2 reduce-scatters every pass (its no_sync would
         # keep whole unsharded gradients on every rank).
@@ -88,8 +91,8 @@ def accumulate_gradients(
             sums["mismatch_kl_sum"] += float((k3(d) * mask).sum())
             sums["max_abs_diff"] = max(sums["max_abs_diff"], float(d.abs().max()) if d.numel() else 0.0)
             sums["entropy_sum"] += float((entropy * mask).sum())
-            sums["padded_tokens"] += float(mb.input_ids.numel())
-            sums["attended_tokens"] += float(mb.attention_mask.sum())
+            sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
+            sums["attended_tokens"] += float(mb.real_tokens)
             for k, v in st.items():
                 sums[k] += float(v)
     return sums

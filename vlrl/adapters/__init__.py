@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from ..batch import MultimodalBatch
-from ..records import EncodedPrompt, Rollout
+from ..records import EncodedPrompt, EnvReply, Rollout
 
 
 class Adapter(Protocol):
@@ -23,6 +23,8 @@ class Adapter(Protocol):
     image_token_id: int
     pad_token_id: int
     eos_token_ids: list[int]
+    tool_call_end_ids: list[int]
+    """Tokens whose text ends a tool call (an environment may stop a turn there)."""
     merge_size: int
     fsdp_units: tuple[str, ...]
     """Class names of the modules FSDP2 shards as units."""
@@ -36,7 +38,11 @@ class Adapter(Protocol):
     def build_messages(self, question: str, num_images: int, system_prompt: str | None = None,
                        history: list[dict] | None = None) -> list[dict]: ...
     def encode_prompt(self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None,
-                      name: str = "prompt") -> EncodedPrompt: ...
+                      name: str = "prompt", tools: list[dict] | None = None) -> EncodedPrompt: ...
+    def encode_reply(self, messages: list[dict], images: list, name: str = "reply", close_turn: bool = False
+                     ) -> EnvReply:
+        """An environment's reply rendered once, as the ids that follow a sampled turn (multi-turn)."""
+        ...
     def placeholders_per_image(self, grid: torch.Tensor | None) -> list[int]: ...
     def generation_inputs(self, prompts: list[EncodedPrompt], device) -> dict[str, torch.Tensor]: ...
 
@@ -46,6 +52,9 @@ class Adapter(Protocol):
 
     # the model
     def load_model(self, dtype: torch.dtype, device="cpu", weights_from: str | None = None): ...
+    def packing_unavailable(self, model) -> str | None:
+        """Why `model` trains on padded micro-batches (one line), or None when it can pack them."""
+        ...
     def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None: ...
     def policy(self, model, temperature: float, fused_head: bool = False) -> torch.nn.Module: ...
     def reference_positions(self, model, batch: MultimodalBatch) -> torch.Tensor: ...

@@ -19,10 +19,10 @@ from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, EnvReply, Rollout
-from .fast_vision import fast_vision
 from .images import ImageLimits, decode_image, describe_source, fit_image, resolve_source, to_rgb
 from .mrope import mrope_positions
-from .shared_images import share_repeated_images
+from .packing import packed_sequences, packing_unavailable
+from .patches import patch_model
 
 
 # The modules FSDP2 shards as units (every decoder layer and vision block); = fsdp_transformer_layer_cls_to_wrap
@@ -301,11 +301,14 @@ class Qwen3VLAdapter:
             )
         except OSError as e:
             raise ModelError(f"model.path {path!r}: cannot load the model ({e})") from None
-        share_repeated_images(model.model.visual)  # a group's copies of an image are encoded once
-        # the tower's grid-derived inputs from the host, equal-size images attending in one call, the patch
-        # embedding as a matmul (after the sharing hook: it sees the images actually encoded)
-        fast_vision(model.model.visual)
+        # a group's copies of an image encoded once; the tower's fast path; packed sequences (patches.py)
+        patch_model(model)
         return model.to(device)
+
+    @staticmethod
+    def packing_unavailable(model) -> str | None:
+        """Why `model` trains on padded micro-batches (one line), or None when it can pack them."""
+        return packing_unavailable(model)
 
     def prepare_for_training(self, model, cfg, adapter_dir: Path | None = None) -> None:
         """Freeze the vision tower, add LoRA (loading its weights from `adapter_dir` on resume), and turn
@@ -323,7 +326,8 @@ class Qwen3VLAdapter:
             compile_layers(model)
 
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLPolicy:
-        return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head)
+        return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head,
+                             packed_attention=self.cfg.packed_attention)
 
     @staticmethod
     def reference_positions(model, batch: MultimodalBatch) -> torch.Tensor:
@@ -374,12 +378,13 @@ class Qwen3VLPolicy(nn.Module):
     """
 
     def __init__(self, model: nn.Module, banned_ids: list[int], temperature: float, chunk_size: int = 1024,
-                 fused_head: bool = False):
+                 fused_head: bool = False, packed_attention: str = "auto"):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
+        self.packed_attention = packed_attention  # the attention route of packed micro-batches (packing.py)
         device = next(model.parameters()).device
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
@@ -398,12 +403,18 @@ class Qwen3VLPolicy(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # [B, L] int64
-        attention_mask: torch.Tensor,  # [B, L] int64
+        input_ids: torch.Tensor,  # [B, L] int64 (packed: [1, T])
+        attention_mask: torch.Tensor | None,  # [B, L] int64 (packed: None)
         logprob_mask: torch.Tensor,  # [B, L]: positions whose token logprob is returned
+        cu_seqlens: torch.Tensor | None = None,  # packed: [n + 1] int32 sample boundaries in the [1, T] sequence
+        max_seqlen: int | None = None,  # packed: the longest sample
         **model_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logprobs [B, L] float32, entropy [B, L] float32), 0 outside logprob_mask."""
+        """Returns (logprobs [B, L] float32, entropy [B, L] float32), 0 outside logprob_mask.
+
+        Packed (`cu_seqlens` given): the samples are one sequence [1, T] with their own M-RoPE positions in
+        `position_ids` [3, 1, T]; attention stays within each sample. logprob_mask must be 0 on each sample's
+        first token (its logprob would come from the previous sample's last hidden state)."""
         backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
         if "pixel_values" not in model_inputs and _distributed():
             hidden_bias = self._idle_vision_pass(backbone)
@@ -411,7 +422,8 @@ class Qwen3VLPolicy(nn.Module):
             hidden_bias = None
         # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
         # recompile on its state.
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+        with packed_sequences(backbone.language_model, self.packed_attention, cu_seqlens, max_seqlen):
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         hidden = out.last_hidden_state
         if hidden_bias is not None:
             hidden = hidden + hidden_bias

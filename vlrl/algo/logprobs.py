@@ -136,6 +136,6 @@ def sequence_logprobs(
     lp, ent = token_logprobs(
         hidden[b_idx, t_idx - 1], weight, input_ids[b_idx, t_idx], temperature, banned_ids, chunk_size, fused
     )
-    out = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put((b_idx, t_idx), lp)
-    ent_out = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put((b_idx, t_idx), ent)
+    out = hidden.new_zeros(mask.shape, dtype=lp.dtype).index_put((b_idx, t_idx), lp)
+    ent_out = hidden.new_zeros(mask.shape, dtype=lp.dtype).index_put((b_idx, t_idx), ent)
     return out, ent_out

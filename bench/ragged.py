@@ -1,0 +1,292 @@
+"""The ragged case of `update_step.py`: a GRPO step as users run it, padded (today) against packed.
+
+64 rollouts = 8 prompts x groups of 8 (a group's rollouts share prompt and image), each prompt 100 text tokens
++ one 448x448 image, completion lengths log-normal (median 400, sigma 0.8, clipped to 16..2048), seeded. The
+same batch is updated by:
+- padded, in order: today's shipped path (`plan_micro_batches` in batch order, micro_batch_size 8,
+  micro_batch_tokens 16384);
+- padded, length-sorted: the same planner on the samples sorted by length;
+- packed: first-fit decreasing within 16384 tokens, one row per attention route available on the device.
+Each row: seconds per update, useful (non-padding) tokens/s, MFU on useful tokens (6N per useful token), the
+padding fraction of the computed tokens, peak memory. Then packed against padded for exactness (logprobs and
+gradients, on the first two groups). With `--compile`, before all of it: the graphs compiled by 20 ragged
+packed steps run from the freshly compiled layers, step by step.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vlrl.batch import plan_micro_batches
+from vlrl.planner import StepPlan, micro_batch_tokens, pack_micro_batches
+from vlrl.records import EncodedPrompt, Rollout
+from vlrl.update import accumulate_gradients
+
+
+@dataclass
+class RaggedSpec:
+    prompts: int = 8
+    group: int = 8
+    prompt_text: int = 100  # text tokens of a prompt, besides its image
+    image_side: int = 448
+    median: float = 400.0  # completion lengths: log-normal
+    sigma: float = 0.8
+    shortest: int = 16
+    longest: int = 2048
+    micro_batch_size: int = 8  # the padded planner's (configs/qwen3-vl-8b.toml)
+    micro_batch_tokens: int = 16384
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> RaggedSpec:
+        return cls(prompts=4, group=4, prompt_text=20, image_side=64, median=40.0, shortest=4, longest=160,
+                   micro_batch_size=4, micro_batch_tokens=512)
+
+
+
+MAX_NEW_TOKENS = 2048  # the completion clip: only Dr.GRPO's constant normaliser reads it (the bench uses token-mean)
+
+def completion_lengths(spec: RaggedSpec, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    return [int(min(max(round(spec.median * math.exp(spec.sigma * float(v))), spec.shortest), spec.longest)) for v in z]
+
+
+def ragged_rollouts(adapter, spec: RaggedSpec, vocab: int, vision_start: int, vision_end: int,
+                    seed: int | None = None, prompts: int | None = None) -> list[Rollout]:
+    """`prompts` groups of `spec.group` rollouts: text, one image, text; a log-normal completion each."""
+    seed = spec.seed if seed is None else seed
+    prompts = spec.prompts if prompts is None else prompts
+    g = torch.Generator().manual_seed(1000 + seed)
+    grid = spec.image_side // 16
+    high = min(vocab - 8, 150000)
+    lengths = completion_lengths(spec, prompts * spec.group, seed)
+    rollouts = []
+    for p in range(prompts):
+        text = torch.randint(0, high, (spec.prompt_text,), generator=g).tolist()
+        ids = text[: spec.prompt_text // 2] + [vision_start] + [adapter.image_token_id] * (grid * grid // 4)
+        ids += [vision_end] + text[spec.prompt_text // 2 :]
+        prompt = EncodedPrompt(input_ids=ids, messages=[], images=[],
+                               pixel_values=torch.randn(grid * grid, 1536, generator=g),
+                               image_grid_thw=torch.tensor([[1, grid, grid]]))
+        for k in range(spec.group):
+            n = lengths[p * spec.group + k]
+            rollouts.append(Rollout(prompt=prompt, completion_ids=torch.randint(0, high, (n,), generator=g).tolist(),
+                                    logprobs=[0.0] * n, finish_reason="length",
+                                    advantage=float(torch.randn(1, generator=g))))
+    return rollouts
+
+
+def plans(batch, spec: RaggedSpec) -> dict[str, StepPlan]:
+    lengths, patches = batch.lengths, batch.patches_per_sample
+    order = sorted(range(batch.size), key=lambda i: lengths[i])
+    sorted_groups = plan_micro_batches([lengths[i] for i in order], spec.micro_batch_size, spec.micro_batch_tokens,
+                                       [patches[i] for i in order])
+    return {
+        "padded, in order (today)": StepPlan(plan_micro_batches(lengths, spec.micro_batch_size, spec.micro_batch_tokens,
+                                                                patches), packed=False),
+        "padded, length-sorted": StepPlan([[order[i] for i in g] for g in sorted_groups], packed=False),
+        "packed": StepPlan(pack_micro_batches(lengths, spec.micro_batch_tokens, patches), packed=True),
+    }
+
+
+def padding_fraction(batch, plan: StepPlan) -> float:
+    computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+    return 1 - sum(batch.lengths) / sum(computed)
+
+
+def routes(device: torch.device) -> list[str]:
+    """The packed attention routes this device runs with a backward pass (FlexAttention has none on the CPU)."""
+    if device.type != "cuda":
+        return ["sdpa"]
+    from vlrl.adapters.packing import _varlen_attn
+
+    return (["varlen"] if _varlen_attn() is not None else []) + ["flex"]
+
+
+def own_logprobs(policy, batch, plan: StepPlan, device) -> None:
+    """Behavior logprobs near the policy's own (as a sampler's are): ratios near 1, nothing masked."""
+    from vlrl.batch import batch_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for idx in plan.micro_batches:
+            lp, _ = batch_logprobs(policy, plan.micro_batch(batch, idx).to(device))
+            lp = lp.float().cpu()
+            noise = 0.05 * torch.randn(lp.shape, generator=g)
+            batch.behavior_logprobs[idx, : lp.shape[1]] = (lp + noise) * batch.loss_mask[idx, : lp.shape[1]]
+
+
+def compiles() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tflops, ids, sync, set_mode, grads_of,
+               rel_err) -> dict:
+    """Times every path on one ragged batch; returns rows, exactness and compile counts (and prints them)."""
+    spec = RaggedSpec.tiny() if args.tiny else RaggedSpec(args.ragged[0], args.ragged[1], seed=args.ragged_seed)
+    if not args.tiny:
+        spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
+        spec.shortest, spec.longest = args.ragged_clip
+        spec.micro_batch_tokens = args.ragged_tokens
+    vocab, v_start, v_end = ids
+    make = lambda seed=None, prompts=None: adapter.build_batch(  # noqa: E731
+        ragged_rollouts(adapter, spec, vocab, v_start, v_end, seed, prompts))
+    batch = make()
+    useful = sum(batch.lengths)
+    all_plans = plans(batch, spec)
+    name = (f"ragged: {spec.prompts} prompts x {spec.group}, {spec.prompt_text} text tokens + one {spec.image_side}px "
+            f"image, completions log-normal (median {spec.median:g}, sigma {spec.sigma:g}, {spec.shortest}..{spec.longest})")
+    print(f"\n{name}: {useful:,} useful tokens; lengths {min(batch.lengths)}..{max(batch.lengths)}", flush=True)
+    set_mode()
+    policy.packed_attention = routes(device)[0]  # the default route (`auto`) for what is not per route
+    compiled_before = compiles()
+    counted = None
+    if args.compile:  # first, from the freshly compiled layers: what a training run's first 20 steps compile
+        counted = count_compiles(model, policy, device, settings, make, args.compile_steps, spec.micro_batch_tokens)
+    own_logprobs(policy, batch, all_plans["packed"], device)
+
+    def update(plan):
+        def step():
+            model.zero_grad(set_to_none=True)
+            accumulate_gradients(policy, batch, plan, settings, MAX_NEW_TOKENS, device)
+        return step
+
+    rows = []
+    variants = [(label, plan, None) for label, plan in all_plans.items() if not plan.packed]
+    variants += [(f"packed, {route} attention", all_plans["packed"], route) for route in routes(device)]
+    for label, plan, route in variants:
+        if args.skip and any(s in label for s in args.skip):
+            continue
+        if route is not None:
+            policy.packed_attention = route
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        fn = update(plan)
+        try:
+            t0 = time.perf_counter()
+            fn()  # first pass (compiles with --compile): not timed
+            sync(device)
+            first = time.perf_counter() - t0
+            times = []
+            for _ in range(args.ragged_repeat):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:  # a route this torch cannot run
+            print(f"  {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            rows.append(dict(path=label, seconds=None, error=type(e).__name__))
+            model.zero_grad(set_to_none=True)
+            continue
+        t = sorted(times)[len(times) // 2]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        mfu = 6 * n_params * useful / t / (peak_tflops * 1e12)
+        row = dict(path=label, seconds=t, tokens_per_s=useful / t, mfu=mfu, padding=padding_fraction(batch, plan),
+                   peak_gib=peak, micro_batches=len(plan.micro_batches), first_s=first, packed=plan.packed)
+        rows.append(row)
+        print(f"  {label}: {t:.3f} s, {useful / t:,.0f} useful tokens/s, MFU {mfu:.1%}, padding {row['padding']:.1%}, "
+              f"{len(plan.micro_batches)} micro-batches, peak {peak:.1f} GiB (first pass {first:.1f} s)", flush=True)
+    model.zero_grad(set_to_none=True)
+    out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles() - compiled_before}
+    out["exactness"] = exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err)
+    if counted is not None:
+        out["compiles"] = counted
+    return out
+
+
+def exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err) -> dict:
+    """Packed (each route) against padded in order, on the first two groups: logprob max |diff| and the largest
+    relative gradient error over the checked parameters."""
+    batch = make(prompts=min(2, spec.prompts))
+    padded = plans(batch, spec)["padded, in order (today)"]
+    from vlrl.batch import batch_logprobs
+
+    def run(plan):
+        model.zero_grad(set_to_none=True)
+        lp = torch.zeros_like(batch.loss_mask)
+        with torch.no_grad():
+            for idx in plan.micro_batches:
+                got, _ = batch_logprobs(policy, plan.micro_batch(batch, idx).to(device))
+                lp[idx, : got.shape[1]] = got.float().cpu()
+        accumulate_gradients(policy, batch, plan, settings, MAX_NEW_TOKENS, device)
+        return lp, grads_of(model, device.type == "cpu")
+
+    own_logprobs(policy, batch, padded, device)
+    out = {}
+    try:
+        want_lp, want_g = run(padded)
+        for route in routes(device):
+            policy.packed_attention = route
+            try:
+                lp, g = run(StepPlan(pack_micro_batches(batch.lengths, spec.micro_batch_tokens), packed=True))
+            except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:
+                out[route] = f"{type(e).__name__}"
+                continue
+            m = batch.loss_mask.bool()
+            out[route] = (float((lp - want_lp)[m].abs().max()), max(rel_err(g[k], want_g[k]) for k in want_g))
+    finally:
+        model.zero_grad(set_to_none=True)
+    for route, v in out.items():
+        if isinstance(v, tuple):
+            print(f"  packed ({route}) vs padded: logprob max |diff| {v[0]:.2e}, grad max rel err {v[1]:.2e}", flush=True)
+        else:
+            print(f"  packed ({route}) vs padded: {v}", flush=True)
+    return out
+
+
+def count_compiles(model, policy, device, settings, make, steps: int, budget: int) -> dict:
+    """Graphs compiled over `steps` ragged packed steps, each a new batch (2 prompts' groups, new lengths):
+    the first step's and the rest's. Ragged shapes should not recompile every step."""
+    per_step = []
+    for s in range(steps):
+        batch = make(seed=10_000 + s, prompts=2)
+        plan = StepPlan(pack_micro_batches(batch.lengths, budget, batch.patches_per_sample), True)
+        before = compiles()
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(policy, batch, plan, settings, MAX_NEW_TOKENS, device)
+        per_step.append(compiles() - before)
+    model.zero_grad(set_to_none=True)
+    out = {"steps": steps, "first": per_step[0], "rest": sum(per_step[1:]), "per_step": per_step,
+           "route": policy.packed_attention}
+    print(f"  compiles over {steps} ragged packed steps ({policy.packed_attention} attention): {per_step[0]} graphs in "
+          f"the first, {out['rest']} in the {steps - 1} after ({per_step})", flush=True)
+    return out
+
+
+def print_table(result: dict) -> None:
+    """The ragged case's rows as a Markdown table (bench/README.md's), exactness and compile counts after it."""
+    print(f"\n{result['case']}; {result['useful_tokens']:,} useful tokens; MFU on useful tokens (6N each)")
+    print("| path | s | useful tokens/s | MFU | padding | micro-batches | peak GiB |\n|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        if row.get("seconds") is None:
+            print(f"| {row['path']} | {row['error']} | - | - | - | - | - |")
+            continue
+        print(f"| {row['path']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | "
+              f"{row['padding']:.1%} | {row['micro_batches']} | {row['peak_gib']:.1f} |")
+    for route, v in result["exactness"].items():
+        detail = v if isinstance(v, str) else f"logprob max abs diff {v[0]:.2e}, grad max rel err {v[1]:.2e}"
+        print(f"| packed ({route}) vs padded | {detail} | | | | | |")
+    c = result.get("compiles")
+    if c:
+        print(f"compiles over {c['steps']} ragged packed steps ({c['route']} attention): {c['first']} graphs in the "
+              f"first step, {c['rest']} in the {c['steps'] - 1} after")
+
+
+def summary_line(result: dict) -> str:
+    """`ragged update: packed vs padded X.XXx, padding A% -> B%` (the best packed route against today's path)."""
+    rows = [r for r in result["rows"] if r.get("seconds")]
+    today = next((r for r in rows if r["path"].startswith("padded, in order")), None)
+    packed = [r for r in rows if r["packed"]]
+    if today is None or not packed:
+        return "ragged update: packed vs padded nan, padding nan -> nan"
+    best = min(packed, key=lambda r: r["seconds"])
+    return (f"ragged update: packed vs padded {today['seconds'] / best['seconds']:.2f}x, padding "
+            f"{today['padding']:.0%} -> {best['padding']:.0%}")
