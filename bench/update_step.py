@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
+import checkpointing  # noqa: E402  (bench/checkpointing.py, beside this script)
 from vlrl.adapters.fast_vision import set_fast_vision  # noqa: E402
 from vlrl.adapters.patches import patch_model  # noqa: E402
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
@@ -96,11 +97,12 @@ def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab
     samples share their prompt (text and images), as the rollouts of one GRPO group do."""
     g = torch.Generator().manual_seed(seed)
     grid = image_side // 16
+    top = min(vocab - 8, 150000, adapter.image_token_id - 5)  # text ids: below every special token
     per_image = grid * grid // 4
     rollouts = []
     for i in range(batch):
         if i % group:
-            comp = torch.randint(0, min(vocab - 8, 150000), (completion,), generator=g).tolist()
+            comp = torch.randint(0, top, (completion,), generator=g).tolist()
             lps = (-torch.rand(completion, generator=g) * 3).tolist()
             rollouts.append(Rollout(prompt=rollouts[-1].prompt, completion_ids=comp, logprobs=lps,
                                     finish_reason="length", advantage=float(torch.randn(1, generator=g))))
@@ -108,7 +110,7 @@ def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab
         prompt_len = seq_len - completion
         text = prompt_len - images * (per_image + 2)
         assert text >= 2, "sequence too short for its images"
-        ids = torch.randint(0, min(vocab - 8, 150000), (text,), generator=g).tolist()
+        ids = torch.randint(0, top, (text,), generator=g).tolist()
         body = ids[: text // 2]
         for _ in range(images):
             body += [VISION_START if vocab > 150000 else adapter.image_token_id - 2] + [adapter.image_token_id] * per_image
@@ -117,7 +119,7 @@ def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab
         pv = torch.randn(images * grid * grid, 1536, generator=g) if images else None
         thw = torch.tensor([[1, grid, grid]] * images) if images else None
         prompt = EncodedPrompt(input_ids=body, messages=[], images=[], pixel_values=pv, image_grid_thw=thw)
-        comp = torch.randint(0, min(vocab - 8, 150000), (completion,), generator=g).tolist()
+        comp = torch.randint(0, top, (completion,), generator=g).tolist()
         lps = (-torch.rand(completion, generator=g) * 3).tolist()
         rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=lps, finish_reason="length",
                                 advantage=float(torch.randn(1, generator=g))))
@@ -454,6 +456,30 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
                         vision_vs_float32_matmul=matmul_err))
 
 
+def run_auto_cases(model, adapter, device, args, settings, vocab) -> list[dict]:
+    """`auto` checkpointing against fixed fractions (bench/checkpointing.py), once per --memory-caps value."""
+    from types import SimpleNamespace
+
+    from vlrl.adapters.qwen3_vl import compile_layers
+
+    policy = adapter.policy(model, 1.0, fused_head=args.compile)
+    set_trainable(model, vision=False, checkpointing=True)
+    if args.compile and not getattr(model, "_bench_compiled", False):
+        compile_layers(model)
+        model._bench_compiled = True
+    rollouts = make_rollouts(adapter, args.batch, args.seq_len, args.images, args.image_side,
+                             min(args.completion, args.seq_len // 2), vocab)
+    tools = SimpleNamespace(timed=timed, set_trainable=set_trainable, non_embedding_params=non_embedding_params,
+                            peak_tflops=PEAK_TFLOPS)
+    out = []
+    for cap in args.memory_caps:
+        args.memory_cap = cap
+        out.append(checkpointing.run(model, adapter, policy, device, args, settings, rollouts, tools))
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def run_ragged_case(model, adapter, device, args, vocab) -> dict:
     """The ragged GRPO case (bench/ragged.py), as configs/qwen3-vl-8b.toml trains: frozen vision, checkpointing
     (with --compile: compiled layers and the first of --fractions), chunked logprobs."""
@@ -558,6 +584,11 @@ def main():
     ap.add_argument("--ragged-repeat", type=int, default=2, help="timed updates per ragged path (after one untimed)")
     ap.add_argument("--ragged-only", action="store_true", help="only the ragged case (no equal-length cases)")
     ap.add_argument("--no-ragged", action="store_true", help="skip the ragged case")
+    ap.add_argument("--auto", action="store_true", help="train.checkpoint_fraction = auto against fixed fractions "
+                    "(equal-length case, compiled layers; bench/checkpointing.py)")
+    ap.add_argument("--optimizer", action="store_true", help="with --auto: each step includes AdamW's (its state)")
+    ap.add_argument("--memory-caps", type=float, nargs="*", default=[0.0], metavar="GIB",
+                    help="with --auto: run once per cap on the process's GPU memory (0: the whole card), in order")
     ap.add_argument("--compile-steps", type=int, default=20,
                     help="with --compile: ragged packed steps whose compiles are counted")
     args = ap.parse_args()
@@ -606,6 +637,9 @@ def main():
     ragged_result = None
     if not args.no_ragged:
         ragged_result = run_ragged_case(model, adapter, device, args, vocab)
+    auto_results = []
+    if args.auto and device.type == "cuda":
+        auto_results = run_auto_cases(model, adapter, device, args, settings, vocab)
     fit = None
     if args.max_tokens and device.type == "cuda":
         fit = max_tokens_that_fit(model, adapter, device, args, settings, args.seq_len, args.images, args.image_side,
@@ -631,6 +665,8 @@ def main():
               f"tokens, vlrl {fit['vlrl']['tokens']:,} tokens ({fit['vlrl']['tokens'] / max(fit['naive']['tokens'], 1):.1f}x)")
     if ragged_result is not None:
         ragged.print_table(ragged_result)
+    for r in auto_results:
+        checkpointing.print_table(r)
     if args.json:
         args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit, "ragged": ragged_result},
                                         indent=2))

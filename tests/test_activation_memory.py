@@ -25,3 +25,63 @@ def test_fractions_are_whole_layers_and_step_up_by_a_quarter():
 def test_adamw_state_is_two_moments_per_trainable_parameter():
     params = [torch.zeros(10, 4, dtype=torch.bfloat16), torch.zeros(3)]
     assert optimizer_state_bytes(params) == 2 * (40 * 2 + 3 * 4)
+
+
+def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_path, capsys):
+    from conftest import tiny_config
+    from vlrl.summary import read_jsonl
+    from vlrl.train import train
+
+    res = train(tiny_config(tiny_model_dir, tmp_path, "train.gradient_checkpointing=true",
+                            'train.checkpoint_fraction="auto"', "train.steps=2"))
+    assert [m["checkpoint_fraction"] for m in read_jsonl(res.run_dir / "metrics.jsonl")] == [1.0, 1.0]
+    assert capsys.readouterr().out.count("auto on the CPU recomputes every layer") == 1
+
+
+def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """An OOM in the update (injected: these machines have no GPU) steps `auto`'s fraction up by a quarter of
+    the layers, redoes the step from zeroed gradients (the same update as a step that never failed), says so
+    once; at every layer recomputed it is raised, not looped on."""
+    import pytest
+
+    import vlrl.train as train_module
+    from conftest import tiny_config
+    from vlrl.activation_memory import AutoCheckpointing
+    from vlrl.summary import read_jsonl
+    from vlrl.train import train
+
+    def decide(self, probe, params, has_state, agree):  # as a GPU whose budget fits half the layers recomputed
+        probe()
+        self._apply(0.5)
+        return "decided 50%"
+
+    monkeypatch.setattr(AutoCheckpointing, "decide", decide)
+    sets = ("train.gradient_checkpointing=true", 'train.checkpoint_fraction="auto"', "train.steps=2")
+    clean = train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=clean"))
+    real, calls = train_module.accumulate_gradients, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first step's update, after the probe
+            weight = args[0].model.model.language_model.layers[0].mlp.gate_proj.weight
+            weight.grad = torch.ones_like(weight)  # a backward that died midway: half-summed gradients
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", fails_once)
+    capsys.readouterr()
+    oom = train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=oom"))
+    said = capsys.readouterr().out
+    a, b = read_jsonl(clean.run_dir / "metrics.jsonl"), read_jsonl(oom.run_dir / "metrics.jsonl")
+    assert [m["checkpoint_fraction"] for m in a] == [0.5, 0.5] and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0]
+    for key in ("loss", "grad_norm", "reward/mean"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
+    assert said.count("out of GPU memory with 50% of the layers recomputed: now 100%") == 1
+
+    def always(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", always)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=always"))

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 VLRL = [sys.executable, "-m", "vlrl"]
@@ -38,10 +39,13 @@ def test_check_batch_json_ok(tiny_model_dir):
     assert "[[" in report["sample"]["text"]  # trained tokens are marked in the rendering
 
 
-def test_check_batch_fails_when_the_token_budget_is_exceeded(tiny_model_dir):
-    # prompts are 37 tokens; 37 + max_new_tokens 4 does not fit 40
+def test_check_batch_fails_when_the_token_budget_is_exceeded(tiny_model_dir, adapter):
+    # a prompt of P tokens fits max_model_len P + 2, but not with max_new_tokens (16) more
+    prompt = len(adapter.encode_prompt(adapter.build_messages(
+        "What color is the shape? Answer with one word: blue, green, red or yellow.", 1), [Image.new("RGB", (64, 64))]
+    ).input_ids)
     res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}",
-              "--set", "model.max_model_len=40")
+              "--set", f"model.max_model_len={prompt + 2}")
     assert res.returncode == 1
     report = json.loads(res.stdout)
     assert report["ok"] is False

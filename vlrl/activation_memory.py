@@ -84,3 +84,59 @@ def device_budget(device: torch.device) -> int:
     total = torch.cuda.get_device_properties(device).total_memory
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     return int(total * (get(device) if get is not None else 1.0))
+
+
+class AutoCheckpointing:
+    """A run's `checkpoint_fraction = "auto"`: decided at its first update, stepped up after an OOM.
+
+    `set_fraction(f)` applies a fraction to the model; `layers` is its number of decoder layers. On the CPU
+    there is no device memory to measure or run out of: every layer is recomputed, as the default fraction 1."""
+
+    def __init__(self, set_fraction, layers: int, device: torch.device):
+        self.set_fraction, self.layers, self.device = set_fraction, layers, device
+        self.fraction: float | None = None
+        self.choice: Choice | None = None
+        self.stepped_up = False
+
+    def decide(self, probe, params: list[torch.Tensor], optimizer_has_state: bool, agree) -> str:
+        """Run `probe()` (the step's largest micro-batch, forward and backward) with every layer recomputed and
+        with half of them, choose, and agree on the fraction with the other ranks (`agree(values, "max")`).
+        Returns the sentence to print."""
+        if self.device.type != "cuda":
+            self._apply(1.0)
+            return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
+        half = 0.5
+        peaks = []
+        for f in (1.0, half):
+            self.set_fraction(f)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            probe()
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device))
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
+        budget = device_budget(self.device) - max(outside, 0)
+        extra = 0 if optimizer_has_state else optimizer_state_bytes(params)
+        kept_half = self.layers - round(half * self.layers)
+        choice = choose(self.layers, peaks[0], peaks[1], kept_half, budget, extra)
+        fraction = float(agree([choice.fraction], "max")[0])
+        self.choice = Choice(fraction, choice.predicted_peak, budget, choice.per_layer)
+        self._apply(fraction)
+        return self.choice.describe(self.layers) + (" (the largest of the ranks' choices)" if fraction != choice.fraction
+                                                    else "")
+
+    def step_up(self) -> str | None:
+        """After an out-of-memory error: the next fraction, or None when every layer is recomputed already."""
+        if self.fraction is None or self.fraction >= 1.0:
+            return None
+        before = self.fraction
+        self._apply(step_up(before, self.layers))
+        note = "" if self.stepped_up else (f"out of GPU memory with {before:.0%} of the layers recomputed: now "
+                                          f"{self.fraction:.0%}, and the step's update redone")
+        self.stepped_up = True
+        return note
+
+    def _apply(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.set_fraction(fraction)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -360,9 +360,11 @@ class TrainConfig(Section):
     """Training precision: `auto` is bf16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    checkpoint_fraction: float = Field(1.0, gt=0, le=1)
+    checkpoint_fraction: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = 1.0
     """With gradient checkpointing, the fraction of decoder layers recomputed (spread evenly); below 1
-    keeps more activations and recomputes less."""
+    keeps more activations and recomputes less. `auto` (GPU): the least recomputation whose peak fits the
+    device's memory, measured at the first update (vlrl/activation_memory.py), stepped up after an
+    out-of-memory error; on the CPU, every layer."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
     one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,
@@ -429,6 +431,8 @@ class Config(Section):
             )
         if self.rollout.one_step_off_policy and not self.rollout.server_url:
             raise ValueError("rollout.one_step_off_policy needs rollout.server_url (a vLLM server)")
+        if self.train.checkpoint_fraction == "auto" and not self.train.gradient_checkpointing:
+            raise ValueError('train.checkpoint_fraction = "auto" needs train.gradient_checkpointing = true')
         if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.model.max_model_len:
             raise ValueError(
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is below model.max_model_len "

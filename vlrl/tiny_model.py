@@ -158,7 +158,7 @@ TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response
 # enough for RL to learn from. The text is Qwen3-VL's tool-call format to the character; the 8B tokenizer
 # spells the same call in ~40 tokens.
 # The template's fixed words around the tool schemas, one token each (the template writes them verbatim), and
-# BPE merges learned from the built-in tools' schemas: a tool prompt stays ~230 tokens instead of ~800 for the
+# BPE merges learned from the built-in tools' schemas: a tool prompt stays ~280 tokens instead of ~800 for the
 # tiny model on the CPU. `tests/test_tiny_model.py` checks both strings against the template's rendering.
 TOOLS_BEFORE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
                 "with function signatures within <tools></tools> XML tags:\n<tools>")
@@ -203,7 +203,9 @@ def build_tokenizer(vocab_size: int = 400):
 
     # Answer words dominate the counts, so their merges come first and each ends as one token.
     schemas = " ".join(json.dumps(t.schema) for t in (CROP, CALCULATE))
-    corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS), schemas] * 20
+    # (the frequent words before the schemas: a single-turn prompt keeps the length it had before tools existed)
+    corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS)] * 100
+    corpus += [schemas] * 20
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=20,

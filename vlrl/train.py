@@ -116,6 +116,14 @@ class Run:
         self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
         self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
+        self.auto_checkpointing = None
+        if cfg.train.gradient_checkpointing and cfg.train.checkpoint_fraction == "auto":
+            from .activation_memory import AutoCheckpointing
+
+            self.auto_checkpointing = AutoCheckpointing(
+                lambda f: self.adapter.set_checkpointing(self.model, f), self.adapter.decoder_layers(self.model),
+                self.device)
+        self.messages: list[str] = []  # said once, by the main process (train prints them)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.train.learning_rate, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,
@@ -182,9 +190,32 @@ class Run:
         if plan.total_tokens == 0:
             return {}
         self.policy.train()
-        sums = accumulate_gradients(self.policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
-                                    self.ref_policy, self.accelerator, loss_scale=self.world)
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        def run(p):
+            return accumulate_gradients(self.policy, batch, p, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
+                                        self.ref_policy, self.accelerator, loss_scale=self.world)
+
+        auto = self.auto_checkpointing
+        if auto is not None and auto.fraction is None:  # "auto": measured on this step's largest micro-batch
+            self.messages.append(auto.decide(lambda: self._probe(run, batch, plan), params, bool(self.optimizer.state),
+                                             self._reduce))
+        while True:
+            try:
+                sums = run(plan)
+                break
+            except torch.OutOfMemoryError:
+                # a backward that died midway summed some gradients and not others: the step starts over
+                self.optimizer.zero_grad(set_to_none=True)
+                note = auto.step_up() if auto is not None and self.world == 1 else None
+                if note is None:  # (with several ranks, the others wait in a collective: no recovery)
+                    raise
+                torch.cuda.empty_cache()
+                if note:
+                    self.messages.append(note)
         grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -193,7 +224,21 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(grad_norm)
         sums["micro_batches"] = len(plan.micro_batches)
+        if auto is not None:
+            sums["checkpoint_fraction"] = auto.fraction
+        if on_gpu:
+            sums["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return sums
+
+    def _probe(self, run, batch, plan) -> None:
+        """The step's largest micro-batch, forward and backward, then its gradients dropped: what `auto`
+        checkpointing measures (every rank runs exactly one pass, so collectives match)."""
+        from dataclasses import replace
+
+        biggest = max(plan.micro_batches, key=lambda g: len(g) * max(batch.lengths[i] for i in g)
+                      if not plan.packed else sum(batch.lengths[i] for i in g))
+        run(replace(plan, micro_batches=[biggest], padding_passes=0))
+        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, data_state: dict) -> Path | None:
         """Checkpoint the learner with `data_state` (this rank's prompt-stream position; every rank's is gathered
@@ -297,6 +342,10 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     pending = prefetch.submit(rollouts.step, stream, run.step + 1, local_prompts)
                 sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
+                for message in run.messages:
+                    if main:
+                        console.print(message, highlight=False, markup=False)
+                run.messages.clear()
                 if pending is not None:
                     wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()

@@ -306,6 +306,14 @@ class Qwen3VLAdapter:
         return model.to(device)
 
     @staticmethod
+    def set_checkpointing(model, fraction: float) -> None:
+        set_checkpointing(model, fraction)
+
+    @staticmethod
+    def decoder_layers(model) -> int:
+        return len(model.model.language_model.layers)
+
+    @staticmethod
     def packing_unavailable(model) -> str | None:
         """Why `model` trains on padded micro-batches (one line), or None when it can pack them."""
         return packing_unavailable(model)
@@ -316,8 +324,9 @@ class Qwen3VLAdapter:
         model.train()
         if cfg.model.freeze_vision:
             model.model.visual.requires_grad_(False)
-        if cfg.train.gradient_checkpointing:
-            set_checkpointing(model, cfg.train.checkpoint_fraction)
+        if cfg.train.gradient_checkpointing:  # ("auto" is decided at the first update: every layer until then)
+            fraction = cfg.train.checkpoint_fraction
+            set_checkpointing(model, 1.0 if fraction == "auto" else fraction)
         if cfg.model.lora_rank > 0:
             from .lora import add_lora
 
@@ -359,8 +368,10 @@ def set_checkpointing(model, fraction: float) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     layers = model.model.language_model.layers
+    n = len(layers)
+    count = round(fraction * n)  # whole layers (fractions k / n are exact; 1 / 36 * 36 is not 1 in floats)
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = int((i + 1) * fraction) > int(i * fraction)
+        layer.gradient_checkpointing = (i + 1) * count // n > i * count // n
 
 
 def compile_layers(model) -> None:
