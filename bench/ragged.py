@@ -64,7 +64,7 @@ def ragged_rollouts(adapter, spec: RaggedSpec, vocab: int, vision_start: int, vi
     prompts = spec.prompts if prompts is None else prompts
     g = torch.Generator().manual_seed(1000 + seed)
     grid = spec.image_side // 16
-    high = min(vocab - 8, 150000)
+    high = min(vocab - 8, 150000, adapter.image_token_id - 5)  # text ids: below every special token
     lengths = completion_lengths(spec, prompts * spec.group, seed)
     rollouts = []
     for p in range(prompts):
