@@ -147,7 +147,7 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     policy.packed_attention = routes(device)[0]  # the default route (`auto`) for what is not per route
     compiled_before = compiles()
     counted = None
-    if args.compile:  # first, from the freshly compiled layers: what a training run's first 20 steps compile
+    if args.compile and args.compile_steps:  # first, from the freshly compiled layers: what a training run's first 20 steps compile
         counted = count_compiles(model, policy, device, settings, make, args.compile_steps, spec.micro_batch_tokens)
     own_logprobs(policy, batch, all_plans["packed"], device)
 
