@@ -23,9 +23,10 @@ FIXED = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict:
     """`tools`: the bench's helpers (timed, set_trainable, non_embedding_params, peak TFLOP/s)."""
-    if args.memory_cap:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = min(1.0, args.memory_cap * 2**30 / total) if args.memory_cap else 1.0
+    torch.cuda.set_per_process_memory_fraction(cap, index)
     batch = adapter.build_batch(rollouts).to(device)
     tools.set_trainable(model, vision=False, checkpointing=True, fraction=1.0)
     with torch.no_grad():

@@ -224,6 +224,12 @@ def exactness(model, adapter, policy, device, settings, make, spec, grads_of, re
     out = {}
     try:
         want_lp, want_g = run(padded)
+        # the floor: the same padded path with its micro-batches composed otherwise (other padding, other kernels'
+        # tiles): what bf16 alone moves between two exact computations
+        lp, g = run(plans(batch, spec)["padded, length-sorted"])
+        m = batch.loss_mask.bool()
+        out["padded, sorted (bf16 noise floor)"] = (float((lp - want_lp)[m].abs().max()),
+                                                     max(rel_err(g[k], want_g[k]) for k in want_g))
         for route in [r for r in routes(device) if r not in skipped]:
             policy.packed_attention = route
             try:
@@ -237,7 +243,8 @@ def exactness(model, adapter, policy, device, settings, make, spec, grads_of, re
         model.zero_grad(set_to_none=True)
     for route, v in out.items():
         if isinstance(v, tuple):
-            print(f"  packed ({route}) vs padded: logprob max |diff| {v[0]:.2e}, grad max rel err {v[1]:.2e}", flush=True)
+            print(f"  {route if route.startswith('padded') else f'packed ({route})'} vs padded: logprob max |diff| "
+                  f"{v[0]:.2e}, grad max rel err {v[1]:.2e}", flush=True)
         else:
             print(f"  packed ({route}) vs padded: {v}", flush=True)
     return out

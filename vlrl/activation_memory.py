@@ -81,9 +81,10 @@ def optimizer_state_bytes(params: list[torch.Tensor]) -> int:
 
 def device_budget(device: torch.device) -> int:
     """Bytes this process may allocate on `device`: its memory, times the share it was capped at."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return int(total * (get(device) if get is not None else 1.0))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (torch >= 2.12)
+    return int(total * (get(index) if get is not None else 1.0))
 
 
 class AutoCheckpointing:
