@@ -8,11 +8,13 @@ from vlrl.activation_memory import GIB, choose, levels, optimizer_state_bytes, s
 def test_the_least_recomputation_that_fits():
     # 4 layers; all recomputed: 10 GiB; 2 layers keeping their activations: 14 GiB, so 2 GiB a layer kept
     fit = lambda budget, extra=0: choose(4, 10 * GIB, 14 * GIB, 2, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
+    assert fit(20).fraction == 0.5  # measured up to 2 layers kept: no more is chosen (the line may underestimate)
+    fit = lambda budget, extra=0: choose(4, 10 * GIB, 18 * GIB, 4, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
     assert fit(20).fraction == 0.0 and fit(20).predicted_peak == 18 * GIB  # none recomputed: 10 + 4 x 2
     assert fit(20, extra=4).fraction == 0.25  # AdamW's state to come: one layer recomputed, 10 + 3 x 2 + 4 = 20
     assert fit(12).fraction == 0.75 and fit(12).per_layer == 2 * GIB
     assert fit(9).fraction == 1.0  # nothing fits: recompute everything (and say so)
-    assert choose(4, 10 * GIB, 14 * GIB, 2, 19 * GIB).fraction == 0.25  # the default 6% margin: 17.9 GiB usable
+    assert choose(4, 10 * GIB, 18 * GIB, 4, 19 * GIB).fraction == 0.25  # the default 6% margin: 17.9 GiB usable
     assert "25% of 4 layers recomputed (3 keep their activations, 2.00 GiB each)" in fit(20, 4).describe(4)
 
 
@@ -51,7 +53,7 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
-    def decide(self, probe, params, has_state, agree):  # as a GPU whose budget fits half the layers recomputed
+    def decide(self, probe, params, has_state, agree, distributed=False):  # a GPU whose budget fits half recomputed
         probe()
         self._apply(0.5)
         return "decided 50%"

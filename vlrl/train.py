@@ -202,7 +202,7 @@ class Run:
         auto = self.auto_checkpointing
         if auto is not None and auto.fraction is None:  # "auto": measured on this step's largest micro-batch
             self.messages.append(auto.decide(lambda: self._probe(run, batch, plan), params, bool(self.optimizer.state),
-                                             self._reduce))
+                                             self._reduce, distributed=self.world > 1))
         while True:
             try:
                 sums = run(plan)
