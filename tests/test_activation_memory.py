@@ -6,16 +6,16 @@ from vlrl.activation_memory import GIB, choose, levels, optimizer_state_bytes, s
 
 
 def test_the_least_recomputation_that_fits():
-    # 4 layers; all recomputed: 10 GiB; 2 layers keeping their activations: 14 GiB, so 2 GiB a layer kept
-    fit = lambda budget, extra=0: choose(4, 10 * GIB, 14 * GIB, 2, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
-    assert fit(20).fraction == 0.5  # measured up to 2 layers kept: no more is chosen (the line may underestimate)
-    fit = lambda budget, extra=0: choose(4, 10 * GIB, 18 * GIB, 4, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
-    assert fit(20).fraction == 0.0 and fit(20).predicted_peak == 18 * GIB  # none recomputed: 10 + 4 x 2
-    assert fit(20, extra=4).fraction == 0.25  # AdamW's state to come: one layer recomputed, 10 + 3 x 2 + 4 = 20
-    assert fit(12).fraction == 0.75 and fit(12).per_layer == 2 * GIB
+    # 4 layers; measured: all recomputed 10 GiB, 2 layers kept 12 GiB (1 a layer), 4 kept 18 GiB (3 a layer)
+    peaks = {0: 10 * GIB, 2: 12 * GIB, 4: 18 * GIB}
+    fit = lambda budget, extra=0, p=peaks: choose(4, p, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
+    assert fit(20).fraction == 0.0 and fit(20).predicted_peak == 18 * GIB  # none recomputed
+    assert fit(17).fraction == 0.25 and fit(17).predicted_peak == 15 * GIB  # 3 kept: on the line from 2 to 4
+    assert fit(15, extra=4).fraction == 0.75 and fit(15, extra=4).per_layer == 1 * GIB  # AdamW's state to come: 11 + 4
     assert fit(9).fraction == 1.0  # nothing fits: recompute everything (and say so)
-    assert choose(4, 10 * GIB, 18 * GIB, 4, 19 * GIB).fraction == 0.25  # the default 6% margin: 17.9 GiB usable
-    assert "25% of 4 layers recomputed (3 keep their activations, 2.00 GiB each)" in fit(20, 4).describe(4)
+    assert fit(30, p={0: 10 * GIB, 2: 12 * GIB}).fraction == 0.5  # 4 kept was never measured (it ran out): not chosen
+    assert choose(4, peaks, 15 * GIB).fraction == 0.5  # the default 6% margin: 14.1 GiB usable
+    assert "25% of 4 layers recomputed (3 keep their activations, 3.00 GiB each)" in fit(17).describe(4)
 
 
 def test_fractions_are_whole_layers_and_step_up_by_a_quarter():

@@ -7,10 +7,11 @@ none in 0.667 s, so the best fraction is the smallest that fits, and what fits d
 LoRA, the optimizer state and the micro-batch: it is measured, not guessed.
 
 - At the first update, the step's largest micro-batch runs forward and backward (its gradients then dropped)
-  twice: every layer recomputed, and none (half of them when that runs out of memory). The peak is a convex
-  function of the number of layers kept (the largest of a peak the kept activations do not reach, and one that
-  grows with them: measured on an H200, 8B, +0.4 GiB for the first 9 layers kept, +9 GiB for the last 9), so the
-  line through the two measurements never predicts less than the real peak in between.
+  three times: every layer recomputed, half of them, none (stopping at the first that runs out of memory; with
+  several ranks, only the first two, since one rank's error would leave the others waiting in a collective).
+  The peak is a convex function of the number of layers kept (the largest of a peak the kept activations do not
+  reach and one that grows with them: on an H200, 8B, +0.4 GiB for the first 9 layers kept, +9 GiB for the last
+  9), so the line between two measurements never predicts less than the real peak between them.
 - What is not allocated yet is added: AdamW's state (its first step has not run) and a margin for fragmentation
   and for longer micro-batches later.
 - The fraction is the smallest whose predicted peak fits the device's memory (or the share a process was capped
@@ -50,22 +51,26 @@ def levels(layers: int) -> list[float]:
     return [k / layers for k in range(layers + 1)]
 
 
-def choose(layers: int, peak_all: int, peak_half: int, kept_half: int, budget: int, extra: int = 0,
-           margin: float = MARGIN) -> Choice:
+def choose(layers: int, peaks: dict[int, int], budget: int, extra: int = 0, margin: float = MARGIN) -> Choice:
     """The smallest fraction whose predicted peak (+ `extra`, memory allocated later) fits `budget` less the
-    margin. `peak_all`: the measured peak with every layer recomputed; `peak_half`: with `kept_half` layers keeping
-    their activations (no fraction keeping more is chosen: past the measurement the line may underestimate). All
-    layers recomputed when even that does not fit (the run may still fit: it is said)."""
-    per_layer = max(0, (peak_half - peak_all) // max(kept_half, 1))
+    margin. `peaks`: measured peak by number of layers keeping their activations (0: every layer recomputed).
+    Between two measurements the prediction is the line through them, which the convex peak never exceeds; no
+    fraction keeping more layers than measured is chosen. All layers recomputed when even that does not fit (the
+    run may still fit: it is said)."""
+    points = sorted(peaks.items())
     limit = int(budget * (1 - margin))
+    slope = 0
     for f in levels(layers):
         kept = layers - round(f * layers)
-        if kept > kept_half:
+        if kept > points[-1][0]:
             continue
-        peak = peak_all + kept * per_layer + extra
+        (k0, p0), (k1, p1) = next(((a, b) for a, b in zip(points, points[1:]) if a[0] <= kept <= b[0]),
+                                  (points[0], points[0]))
+        slope = (p1 - p0) // max(k1 - k0, 1)
+        peak = p0 + (kept - k0) * slope + extra
         if peak <= limit:
-            return Choice(f, peak, budget, per_layer)
-    return Choice(1.0, peak_all + extra, budget, per_layer)
+            return Choice(f, peak, budget, slope)
+    return Choice(1.0, points[0][1] + extra, budget, slope)
 
 
 def step_up(fraction: float, layers: int) -> float:
@@ -106,35 +111,29 @@ class AutoCheckpointing:
 
     def decide(self, probe, params: list[torch.Tensor], optimizer_has_state: bool, agree,
                distributed: bool = False) -> str:
-        """Run `probe()` (the step's largest micro-batch, forward and backward) with every layer recomputed and
-        with none (half of them when that runs out of memory; always half with several ranks, where one rank's
-        out-of-memory error would leave the others waiting in a collective), choose, and agree on the fraction
-        with the other ranks (`agree(values, "max")`). Returns the sentence to print."""
+        """Run `probe()` (the step's largest micro-batch, forward and backward) with every layer recomputed, half
+        and none (see the module docstring), choose, and agree on the fraction with the other ranks
+        (`agree(values, "max")`). Returns the sentence to print."""
         if self.device.type != "cuda":
             self._apply(1.0)
             return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
-        peaks, kept = [], 0
-        for f in (1.0, 0.5) if distributed else (1.0, 0.0, 0.5):
-            if len(peaks) == 2:
-                break
+        peaks: dict[int, int] = {}  # layers kept -> measured peak
+        for f in (1.0, 0.5) if distributed else (1.0, 0.5, 0.0):
             self.set_fraction(f)
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 probe()
-            except torch.OutOfMemoryError:  # keeping every layer's activations does not fit: measure half of them
+            except torch.OutOfMemoryError:  # keeping this many layers' activations does not fit at all
                 torch.cuda.empty_cache()
-                continue
+                break
             torch.cuda.synchronize(self.device)
-            peaks.append(torch.cuda.max_memory_allocated(self.device))
-            kept = self.layers - round(f * self.layers)
+            peaks[self.layers - round(f * self.layers)] = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
         budget = device_budget(self.device) - max(outside, 0)
         extra = 0 if optimizer_has_state else optimizer_state_bytes(params)
-        if len(peaks) < 2:  # (not even half of them fit: every layer recomputed)
-            peaks.append(peaks[0])
-        choice = choose(self.layers, peaks[0], peaks[1], kept, budget, extra)
+        choice = choose(self.layers, peaks, budget, extra)
         fraction = float(agree([choice.fraction], "max")[0])
         self.choice = Choice(fraction, choice.predicted_peak, budget, choice.per_layer)
         self._apply(fraction)
