@@ -3,13 +3,14 @@
 The batch is model-agnostic: the adapter fills `model_inputs` and declares, per key, how its rows map to
 samples (`layout`): "token" tensors are [B, L] like input_ids; "positions" tensors are [K, B, L] (one [B, L]
 plane per position axis, as M-RoPE's position_ids); "patch" tensors are packed over every image of
-the batch and are sliced by each sample's patch count; "image" tensors have one row per image. Slicing by
-patch counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
+the batch and are sliced by each sample's patch count; "image" tensors have one row per image; "video_patch"
+and "video" tensors are the same for videos (`pixel_values_videos`, `video_grid_thw`). Slicing by patch
+counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,9 +23,11 @@ class MultimodalBatch:
     behavior_logprobs: torch.Tensor  # [B, L] float32, sampler logprob of token t stored at t, 0 elsewhere
     advantages: torch.Tensor  # [B] float32
     model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], position_ids [3, B, L]
-    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image"
-    patches_per_sample: list[int]
+    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image" | "video_patch" | "video"
+    patches_per_sample: list[int]  # image patches (rows of "patch" tensors)
     images_per_sample: list[int]
+    video_patches_per_sample: list[int] = field(default_factory=list)  # rows of "video_patch" tensors; [] = none
+    videos_per_sample: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -37,6 +40,17 @@ class MultimodalBatch:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def vision_patches_per_sample(self) -> list[int]:
+        """Image and video patches of each sample: the vision tower's work (the micro-batch patch budget)."""
+        return [p + v for p, v in zip(self.patches_per_sample, self._counts("video_patch"))]
+
+    def _counts(self, kind: str) -> list[int]:
+        """Rows per sample of a "patch" | "image" | "video_patch" | "video" tensor."""
+        counts = {"patch": self.patches_per_sample, "image": self.images_per_sample,
+                  "video_patch": self.video_patches_per_sample, "video": self.videos_per_sample}[kind]
+        return counts or [0] * self.size
 
     def to(self, device: torch.device | str) -> MultimodalBatch:
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
@@ -54,8 +68,6 @@ class MultimodalBatch:
         """The samples at `indices` (in that order), padding trimmed to their longest sequence."""
         idx = torch.tensor(indices, dtype=torch.long)
         length = int(self.attention_mask[idx].sum(-1).max()) if indices else 0
-        patch_starts = _offsets(self.patches_per_sample)
-        image_starts = _offsets(self.images_per_sample)
         inputs: dict[str, torch.Tensor] = {}
         for key, value in self.model_inputs.items():
             kind = self.layout[key]
@@ -63,10 +75,9 @@ class MultimodalBatch:
                 inputs[key] = value[idx, :length]
             elif kind == "positions":
                 inputs[key] = value[:, idx, :length]
-            elif kind in ("patch", "image"):
-                starts, counts = (
-                    (patch_starts, self.patches_per_sample) if kind == "patch" else (image_starts, self.images_per_sample)
-                )
+            elif kind in ("patch", "image", "video_patch", "video"):
+                counts = self._counts(kind)
+                starts = _offsets(counts)
                 rows = [value[starts[i] : starts[i] + counts[i]] for i in indices if counts[i]]
                 if rows:
                     inputs[key] = torch.cat(rows)
@@ -82,6 +93,8 @@ class MultimodalBatch:
             layout=self.layout,
             patches_per_sample=[self.patches_per_sample[i] for i in indices],
             images_per_sample=[self.images_per_sample[i] for i in indices],
+            video_patches_per_sample=[self._counts("video_patch")[i] for i in indices],
+            videos_per_sample=[self._counts("video")[i] for i in indices],
         )
 
 
@@ -101,9 +114,9 @@ def plan_micro_batches(
     max_patches: int | None = None,
 ) -> list[list[int]]:
     """Group sample indices into micro-batches, in order, within three budgets: at most `max_samples`
-    samples, at most `max_tokens` padded tokens (samples * longest length; image placeholders count as
-    tokens), and at most `max_patches` vision patches (the vision tower's work). A sample over a budget on
-    its own still gets a micro-batch of its own."""
+    samples, at most `max_tokens` padded tokens (samples * longest length; image and video placeholders count
+    as tokens), and at most `max_patches` vision patches of images and videos (the vision tower's work). A
+    sample over a budget on its own still gets a micro-batch of its own."""
     patches = patches or [0] * len(lengths)
     groups: list[list[int]] = []
     current: list[int] = []

@@ -184,7 +184,7 @@ class Run:
             batch.attention_mask.sum(-1).tolist(),
             cfg.train.micro_batch_size,
             cfg.train.micro_batch_tokens,
-            batch.patches_per_sample,
+            batch.vision_patches_per_sample,
             cfg.train.micro_batch_patches,
         )
         tokens, seqs, most = self._reduce([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], "sum") + \

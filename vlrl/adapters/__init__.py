@@ -21,6 +21,7 @@ class Adapter(Protocol):
     cfg: Any  # config.ModelConfig
     tokenizer: Any
     image_token_id: int
+    video_token_id: int
     pad_token_id: int
     eos_token_ids: list[int]
     merge_size: int
@@ -34,9 +35,9 @@ class Adapter(Protocol):
 
     # prompts
     def build_messages(self, question: str, num_images: int, system_prompt: str | None = None,
-                       history: list[dict] | None = None) -> list[dict]: ...
+                       history: list[dict] | None = None, num_videos: int = 0) -> list[dict]: ...
     def encode_prompt(self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None,
-                      name: str = "prompt") -> EncodedPrompt: ...
+                      name: str = "prompt", video_sources: list[Any] = ()) -> EncodedPrompt: ...
     def placeholders_per_image(self, grid: torch.Tensor | None) -> list[int]: ...
     def generation_inputs(self, prompts: list[EncodedPrompt], device) -> dict[str, torch.Tensor]: ...
 

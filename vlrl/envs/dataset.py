@@ -16,6 +16,9 @@ class Sample:
     answer: Any = None
     images: list[Any] = field(default_factory=list)
     """Image sources (paths, URLs, data URIs, base64, PIL images), shown before the question."""
+    videos: list[Any] = field(default_factory=list)
+    """Video sources (video files by path, URL, data URI or base64; lists of frames; `{"frames", "fps"}`),
+    shown after the images."""
     base_dir: Path | None = None
     """Directory relative image paths resolve against (the data file's directory)."""
     history: list[dict] | None = None
@@ -45,8 +48,10 @@ def encode_samples(adapter, samples: list[Sample], env_cfg) -> tuple[list, list[
 
 
 def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str):
-    """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images and the question."""
+    """Sample -> EncodedPrompt: system prompt, earlier turns, user turn with the images, videos and question."""
     question = question_template.format(question=sample.question)
-    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history)
-    prompt = adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}")
+    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history,
+                                      num_videos=len(sample.videos))
+    prompt = adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}",
+                                   video_sources=sample.videos)
     return prompt
