@@ -44,9 +44,9 @@ class MultimodalBatch:
     @property
     def vision_patches_per_sample(self) -> list[int]:
         """Image and video patches of each sample: the vision tower's work (the micro-batch patch budget)."""
-        return [p + v for p, v in zip(self.patches_per_sample, self._counts("video_patch"))]
+        return [p + v for p, v in zip(self.patches_per_sample, self.rows_per_sample("video_patch"))]
 
-    def _counts(self, kind: str) -> list[int]:
+    def rows_per_sample(self, kind: str) -> list[int]:
         """Rows per sample of a "patch" | "image" | "video_patch" | "video" tensor."""
         counts = {"patch": self.patches_per_sample, "image": self.images_per_sample,
                   "video_patch": self.video_patches_per_sample, "video": self.videos_per_sample}[kind]
@@ -76,7 +76,7 @@ class MultimodalBatch:
             elif kind == "positions":
                 inputs[key] = value[:, idx, :length]
             elif kind in ("patch", "image", "video_patch", "video"):
-                counts = self._counts(kind)
+                counts = self.rows_per_sample(kind)
                 starts = _offsets(counts)
                 rows = [value[starts[i] : starts[i] + counts[i]] for i in indices if counts[i]]
                 if rows:
@@ -93,8 +93,8 @@ class MultimodalBatch:
             layout=self.layout,
             patches_per_sample=[self.patches_per_sample[i] for i in indices],
             images_per_sample=[self.images_per_sample[i] for i in indices],
-            video_patches_per_sample=[self._counts("video_patch")[i] for i in indices],
-            videos_per_sample=[self._counts("video")[i] for i in indices],
+            video_patches_per_sample=[self.rows_per_sample("video_patch")[i] for i in indices],
+            videos_per_sample=[self.rows_per_sample("video")[i] for i in indices],
         )
 
 

@@ -1,7 +1,7 @@
 """`vlrl check-batch`: build one real batch and prove it sound before any GPU hour is spent.
 
 It loads the config and the model, rolls out one group for each of a few prompts with the configured
-sampler, builds the training batch and checks: tensor shapes, image placeholders against the image grid,
+sampler, builds the training batch and checks: tensor shapes, image and video placeholders against their grids,
 the token budget, that the loss mask covers exactly the sampled tokens, the M-RoPE positions against the
 model's own, and that the trainer's logprobs of the sampled tokens agree with the sampler's (mismatch KL
 and max abs diff), the check that catches every alignment bug.
@@ -63,11 +63,16 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.shapes = shapes
     same = all(getattr(batch, k).shape == (B, L) for k in ("attention_mask", "loss_mask", "behavior_logprobs"))
     same = same and all(v.shape == (B, L) for k, v in batch.model_inputs.items() if batch.layout[k] == "token")
-    pv, grid = batch.model_inputs.get("pixel_values"), batch.model_inputs.get("image_grid_thw")
-    rows = 0 if pv is None else pv.shape[0]
-    same = same and rows == sum(batch.patches_per_sample)
-    same = same and (0 if grid is None else grid.shape[0]) == sum(batch.images_per_sample)
-    report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows} = sum of per-sample patches")
+    rows = {}
+    for pixels, grid_key, patch, item in (("pixel_values", "image_grid_thw", "patch", "image"),
+                                          ("pixel_values_videos", "video_grid_thw", "video_patch", "video")):
+        pv, grid = batch.model_inputs.get(pixels), batch.model_inputs.get(grid_key)
+        rows[pixels] = 0 if pv is None else pv.shape[0]
+        same = same and rows[pixels] == sum(batch.rows_per_sample(patch))
+        same = same and (0 if grid is None else grid.shape[0]) == sum(batch.rows_per_sample(item))
+    videos = sum(batch.rows_per_sample("video"))
+    report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows['pixel_values']} = sum of per-sample "
+               "patches" + (f"; pixel_values_videos rows {rows['pixel_values_videos']} likewise" if videos else ""))
 
     placeholders = (batch.input_ids == adapter.image_token_id).sum(-1).tolist()
     expected = [sum(adapter.placeholders_per_image(r.prompt.image_grid_thw)) for r in rollouts]
@@ -77,6 +82,17 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
         f"{sum(placeholders)} <|image_pad|> tokens for {sum(batch.images_per_sample)} images "
         f"(t*h*w/{adapter.merge_size}^2 each); per sample {sorted(set(placeholders))}",
     )
+    video_tokens = (batch.input_ids == adapter.video_token_id).sum(-1).tolist()
+    frames = [len(v.frames) for r in rollouts for v in r.prompt.videos]
+    report.stats.update(videos=videos, video_frames=sum(frames))
+    if videos or sum(video_tokens):
+        want = [sum(adapter.placeholders_per_image(r.prompt.video_grid_thw)) for r in rollouts]
+        report.add(
+            "video tokens vs grid",
+            video_tokens == want,
+            f"{sum(video_tokens)} <|video_pad|> tokens for {videos} videos of {sum(frames)} sampled frames "
+            f"(t*h*w/{adapter.merge_size}^2 each, t = frame pairs); per sample {sorted(set(video_tokens))}",
+        )
 
     prompt_lens = [len(r.prompt.input_ids) for r in rollouts]
     longest = int(batch.attention_mask.sum(-1).max())
@@ -96,13 +112,14 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
         prompt_region[i, :p] = 1
     on_prompt = float((batch.loss_mask * prompt_region).sum())
     on_padding = float((batch.loss_mask * (1 - batch.attention_mask)).sum())
-    on_images = float((batch.loss_mask * (batch.input_ids == adapter.image_token_id)).sum())
+    placeholder = (batch.input_ids == adapter.image_token_id) | (batch.input_ids == adapter.video_token_id)
+    on_images = float((batch.loss_mask * placeholder).sum())
     stray_logprobs = float((batch.behavior_logprobs * (1 - batch.loss_mask)).abs().sum())
     total = int(batch.attention_mask.sum())
     report.add(
         "loss mask",
         batch.num_loss_tokens == sampled and on_prompt == on_padding == on_images == stray_logprobs == 0,
-        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/image/padding "
+        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/image/video/padding "
         f"({batch.num_loss_tokens / max(total, 1):.1%} of {total} tokens)",
     )
     banned = sum(1 for r in rollouts for t in r.completion_ids if t in adapter.banned_token_ids)
@@ -123,20 +140,21 @@ def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> N
 
 
 def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, bool]]]:
-    """The sample as (plain text with [[trained]] marks, [(piece, trained)] spans); image pads collapsed."""
+    """The sample as (plain text with [[trained]] marks, [(piece, trained)] spans); image/video pads collapsed."""
     tok = adapter.tokenizer
     spans: list[tuple[str, bool]] = []
     ids = rollout.prompt.input_ids
+    pads = {adapter.image_token_id: "<|image_pad|>", adapter.video_token_id: "<|video_pad|>"}
     i = 0
     while i < len(ids):
         j = i
-        if ids[i] == adapter.image_token_id:
-            while j < len(ids) and ids[j] == adapter.image_token_id:
+        if ids[i] in pads:
+            while j < len(ids) and ids[j] == ids[i]:
                 j += 1
-            spans.append((f"<|image_pad|>x{j - i}", False))
+            spans.append((f"{pads[ids[i]]}x{j - i}", False))
             i = j
             continue
-        while j < len(ids) and ids[j] != adapter.image_token_id:
+        while j < len(ids) and ids[j] not in pads:
             j += 1
         spans.append((tok.decode(ids[i:j]), False))
         i = j
@@ -219,7 +237,8 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         f"max |diff| {stats['max_abs_diff']:.2e} over {stats['tokens']} tokens{note}",
     )
     plain, spans = render_sample(rollouts[0], adapter)
-    report.sample = {"text": plain, "images": rollouts[0].prompt.image_refs, "finish_reason": rollouts[0].finish_reason}
+    report.sample = {"text": plain, "images": rollouts[0].prompt.image_refs, "videos": rollouts[0].prompt.video_refs,
+                     "finish_reason": rollouts[0].finish_reason}
     return report, spans
 
 
@@ -244,8 +263,10 @@ def print_report(console, report: Report, spans: list[tuple[str, bool]]) -> None
 
     text = Text()
     for piece, trained in spans:
-        text.append(piece, style="bold black on green" if trained else ("cyan" if piece.startswith("<|image_pad|>x") else "dim"))
-    console.print(f"[bold]sample 0[/] (images: {', '.join(report.sample['images']) or 'none'}; "
+        pad = piece.startswith(("<|image_pad|>x", "<|video_pad|>x"))
+        text.append(piece, style="bold black on green" if trained else ("cyan" if pad else "dim"))
+    videos = f"videos: {', '.join(report.sample['videos'])}; " if report.sample.get("videos") else ""
+    console.print(f"[bold]sample 0[/] (images: {', '.join(report.sample['images']) or 'none'}; {videos}"
                   f"trained tokens highlighted; finish: {report.sample['finish_reason']})")
     console.print(text)
     verdict = "[bold green]batch OK[/]" if report.ok else "[bold red]batch FAILED[/]"

@@ -74,7 +74,7 @@ def evaluate(
     so an eval does not change a training run. `info` adds fields to the summary (split, checkpoint,
     training step...). Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.sample_log import image_refs
+    from .envs.sample_log import media_refs
     from .report import write_eval_report
     from .rollout.groups import EVAL_STREAM, sampler_seed
 
@@ -95,11 +95,11 @@ def evaluate(
         batch = samples[start : start + per_batch]
         got = rollouts.score_groups(batch, n, sampler_seed(seed, EVAL_STREAM + b))
         skipped.extend((s.id, reason) for s, reason in got.bad_samples)
-        refs: dict[int, list[str]] = {}
+        refs: dict[int, dict[str, list[str]]] = {}
         seen: dict[int, int] = {}
         for r in got.rollouts:
             if r.group not in refs:  # one image file per prompt, shared by its n completions
-                refs[r.group] = image_refs(r, out_dir / "images", out_dir)
+                refs[r.group] = media_refs(r, out_dir / "images", out_dir)
             seen[r.group] = seen.get(r.group, -1) + 1
             records.append({
                 "prompt": start + r.group,
@@ -107,7 +107,7 @@ def evaluate(
                 "index": seen[r.group],
                 "question": r.sample.question,
                 "answer": None if r.sample.answer is None else str(r.sample.answer),
-                "images": refs[r.group],
+                **refs[r.group],
                 "completion": r.text,
                 "reward": None if math.isnan(r.reward) else r.reward,
                 "rewards": dict(r.rewards),

@@ -109,9 +109,9 @@ def log_bad_samples(path, step: int, bad: list, console) -> None:
 
 
 def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:
-    """`k` rollouts of the step (best and worst first), with image references, into `fh` (samples.jsonl);
+    """`k` rollouts of the step (best and worst first), with image (and video filmstrip) references, into `fh`;
     in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
-    from .envs.sample_log import image_refs
+    from .envs.sample_log import media_refs
 
     if k == 0 or not rollouts:
         return
@@ -128,7 +128,7 @@ def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> No
             "group": r.group,
             "question": r.sample.question,
             "answer": None if r.sample.answer is None else str(r.sample.answer),
-            "images": image_refs(r, image_dir, run_dir),
+            **media_refs(r, image_dir, run_dir),
             "completion": r.text,
             "reward": None if math.isnan(r.reward) else r.reward,
             "advantage": r.advantage,

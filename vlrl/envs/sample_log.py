@@ -1,4 +1,5 @@
-"""Image references for logged rollouts: the source path/URL when there is one, else a PNG in the run."""
+"""Image references for logged rollouts: the source path/URL when there is one, else a PNG in the run; and a
+filmstrip PNG of each video's sampled frames (what the model saw of it)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,26 @@ def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
         if not isinstance(img, Image.Image):
             refs.append(f"<image {k}>")
             continue
-        image_dir.mkdir(parents=True, exist_ok=True)
-        path = image_dir / f"{sample.id}-{k}.png"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            img.save(tmp, "PNG")
-            os.replace(tmp, path)
-        refs.append(str(path.relative_to(run_dir)))
+        refs.append(_png(img, image_dir / f"{sample.id}-{k}.png", run_dir))
     return refs
+
+
+def media_refs(rollout, image_dir: Path, run_dir: Path) -> dict[str, list[str]]:
+    """`{"images": image_refs(...)}`, and for a rollout with videos `"videos"`: a filmstrip PNG of each video's
+    sampled frames, written once to `image_dir`, referenced relative to `run_dir`."""
+    refs = {"images": image_refs(rollout, image_dir, run_dir)}
+    videos = getattr(rollout.prompt, "videos", None) or []
+    if videos:
+        refs["videos"] = [_png(v.filmstrip(), image_dir / f"{rollout.sample.id}-video-{k}.png", run_dir)
+                          for k, v in enumerate(videos)]
+    return refs
+
+
+def _png(img: Image.Image, path: Path, run_dir: Path) -> str:
+    """Write `img` to `path` once (atomically); its path relative to `run_dir`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        img.save(tmp, "PNG")
+        os.replace(tmp, path)
+    return str(path.relative_to(run_dir))
