@@ -3,8 +3,8 @@
 One file that opens from disk with no server and no network: the curves are PNGs drawn by matplotlib (Agg,
 no display) and the sample images are read from the files `samples.jsonl` references, both embedded as
 base64 data URIs (a video shows as a filmstrip of its sampled frames). A Content-Security-Policy forbids the
-page any fetch; image URLs are links, never loaded. Every text from a log is escaped, since completions are model output. matplotlib is optional: without it
-the page says so and shows everything but the curves.
+page any fetch; image URLs are links, never loaded. Every text from a log is escaped, since completions are
+model output. matplotlib is optional: without it the page says so and shows everything but the curves.
 """
 
 from __future__ import annotations
