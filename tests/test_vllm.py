@@ -158,7 +158,6 @@ def test_video_rollouts_match_the_trainer(server, tiny_model_dir, tiny_model, tm
     rollouts = sampler.sample(ps, n=4)
     assert sampler.prompts_checked == 3  # the server's prompt ids, timestamps included, equal the processor's
     stats = trainer_logprobs(adapter, tiny_model, rollouts)
-    print("VIDEO-STATS", stats)  # TEMP
     assert stats["tokens"] > 0 and stats["mismatch_kl"] < 1e-6 and stats["max_abs_diff"] < 1e-4, stats
     # vLLM 0.32 takes one frame-timestamp list per request
     two = Qwen3VLAdapter.from_config(ModelConfig(**cfg, max_videos_per_prompt=2))
