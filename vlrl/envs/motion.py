@@ -1,7 +1,7 @@
 """`builtin:motion`: a dot crosses the frame towards one edge; which edge is known only from the frame order.
 
 Each video is FRAMES frames at FPS frames per second (2 s) of one dot, on a grey canvas, moving in a straight
-line along one axis. The path is a random segment [a, b] of that axis: towards `right`/`bottom` the dot goes
+line along one axis across (nearly) the whole frame. The path is a random segment [a, b] of that axis: towards `right`/`bottom` the dot goes
 from a to b, towards `left`/`top` from b to a. So a left and a right video (or a top and a bottom one) draw their
 frames from the same distribution: any single frame, or the frames as an unordered set, says only the axis,
 and telling the two directions of an axis apart takes the order of the frames (which the model sees through
@@ -30,7 +30,7 @@ def motion_frames(rng: random.Random, answer: str, size: int) -> list[Image.Imag
     """FRAMES frames of a dot moving towards the `answer` edge (see the module docstring)."""
     radius = max(4, size // 8)
     lo, hi = radius + 1, size - radius - 2  # the dot stays wholly inside the frame
-    length = rng.randint((hi - lo) // 2, hi - lo)  # travels at least half the free span
+    length = hi - lo - rng.randint(0, size // 8)  # crosses (nearly) the whole frame: half to half
     a = rng.randint(lo, hi - length)
     path = [a + length * k / (FRAMES - 1) for k in range(FRAMES)]
     if answer in ("left", "top"):
