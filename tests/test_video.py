@@ -335,10 +335,11 @@ def test_check_batch_on_the_video_demo_config(tiny_model_dir, tmp_path):
     d = report.to_dict()
     checks = {c["name"]: c["ok"] for c in d["checks"]}
     assert d["ok"] and checks["video tokens vs grid"] and checks["M-RoPE positions"], d["checks"]
-    assert d["stats"]["videos"] == 8 and d["stats"]["video_frames"] == 8 * 4  # 2 prompts x 4 samples, 4 frames each
+    # 2 prompts x 4 samples; each video 2 frames (the first and the last of 8 at 4 fps, sampled at 1 fps), one pair
+    assert d["stats"]["videos"] == 8 and d["stats"]["video_frames"] == 8 * 2
     assert d["stats"]["mismatch_kl"] < 1e-6
-    assert d["shapes"]["video_grid_thw"] == [8, 3] and d["shapes"]["pixel_values_videos"] == [8 * 2 * 16, 1536]
-    assert "<|video_pad|>x4" in d["sample"]["text"] and "<0.2 seconds>" in d["sample"]["text"]
+    assert d["shapes"]["video_grid_thw"] == [8, 3] and d["shapes"]["pixel_values_videos"] == [8 * 16, 1536]
+    assert "<|video_pad|>x4" in d["sample"]["text"] and "<0.9 seconds>" in d["sample"]["text"]  # (0 + 7) / 2 / 4
 
 
 def test_training_on_a_jsonl_of_videos_skips_bad_ones_and_shows_filmstrips(tiny_model_dir, tmp_path, mp4):
@@ -394,7 +395,7 @@ def test_eval_of_the_motion_task_shows_filmstrips(tiny_model_dir, tmp_path):
     out = Path(summary["out_dir"])
     records = read_jsonl(out / "samples.jsonl")
     assert len(records) == 6 and all(len(r["videos"]) == 1 and r["images"] == [] for r in records)
-    assert Image.open(out / records[0]["videos"][0]).size == (4 * (96 + 2) - 2, 96)
+    assert Image.open(out / records[0]["videos"][0]).size == (2 * (96 + 2) - 2, 96)
     assert (out / "report.html").read_text().count('<div class="film">') == 3  # one per prompt
 
 

@@ -23,12 +23,12 @@ QUESTION = "Towards which edge of the frame does the dot move?"
 FRAMES = 8
 FPS = 4.0
 BACKGROUND = (200, 200, 200)
-DOT_COLORS = [(220, 30, 30), (30, 180, 40), (30, 60, 220), (20, 20, 20)]
+DOT_COLOR = (20, 20, 20)
 
 
 def motion_frames(rng: random.Random, answer: str, size: int) -> list[Image.Image]:
     """FRAMES frames of a dot moving towards the `answer` edge (see the module docstring)."""
-    radius = max(4, size // 8)
+    radius = max(4, size // 6)
     lo, hi = radius + 1, size - radius - 2  # the dot stays wholly inside the frame
     length = hi - lo - rng.randint(0, size // 8)  # crosses (nearly) the whole frame: half to half
     a = rng.randint(lo, hi - length)
@@ -36,11 +36,10 @@ def motion_frames(rng: random.Random, answer: str, size: int) -> list[Image.Imag
     if answer in ("left", "top"):
         path.reverse()
     across = rng.randint(lo, hi)  # the fixed coordinate on the other axis
-    rgb = rng.choice(DOT_COLORS)
     frames = []
     for p in path:
         x, y = (p, across) if answer in ("left", "right") else (across, p)
         img = Image.new("RGB", (size, size), BACKGROUND)
-        ImageDraw.Draw(img).ellipse((x - radius, y - radius, x + radius, y + radius), fill=rgb)
+        ImageDraw.Draw(img).ellipse((x - radius, y - radius, x + radius, y + radius), fill=DOT_COLOR)
         frames.append(img)
     return frames
