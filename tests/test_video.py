@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from vlrl.adapters.qwen3_vl import PromptError, Qwen3VLAdapter
 from vlrl.adapters.video import VideoError, VideoLimits, load_video, processor_video_size
 from vlrl.batch import plan_micro_batches
@@ -44,7 +44,9 @@ def bar_frames(n: int, w: int = 96, h: int = 64) -> list[np.ndarray]:
     return out
 
 
-def encode(frames: list[np.ndarray], fps: float = 10, codec: str = "libx264", fmt: str = "mp4", audio: bool = False) -> bytes:
+def encode(frames: list[np.ndarray] | None, fps: float = 10, codec: str = "libx264", fmt: str = "mp4",
+           audio: bool = False) -> bytes:
+    """A video file's bytes (frames None: no video stream; audio: an audio stream too)."""
     import av
 
     buf = io.BytesIO()
@@ -246,7 +248,8 @@ def test_batch_packs_videos_by_patch_count_and_positions_equal_transformers(vad,
     # slicing by patch counts: sample 2's rows are its prompt's own
     sub = b.select([2, 1])
     torch.testing.assert_close(sub.model_inputs["pixel_values_videos"], ps[2].pixel_values_videos)
-    assert sub.model_inputs["video_grid_thw"].tolist() == [[3, 4, 4], [2, 4, 6]] and "pixel_values" not in sub.model_inputs
+    assert sub.model_inputs["video_grid_thw"].tolist() == [[3, 4, 4], [2, 4, 6]]
+    assert "pixel_values" not in sub.model_inputs
     assert "pixel_values_videos" not in b.select([1, 3]).model_inputs
     # positions: built on the host == transformers' get_rope_index (each frame pair its own t = 1 block)
     assert torch.equal(vad.reference_positions(tiny_model, b), b.model_inputs["position_ids"])
@@ -315,9 +318,10 @@ def test_motion_answer_is_in_the_frame_order_only(vad):
         moved = {"right": dx, "left": -dx, "bottom": dy, "top": -dy}[s.answer]
         assert moved >= 10 and abs(dx if s.answer in ("top", "bottom") else dy) < 0.5
     # left and right paths are the same segments run the other way: their start and end points share a distribution
-    starts = {a: sorted(round(dot_centre(s.videos[0]["frames"][0])[0]) for s in train if s.answer == a) for a in ("left", "right")}
-    ends = {a: sorted(round(dot_centre(s.videos[0]["frames"][-1])[0]) for s in train if s.answer == a) for a in ("left", "right")}
-    assert abs(np.mean(starts["left"]) - np.mean(ends["right"])) < 6 and abs(np.mean(ends["left"]) - np.mean(starts["right"])) < 6
+    def mean_x(answer: str, frame: int) -> float:
+        return float(np.mean([dot_centre(s.videos[0]["frames"][frame])[0] for s in train if s.answer == answer]))
+
+    assert abs(mean_x("left", 0) - mean_x("right", -1)) < 6 and abs(mean_x("left", -1) - mean_x("right", 0)) < 6
     for word in ("left", "right", "top", "bottom"):  # one token of the tiny tokenizer, bare and after a space
         assert len(vad.tokenizer.encode(word, add_special_tokens=False)) == 1
         assert len(vad.tokenizer.encode(" " + word, add_special_tokens=False)) == 1
@@ -331,7 +335,7 @@ def test_check_batch_on_the_video_demo_config(tiny_model_dir, tmp_path):
 
     cfg = load_config(VIDEO_CPU, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.group_size=4",
                                   "rollout.max_new_tokens=6"])
-    report, spans = run_check_batch(cfg, num_prompts=2)
+    report, _ = run_check_batch(cfg, num_prompts=2)
     d = report.to_dict()
     checks = {c["name"]: c["ok"] for c in d["checks"]}
     assert d["ok"] and checks["video tokens vs grid"] and checks["M-RoPE positions"], d["checks"]
@@ -386,8 +390,9 @@ def test_training_on_a_jsonl_of_videos_skips_bad_ones_and_shows_filmstrips(tiny_
 
 
 def test_eval_of_the_motion_task_shows_filmstrips(tiny_model_dir, tmp_path):
-    from vlrl.evaluate import run_eval
     from rich.console import Console
+
+    from vlrl.evaluate import run_eval
 
     cfg = load_config(VIDEO_CPU, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.max_new_tokens=4",
                                   "logging.progress=false"])

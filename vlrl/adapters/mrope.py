@@ -51,7 +51,9 @@ def mrope_positions(
                 pos += n
             else:
                 if used[k] >= len(grids[k]):
-                    raise ValueError(f"sample {b}: more {names[k]} placeholder runs than {names[k]} grids ({len(grids[k])})")
+                    raise ValueError(
+                        f"sample {b}: more {names[k]} placeholder runs than {names[k]} grids ({len(grids[k])})"
+                    )
                 t, h, w = grids[k][used[k]]
                 used[k] += 1
                 gh, gw = h // merge_size, w // merge_size

@@ -40,7 +40,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageLimits, MediaError, decode_image, describe_source, read_bytes, resolve_source, target_size
+from .images import (
+    ImageLimits,
+    MediaError,
+    decode_image,
+    describe_source,
+    read_bytes,
+    resolve_source,
+    target_size,
+)
 
 # Every Qwen3-VL: 16-pixel patches merged 2 x 2 (so sizes are multiples of 32), two frames per temporal patch.
 FACTOR = 32
