@@ -60,8 +60,7 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
         except torch.OutOfMemoryError:
             row = {"path": label, "fraction": fraction, "seconds": None}
         model.zero_grad(set_to_none=True)
-        del opt
-        return row
+        return row  # (the optimizer and its state go with this call's frame)
 
     auto = AutoCheckpointing(lambda f: set_checkpointing(model, f), len(model.model.language_model.layers), device)
 

@@ -166,7 +166,7 @@ def test_plan_step_packs_by_tokens_and_pads_with_a_reason(adapter, batch):
     report = packing_report(b, plan, train)
     assert report["padding_after"] == 0.0 < report["padding_before"]
     assert report["micro_batches"] < report["micro_batches_before"]  # (micro_batch_size 2: 4 or more padded)
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         _, padded = plan_step(rollouts, [], lambda rs: batch, train, unavailable="eager attention: padded")
     assert not padded.packed and padded.reason == "eager attention: padded"

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     srv = Server(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "serve.log").start()
@@ -59,6 +60,39 @@ def test_serve_command_has_what_rl_needs():
     assert parse_limit_mm("image=3,video=1") == {"image": 3, "video": 1}
     nccl = build_command("M", weight_sync="nccl")
     assert json.loads(nccl[nccl.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
+
+
+def test_video_rollouts_match_the_trainer(server, tiny_model_dir, tiny_model, tmp_path):
+    """Video prompts (a video file; an image and a list of frames; frames at their own fps): the server is sent the
+    trainer's sampled frames with their timestamps, and its prompt ids (timestamps included) equal the
+    processor's; the trainer's logprobs of its samples agree with its own."""
+    from test_video import bar_frames, encode
+    from vlrl.config import ModelConfig
+
+    cfg = dict(path=str(tiny_model_dir), dtype="float32", min_pixels=4096, max_pixels=16384, max_model_len=1024,
+               video_min_pixels=4096, video_max_pixels=8192, video_max_frames=8)
+    adapter = Qwen3VLAdapter.from_config(ModelConfig(**cfg, max_videos_per_prompt=1))
+    (tmp_path / "bar.mp4").write_bytes(encode(bar_frames(20), fps=10))
+    frames = [Image.fromarray(f) for f in bar_frames(7, w=64, h=64)]
+    ps = [
+        adapter.encode_prompt(adapter.build_messages("Which way?", 0, num_videos=1), [], video_sources=["bar.mp4"],
+                              base_dir=tmp_path),
+        adapter.encode_prompt(adapter.build_messages("Which way?", 1, "Be brief.", num_videos=1),
+                              [Image.new("RGB", (64, 96), (200, 30, 40))], video_sources=[frames]),
+        adapter.encode_prompt(adapter.build_messages("And now?", 0, num_videos=1), [],
+                              video_sources=[{"frames": frames, "fps": 3.5}]),
+    ]
+    assert [p.video_grid_thw.tolist() for p in ps] == [[[2, 4, 6]], [[4, 4, 4]], [[2, 4, 4]]]
+    sampler = VLLMSampler(adapter, rollout_cfg(server))
+    rollouts = sampler.sample(ps, n=4)
+    assert sampler.prompts_checked == 3  # the server's prompt ids, timestamps included, equal the processor's
+    stats = trainer_logprobs(adapter, tiny_model, rollouts)
+    assert stats["tokens"] > 0 and stats["mismatch_kl"] < 1e-6 and stats["max_abs_diff"] < 1e-4, stats
+    # vLLM 0.32 takes one frame-timestamp list per request
+    two = Qwen3VLAdapter.from_config(ModelConfig(**cfg, max_videos_per_prompt=2))
+    p = two.encode_prompt(two.build_messages("q", 0, num_videos=2), [], video_sources=[frames, frames])
+    with pytest.raises(ServerError, match="2 videos; a vLLM server takes one per prompt"):
+        VLLMSampler(two, rollout_cfg(server)).sample([p], n=1)
 
 
 def test_multimodal_rollouts_match_the_trainer(server, vadapter, tiny_model):

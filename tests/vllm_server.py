@@ -47,7 +47,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
                      "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
-                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4",
+                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4,video=1",
+                     "--video-max-pixels", "8192", "--video-max-frames", "8",
                      "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
         self.out = log.with_suffix(".out")
         self.log = log

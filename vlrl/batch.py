@@ -3,8 +3,9 @@
 The batch is model-agnostic: the adapter fills `model_inputs` and declares, per key, how its rows map to
 samples (`layout`): "token" tensors are [B, L] like input_ids; "positions" tensors are [K, B, L] (one [B, L]
 plane per position axis, as M-RoPE's position_ids); "patch" tensors are packed over every image of
-the batch and are sliced by each sample's patch count; "image" tensors have one row per image. Slicing by
-patch counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
+the batch and are sliced by each sample's patch count; "image" tensors have one row per image; "video_patch"
+and "video" tensors are the same for videos (`pixel_values_videos`, `video_grid_thw`). Slicing by patch
+counts (never by sample index) is what keeps `pixel_values` aligned with the image placeholders.
 
 A micro-batch is either padded (`select`: [b, l] with the samples right-padded to the longest) or packed
 (`pack`: the samples concatenated into one sequence [1, T], T = the sum of their lengths, no padding
@@ -15,7 +16,7 @@ and its statistics are computed by the same code on the same tensors either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -28,9 +29,11 @@ class MultimodalBatch:
     behavior_logprobs: torch.Tensor  # [B, L] float32, sampler logprob of token t stored at t, 0 elsewhere
     advantages: torch.Tensor  # [B] float32
     model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], position_ids [3, B, L]
-    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image"
-    patches_per_sample: list[int]
+    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image" | "video_patch" | "video"
+    patches_per_sample: list[int]  # image patches (rows of "patch" tensors)
     images_per_sample: list[int]
+    video_patches_per_sample: list[int] = field(default_factory=list)  # rows of "video_patch" tensors; [] = none
+    videos_per_sample: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -59,6 +62,17 @@ class MultimodalBatch:
         """Each sample's length in tokens (image placeholders included)."""
         return self.attention_mask.sum(-1).tolist()
 
+    @property
+    def vision_patches_per_sample(self) -> list[int]:
+        """Image and video patches of each sample: the vision tower's work (the micro-batch patch budget)."""
+        return [p + v for p, v in zip(self.patches_per_sample, self.rows_per_sample("video_patch"))]
+
+    def rows_per_sample(self, kind: str) -> list[int]:
+        """Rows per sample of a "patch" | "image" | "video_patch" | "video" tensor."""
+        counts = {"patch": self.patches_per_sample, "image": self.images_per_sample,
+                  "video_patch": self.video_patches_per_sample, "video": self.videos_per_sample}[kind]
+        return counts or [0] * self.size
+
     def to(self, device: torch.device | str) -> MultimodalBatch:
         return _moved(self, device)
 
@@ -73,6 +87,7 @@ class MultimodalBatch:
                 inputs[key] = value[idx, :length]
             elif kind == "positions":
                 inputs[key] = value[:, idx, :length]
+
             else:
                 self._add_rows(inputs, key, value, indices)
         return MultimodalBatch(
@@ -85,6 +100,8 @@ class MultimodalBatch:
             layout=self.layout,
             patches_per_sample=[self.patches_per_sample[i] for i in indices],
             images_per_sample=[self.images_per_sample[i] for i in indices],
+            video_patches_per_sample=[self.rows_per_sample("video_patch")[i] for i in indices],
+            videos_per_sample=[self.rows_per_sample("video")[i] for i in indices],
         )
 
     def pack(self, indices: list[int]) -> PackedBatch:
@@ -126,11 +143,12 @@ class MultimodalBatch:
         )
 
     def _add_rows(self, inputs: dict, key: str, value: torch.Tensor, indices: list[int]) -> None:
-        """inputs[key] = the "patch" or "image" rows of the samples at `indices` (absent when they have none)."""
+        """inputs[key] = the "patch", "image", "video_patch" or "video" rows of the samples at `indices` (absent
+        when they have none)."""
         kind = self.layout[key]
-        if kind not in ("patch", "image"):
+        if kind not in ("patch", "image", "video_patch", "video"):
             raise ValueError(f"unknown layout {kind!r} for model input {key!r}")
-        counts = self.patches_per_sample if kind == "patch" else self.images_per_sample
+        counts = self.rows_per_sample(kind)
         starts = _offsets(counts)
         rows = [value[starts[i] : starts[i] + counts[i]] for i in indices if counts[i]]
         if rows:
@@ -218,9 +236,9 @@ def plan_micro_batches(
     max_patches: int | None = None,
 ) -> list[list[int]]:
     """Group sample indices into micro-batches, in order, within three budgets: at most `max_samples`
-    samples, at most `max_tokens` padded tokens (samples * longest length; image placeholders count as
-    tokens), and at most `max_patches` vision patches (the vision tower's work). A sample over a budget on
-    its own still gets a micro-batch of its own."""
+    samples, at most `max_tokens` padded tokens (samples * longest length; image and video placeholders count
+    as tokens), and at most `max_patches` vision patches of images and videos (the vision tower's work). A
+    sample over a budget on its own still gets a micro-batch of its own."""
     patches = patches or [0] * len(lengths)
     groups: list[list[int]] = []
     current: list[int] = []

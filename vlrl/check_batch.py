@@ -1,7 +1,7 @@
 """`vlrl check-batch`: build one real batch and prove it sound before any GPU hour is spent.
 
 It loads the config and the model, rolls out one group for each of a few prompts with the configured
-sampler, builds the training batch and checks: tensor shapes, image placeholders against the image grid,
+sampler, builds the training batch and checks: tensor shapes, image and video placeholders against their grids,
 the token budget, that the loss mask covers exactly the sampled tokens, the M-RoPE positions against the
 model's own, and that the trainer's logprobs of the sampled tokens agree with the sampler's (mismatch KL
 and max abs diff), the check that catches every alignment bug.
@@ -64,11 +64,16 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.shapes = shapes
     same = all(getattr(batch, k).shape == (B, L) for k in ("attention_mask", "loss_mask", "behavior_logprobs"))
     same = same and all(v.shape == (B, L) for k, v in batch.model_inputs.items() if batch.layout[k] == "token")
-    pv, grid = batch.model_inputs.get("pixel_values"), batch.model_inputs.get("image_grid_thw")
-    rows = 0 if pv is None else pv.shape[0]
-    same = same and rows == sum(batch.patches_per_sample)
-    same = same and (0 if grid is None else grid.shape[0]) == sum(batch.images_per_sample)
-    report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows} = sum of per-sample patches")
+    rows = {}
+    for pixels, grid_key, patch, item in (("pixel_values", "image_grid_thw", "patch", "image"),
+                                          ("pixel_values_videos", "video_grid_thw", "video_patch", "video")):
+        pv, grid = batch.model_inputs.get(pixels), batch.model_inputs.get(grid_key)
+        rows[pixels] = 0 if pv is None else pv.shape[0]
+        same = same and rows[pixels] == sum(batch.rows_per_sample(patch))
+        same = same and (0 if grid is None else grid.shape[0]) == sum(batch.rows_per_sample(item))
+    videos = sum(batch.rows_per_sample("video"))
+    report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows['pixel_values']} = sum of per-sample "
+               "patches" + (f"; pixel_values_videos rows {rows['pixel_values_videos']} likewise" if videos else ""))
 
     placeholders = (batch.input_ids == adapter.image_token_id).sum(-1).tolist()
     expected = [sum(adapter.placeholders_per_image(r.image_grid_thw)) for r in rollouts]
@@ -78,6 +83,17 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
         f"{sum(placeholders)} <|image_pad|> tokens for {sum(batch.images_per_sample)} images "
         f"(t*h*w/{adapter.merge_size}^2 each); per sample {sorted(set(placeholders))}",
     )
+    video_tokens = (batch.input_ids == adapter.video_token_id).sum(-1).tolist()
+    frames = [len(v.frames) for r in rollouts for v in r.prompt.videos]
+    report.stats.update(videos=videos, video_frames=sum(frames))
+    if videos or sum(video_tokens):
+        want = [sum(adapter.placeholders_per_image(r.prompt.video_grid_thw)) for r in rollouts]
+        report.add(
+            "video tokens vs grid",
+            video_tokens == want,
+            f"{sum(video_tokens)} <|video_pad|> tokens for {videos} videos of {sum(frames)} sampled frames "
+            f"(t*h*w/{adapter.merge_size}^2 each, t = frame pairs); per sample {sorted(set(video_tokens))}",
+        )
 
     prompt_lens = [len(r.prompt.input_ids) for r in rollouts]
     longest = int(batch.attention_mask.sum(-1).max())
@@ -98,13 +114,14 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
         prompt_region[i, p : p + len(r.completion_ids)] = 1 - torch.tensor(r.trained_mask, dtype=torch.float32)
     on_prompt = float((batch.loss_mask * prompt_region).sum())
     on_padding = float((batch.loss_mask * (1 - batch.attention_mask)).sum())
-    on_images = float((batch.loss_mask * (batch.input_ids == adapter.image_token_id)).sum())
+    placeholder = (batch.input_ids == adapter.image_token_id) | (batch.input_ids == adapter.video_token_id)
+    on_images = float((batch.loss_mask * placeholder).sum())
     stray_logprobs = float((batch.behavior_logprobs * (1 - batch.loss_mask)).abs().sum())
     total = int(batch.attention_mask.sum())
     report.add(
         "loss mask",
         batch.num_loss_tokens == sampled and on_prompt == on_padding == on_images == stray_logprobs == 0,
-        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/environment/image/padding "
+        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/environment/image/video/padding "
         f"({batch.num_loss_tokens / max(total, 1):.1%} of {total} tokens)",
     )
     banned = sum(1 for r in rollouts for t, m in zip(r.completion_ids, r.trained_mask)
@@ -127,13 +144,14 @@ def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> N
 
 def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]]:
     """The sample as (plain text with [[sampled]] marks, [(piece, kind)] spans). Kinds: `prompt`, `sampled`
-    (trained), `env` (an environment's reply: prompt to the policy, never trained) and `image` (a run of image
-    placeholders, shown once with its length and named: the prompt's images, then the environment's)."""
-    tok, pad = adapter.tokenizer, adapter.image_token_id
+    (trained), `env` (an environment's reply: prompt to the policy, never trained), `image` (a run of image
+    placeholders, shown once with its length and named: the prompt's images, then the environment's) and
+    `video` (a run of video placeholders: a pair of frames, after its timestamp)."""
+    tok, pad, vpad = adapter.tokenizer, adapter.image_token_id, adapter.video_token_id
     p = len(rollout.prompt.input_ids)
     ids = rollout.prompt.input_ids + rollout.completion_ids
     kinds = ["prompt"] * p + ["sampled" if m else "env" for m in rollout.trained_mask]
-    kinds = ["image" if t == pad else k for t, k in zip(ids, kinds)]
+    kinds = ["image" if t == pad else "video" if t == vpad else k for t, k in zip(ids, kinds)]
     prompt_images = len(rollout.prompt.images)
     spans: list[tuple[str, str]] = []
     images = i = 0
@@ -145,6 +163,8 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]
             images += 1
             name = f"image {images}" if images <= prompt_images else f"tool image {images - prompt_images}"
             spans.append((f"<|image_pad|>x{j - i} ({name})", "image"))
+        elif kinds[i] == "video":
+            spans.append((f"<|video_pad|>x{j - i}", "video"))
         else:
             spans.append((tok.decode(ids[i:j]), kinds[i]))
         i = j
@@ -241,8 +261,8 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     )
     shown = max(rollouts, key=lambda r: r.turns)  # the longest trajectory (multi-turn): the most to see
     plain, spans = render_sample(shown, adapter)
-    report.sample = {"text": plain, "images": shown.prompt.image_refs, "env_images": len(shown.env_images),
-                     "turns": shown.turns, "finish_reason": shown.finish_reason}
+    report.sample = {"text": plain, "images": shown.prompt.image_refs, "videos": shown.prompt.video_refs,
+                     "env_images": len(shown.env_images), "turns": shown.turns, "finish_reason": shown.finish_reason}
     return report, spans
 
 
@@ -275,13 +295,14 @@ def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
         console.print(bad)
 
     text = Text()
-    styles = {"sampled": "bold black on green", "image": "cyan", "env": "dim italic", "prompt": "dim"}
+    styles = {"sampled": "bold black on green", "image": "cyan", "video": "cyan", "env": "dim italic", "prompt": "dim"}
     for piece, kind in spans:
         text.append(piece, style=styles[kind])
     sample = report.sample
     turns = f"{sample['turns']} turns, {sample['env_images']} tool images; environment turns dimmed; " \
         if sample.get("turns", 1) > 1 else ""
-    console.print(f"[bold]sample[/] (images: {', '.join(sample['images']) or 'none'}; {turns}"
+    videos = f"videos: {', '.join(sample['videos'])}; " if sample.get("videos") else ""
+    console.print(f"[bold]sample[/] (images: {', '.join(sample['images']) or 'none'}; {videos}{turns}"
                   f"trained tokens highlighted; finish: {sample['finish_reason']})")
     console.print(text)
     verdict = "[bold green]batch OK[/]" if report.ok else "[bold red]batch FAILED[/]"

@@ -184,6 +184,10 @@ def serve(
     data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
     min_pixels: Annotated[Optional[int], typer.Option(help="Smallest image area: the trainer's model.min_pixels.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image area: the trainer's model.max_pixels.")] = None,
+    video_max_pixels: Annotated[Optional[int], typer.Option(
+        help="Largest video frame area: the trainer's model.video_max_pixels (with video=N).")] = None,
+    video_max_frames: Annotated[Optional[int], typer.Option(
+        help="Most frames per video: the trainer's model.video_max_frames (with video=N).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights dtype (auto, bfloat16, float32...).")] = "auto",
     weight_sync: Annotated[str, typer.Option(help="disk (default) or nccl (enables vLLM's NCCL weight transfer).")] = "disk",
     allowed_local_media_path: Annotated[Optional[str], typer.Option(help="Directory file:// images may come from.")] = None,
@@ -223,7 +227,8 @@ def serve(
         cmd = build_command(
             model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt, tensor_parallel_size,
             data_parallel_size, min_pixels, max_pixels, dtype, weight_sync, allowed_local_media_path,
-            trust_remote_code, enforce_eager=on_cpu, extra=ctx.args,
+            trust_remote_code, enforce_eager=on_cpu, extra=ctx.args, video_max_pixels=video_max_pixels,
+            video_max_frames=video_max_frames,
         )
         api_key = os.environ.get(api_key_env) or None
         log_path = log_file or Path("runs") / f"vllm-serve-{port}.log"

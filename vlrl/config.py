@@ -57,7 +57,33 @@ class ModelConfig(Section):
     image_max_decoded_pixels: int = Field(64 * 1024 * 1024, gt=0)
     """Largest image area accepted before resizing (decompression-bomb guard)."""
     image_fetch_timeout_s: float = Field(10.0, gt=0)
-    """Connect/read timeout for http(s) images."""
+    """Connect/read timeout for http(s) images and videos."""
+    max_videos_per_prompt: int = Field(0, ge=0)
+    """Most videos one prompt may hold (0: no video). Must not exceed the server's `--limit-mm-per-prompt
+    video=N`; with a vLLM server at most 1 (vLLM 0.32 takes one frame-timestamp list per request)."""
+    video_fps: float = Field(2.0, gt=0)
+    """Frames sampled per second of video (Qwen3-VL's own default), within video_min_frames..video_max_frames.
+    One frame policy serves trainer and sampler: the trainer samples and resizes the frames once and the
+    server receives those frames, with their timestamps."""
+    video_min_frames: int = Field(4, ge=2)
+    """Fewest frames sampled from a video (fewer when the video has fewer); Qwen3-VL needs at least 2."""
+    video_max_frames: int = Field(32, ge=2)
+    """Most frames sampled from a video; a longer video is sampled evenly over its whole length."""
+    video_min_pixels: int = Field(16 * 32 * 32, gt=0)
+    """Smallest area of a sampled frame in pixels after resizing."""
+    video_max_pixels: int = Field(256 * 32 * 32, gt=0)
+    """Largest area of a sampled frame in pixels after resizing (`vlrl serve --video-max-pixels`)."""
+    video_max_tokens: int = Field(4096, gt=0)
+    """Most placeholder tokens one video may take, all its frames together (two frames share each token
+    grid): frames are resized below video_max_pixels when the sampled frames would exceed it."""
+    video_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Largest encoded video accepted (file, download or base64 payload), in bytes."""
+    video_max_decoded_pixels: int = Field(4096 * 4096, gt=0)
+    """Largest frame area accepted before resizing (width x height of the video stream)."""
+    video_max_duration_s: float = Field(3600.0, gt=0)
+    """Longest video accepted, in seconds."""
+    video_decode_timeout_s: float = Field(60.0, gt=0)
+    """A video whose decoding (or download) takes longer than this is skipped as a bad sample."""
     freeze_vision: bool = True
     """Keep the vision tower (and its merger) frozen during training."""
     lora_rank: int = Field(0, ge=0)
@@ -169,10 +195,9 @@ class RewardSpec(Section):
 
 class EnvConfig(Section):
     dataset: str = "builtin:colors"
-    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position; with
-    their environments: zoom, calculator),
-    a `.jsonl` or `.parquet` file, a directory written by `datasets.save_to_disk`, or `hf:NAME` (a Hugging
-    Face hub dataset; needs hub access)."""
+    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position; motion,
+    a video task; with their environments: zoom, calculator), a `.jsonl` or `.parquet` file, a directory written
+    by `datasets.save_to_disk`, or `hf:NAME` (a Hugging Face hub dataset; needs hub access)."""
     eval_dataset: str | None = None
     """Eval split from a separate file/dir (same forms as `dataset`). Unset for files: `eval_size` rows are
     held out of `dataset` (deterministic by seed). Ignored by built-in tasks, which have their own split."""
@@ -187,6 +212,10 @@ class EnvConfig(Section):
     image_field: str = "images"
     """Column holding the image(s): one source or a list (path relative to the data file, URL, data URI,
     base64, or a Hugging Face Image feature)."""
+    video_field: str = "videos"
+    """Column holding the video(s): one source or a list of videos, each a video file (mp4, webm, mkv...: a
+    path relative to the data file, URL, data URI or base64), a list of frame images (shown at
+    model.video_fps), or `{"frames": [...], "fps": F}`. Videos come after the images, before the question."""
     id_field: str = "id"
     """Column holding a sample id (row number when absent)."""
     train_size: int = Field(512, gt=0)
@@ -354,8 +383,8 @@ class TrainConfig(Section):
     """Most tokens per micro-batch, text and image tokens together (padding included when padded); unset:
     no token cap (padded), micro_batch_size x the longest sample (packed)."""
     micro_batch_patches: int | None = Field(None, gt=0)
-    """Most vision patches (rows of pixel_values) per micro-batch: the vision tower's share of the budget;
-    unset: no patch cap."""
+    """Most vision patches (rows of pixel_values and pixel_values_videos) per micro-batch: the vision tower's
+    share of the budget; unset: no patch cap."""
     precision: Literal["auto", "float32", "bf16"] = "auto"
     """Training precision: `auto` is bf16 on GPU, float32 on CPU."""
     gradient_checkpointing: bool = False
@@ -423,6 +452,17 @@ class Config(Section):
         if self.model.min_pixels > self.model.max_pixels:
             raise ValueError(
                 f"model.min_pixels ({self.model.min_pixels}) is larger than model.max_pixels ({self.model.max_pixels})"
+            )
+        if self.model.video_min_frames > self.model.video_max_frames:
+            raise ValueError(f"model.video_min_frames ({self.model.video_min_frames}) is larger than "
+                             f"model.video_max_frames ({self.model.video_max_frames})")
+        if self.model.video_min_pixels > self.model.video_max_pixels:
+            raise ValueError(f"model.video_min_pixels ({self.model.video_min_pixels}) is larger than "
+                             f"model.video_max_pixels ({self.model.video_max_pixels})")
+        if self.rollout.server_url and self.model.max_videos_per_prompt > 1:
+            raise ValueError(
+                f"model.max_videos_per_prompt ({self.model.max_videos_per_prompt}) must be at most 1 with a vLLM "
+                "server: vLLM 0.32 takes one list of frame timestamps per request (media_io_kwargs)"
             )
         if self.rollout.max_new_tokens >= self.model.max_model_len:
             raise ValueError(

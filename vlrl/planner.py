@@ -73,8 +73,8 @@ def micro_batches(batch: MultimodalBatch, train, packed: bool) -> list[list[int]
     lengths = batch.lengths
     if packed:
         budget = train.micro_batch_tokens or train.micro_batch_size * max(lengths)
-        return pack_micro_batches(lengths, budget, batch.patches_per_sample, train.micro_batch_patches)
-    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens, batch.patches_per_sample,
+        return pack_micro_batches(lengths, budget, batch.vision_patches_per_sample, train.micro_batch_patches)
+    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens, batch.vision_patches_per_sample,
                               train.micro_batch_patches)
 
 
@@ -165,7 +165,7 @@ def exchange_rollouts(rollouts: list[Rollout], world: int, gather: Callable | No
 
 def _portable(r: Rollout) -> Rollout:
     """What another rank needs to train on `r` (ids, logprobs, pixels, advantage), not what it was made from."""
-    return replace(r, prompt=replace(r.prompt, images=[], messages=[]), sample=None, env_images=[])
+    return replace(r, prompt=replace(r.prompt, images=[], videos=[], messages=[]), sample=None, env_images=[])
 
 
 # --- what check-batch reports -------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ class EncodedPrompt:
     input_ids: list[int]
     """Processor ids, image placeholders expanded, generation prompt included."""
     messages: list[dict] | None
-    """Chat messages; image parts are `{"type": "image"}` in order of `images`. None for a continuation of a
-    trajectory (a later turn), which a sampler takes by its token ids alone."""
+    """Chat messages; image parts are `{"type": "image"}` in order of `images`, video parts `{"type": "video"}`.
+    None for a continuation of a trajectory (a later turn), which a sampler takes by its token ids alone."""
     images: list[Image.Image]
     """RGB images already resized to the pixel policy (what the sampler receives)."""
     pixel_values: torch.Tensor | None = None  # [P, D] float32, P = sum over images of t*h*w
@@ -36,10 +36,23 @@ class EncodedPrompt:
     """Most tokens a sampler may add (a later turn of a trajectory: what is left of model.max_model_len)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Tokens that end a sample besides the end-of-turn ones (an environment that stops a turn at its tool call)."""
+    videos: list[Any] = field(default_factory=list)
+    """Videos after the frame policy (`adapters.video.Video`: sampled frames, resized, with their timestamps),
+    in order of the messages' `{"type": "video"}` parts: what the sampler receives."""
+    pixel_values_videos: torch.Tensor | None = None  # [P_v, D] float32, P_v = sum over videos of t*h*w
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3] int64 (t = frame pairs)
+    video_refs: list[str] = field(default_factory=list)
+    """Printable names of the video sources."""
 
     @property
     def num_patches(self) -> int:
+        """Image patches (rows of pixel_values)."""
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.prod(-1).sum())
+
+    @property
+    def num_video_patches(self) -> int:
+        """Video patches (rows of pixel_values_videos)."""
+        return 0 if self.video_grid_thw is None else int(self.video_grid_thw.prod(-1).sum())
 
 
 @dataclass

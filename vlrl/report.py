@@ -2,9 +2,9 @@
 
 One file that opens from disk with no server and no network: the curves are PNGs drawn by matplotlib (Agg,
 no display) and the sample images are read from the files `samples.jsonl` references, both embedded as
-base64 data URIs. A Content-Security-Policy forbids the page any fetch; image URLs are links, never loaded.
-Every text from a log is escaped, since completions are model output. matplotlib is optional: without it
-the page says so and shows everything but the curves.
+base64 data URIs (a video shows as a filmstrip of its sampled frames). A Content-Security-Policy forbids the
+page any fetch; image URLs are links, never loaded. Every text from a log is escaped, since completions are
+model output. matplotlib is optional: without it the page says so and shows everything but the curves.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} th{background:#f0f0f0
 .card.best{border-left-color:#2a9d3a} .card.worst{border-left-color:#c0392b}
 .card img{width:192px;max-height:256px;object-fit:contain;border:1px solid #ccc;margin:0 6px 6px 0}
 .card img.pix{image-rendering:pixelated} .tag{font-weight:bold;text-transform:uppercase;font-size:11px}
+.card .film img{width:100%;max-height:none;margin:0 0 6px;image-rendering:pixelated}
 .label{color:#666;font-size:12px;margin-right:6px} .noimg{color:#999;font-style:italic}
 pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:6px;margin:6px 0 0;max-height:300px;
 overflow:auto}
@@ -199,6 +200,14 @@ def last_step_rows(metrics: list[dict]) -> list[tuple[str, object]]:
     return rows
 
 
+def media_html(s: dict, images: ImageEmbedder) -> str:
+    """A sample's images, then a filmstrip of each of its videos' sampled frames (in order, left to right)."""
+    imgs = "".join(images.html(ref) for ref in s.get("images") or [])
+    imgs += "".join(f'<div class="film"><span class="label">video {k + 1}: sampled frames</span>{images.html(ref)}</div>'
+                    for k, ref in enumerate(s.get("videos") or []))
+    return imgs or '<span class="noimg">no image</span>'
+
+
 def tool_images(s: dict, images: ImageEmbedder) -> str:
     """A multi-turn sample's environment images (tool results), in the order the model saw them."""
     refs = s.get("env_images") or []
@@ -210,9 +219,9 @@ def tool_images(s: dict, images: ImageEmbedder) -> str:
 
 
 def card(s: dict, images: ImageEmbedder, tag: str = "") -> str:
-    """One sample: its images, question, answer, completion (a multi-turn trajectory whole, with the images its
-    environment returned) and scores."""
-    imgs = "".join(images.html(ref) for ref in s.get("images") or []) or '<span class="noimg">no image</span>'
+    """One sample: its images and video filmstrips, question, answer, completion (a multi-turn trajectory whole,
+    with the images its environment returned) and scores."""
+    imgs = media_html(s, images)
     meta = [f'<span class="tag">{esc(tag)}</span>'] if tag else []
     meta.append(f"reward <b>{fmt(s.get('reward'))}</b>")
     if s.get("advantage") is not None:
@@ -239,9 +248,10 @@ def ranked_cards(group: list[dict], images: ImageEmbedder) -> str:
 
 
 def prompt_card(group: list[dict], images: ImageEmbedder) -> str:
-    """One eval prompt: its images, question and answer once, then its best and worst completion."""
+    """One eval prompt: its images (and video filmstrips), question and answer once, then its best and worst
+    completion."""
     first = group[0]
-    imgs = "".join(images.html(ref) for ref in first.get("images") or []) or '<span class="noimg">no image</span>'
+    imgs = media_html(first, images)
     ranked = sorted(group, key=lambda s: (s.get("reward") is None, -(s.get("reward") or 0.0)))
     shown = [("best", ranked[0])] + ([("worst", ranked[-1])] if len(ranked) > 1 else [])
     right = sum(bool(s.get("correct")) for s in group)

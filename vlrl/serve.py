@@ -8,7 +8,9 @@
 - `--enable-scale-out`: the token-in/token-out route `/inference/v1/generate`, which samples a multi-turn
   trajectory's next turn from exactly the ids the trainer holds (with the trajectory's images);
 - the trainer's pixel policy (`--min-pixels/--max-pixels` -> the processor's size), so both sides count the
-  same image tokens;
+  same image tokens; with videos allowed (`--limit-mm-per-prompt video=N`), a video size that keeps the
+  trainer's frames as they are (`--video-max-pixels/--video-max-frames`), every frame of a request kept, and
+  per-request media kwargs trusted (each video's frame indices and rate come with its request);
 - bound to 127.0.0.1 unless `--host` says otherwise.
 The server's output is teed to a log file. Ctrl-C, SIGTERM (what Slurm, Kubernetes and most schedulers send
 on preemption or time-out) and SIGHUP (a closed terminal or SSH session) all shut the server's whole process
@@ -74,6 +76,8 @@ def build_command(
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
     extra: list[str] | None = None,
+    video_max_pixels: int | None = None,
+    video_max_frames: int | None = None,
 ) -> list[str]:
     """The vLLM server's argv. Values go to the process as separate arguments, never through a shell."""
     cmd = [
@@ -82,7 +86,7 @@ def build_command(
         "--host", host,
         "--port", str(port),
         "--gpu-memory-utilization", str(gpu_memory_utilization),
-        "--limit-mm-per-prompt", json.dumps(parse_limit_mm(limit_mm_per_prompt)),
+        "--limit-mm-per-prompt", json.dumps(limits := parse_limit_mm(limit_mm_per_prompt)),
         "--tensor-parallel-size", str(tensor_parallel_size),
         "--data-parallel-size", str(data_parallel_size),
         "--dtype", dtype,
@@ -92,12 +96,14 @@ def build_command(
     ]  # fmt: skip
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
-    if min_pixels or max_pixels:
-        size = {}
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
+    size = {}
+    if min_pixels:
+        size["shortest_edge"] = min_pixels
+    if max_pixels:
+        size["longest_edge"] = max_pixels
+    if limits.get("video"):
+        cmd += video_args(size, video_max_pixels, video_max_frames)
+    elif size:
         cmd += ["--mm-processor-kwargs", json.dumps({"size": size})]
     if weight_sync == "nccl":
         cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
@@ -108,6 +114,30 @@ def build_command(
     if enforce_eager:
         cmd += ["--enforce-eager"]
     return cmd + list(extra or [])
+
+
+def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None) -> list[str]:
+    """vLLM arguments for video prompts. The image and video processors get their sizes apart (a plain `size`
+    would also bound each whole video); the video size is the one under which the processor keeps the trainer's
+    frames as they are (`adapters.video.processor_video_size`; defaults: the config's); a request's frames are
+    all kept (vLLM's frame-list loader keeps 32 by default); per-request media kwargs are trusted, since each
+    video's frame indices and rate come with its request (the server stays private and keyed: see README)."""
+    from .adapters.video import processor_video_size
+    from .config import ModelConfig
+
+    fields = ModelConfig.model_fields
+    videos_kwargs: dict = {"size": processor_video_size(max_pixels or fields["video_max_pixels"].default,
+                                                        max_frames or fields["video_max_frames"].default)}
+    try:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        if hasattr(Qwen3VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.19
+            videos_kwargs["cap_pixels_per_frame"] = False  # as the trainer: its cap could shrink the frames
+    except ImportError:
+        pass
+    mm = {"videos_kwargs": videos_kwargs, **({"images_kwargs": {"size": image_size}} if image_size else {})}
+    return ["--mm-processor-kwargs", json.dumps(mm), "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}),
+            "--trust-request-mm-kwargs"]
 
 
 def server_env(on_cpu: bool, api_key: str | None = None) -> dict[str, str]:

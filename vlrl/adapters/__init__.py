@@ -21,6 +21,7 @@ class Adapter(Protocol):
     cfg: Any  # config.ModelConfig
     tokenizer: Any
     image_token_id: int
+    video_token_id: int
     pad_token_id: int
     eos_token_ids: list[int]
     tool_call_end_ids: list[int]
@@ -36,9 +37,10 @@ class Adapter(Protocol):
 
     # prompts
     def build_messages(self, question: str, num_images: int, system_prompt: str | None = None,
-                       history: list[dict] | None = None) -> list[dict]: ...
+                       history: list[dict] | None = None, num_videos: int = 0) -> list[dict]: ...
     def encode_prompt(self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None,
-                      name: str = "prompt", tools: list[dict] | None = None) -> EncodedPrompt: ...
+                      name: str = "prompt", video_sources: list[Any] = (), tools: list[dict] | None = None
+                      ) -> EncodedPrompt: ...
     def encode_reply(self, messages: list[dict], images: list, name: str = "reply", close_turn: bool = False
                      ) -> EnvReply:
         """An environment's reply rendered once, as the ids that follow a sampled turn (multi-turn)."""

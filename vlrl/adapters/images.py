@@ -26,7 +26,11 @@ from ..errors import UserError
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
-class ImageError(UserError):
+class MediaError(UserError):
+    """An image or video the user supplied cannot be used; the message names the source and what to do."""
+
+
+class ImageError(MediaError):
     """An image the user supplied cannot be used; the message names the source and what to do."""
 
 
@@ -54,75 +58,83 @@ def describe_source(source: Any) -> str:
     return s
 
 
-def _decode_base64(payload: str, source: Any) -> bytes:
+def _decode_base64(payload: str, source: Any, kind: str = "image", error: type[MediaError] = ImageError) -> bytes:
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:
-        raise ImageError(f"image {describe_source(source)}: invalid base64 ({e})") from None
+        raise error(f"{kind} {describe_source(source)}: invalid base64 ({e})") from None
 
 
-def _fetch_url(url: str, limits: ImageLimits) -> bytes:
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _fetch_url(url: str, limits, kind: str = "image", error: type[MediaError] = ImageError) -> bytes:
+    """Download `url` under the limits' timeout and byte cap; `kind` ("image"/"video") names it in errors."""
     import httpx
 
     try:
         with httpx.stream("GET", url, timeout=limits.timeout_s, follow_redirects=True) as r:
             if r.status_code != 200:
-                raise ImageError(f"image {url}: HTTP {r.status_code}; check the URL")
+                raise error(f"{kind} {url}: HTTP {r.status_code}; check the URL")
             ctype = r.headers.get("content-type", "")
-            if ctype and not (ctype.startswith("image/") or ctype.startswith("application/octet-stream")):
-                raise ImageError(f"image {url}: the server sent {ctype.split(';')[0]}, not an image; check the URL")
+            if ctype and not (ctype.startswith(f"{kind}/") or ctype.startswith("application/octet-stream")):
+                raise error(f"{kind} {url}: the server sent {ctype.split(';')[0]}, not {_a(kind)}; check the URL")
             declared = int(r.headers.get("content-length") or 0)
             if declared > limits.max_bytes:
-                raise ImageError(f"image {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes; "
-                                 "raise model.image_max_bytes or shrink the file")
+                raise error(f"{kind} {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes; "
+                            f"raise model.{kind}_max_bytes or shrink the file")
             buf = bytearray()
             for chunk in r.iter_bytes():
                 buf += chunk
                 if len(buf) > limits.max_bytes:
-                    raise ImageError(f"image {url}: larger than the limit of {limits.max_bytes} bytes; "
-                                     "raise model.image_max_bytes or shrink the file")
+                    raise error(f"{kind} {url}: larger than the limit of {limits.max_bytes} bytes; "
+                                f"raise model.{kind}_max_bytes or shrink the file")
             return bytes(buf)
     except httpx.TimeoutException:
-        raise ImageError(f"image {url}: timed out after {limits.timeout_s:g} s; check the URL or the network") from None
+        raise error(f"{kind} {url}: timed out after {limits.timeout_s:g} s; check the URL or the network") from None
     except httpx.HTTPError as e:
-        raise ImageError(f"image {url}: could not be fetched ({type(e).__name__}: {e})") from None
+        raise error(f"{kind} {url}: could not be fetched ({type(e).__name__}: {e})") from None
 
 
-def _read_bytes(source: Any, base_dir: Path | None, limits: ImageLimits) -> bytes:
+def read_bytes(source: Any, base_dir: Path | None, limits, kind: str = "image",
+               error: type[MediaError] = ImageError) -> bytes:
+    """The encoded bytes of a path, `file://`, http(s) URL, data URI, bare base64 or bytes, within
+    `limits.max_bytes` (and `limits.timeout_s` for URLs); `kind` ("image"/"video") names it in errors."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     elif isinstance(source, Path) or isinstance(source, str):
         s = str(source).strip()
         if s.startswith(("http://", "https://")):
-            return _fetch_url(s, limits)
+            return _fetch_url(s, limits, kind, error)
         if s.startswith("data:"):
             head, _, payload = s.partition(",")
             if ";base64" not in head:
-                raise ImageError(f"image {describe_source(s)}: only base64 data URIs are supported")
-            data = _decode_base64(payload, s)
+                raise error(f"{kind} {describe_source(s)}: only base64 data URIs are supported")
+            data = _decode_base64(payload, s, kind, error)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) and not s.startswith("file://"):
             scheme = s.split("://", 1)[0]
-            raise ImageError(f"image {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data URI")
+            raise error(f"{kind} {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data URI")
         else:
             path = Path(resolve_source(s.removeprefix("file://"), base_dir))
             if path.is_file():
                 size = path.stat().st_size
                 if size > limits.max_bytes:
-                    raise ImageError(f"image {path}: {size} bytes is over the limit of {limits.max_bytes} bytes; "
-                                     "raise model.image_max_bytes or shrink the file")
+                    raise error(f"{kind} {path}: {size} bytes is over the limit of {limits.max_bytes} bytes; "
+                                f"raise model.{kind}_max_bytes or shrink the file")
                 data = path.read_bytes()
             elif len(s) > 64 and _BASE64_RE.match(s):
-                data = _decode_base64(s, s)
+                data = _decode_base64(s, s, kind, error)
             else:
-                raise ImageError(f"image {path}: file not found; check the path (relative paths resolve "
-                                 f"against {base_dir or 'the working directory'})")
+                raise error(f"{kind} {path}: file not found; check the path (relative paths resolve "
+                            f"against {base_dir or 'the working directory'})")
     else:
-        raise ImageError(f"image {describe_source(source)}: unsupported source type {type(source).__name__}")
+        raise error(f"{kind} {describe_source(source)}: unsupported source type {type(source).__name__}")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image {describe_source(resolve_source(source, base_dir))}: {len(data)} bytes is over the limit "
-                         f"of {limits.max_bytes} bytes; raise model.image_max_bytes or shrink the file")
+        raise error(f"{kind} {describe_source(resolve_source(source, base_dir))}: {len(data)} bytes is over the limit "
+                    f"of {limits.max_bytes} bytes; raise model.{kind}_max_bytes or shrink the file")
     if not data:
-        raise ImageError(f"image {describe_source(resolve_source(source, base_dir))}: empty (0 bytes)")
+        raise error(f"{kind} {describe_source(resolve_source(source, base_dir))}: empty (0 bytes)")
     return data
 
 
@@ -185,7 +197,7 @@ def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits 
     error and warning) becomes an `ImageError` naming the source, so a bad image is a skipped sample.
     """
     shown = resolve_source(source, base_dir)
-    data = None if isinstance(source, Image.Image) else _read_bytes(source, base_dir, limits)
+    data = None if isinstance(source, Image.Image) else read_bytes(source, base_dir, limits)
     _pillow_allows(limits.max_decoded_pixels)
     try:
         img = source if data is None else Image.open(io.BytesIO(data))

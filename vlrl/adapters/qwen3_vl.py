@@ -3,7 +3,9 @@
 
 Image tokens: an image resized to (H, W) pixels becomes a grid of t*h*w patches (t = 1 for an image,
 h = H / patch, w = W / patch), i.e. t*h*w rows of `pixel_values` (3 * temporal_patch * patch^2 columns: 1536
-for patch 16), and t*h*w / merge^2 `<|image_pad|>` placeholders in the token sequence.
+for patch 16), and t*h*w / merge^2 `<|image_pad|>` placeholders in the token sequence. A video of F sampled
+frames is a grid of t = ceil(F / 2) frame pairs (`pixel_values_videos`, `video_grid_thw`); the processor writes
+each pair as `<T seconds><|vision_start|>` + h*w / merge^2 `<|video_pad|>` + `<|vision_end|>` (video.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .images import ImageLimits, decode_image, describe_source, fit_image, resol
 from .mrope import mrope_positions
 from .packing import packed_sequences, packing_unavailable
 from .patches import patch_model
+from .video import FramePolicy, Video, VideoLimits, load_video
 
 
 # The modules FSDP2 shards as units (every decoder layer and vision block); = fsdp_transformer_layer_cls_to_wrap
@@ -49,6 +52,10 @@ class Qwen3VLAdapter:
         self.tokenizer = processor.tokenizer
         self.cfg = cfg
         self.limits = ImageLimits(cfg.image_max_bytes, cfg.image_max_decoded_pixels, cfg.image_fetch_timeout_s)
+        self.video_limits = VideoLimits(cfg.video_max_bytes, cfg.video_max_decoded_pixels, cfg.video_max_duration_s,
+                                        cfg.image_fetch_timeout_s, cfg.video_decode_timeout_s)
+        vp = getattr(processor, "video_processor", None)
+        self.frame_policy = None if vp is None else FramePolicy.from_config(cfg, vp)
         ip = processor.image_processor
         self.patch_size = int(ip.patch_size)
         self.merge_size = int(ip.merge_size)
@@ -85,12 +92,19 @@ class Qwen3VLAdapter:
         img = decode_image(source, base_dir, self.limits)
         return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, resolve_source(source, base_dir))
 
+    def load_video(self, source: Any, base_dir: Path | None = None) -> Video:
+        """A video file or a list of frames -> its frames under the frame policy (sampled, resized)."""
+        if self.frame_policy is None:
+            raise PromptError(f"model.path {self.cfg.path!r}: its processor has no video processor")
+        return load_video(source, base_dir, self.video_limits, self.frame_policy, self.limits)
+
     @staticmethod
     def build_messages(
         question: str, num_images: int, system_prompt: str | None = None, history: list[dict] | None = None,
-        image_marker: str | None = None,
+        image_marker: str | None = None, num_videos: int = 0,
     ) -> list[dict]:
-        """A chat: optional system prompt, earlier turns, then a user turn with its images first, then text.
+        """A chat: optional system prompt, earlier turns, then a user turn with its images first, then its
+        videos, then text.
 
         A question holding `image_marker`s (LLaVA / EasyR1 style: geometry3k's "<image>Find x.") gets its images
         where the markers are, in order, the markers removed; a leading marker gives the usual images-first turn.
@@ -99,6 +113,7 @@ class Qwen3VLAdapter:
         if system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
         messages.extend(history or [])
+        videos = [{"type": "video"} for _ in range(num_videos)]
         if image_marker and image_marker in question:
             pieces = question.split(image_marker)
             if len(pieces) - 1 != num_images:
@@ -112,56 +127,85 @@ class Qwen3VLAdapter:
                     content.append({"type": "text", "text": piece})
                 if k < num_images:
                     content.append({"type": "image"})
+            content = videos + content  # (videos have no markers: they open the turn)
         else:
-            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+            content = [{"type": "image"} for _ in range(num_images)] + videos + [{"type": "text", "text": question}]
         messages.append({"role": "user", "content": content})
         return messages
 
     def encode_prompt(
         self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None, name: str = "prompt",
+        video_sources: list[Any] = (),
         tools: list[dict] | None = None,
     ) -> EncodedPrompt:
-        """Tokenise a chat with its images through the processor; check placeholders against the grid.
+        """Tokenise a chat with its images and videos through the processor; check placeholders against the grids.
 
-        `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`; `tools`
-        (function schemas) go into the system turn as the chat template writes them.
+        `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`, and each
+        video with a `{"type": "video"}` part, in the order of `video_sources`; `tools` (function schemas) go
+        into the system turn as the chat template writes them.
         """
-        n_parts = sum(
-            1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
-        )
-        if n_parts != len(image_sources):
-            raise PromptError(f"{name}: the messages hold {n_parts} image parts but {len(image_sources)} images")
-        if len(image_sources) > self.cfg.max_images_per_prompt:
-            raise PromptError(
-                f"{name}: {len(image_sources)} images is over model.max_images_per_prompt "
-                f"({self.cfg.max_images_per_prompt}); raise it (and the server's --limit-mm-per-prompt) or drop images"
+        for kind, sources, limit in (("image", image_sources, "max_images_per_prompt"),
+                                     ("video", video_sources, "max_videos_per_prompt")):
+            n_parts = sum(
+                1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == kind
             )
+            if n_parts != len(sources):
+                raise PromptError(f"{name}: the messages hold {n_parts} {kind} parts but {len(sources)} {kind}s")
+            if len(sources) > getattr(self.cfg, limit):
+                raise PromptError(
+                    f"{name}: {len(sources)} {kind}s is over model.{limit} ({getattr(self.cfg, limit)}); raise it "
+                    f"(and the server's --limit-mm-per-prompt {kind}=N) or drop {kind}s"
+                )
         images = [self.load_image(s, base_dir) for s in image_sources]
+        videos = [self.load_video(s, base_dir) for s in video_sources]
         text = self.processor.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                                   add_generation_prompt=True)
-        ids, pixel_values, grid = self._tokenize(text, images)
+        enc = self._tokenize(text, images, videos)
+        ids = enc["input_ids"][0].tolist()
+        grid, video_grid = enc.get("image_grid_thw"), enc.get("video_grid_thw")
         prompt = EncodedPrompt(
             input_ids=ids,
             messages=messages,
             images=images,
-            pixel_values=pixel_values,
+            pixel_values=enc.get("pixel_values"),
             image_grid_thw=grid,
             image_refs=[describe_source(s) for s in image_sources],
+            videos=videos,
+            pixel_values_videos=enc.get("pixel_values_videos"),
+            video_grid_thw=video_grid,
+            video_refs=[v.source for v in videos],
             tools=tools or None,
         )
-        self.check_placeholders(ids, grid, name)
+        if videos and (video_grid[:, 1:] * self.patch_size).tolist() != [list(v.frames[0].size[::-1]) for v in videos]:
+            raise RuntimeError(f"{name}: the video processor resized the frame policy's frames (processor_video_size)")
+        self.check_placeholders(ids, grid, name, video_grid)
         if len(ids) >= self.cfg.max_model_len:
             raise PromptError(
-                f"{name}: the prompt is {len(ids)} tokens (images included), not below model.max_model_len "
-                f"({self.cfg.max_model_len}); lower model.max_pixels, use fewer images, or raise max_model_len"
+                f"{name}: the prompt is {len(ids)} tokens (images and videos included), not below model.max_model_len "
+                f"({self.cfg.max_model_len}); lower model.max_pixels or model.video_max_tokens, use fewer images or "
+                "videos, or raise max_model_len"
             )
         return prompt
 
-    def _tokenize(self, text: str, images: list) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
-        """The processor on rendered text: (ids with placeholders expanded, pixel_values, image_grid_thw)."""
-        size = {"shortest_edge": self.cfg.min_pixels, "longest_edge": self.cfg.max_pixels}
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt", size=size)
-        return enc["input_ids"][0].tolist(), enc.get("pixel_values"), enc.get("image_grid_thw")
+    def _tokenize(self, text: str, images: list, videos: list[Video] = ()):
+        """The processor on rendered text: ids with placeholders expanded, pixel values and grids (a BatchFeature),
+        images at the pixel policy, videos as the frame policy left them."""
+        kwargs: dict[str, Any] = {"images_kwargs": {"size": {"shortest_edge": self.cfg.min_pixels,
+                                                              "longest_edge": self.cfg.max_pixels}}}
+        if videos:
+            kwargs.update(videos=[v.array() for v in videos], videos_kwargs=self._videos_kwargs(videos))
+        return self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+
+    def _videos_kwargs(self, videos: list[Video]) -> dict[str, Any]:
+        """The video processor's settings: the frames are already sampled (`do_sample_frames` off, their
+        indices and rate in the metadata write the timestamps) and already resized (its own resize keeps them)."""
+        from transformers.video_utils import VideoMetadata
+
+        out = {"video_metadata": [VideoMetadata(**v.metadata()) for v in videos], "do_sample_frames": False,
+               "size": self.frame_policy.processor_size}
+        if hasattr(self.processor.video_processor, "cap_pixels_per_frame"):  # transformers >= 5.19
+            out["cap_pixels_per_frame"] = False  # (its per-frame cap could shrink the policy's frames)
+        return out
 
     @property
     def tool_call_end_ids(self) -> list[int]:
@@ -185,23 +229,28 @@ class Qwen3VLAdapter:
         if end < 0 or not whole.startswith(head):
             raise PromptError(f"{name}: the chat template does not end an assistant turn with {self.END_OF_TURN}; "
                               "multi-turn rollouts need Qwen3-VL's template")
-        ids, pixel_values, grid = self._tokenize(whole[end if close_turn else end + len(self.END_OF_TURN) :], images)
+        enc = self._tokenize(whole[end if close_turn else end + len(self.END_OF_TURN) :], images)
+        ids, pixel_values, grid = enc["input_ids"][0].tolist(), enc.get("pixel_values"), enc.get("image_grid_thw")
         self.check_placeholders(ids, grid, name)
         return EnvReply(input_ids=ids, images=images, pixel_values=pixel_values, image_grid_thw=grid)
 
     def placeholders_per_image(self, grid: torch.Tensor | None) -> list[int]:
+        """Placeholder tokens of each image (or video) of a [n, 3] grid: t*h*w / merge^2."""
         if grid is None:
             return []
         return (grid.prod(-1) // (self.merge_size**2)).tolist()
 
-    def check_placeholders(self, ids: list[int], grid: torch.Tensor | None, name: str) -> None:
-        found = sum(1 for t in ids if t == self.image_token_id)
-        expected = sum(self.placeholders_per_image(grid))
-        if found != expected:
-            raise PromptError(
-                f"{name}: {found} <|image_pad|> tokens but the image grid needs {expected}; "
-                "the chat template and the processor disagree"
-            )
+    def check_placeholders(self, ids: list[int], grid: torch.Tensor | None, name: str,
+                           video_grid: torch.Tensor | None = None) -> None:
+        for token_id, token, kind, g in ((self.image_token_id, "<|image_pad|>", "image", grid),
+                                         (self.video_token_id, "<|video_pad|>", "video", video_grid)):
+            found = sum(1 for t in ids if t == token_id)
+            expected = sum(self.placeholders_per_image(g))
+            if found != expected:
+                raise PromptError(
+                    f"{name}: {found} {token} tokens but the {kind} grid needs {expected}; "
+                    "the chat template and the processor disagree"
+                )
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] int64: 0 text, 1 image placeholder, 2 video placeholder (transformers needs it for M-RoPE)."""
@@ -223,6 +272,10 @@ class Qwen3VLAdapter:
         if with_images:
             inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images])  # [P_img, D]
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])  # [n_images, 3]
+        with_videos = [p for p in prompts if p.video_grid_thw is not None]
+        if with_videos:
+            inputs["pixel_values_videos"] = torch.cat([p.pixel_values_videos for p in with_videos])  # [P_vid, D]
+            inputs["video_grid_thw"] = torch.cat([p.video_grid_thw for p in with_videos])  # [n_videos, 3]
         return {k: v.to(device) for k, v in inputs.items()}
 
     def empty_rollout(self) -> Rollout:
@@ -243,7 +296,7 @@ class Qwen3VLAdapter:
         attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]
         loss_mask = torch.zeros(B, L, dtype=torch.float32)  # [B, L]
         behavior = torch.zeros(B, L, dtype=torch.float32)  # [B, L]
-        pixel_rows, grids, patches, n_images = [], [], [], []
+        vision = [rollout_vision(r) for r in rollouts]
         for i, r in enumerate(rollouts):
             p, c = len(r.prompt.input_ids), len(r.completion_ids)
             placeholders = (self.image_token_id, self.video_token_id)
@@ -255,22 +308,25 @@ class Qwen3VLAdapter:
             mask = torch.tensor(r.trained_mask, dtype=torch.float32)
             loss_mask[i, p : p + c] = mask
             behavior[i, p : p + c] = torch.tensor(r.logprobs, dtype=torch.float32) * mask
-            grid = r.image_grid_thw
-            self.check_placeholders(input_ids[i, : p + c].tolist(), grid, f"rollout {i}")
-            if grid is not None:
-                pixel_rows.append(r.pixel_values)
-                grids.append(grid)
-            patches.append(r.num_patches)
-            n_images.append(r.num_images)
+            self.check_placeholders(input_ids[i, : p + c].tolist(), vision[i]["image"][1], f"rollout {i}",
+                                    vision[i]["video"][1])
         model_inputs = {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
         layout = {"mm_token_type_ids": "token"}
-        if pixel_rows:
-            model_inputs["pixel_values"] = torch.cat(pixel_rows)  # [P, D]
-            model_inputs["image_grid_thw"] = torch.cat(grids)  # [N, 3]
-            layout.update(pixel_values="patch", image_grid_thw="image")
+        counts = {}
+        # each kind packed over the batch (rows in token order), with the per-sample counts that slice it
+        for kind, (pixels_key, grid_key, patch_layout, item_layout) in VISION_INPUTS.items():
+            rows = [v[kind] for v in vision]
+            counts[kind] = ([0 if g is None else int(g.prod(-1).sum()) for _, g in rows],
+                            [0 if g is None else len(g) for _, g in rows])
+            kept = [(pv, g) for pv, g in rows if g is not None and len(g)]
+            if kept:
+                model_inputs[pixels_key] = torch.cat([pv for pv, _ in kept])  # [P, D]
+                model_inputs[grid_key] = torch.cat([g for _, g in kept])  # [N, 3]
+                layout.update({pixels_key: patch_layout, grid_key: item_layout})
         # M-RoPE positions built here, on the host, so the model does not walk the batch on the GPU every pass
         model_inputs["position_ids"] = mrope_positions(
-            input_ids, attention_mask, model_inputs.get("image_grid_thw"), self.image_token_id, self.merge_size
+            input_ids, attention_mask, model_inputs.get("image_grid_thw"), self.image_token_id, self.merge_size,
+            model_inputs.get("video_grid_thw"), self.video_token_id,
         )  # [3, B, L]
         layout["position_ids"] = "positions"
         return MultimodalBatch(
@@ -281,8 +337,10 @@ class Qwen3VLAdapter:
             advantages=torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
             model_inputs=model_inputs,
             layout=layout,
-            patches_per_sample=patches,
-            images_per_sample=n_images,
+            patches_per_sample=counts["image"][0],
+            images_per_sample=counts["image"][1],
+            video_patches_per_sample=counts["video"][0],
+            videos_per_sample=counts["video"][1],
         )
 
     # --- the model --------------------------------------------------------------------------------------
@@ -336,7 +394,7 @@ class Qwen3VLAdapter:
 
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLPolicy:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head,
-                             packed_attention=self.cfg.packed_attention)
+                             packed_attention=self.cfg.packed_attention, videos=self.cfg.max_videos_per_prompt > 0)
 
     @staticmethod
     def reference_positions(model, batch: MultimodalBatch) -> torch.Tensor:
@@ -345,7 +403,7 @@ class Qwen3VLAdapter:
         inputs = batch.model_inputs
         positions, _ = model.model.get_rope_index(
             batch.input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-            attention_mask=batch.attention_mask,
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=batch.attention_mask,
         )
         return positions
 
@@ -361,6 +419,22 @@ class Qwen3VLAdapter:
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
         self.processor.save_pretrained(out_dir)
+
+
+# How each kind of vision input enters the batch: (pixels key, grid key, their layouts in MultimodalBatch).
+VISION_INPUTS = {
+    "image": ("pixel_values", "image_grid_thw", "patch", "image"),
+    "video": ("pixel_values_videos", "video_grid_thw", "video_patch", "video"),
+}
+
+
+def rollout_vision(rollout: Rollout) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """A rollout's (pixels [P, D], grid [N, 3]) per kind, in token order: its prompt's images, then those its
+    environment returned (`Rollout.pixel_values` holds both), and its prompt's videos: the one place the batch
+    reads them."""
+    p = rollout.prompt
+    return {"image": (rollout.pixel_values, rollout.image_grid_thw),
+            "video": (p.pixel_values_videos, p.video_grid_thw)}
 
 
 def set_checkpointing(model, fraction: float) -> None:
@@ -389,10 +463,11 @@ class Qwen3VLPolicy(nn.Module):
     """
 
     def __init__(self, model: nn.Module, banned_ids: list[int], temperature: float, chunk_size: int = 1024,
-                 fused_head: bool = False, packed_attention: str = "auto"):
+                 fused_head: bool = False, packed_attention: str = "auto", videos: bool = False):
         super().__init__()
         self.model = model
         self.temperature = temperature
+        self.videos = videos  # the run may hold videos: a micro-batch without them runs the tower once for them
         self.chunk_size = chunk_size
         self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
         self.packed_attention = packed_attention  # the attention route of packed micro-batches (packing.py)
@@ -400,9 +475,10 @@ class Qwen3VLPolicy(nn.Module):
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
     def _idle_vision_pass(self, backbone) -> torch.Tensor:
-        """A micro-batch without images still runs the vision tower once (on a 32x32 blank image) and adds
-        0 x its output: every rank then takes part in the tower's collectives (FSDP all-gathers, DDP
-        gradient buckets) and none waits forever for a rank whose micro-batch had no image."""
+        """A micro-batch without images (or, in a run with videos, without videos) still runs the vision tower
+        for them (on a 32x32 blank image) and adds 0 x its output: every rank then takes part in the tower's
+        collectives (FSDP all-gathers, DDP gradient buckets) and none waits forever for a rank whose
+        micro-batch had no image or no video."""
         visual = backbone.visual
         dim = visual.patch_embed.proj.weight.shape[1:].numel()  # channels * temporal_patch * patch^2
         merge = visual.spatial_merge_size
@@ -427,10 +503,14 @@ class Qwen3VLPolicy(nn.Module):
         `position_ids` [3, 1, T]; attention stays within each sample. logprob_mask must be 0 on each sample's
         first token (its logprob would come from the previous sample's last hidden state)."""
         backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
-        if "pixel_values" not in model_inputs and _distributed():
-            hidden_bias = self._idle_vision_pass(backbone)
-        else:
-            hidden_bias = None
+        hidden_bias = None
+        if _distributed():
+            # the model calls the tower once for the images and once for the videos: every rank makes the same calls
+            missing = ["pixel_values"] + (["pixel_values_videos"] if self.videos else [])
+            for key in missing:
+                if key not in model_inputs:
+                    bias = self._idle_vision_pass(backbone)
+                    hidden_bias = bias if hidden_bias is None else hidden_bias + bias
         # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
         # recompile on its state.
         with packed_sequences(backbone.language_model, self.packed_attention, cu_seqlens, max_seqlen):

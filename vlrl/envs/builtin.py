@@ -7,6 +7,7 @@ The answers are single tokens of the tiny model's tokenizer, so a random policy 
 `position`: one shape wholly inside the left or the right half; answer left or right.
 `zoom` (with the `builtin:zoom` environment): a checkered square whose colour shows only once cropped
 (vlrl/envs/zoom.py). `calculator` (with `builtin:calculator`): arithmetic, text only (vlrl/envs/calculator.py).
+`motion` (a video task, motion.py): a dot moves towards one edge of the frame; answer left, right, top or bottom.
 
 Every sample is drawn from its own RNG seeded by (task, seed, split, index), so a split is reproducible
 sample by sample and train and eval never share an RNG stream. The colour, size and kind of shape vary
@@ -27,6 +28,7 @@ from .dataset import Sample
 from .zoom import COLORS as ZOOM_COLORS
 from .zoom import QUESTION as ZOOM_QUESTION
 from .zoom import zoom_image
+from .motion import EDGES, FPS, QUESTION, motion_frames
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 30)}
 SHAPES = ["circle", "square", "triangle"]
@@ -106,25 +108,29 @@ def _position_image(rng: random.Random, answer: str, size: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class Task:
-    """A built-in task: its answers, its question, and how an image with a given answer is drawn."""
+    """A built-in task: its answers, its question, and how an image (or, for a video task, the frames of a
+    video at `fps`) with a given answer is drawn."""
 
     name: str
     options: list[str]
     question: str
-    draw: Callable[[random.Random, str, int], Image.Image]
+    draw: Callable[[random.Random, str, int], Image.Image | list[Image.Image]]
+    fps: float | None = None
 
     def __call__(self, split: str, n: int, image_size: int, seed: int = 0) -> list[Sample]:
         out = []
         for i in range(n):
             rng = random.Random(f"{self.name}/{seed}/{SPLIT_SEEDS[split]}/{i}")
             answer = rng.choice(self.options)
+            drawn = self.draw(rng, answer, image_size)
+            media = {"videos": [{"frames": drawn, "fps": self.fps}]} if self.fps else {"images": [drawn]}
             out.append(Sample(id=f"{self.name}-{split}-{i}", question=self.question, answer=answer,
-                              images=[self.draw(rng, answer, image_size)], meta={"options": self.options}))
+                              meta={"options": self.options}, **media))
         return out
 
 
-def _task(name: str, options: list[str], question: str, draw) -> Task:
-    return Task(name, options, f"{question} Answer with one word: {_options(options)}.", draw)
+def _task(name: str, options: list[str], question: str, draw, fps: float | None = None) -> Task:
+    return Task(name, options, f"{question} Answer with one word: {_options(options)}.", draw, fps)
 
 
 TASKS = {
@@ -135,6 +141,7 @@ TASKS = {
         _task("count", COUNT_WORDS, "How many shapes are in the image?", _count_image),
         _task("position", SIDES, "Is the shape in the left or the right half of the image?", _position_image),
         _task("zoom", list(ZOOM_COLORS), ZOOM_QUESTION, zoom_image),
+        _task("motion", EDGES, QUESTION, motion_frames, fps=FPS),
     )
 }
 

@@ -16,6 +16,9 @@ class Sample:
     answer: Any = None
     images: list[Any] = field(default_factory=list)
     """Image sources (paths, URLs, data URIs, base64, PIL images), shown before the question."""
+    videos: list[Any] = field(default_factory=list)
+    """Video sources (video files by path, URL, data URI or base64; lists of frames; `{"frames", "fps"}`),
+    shown after the images."""
     base_dir: Path | None = None
     """Directory relative image paths resolve against (the data file's directory)."""
     history: list[dict] | None = None
@@ -50,7 +53,9 @@ def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | 
 def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str,
                   image_marker: str | None = None, tools: list[dict] | None = None):
     """Sample -> EncodedPrompt: system prompt (and `tools`, an environment's), earlier turns, user turn with the
-    images and the question (the images where the question's `image_marker`s are, else first)."""
+    images, videos and question (the images where the question's `image_marker`s are, else first)."""
     question = question_template.format(question=sample.question)
-    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history, image_marker)
-    return adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}", tools=tools)
+    messages = adapter.build_messages(question, len(sample.images), system_prompt, sample.history, image_marker,
+                                      num_videos=len(sample.videos))
+    return adapter.encode_prompt(messages, sample.images, sample.base_dir, name=f"sample {sample.id}",
+                                 video_sources=sample.videos, tools=tools)

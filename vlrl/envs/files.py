@@ -189,22 +189,24 @@ def open_source(spec: str, split_name: str, key: str, split_key: str) -> _Table:
     return table
 
 
-def _image_source(value: Any, where: str) -> Any:
+def _image_source(value: Any, where: str, kind: str = "image") -> Any:
     """One image cell -> a source the adapter loads: strings, bytes and PIL images pass through; an HF Image
-    value `{"bytes", "path"}` becomes its bytes when present, else its path."""
+    value `{"bytes", "path"}` becomes its bytes when present, else its path. (A video file's cell, `kind`
+    "video", takes the same forms.)"""
+    article = "an" if kind == "image" else "a"
     if isinstance(value, (str, bytes, bytearray, Image.Image, Path)):
         if isinstance(value, (str, bytes, bytearray)) and not value:
-            raise DatasetError(f"{where}: an image entry is empty; remove it or give a path, URL or data URI")
+            raise DatasetError(f"{where}: {article} {kind} entry is empty; remove it or give a path, URL or data URI")
         return value
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
             return value["bytes"]
         if value.get("path"):
             return value["path"]
-        raise DatasetError(f"{where}: an image entry has neither bytes nor a path")
+        raise DatasetError(f"{where}: {article} {kind} entry has neither bytes nor a path")
     raise DatasetError(
-        f"{where}: an image entry is a {type(value).__name__}; use a path, URL, data URI, base64 string, "
-        f"or a Hugging Face Image value"
+        f"{where}: {article} {kind} entry is a {type(value).__name__}; use a path, URL, data URI, base64 string, "
+        + ("or a Hugging Face Image value" if kind == "image" else 'a list of frame images or {"frames": [...], "fps": F}')
     )
 
 
@@ -216,6 +218,23 @@ def _image_sources(cell: Any, where: str) -> list[Any]:
     return [_image_source(c, where) for c in cells]
 
 
+def _video_sources(cell: Any, where: str) -> list[Any]:
+    """A video column cell: None, "" or [] is a sample without video; a list holds several videos, each a video
+    file (as an image cell's forms), a list of frame images, or `{"frames": [...], "fps": F}`."""
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return []
+    cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]
+    out = []
+    for c in cells:
+        if isinstance(c, dict) and "frames" in c:
+            out.append({"frames": [_image_source(f, where) for f in c["frames"] or []], "fps": c.get("fps")})
+        elif isinstance(c, (list, tuple)):
+            out.append([_image_source(f, where) for f in c])
+        else:
+            out.append(_image_source(c, where, "video"))
+    return out
+
+
 def _to_sample(row: dict, index: int, table: _Table, cfg: EnvConfig) -> Sample:
     where = table.row_name(index)
     question = row.get(cfg.question_field)
@@ -225,12 +244,13 @@ def _to_sample(row: dict, index: int, table: _Table, cfg: EnvConfig) -> Sample:
             f"{', '.join(sorted(row)) or 'nothing'}); fill it in or set env.question_field"
         )
     ident = row.get(cfg.id_field)
-    used = {cfg.question_field, cfg.answer_field, cfg.image_field, cfg.id_field}
+    used = {cfg.question_field, cfg.answer_field, cfg.image_field, cfg.video_field, cfg.id_field}
     return Sample(
         id=str(index) if ident is None else str(ident),
         question=str(question),
         answer=row.get(cfg.answer_field),
         images=_image_sources(row.get(cfg.image_field), where),
+        videos=_video_sources(row.get(cfg.video_field), where),
         base_dir=table.base_dir,
         meta={k: v for k, v in row.items() if k not in used},
     )

@@ -1,4 +1,5 @@
-"""Image references for logged rollouts: the source path/URL when there is one, else a PNG in the run."""
+"""Image references for logged rollouts: the source path/URL when there is one, else a PNG in the run; and a
+filmstrip PNG of each video's sampled frames (what the model saw of it)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:
 
 def rollout_record(rollout, image_dir: Path, run_dir: Path, images: list[str] | None = None) -> dict:
     """What samples.jsonl (training and eval) says of a rollout: its sample, its images (`images`: already
-    written refs, else written now), the completion (a multi-turn trajectory whole, tool results included),
-    the images its environment returned, and how it ended."""
+    written refs, else written now), a filmstrip of each video, the completion (a multi-turn trajectory whole,
+    tool results included), the images its environment returned, and how it ended."""
     s = rollout.sample
     record = {
         "sample_id": s.id,
@@ -41,6 +42,10 @@ def rollout_record(rollout, image_dir: Path, run_dir: Path, images: list[str] | 
         "completion": rollout.transcript or rollout.text,
         "finish_reason": rollout.finish_reason,
     }
+    videos = getattr(rollout.prompt, "videos", None) or []
+    if videos:  # a filmstrip of each video's sampled frames, written once
+        record["videos"] = [_saved(v.filmstrip(), image_dir / f"{s.id}-video-{k}.png", run_dir)
+                            for k, v in enumerate(videos)]
     if rollout.turns > 1 or rollout.env_images:
         record.update(turns=rollout.turns, tool_calls=rollout.tool_calls,
                       env_images=env_image_refs(rollout, image_dir, run_dir))

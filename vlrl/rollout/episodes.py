@@ -71,6 +71,7 @@ class _Episode:
         grids = [t for t in [p.image_grid_thw, *self.grids] if t is not None]
         return EncodedPrompt(input_ids=ids, messages=None, images=p.images + self.images,
                              pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids) if grids else None,
+                             videos=p.videos, pixel_values_videos=p.pixel_values_videos, video_grid_thw=p.video_grid_thw,
                              max_new_tokens=max_model_len - len(ids), stop_token_ids=p.stop_token_ids)
 
     def rollout(self, tokenizer, image_token_id: int) -> Rollout:

@@ -4,7 +4,11 @@ One chat request per prompt with n = group_size, `logprobs` and `return_token_id
 concurrency. Token in, token out: the completion ids are the server's own sampled ids, and the server's
 `prompt_token_ids` must equal the adapter's (they differ when the two sides disagree on pixel limits or on
 the chat template: that is an error, never silently trained on). Images travel already resized to the
-pixel policy (lossless PNG), so the server's processor keeps their size. Placeholder tokens are banned with
+pixel policy (lossless PNG), so the server's processor keeps their size. A video travels as its sampled
+frames (the frame policy's, lossless PNGs in vLLM's `data:video/jpeg` frame list: vLLM's image loader reads the
+format from the bytes) with their source indices and frame rate in `media_io_kwargs`, so the server writes
+the same timestamps and tokens as the processor (`vlrl serve` trusts per-request media kwargs when videos are
+allowed). Placeholder tokens are banned with
 `bad_words`, applied before the processed logprobs, as the trainer bans them in its softmax.
 Transient failures (connection lost, 5xx, timeouts: a server restarting) are retried with backoff.
 """
@@ -27,9 +31,18 @@ class ServerError(UserError):
 
 
 def png_data_uri(img) -> str:
+    return "data:image/png;base64," + _png_base64(img)
+
+
+def _png_base64(img) -> str:
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def video_data_uri(video) -> str:
+    """A video's sampled frames as vLLM's frame-list data URI (comma-separated base64 frames)."""
+    return "data:video/jpeg;base64," + ",".join(_png_base64(f) for f in video.frames)
 
 
 class VLLMClient:
@@ -196,6 +209,9 @@ class VLLMSampler:
     def tokens_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
         """The token-in/token-out request of a continuation: its ids with each image's run of placeholders
         as one placeholder, and the images in order."""
+        if prompt.videos:
+            raise ServerError(f"prompt {prompt_id}: a multi-turn trajectory with a video; the token-in/token-out "
+                              "route vlrl uses for later turns takes images only (use the in-process sampler)")
         pad = self.adapter.image_token_id
         ids = [t for i, t in enumerate(prompt.input_ids) if not (t == pad and i and prompt.input_ids[i - 1] == pad)]
         runs = sum(1 for t in ids if t == pad)
@@ -206,7 +222,7 @@ class VLLMSampler:
                 "sampling_params": {**self.sampling_params(prompt, n), "logprobs": 0}}
 
     def request_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
-        images = iter(prompt.images)
+        images, videos = iter(prompt.images), iter(prompt.videos)
         messages, k = [], 0
         for m in prompt.messages:
             content = m["content"]
@@ -216,6 +232,8 @@ class VLLMSampler:
                     if part.get("type") == "image":
                         parts.append({"type": "image_url", "image_url": {"url": self._image_url(next(images), prompt_id, k)}})
                         k += 1
+                    elif part.get("type") == "video":
+                        parts.append({"type": "video_url", "video_url": {"url": video_data_uri(next(videos))}})
                     else:
                         parts.append(part)
                 content = parts
@@ -231,6 +249,11 @@ class VLLMSampler:
         }
         if prompt.tools:
             body["tools"] = prompt.tools  # rendered into the system turn by the server's chat template
+        if prompt.videos:
+            if len(prompt.videos) > 1:
+                raise ServerError(f"prompt {prompt_id}: {len(prompt.videos)} videos; a vLLM server takes one per prompt")
+            # the frames are already sampled: all of them (num_frames -1), at the timestamps of their source
+            body["media_io_kwargs"] = {"video": {**prompt.videos[0].metadata(), "num_frames": -1}}
         return body
 
     def to_rollouts(self, prompt: EncodedPrompt, response: dict, group: int, name: str) -> list[Rollout]:
@@ -244,7 +267,10 @@ class VLLMSampler:
                 f"{name}: the server's prompt ids differ from the trainer's ({len(server_ids)} vs "
                 f"{len(prompt.input_ids)} tokens, first difference at token {first}). Likely cause: the "
                 "server's pixel limits or chat template differ; start it with `vlrl serve --min-pixels "
-                f"{self.adapter.cfg.min_pixels} --max-pixels {self.adapter.cfg.max_pixels}` on the same model"
+                f"{self.adapter.cfg.min_pixels} --max-pixels {self.adapter.cfg.max_pixels}"
+                + (f" --video-max-pixels {self.adapter.cfg.video_max_pixels} --video-max-frames "
+                   f"{self.adapter.cfg.video_max_frames}" if prompt.videos else "")
+                + "` on the same model"
             )
         self.prompts_checked += 1
         out = []
