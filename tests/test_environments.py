@@ -166,7 +166,8 @@ def test_budgets_end_an_episode_with_a_reason_of_their_own(adapter, tmp_path, ti
     images, _ = episodes(adapter, env, Scripted(adapter, ["more"]), cfg(tiny_model_dir, tmp_path,
                                                                           "model.max_images_per_prompt=2"))
     assert {(r.turns, r.finish_reason, len(r.env_images)) for r in images} == {(2, "images", 1)}
-    short = cfg(tiny_model_dir, tmp_path, "model.max_model_len=120", "rollout.max_new_tokens=4")
+    short = cfg(tiny_model_dir, tmp_path, "model.max_model_len=120", "rollout.max_new_tokens=4", "env.max_turns=50",
+                "model.max_images_per_prompt=50")  # only the context binds
     context, _ = episodes(adapter, env, Scripted(adapter, ["more"]), short)
     assert all(r.finish_reason == "context" and len(r.prompt.input_ids) + len(r.completion_ids) < 120 for r in context)
     cut, _ = episodes(adapter, env, Scripted(adapter, ["more and more"], cut=True), cfg(tiny_model_dir, tmp_path))
@@ -177,7 +178,7 @@ def test_failed_tool_calls_are_answered_and_the_episode_goes_on(adapter, tmp_pat
     turns = ['<tool_call>{"name": "calculate"', '<tool_call>{"name": "calc", "arguments": {}}</tool_call>',
              '<tool_call>{"name": "calculate", "arguments": {"expression": 7}}</tool_call>',
              '<tool_call>{"name": "calculate", "arguments": {"expression": "6 * 7"}}</tool_call>', "It is 42."]
-    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=6")
+    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=6", "model.max_model_len=2048")
     rollouts, bad = episodes(adapter, CalculatorEnv(), Scripted(adapter, turns), config, n=1)
     assert bad == []
     for r in rollouts:
