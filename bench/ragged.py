@@ -110,12 +110,13 @@ def routes(device: torch.device) -> list[str]:
 
 
 def own_logprobs(policy, batch, plan: StepPlan, device) -> None:
-    """Behavior logprobs near the policy's own (as a sampler's are): ratios near 1, nothing masked."""
+    """Behavior logprobs near the policy's own (as a sampler's are): ratios near 1, nothing masked. Runs the
+    plan's padding passes too (under FSDP every rank must run as many forward passes as the others)."""
     from vlrl.batch import batch_logprobs
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for idx in plan.micro_batches:
+        for idx, _ in plan.passes:
             lp, _ = batch_logprobs(policy, plan.micro_batch(batch, idx).to(device))
             lp = lp.float().cpu()
             noise = 0.05 * torch.randn(lp.shape, generator=g)

@@ -31,37 +31,36 @@ def train_args(entry: str, tiny_model_dir, out_dir, *overrides: str) -> list[str
     return [*entry.split(), "train", "configs/tiny-cpu.toml", *[f"--set={o}" for o in sets]]
 
 
-def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
+def one_and_two_ranks(tiny_model_dir, tmp_path, *mode: str) -> tuple[dict, dict]:
+    """tests/dist_worker.py's results (loss, gradients, ...) with 1 rank and with 2, on the same global batch."""
     results = {}
     for n in (1, 2):
-        out = tmp_path / f"grads-{n}.pt"
-        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out))
+        out = tmp_path / f"{'-'.join(mode) or 'grads'}-{n}.pt"
+        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out), *mode)
         assert res.returncode == 0, res.stderr[-4000:]
         results[n] = torch.load(out, weights_only=True)
-    one, two = results[1], results[2]
-    assert two["world"] == 2 and one["world"] == 1
+    return results[1], results[2]
+
+
+def assert_same_gradient(one: dict, two: dict) -> None:
+    """Loss and every gradient of 2 ranks equal 1 rank's, the vision tower's included."""
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
-    assert set(two["grads"]) == set(one["grads"])
-    assert any("visual" in k for k in one["grads"])  # the vision tower trained, and reduced without a hang
+    assert set(two["grads"]) == set(one["grads"]) and any("visual" in k for k in one["grads"])
     for name, g in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
+    one, two = one_and_two_ranks(tiny_model_dir, tmp_path)
+    assert two["world"] == 2 and one["world"] == 1
+    assert_same_gradient(one, two)  # the vision tower trained, and reduced without a hang
 
 
 def test_multi_turn_batches_with_tool_images_on_one_rank_only_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
     """Two-turn trajectories (a sampled turn, an environment reply, a sampled turn): rank 0's replies hold tool
     images, rank 1's hold none (nor do its prompts): the ranks' vision passes differ, nothing hangs, and loss and
     gradients equal one rank's over all of them."""
-    results = {}
-    for n in (1, 2):
-        out = tmp_path / f"mt-{n}.pt"
-        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out), "multiturn")
-        assert res.returncode == 0, res.stderr[-4000:]
-        results[n] = torch.load(out, weights_only=True)
-    one, two = results[1], results[2]
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
-    assert any("visual" in k for k in one["grads"]) and set(two["grads"]) == set(one["grads"])
-    for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_gradient(*one_and_two_ranks(tiny_model_dir, tmp_path, "multiturn"))
     sets = ("env.environment=envs_for_tests:ImageOnRankZero", "env.max_turns=3", "rollout.max_new_tokens=32",
             "name=mt", "train.steps=2")
     res = torchrun(2, *train_args("-m vlrl", tiny_model_dir, tmp_path, *sets))
@@ -73,19 +72,10 @@ def test_multi_turn_batches_with_tool_images_on_one_rank_only_give_the_single_ra
 def test_two_ranks_with_token_balanced_packing_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
     """`vlrl train`'s default path on 2 ranks: rank 0 holds 6 rollouts, rank 1 two; the planner moves rollouts
     until their tokens balance, both pack their micro-batches, and the loss and gradients are one rank's."""
-    results = {}
-    for n in (1, 2):
-        out = tmp_path / f"packed-{n}.pt"
-        res = torchrun(n, "tests/dist_worker.py", str(tiny_model_dir), str(out), "packed")
-        assert res.returncode == 0, res.stderr[-4000:]
-        results[n] = torch.load(out, weights_only=True)
-    one, two = results[1], results[2]
+    one, two = one_and_two_ranks(tiny_model_dir, tmp_path, "packed")
     first, second = two["tokens"]
     assert first + second == one["tokens"][0] and abs(first - second) < 0.25 * (first + second)
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
-    assert set(two["grads"]) == set(one["grads"]) and any("visual" in k for k in one["grads"])
-    for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_gradient(one, two)
 
 
 def test_fsdp2_two_ranks_give_the_single_rank_gradient_and_gather_whole_state(tiny_model_dir, tmp_path):
@@ -200,14 +190,22 @@ def test_vlrl_train_under_fsdp2_trains_samples_fresh_weights_and_resumes_exactly
 
 
 def test_fsdp_bench_runs_on_cpu_processes():
-    """`bench/fsdp_update.py --tiny` (its GPU runs are in bench/README.md): both runs give a row, none an error."""
+    """`bench/fsdp_update.py --tiny` (its GPU runs are in bench/README.md): both runs give a row, none an error;
+    with `--ragged`, packed micro-batches of token-balanced ranks run under FSDP2 and under DDP, no padding."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "bench/fsdp_update.py", "--tiny", "--gpus", "1", "2", "--warmup", "1",
-                          "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| bf16-mixed |")]
-    assert len(rows) == 2 and all(" - |" not in r for r in rows), res.stdout[-3000:]
+
+    def bench(*args):
+        res = subprocess.run([sys.executable, "bench/fsdp_update.py", "--tiny", "--warmup", "1", "--repeat", "1", *args],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [line for line in res.stdout.splitlines() if line.startswith("| fsdp2, ") or line.startswith("| ddp, ")]
+
+    rows = bench("--gpus", "1", "2")
+    assert len(rows) == 2 and all(" - |" not in r for r in rows), rows
     assert rows[0].endswith("| 1.00 (vs 1 GPU) |")
+    rows = bench("--ragged", "--gpus", "2", "--strategy", "fsdp2", "ddp", "--plan", "packed")
+    assert [r.split(" | ")[0] for r in rows] == ["| fsdp2, bf16-mixed, packed", "| ddp, bf16-mixed, packed"], rows
+    assert all(" - |" not in r and r.split(" | ")[7] == "0.0%" for r in rows), rows  # no padding computed
 
 
 def test_fsdp_with_lora_is_refused_with_a_message(tiny_model_dir, tmp_path):
