@@ -277,7 +277,8 @@ def test_trainer_logprobs_equal_the_in_process_samplers_across_turns(adapter, ti
     got = groups.score_groups(load_samples(config.env, "train", 0)[:3], 3, 5)
     rollouts = got.rollouts
     assert sum(len(r.env_images) for r in rollouts) >= 3 and max(r.turns for r in rollouts) == 3
-    assert all(r.rewards.get("env") == r.env_reward for r in rollouts)  # the environment's own rewards are scored
+    # the environment's own rewards are scored; an episode it gave none to counts 0 (in the total and the metric)
+    assert got.per_fn["env"] == [r.rewards["env"] for r in rollouts] == [r.env_reward or 0.0 for r in rollouts]
     assert any(r.env_reward for r in rollouts)
     batch = adapter.build_batch(rollouts)
     with torch.no_grad():

@@ -155,8 +155,8 @@ class RolloutGroups:
         for i, r in enumerate(rollouts):
             r.reward, r.advantage = float(rewards[i]), float(adv[i])
             r.rewards = {k: result.per_fn[k][i] for k in self.keys}
-            if r.env_reward is not None:
-                r.rewards["env"] = r.env_reward
+            if self.env is not None:  # an episode the environment gave nothing counts 0, as in the total
+                r.rewards["env"] = r.env_reward or 0.0
         dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
         out.groups_dropped += len(dead)
         members = [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
