@@ -78,7 +78,7 @@ def models(tiny_model):
                                   ("token", "constant", 0.5)], ids=["token", "gspo", "kl"])
 def test_packed_gradients_equal_padded_for_1_2_and_4_micro_batches(adapter, models, batch, dtype, loss):
     """Every parameter (vision tower included) gets the padded whole batch's gradient (the CPU's route,
-    block-diagonal sdpa: FlexAttention has no backward on the CPU; the GPU bench checks the others). With a
+    per-sample sdpa: FlexAttention has no backward on the CPU; the GPU bench checks the others). With a
     KL term, the reference model's logprob pass is packed too."""
     model = copy.deepcopy(models[dtype]).train()
     policy = adapter.policy(model, 1.0)

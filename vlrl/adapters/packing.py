@@ -10,9 +10,10 @@ computes no padding (`vlrl.batch.PackedBatch`). What keeps the samples apart:
     against 2.54 ms for sdpa on the same documents padded. torch 2.11 has no `enable_gqa` there (k/v are
     repeated to the query heads), 2.14 has;
   - `flex`: FlexAttention with a document mask (a `BlockMask` built once per forward; compiled on CUDA);
-  - `sdpa`: sdpa with a block-diagonal causal boolean mask [1, 1, T, T] built once per forward. It computes
-    every (query, key) pair of the packed sequence, so it is the route for the CPU (tests, the demo), not
-    for long sequences on a GPU.
+  - `sdpa`: sdpa over the attention inputs re-padded per sample ([n, heads, L, dim], L the longest sample,
+    a causal mask within each sample's length), then packed again: the projections and MLPs stay packed, only
+    attention computes a padded square per sample (n L^2, not T^2: a block-diagonal [T, T] mask was 5x slower
+    on the CPU demo's 128-sample micro-batches). The route for the CPU (tests, the demo).
   `auto` is `varlen` on CUDA in bf16/fp16, `flex` on CUDA in float32, `sdpa` on the CPU.
 
 How the boundaries reach the attention: transformers' language model forwards its keyword arguments to
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+PADDED_SDPA = "vlrl_padded_sdpa"  # the sdpa route's keyword: (sample [T], position in it [T], mask [n, 1, L, L])
 NAME = "vlrl_packed_sdpa"  # the language model's attention once patched (no "flash" in it: that name routes differently)
 ROUTES = ("varlen", "flex", "sdpa")
 
@@ -100,9 +102,11 @@ def attention_kwargs(route: str, cu_seqlens: torch.Tensor, max_seqlen: int, tota
                                  _compile=cu_seqlens.device.type == "cuda")
         return {"attention_mask": mask}
     if route == "sdpa":
-        pos = torch.arange(total, device=cu_seqlens.device)
-        mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])  # [T, T] block-diagonal causal
-        return {"attention_mask": mask[None, None]}  # [1, 1, T, T]
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [n]
+        within = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[doc]  # [T] position in its sample
+        width = torch.arange(max_seqlen, device=cu_seqlens.device)
+        mask = (width[None, :] <= width[:, None])[None] & (width[None, None, :] < lengths[:, None, None])  # [n, L, L]
+        return {PADDED_SDPA: (doc, within, mask[:, None])}
     raise ValueError(f"unknown packed attention route {route!r} (one of {', '.join(ROUTES)})")
 
 
@@ -189,7 +193,7 @@ def packed_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The language model's attention: varlen over packed samples, FlexAttention with a document mask, or
-    transformers' sdpa (padded batches, and packed ones with a block-diagonal mask). Returns [B, T, heads, dim]."""
+    sdpa per sample (packed, re-padded for attention only), or transformers' sdpa (padded batches). Returns [B, T, heads, dim]."""
     heads, kv_heads = query.shape[1], key.shape[1]
     if cu_seq_lens_q is not None:
         varlen = _VARLEN["fn"]
@@ -206,6 +210,17 @@ def packed_attention(
             raise ValueError("this torch's varlen_attn takes no scale; use model.packed_attention = 'flex'")
         out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **_VARLEN["causal"], **extra)
         return out[None], None  # [1, T, heads, dim]
+    if PADDED_SDPA in kwargs:
+        doc, within, mask = kwargs.pop(PADDED_SDPA)
+
+        def padded(t):  # [1, h, T, d] -> [n, h, L, d]
+            out = t.new_zeros(mask.shape[0], mask.shape[-1], t.shape[1], t.shape[3])
+            return out.index_put((doc, within), t[0].transpose(0, 1)).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            padded(query), padded(key), padded(value), attn_mask=mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=heads != kv_heads)  # [n, h, L, d]
+        return out.transpose(1, 2)[doc, within][None], None  # [1, T, heads, dim]
     if isinstance(attention_mask, BlockMask):
         flex = _flex_attention(query.device)
         out = flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=heads != kv_heads)
