@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,26 @@ def test_resume_repeats_the_uninterrupted_run(tiny_model_dir, tmp_path):
     a = without_timing(read_jsonl(straight.run_dir / "metrics.jsonl"))
     b = without_timing(read_jsonl(second.run_dir / "metrics.jsonl"))
     assert a == b
+
+
+def test_a_run_killed_between_checkpoints_resumes_without_logging_a_step_twice(tiny_model_dir, tmp_path):
+    """A kill after step 3, whose last checkpoint is step 2, mid-line in metrics.jsonl: the resumed run drops
+    what its logs hold past step 2 and logs steps 3 and 4 once, as the uninterrupted run did."""
+    straight = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=4", "name=straight")))
+    run = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=3", "name=killed", "checkpoint.every=2"))).run_dir
+    shutil.rmtree(run / "step-3")  # as if killed before step 3's checkpoint
+    (run / "latest").write_text("step-2\n")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "rew')  # and in the middle of a line
+    assert [s["step"] for s in read_jsonl(run / "samples.jsonl")][-1] == 3
+    again = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=4", "name=killed", "checkpoint.every=2")),
+                  resume=True)
+    assert again.step == 4
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # every line whole, each step once
+    assert without_timing(read_jsonl(run / "metrics.jsonl")) == without_timing(read_jsonl(straight.run_dir / "metrics.jsonl"))
+    steps = [s["step"] for s in read_jsonl(run / "samples.jsonl")]
+    assert steps == sorted(steps) and set(steps) == {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])

@@ -123,6 +123,34 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
     return m
 
 
+LOGS = ("metrics.jsonl", "samples.jsonl", "bad_samples.jsonl", "reward_errors.jsonl")
+
+
+def forget_steps_after(run_dir, step: int) -> None:
+    """Drop the lines of the run's step logs (`LOGS`) written after `step`: a resumed run restarts from the
+    checkpoint of `step` and logs the steps after it again (a run stopped between checkpoints had logged some)."""
+    from pathlib import Path
+
+    from .atomic import write_atomic
+
+    for name in LOGS:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _step(line) <= step]
+        if len(kept) != len(lines):
+            write_atomic(path, "".join(kept))
+
+
+def _step(line: str) -> float:
+    """The step a log line belongs to; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def log_bad_samples(path, step: int, bad: list, new: list, console) -> None:
     """Skipped samples go to `path` (bad_samples.jsonl), each time one was drawn; the first few of those skipped
     for the first time (`new`) are also printed, so they are not missed (and not repeated every epoch)."""

@@ -27,7 +27,7 @@ import torch
 from .config import Config, save_config
 from .errors import UserError
 from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
-from .metrics import log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
+from .metrics import forget_steps_after, log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
 from .planner import plan_step
 from .records import Rollout
 from .update import accumulate_gradients
@@ -317,6 +317,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                           **run.data_state)
     local_prompts = len(range(run.rank, cfg.rollout.prompts_per_step, run.world))  # prompts r, r + world, ...
     evaluator = TrainingEval(cfg, rollouts) if cfg.eval.every else None
+    if main and run.ckpt is not None:
+        forget_steps_after(run.run_dir, run.step)
     metrics_fh = open(run.run_dir / "metrics.jsonl", "a") if main else None
     samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
     last_saved = run.step if run.ckpt is not None else None
