@@ -38,9 +38,9 @@ class ModelConfig(Section):
     attention is one of `packed_attention`'s routes); with `eager` or `flash_attention_2` the update is padded."""
     packed_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
     """How a packed micro-batch's attention stays within each sample: `varlen` (torch's varlen flash attention,
-    CUDA, bf16/fp16), `flex` (FlexAttention with a document mask; no backward on the CPU), `sdpa` (attention re-padded per sample, causal
-    within each sample's length; projections and MLPs stay packed: the CPU's route). `auto`: varlen on CUDA in bf16/fp16, flex on CUDA in
-    float32, sdpa on the CPU."""
+    CUDA, bf16/fp16), `flex` (FlexAttention with a document mask; no backward on the CPU), `sdpa` (attention
+    re-padded per sample, causal within each sample's length; projections and MLPs stay packed: the CPU's
+    route). `auto`: varlen on CUDA in bf16/fp16, flex on CUDA in float32, sdpa on the CPU."""
     trust_remote_code: bool = False
     """Allow code shipped with the checkpoint to run. Off unless you trust the checkpoint's source."""
     min_pixels: int = Field(64 * 32 * 32, gt=0)

@@ -103,7 +103,7 @@ def attention_kwargs(route: str, cu_seqlens: torch.Tensor, max_seqlen: int, tota
         return {"attention_mask": mask}
     if route == "sdpa":
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [n]
-        within = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[doc]  # [T] position in its sample
+        within = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[doc]  # [T] place in its sample
         width = torch.arange(max_seqlen, device=cu_seqlens.device)
         mask = (width[None, :] <= width[:, None])[None] & (width[None, None, :] < lengths[:, None, None])  # [n, L, L]
         return {PADDED_SDPA: (doc, within, mask[:, None])}
@@ -192,8 +192,9 @@ def packed_attention(
     max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The language model's attention: varlen over packed samples, FlexAttention with a document mask, or
-    sdpa per sample (packed, re-padded for attention only), or transformers' sdpa (padded batches). Returns [B, T, heads, dim]."""
+    """The language model's attention: varlen over packed samples, FlexAttention with a document mask, sdpa
+    per sample (packed, re-padded for attention only), or transformers' sdpa (padded batches). Returns
+    [B, T, heads, dim]."""
     heads, kv_heads = query.shape[1], key.shape[1]
     if cu_seq_lens_q is not None:
         varlen = _VARLEN["fn"]
