@@ -59,9 +59,8 @@ def worker(args) -> None:
     from vlrl.adapters.patches import patch_model
     from vlrl.config import AlgorithmConfig
     from vlrl.fsdp import is_fsdp, prepare_on_cpu
-    from vlrl.update import accumulate_gradients
-
     from vlrl.planner import StepPlan, micro_batch_tokens, plan_step
+    from vlrl.update import accumulate_gradients
 
     acc = Accelerator(cpu=args.tiny)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
@@ -101,7 +100,8 @@ def worker(args) -> None:
         policy, optimizer = acc.prepare(policy, optimizer)
     del model
     gc.collect()
-    assert is_fsdp(acc) == (args.strategy == "fsdp2") or args.tiny or world == 1, f"not {args.strategy}: {acc.distributed_type}"
+    assert is_fsdp(acc) == (args.strategy == "fsdp2") or args.tiny or world == 1, \
+        f"not {args.strategy}: {acc.distributed_type}"
     if args.ragged:
         spec = ragged_bench.RaggedSpec.tiny() if args.tiny else ragged_bench.RaggedSpec()
         big = vocab > 150000
@@ -114,9 +114,8 @@ def worker(args) -> None:
         completion = spec.longest
     else:
         batch = adapter.build_batch(make_rollouts(adapter, b, seq, 1, side, completion, vocab, seed=1 + rank))
-        plan = [list(range(i, min(i + args.micro_batch, b))) for i in range(0, b, args.micro_batch)]
-    if not args.ragged:
-        plan = StepPlan(plan, packed=False)
+        plan = StepPlan([list(range(i, min(i + args.micro_batch, b))) for i in range(0, b, args.micro_batch)],
+                        packed=False)
     ragged_bench.own_logprobs(policy, batch, plan, device)  # behavior logprobs near the policy's own: none masked
     b, lengths = batch.size, batch.lengths
     batch = batch.to(device)
