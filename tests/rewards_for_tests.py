@@ -6,6 +6,14 @@ def parity(completion, sample):
     return float(len(completion) % 2)
 
 
+def noise(completion, sample):
+    """Uniform noise: varies within every group whatever the completions are, so the first update moves the
+    policy for sure (parity leaves a group without signal when its completions' lengths share a parity)."""
+    import random
+
+    return random.random()
+
+
 def odd_fails(completion, sample):
     """Raises on odd-length completions (about half of them), scores the others 1."""
     if len(completion) % 2:

@@ -146,13 +146,15 @@ def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny
     assert all(m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
     assert all(m["time/sync"] > 0 for m in ms) and (res.run_dir / "weights" / "model.safetensors").is_file()
 
-    off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
-                          "train.learning_rate=0.01"))
-    ms = read_jsonl(off.run_dir / "metrics.jsonl")
-    assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
-    assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # step 2 trains on rollouts one step old
-    # leave the module's server serving the base weights
-    DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
+    try:
+        off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
+                              "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]'))
+        ms = read_jsonl(off.run_dir / "metrics.jsonl")
+        assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
+        assert ms[0]["grad_norm"] > 0  # step 1 moved the policy (every group had signal) ...
+        assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # ... so step 2 trains on rollouts one step old
+    finally:  # leave the module's server serving the base weights, whatever happened here
+        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
 
 
 def test_check_batch_against_the_server(server, tiny_model_dir):
