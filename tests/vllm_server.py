@@ -61,8 +61,10 @@ class Server:
         """Start `vlrl serve` without waiting for it."""
         self.fh = open(self.out, "a")
         self.seen = self.out.stat().st_size  # a restarted server appends to the same file
+        # SIGINT at its default, as under a terminal: pytest started as a background job of a shell without job
+        # control inherits it ignored, and Ctrl-C (which `stop` sends) would then never reach `vlrl serve`
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env)
+                                     env=self.env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return self
 
     def start(self, timeout: float = 240) -> Server:
