@@ -2,7 +2,7 @@
 
 Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-cap GIB`, standing in for a smaller card
 on a larger one). For the equal-length case (8 x 1041 tokens by default), compiled layers: each fixed fraction
-(1, 0.75, 0.5, 0.25, 0) is timed, then `auto` decides as `vlrl train` does at its first update (two probe
+(1, 0.75, 0.5, 0.25, 0) is timed, then `auto` decides as `vlrl train` does at its first update (three probe
 passes on the micro-batch, the optimizer's state still to come) and is timed at what it chose. Each row: seconds
 per step (update + optimizer step), MFU (6N per token), peak GiB, or OOM. Auto runs first, before the fixed
 fractions fragment the allocator.

@@ -29,6 +29,23 @@ def test_adamw_state_is_two_moments_per_trainable_parameter():
     assert optimizer_state_bytes(params) == 2 * (40 * 2 + 3 * 4)
 
 
+def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):
+    """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser, every
+    layer recomputed, and the sentence names the setting to change."""
+    from vlrl.activation_memory import AutoCheckpointing
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    applied = []
+    auto = AutoCheckpointing(applied.append, 4, torch.device("cuda"))
+
+    def probe():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    said = auto.decide(probe, [], False, lambda values, op: values)
+    assert auto.fraction == 1.0 and applied == [1.0, 1.0] and "lower train.micro_batch_tokens" in said
+
+
 def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_path, capsys):
     from conftest import tiny_config
     from vlrl.summary import read_jsonl

@@ -129,6 +129,10 @@ class AutoCheckpointing:
                 break
             torch.cuda.synchronize(self.device)
             peaks[self.layers - round(f * self.layers)] = torch.cuda.max_memory_allocated(self.device)
+        if not peaks:  # nothing to choose from: the step will raise the same error, this says what to change
+            self._apply(1.0)
+            return ("activation checkpointing: the step's largest micro-batch runs out of GPU memory even with every "
+                    "layer recomputed; lower train.micro_batch_tokens (or train.micro_batch_size)")
         free, total = torch.cuda.mem_get_info(self.device)
         outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
         budget = device_budget(self.device) - max(outside, 0)

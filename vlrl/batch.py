@@ -87,7 +87,6 @@ class MultimodalBatch:
                 inputs[key] = value[idx, :length]
             elif kind == "positions":
                 inputs[key] = value[:, idx, :length]
-
             else:
                 self._add_rows(inputs, key, value, indices)
         return MultimodalBatch(

@@ -176,8 +176,8 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     from .adapters import load_adapter
     from .envs.sources import load_samples
     from .errors import UserError
-    from .rollout import make_sampler
     from .batch import batch_logprobs
+    from .rollout import make_sampler
     from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
 

@@ -28,7 +28,7 @@ from .config import Config, save_config
 from .errors import UserError
 from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
 from .metrics import forget_steps_after, log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
-from .planner import plan_step
+from .planner import micro_batch_tokens, plan_step
 from .records import Rollout
 from .update import accumulate_gradients
 
@@ -117,7 +117,7 @@ class Run:
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)
         self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
         self.auto_checkpointing = None
-        if cfg.train.gradient_checkpointing and cfg.train.checkpoint_fraction == "auto":
+        if cfg.train.checkpoint_fraction == "auto":  # (the config allows it only with gradient checkpointing)
             from .activation_memory import AutoCheckpointing
 
             self.auto_checkpointing = AutoCheckpointing(
@@ -235,8 +235,8 @@ class Run:
         checkpointing measures (every rank runs exactly one pass, so collectives match)."""
         from dataclasses import replace
 
-        biggest = max(plan.micro_batches, key=lambda g: len(g) * max(batch.lengths[i] for i in g)
-                      if not plan.packed else sum(batch.lengths[i] for i in g))
+        computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+        biggest = plan.micro_batches[computed.index(max(computed))]
         run(replace(plan, micro_batches=[biggest], padding_passes=0))
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -9,7 +9,8 @@ the timestamps and positions between frame pairs, and inside a pair through the 
 policy is right 25% of the time it names an edge.
 
 The answers are single tokens of the tiny model's tokenizer (`left`, `right`, `top`, `bottom` are in its
-ANSWER_WORDS), so the tiny model can be rewarded by chance and learn by RL (`configs/tiny-cpu-video.toml`).
+ANSWER_WORDS), so the tiny model is rewarded by chance from the first step (`configs/tiny-cpu-video.toml`; the
+README says what 150 CPU steps learn: no more than chance).
 """
 
 from __future__ import annotations
