@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TINY   := .cache/tiny-qwen3-vl
+TINY_Q := .cache/tiny-qwen3-vl-qwen
 
 # torch + torchvision that import together on these machines (see README: Installation).
 ifeq ($(shell uname -m),aarch64)
@@ -42,13 +43,18 @@ $(TINY)/.built: $(VENV)/.installed vlrl/tiny_model.py
 	$(VENV)/bin/vlrl build-tiny-model $(TINY)
 	touch $@
 
-tiny: $(TINY)/.built
+# The same tiny model with Qwen's real vocabulary (151,936 ids), warm-started to call tools: the token tests' model.
+$(TINY_Q)/.built: $(VENV)/.installed vlrl/tiny_model.py vlrl/qwen_vocab.py vlrl/tiny_warm_start.py
+	$(VENV)/bin/vlrl build-tiny-model $(TINY_Q) --vocab qwen --warm-start-tools
+	touch $@
+
+tiny: $(TINY)/.built $(TINY_Q)/.built
 
 test: install vllm browser tiny
-	VLRL_TINY_MODEL=$(TINY) $(PY) -m pytest
+	VLRL_TINY_MODEL=$(TINY) VLRL_TINY_QWEN_MODEL=$(TINY_Q) $(PY) -m pytest
 
 # The CPU demo: prove one batch sound, then train the tiny model with RL on the built-in colors task.
-demo: install tiny
+demo: install $(TINY)/.built
 	$(VENV)/bin/vlrl check-batch configs/tiny-cpu.toml
 	rm -rf runs/tiny-cpu-demo
 	$(VENV)/bin/vlrl train configs/tiny-cpu.toml --set name=tiny-cpu-demo

@@ -59,3 +59,34 @@ def tiny_model(adapter):
     import torch
 
     return adapter.load_model(torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3-VL with Qwen's real vocabulary, warm-started to call the built-in tools (`make tiny` builds
+    it into .cache/tiny-qwen3-vl-qwen; $VLRL_TINY_QWEN_MODEL names it)."""
+    env = os.environ.get("VLRL_TINY_QWEN_MODEL")
+    if env and (Path(env) / "config.json").is_file():
+        return Path(env).resolve()
+    from vlrl.tiny_model import build_tiny_qwen3_vl
+    from vlrl.tiny_warm_start import warm_start_tools
+
+    out = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny") / "tiny-qwen3-vl-qwen", vocab="qwen")
+    warm_start_tools(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qadapter(qwen_model_dir):
+    from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
+    from vlrl.config import ModelConfig
+
+    return Qwen3VLAdapter.from_config(ModelConfig(path=str(qwen_model_dir), dtype="float32", min_pixels=4096,
+                                                  max_pixels=16384, max_model_len=2048))
+
+
+@pytest.fixture(scope="session")
+def qwen_model(qadapter):
+    import torch
+
+    return qadapter.load_model(torch.float32).eval()

@@ -52,6 +52,17 @@ def test_check_batch_fails_when_the_token_budget_is_exceeded(tiny_model_dir, ada
     assert [c["ok"] for c in report["checks"] if c["name"] == "token budget"] == [False]
 
 
+def test_check_batch_warns_when_most_samples_are_cut_by_max_new_tokens(tiny_model_dir):
+    """A warning, not a failure: the batch is sound, but its rewards score unfinished answers."""
+    res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}",
+              "--set", "rollout.max_new_tokens=1")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    warned = [c for c in report["checks"] if c["warning"]]
+    assert report["ok"] and [c["name"] for c in warned] == ["truncation"], report["checks"]
+    assert "raise rollout.max_new_tokens" in warned[0]["detail"] and report["stats"]["truncated_fraction"] > 0.5
+
+
 def test_check_batch_human_output(tiny_model_dir):
     res = run("check-batch", "configs/tiny-cpu.toml", "--set", f"model.path={tiny_model_dir}", env=None)
     assert res.returncode == 0, res.stderr

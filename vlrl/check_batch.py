@@ -29,6 +29,8 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+    """Worth a look, but the batch is sound (it does not fail check-batch)."""
 
 
 @dataclass
@@ -42,6 +44,9 @@ class Report:
     def add(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append(Check(name, bool(ok), detail))
         self.ok = self.ok and bool(ok)
+
+    def warn(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, True, detail, warning=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +132,28 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     banned = sum(1 for r in rollouts for t, m in zip(r.completion_ids, r.trained_mask)
                  if m and t in adapter.banned_token_ids)
     report.add("no sampled placeholders", banned == 0, f"{banned} image/video placeholder tokens in completions")
+
+
+def sum_counts(counts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+TRUNCATION_WARNING = 0.5  # share of turns cut by max_new_tokens above which check-batch warns
+
+
+def check_truncation(rollouts: list[Rollout], cfg: Config, report: Report) -> None:
+    """A warning when most samples were cut by rollout.max_new_tokens: the rewards then score unfinished
+    answers (and a tool call cut in the middle never runs): raise max_new_tokens."""
+    cut = sum(r.finish_reason == "length" for r in rollouts)
+    report.stats["truncated_fraction"] = cut / len(rollouts)
+    if cut / len(rollouts) > TRUNCATION_WARNING:
+        report.warn("truncation", f"{cut} of {len(rollouts)} samples were cut by rollout.max_new_tokens "
+                    f"({cfg.rollout.max_new_tokens}): rewards score unfinished answers and a cut tool call never "
+                    "runs; raise rollout.max_new_tokens")
 
 
 def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> None:
@@ -249,7 +276,17 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         max_turns=max(r.turns for r in rollouts),
         env_images=sum(len(r.env_images) for r in rollouts),
         tool_calls=sum(r.tool_calls for r in rollouts),
+        tool_errors=sum_counts(r.tool_errors for r in rollouts),
+        sampler="embedded" if not cfg.rollout.server_url else f"vllm {cfg.rollout.server_url}",
     )
+    check_truncation(rollouts, cfg, report)
+    if rollout_groups.env is not None:
+        errors = report.stats["tool_errors"]
+        report.add("tools", True,
+                   f"{report.stats['tool_calls']} tool calls ({sum(errors.values())} failed"
+                   + "".join(f", {n} {reason}" for reason, n in sorted(errors.items()))
+                   + f"), {report.stats['env_images']} tool images, at most {report.stats['max_turns']} turns in "
+                   f"{len(rollouts)} episodes (sampler: {report.stats['sampler']})")
     note = "" if cfg.rollout.top_p >= 1 and cfg.rollout.top_k < 0 else " (top_p/top_k renormalise the sampler)"
     if cfg.rollout.server_url and stats["mismatch_kl"] > tol:
         note += "; does the server serve model.path's weights? (a training run leaves its own on the server)"
@@ -282,7 +319,8 @@ def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
     checks.add_column("check")
     checks.add_column("detail")
     for c in report.checks:
-        checks.add_row("[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.name, c.detail)
+        checks.add_row("[yellow]warn[/]" if c.warning else "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.name,
+                       c.detail)
     console.print(checks)
 
     skipped = report.stats.get("bad_samples") or []
@@ -307,5 +345,7 @@ def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
     console.print(text)
     verdict = "[bold green]batch OK[/]" if report.ok else "[bold red]batch FAILED[/]"
     note = f"; {len(skipped)} sample(s) skipped (table above)" if skipped else ""
+    warnings = [c.name for c in report.checks if c.warning]
+    note += f"; warnings: {', '.join(warnings)} (table above)" if warnings else ""
     console.print(f"{verdict}: mismatch KL {report.stats['mismatch_kl']:.2e}, max |diff| "
                   f"{report.stats['max_abs_diff']:.2e}{note}")

@@ -264,12 +264,27 @@ def build_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     tied: Annotated[bool, typer.Option(help="Tie the output head to the input embedding (as Qwen3-VL-2B/4B).")] = False,
+    vocab: Annotated[str, typer.Option(
+        help="toy: a few hundred tokens, answers and zoom calls one token each (the CPU demo); qwen: Qwen's real "
+             "151,643-token BPE and vocab size 151,936 (token tests; needs the quicktok-v1 wheel).")] = "toy",
+    warm_start_tools: Annotated[bool, typer.Option(
+        help="Then train its first turns to call the built-in tools (zoom, calculator), so its episodes have "
+             "several turns (vlrl/tiny_warm_start.py).")] = False,
 ) -> None:
     """Write a tiny random Qwen3-VL (for tests and the CPU demo) that transformers and vLLM load offline."""
+    from .errors import UserError
     from .tiny_model import build_tiny_qwen3_vl
 
-    path = build_tiny_qwen3_vl(out, seed=seed, tied=tied)
-    typer.echo(f"tiny Qwen3-VL written to {path}")
+    if vocab not in ("toy", "qwen"):
+        raise UserError(f"--vocab {vocab!r}: expected toy or qwen")
+    path = build_tiny_qwen3_vl(out, seed=seed, tied=tied, vocab=vocab)
+    if warm_start_tools:
+        from .tiny_warm_start import warm_start_tools as warm_start
+
+        losses = warm_start(path, seed=seed, progress=lambda k, n, loss: typer.echo(
+            f"tool-call warm start {k}/{n}: loss {loss:.3f}") if k % 10 == 0 or k == 1 else None)
+        typer.echo(f"tool-call warm start: loss {losses[0]:.2f} -> {losses[-1]:.3f} in {len(losses)} steps")
+    typer.echo(f"tiny Qwen3-VL ({vocab} vocabulary) written to {path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -224,11 +224,14 @@ def build_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, tied: bool = False) -> Path:
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, tied: bool = False,
+                        vocab: str = "toy") -> Path:
     """Write a tiny random Qwen3-VL (config, safetensors, tokenizer, processor, chat template) to `out_dir`.
 
     Deterministic for a seed: the same seed writes the same weights and tokenizer. `tied`: the output head
     shares the input embedding, as Qwen3-VL-2B and 4B do (the default is untied, like the 8B and 32B).
+    `vocab = "qwen"`: Qwen's real tokenizer and vocabulary size (`qwen_vocab.py`) instead of the toy one, for
+    tests about tokens (tool calls of ~45 tokens, stop tokens that are text, 151,936 logits).
     """
     import torch
     from transformers import (
@@ -242,7 +245,13 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = build_tokenizer(vocab_size)
+    if vocab == "qwen":
+        from .qwen_vocab import VOCAB_SIZE, build_qwen_tokenizer
+
+        raw, rows = build_qwen_tokenizer(), VOCAB_SIZE
+    else:
+        raw = build_tokenizer(vocab_size)
+        rows = raw.get_vocab_size(with_added_tokens=True)
     ids = {t: raw.token_to_id(t) for t in SPECIAL_TOKENS}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -256,7 +265,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
     head_dim = 32
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
+            vocab_size=rows,
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=2,

@@ -72,8 +72,12 @@ class Qwen3VLAdapter:
     def from_config(cls, cfg: ModelConfig) -> Qwen3VLAdapter:
         from transformers import AutoProcessor
 
+        from .hub import load_local_first
+
         try:
-            processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            processor = load_local_first(
+                lambda p, **kw: AutoProcessor.from_pretrained(p, trust_remote_code=cfg.trust_remote_code, **kw),
+                cfg.path, "processor", ModelError)
         except OSError as e:
             raise ModelError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "merge_size"):
@@ -206,6 +210,14 @@ class Qwen3VLAdapter:
         if hasattr(self.processor.video_processor, "cap_pixels_per_frame"):  # transformers >= 5.19
             out["cap_pixels_per_frame"] = False  # (its per-frame cap could shrink the policy's frames)
         return out
+
+    def completion_text(self, ids: list[int]) -> str:
+        """The text of sampled ids, as every sampler reports it: decoded here from the ids, special tokens
+        (`<|im_end|>`) left out, tags that are plain added tokens (`<tool_call>`, `</tool_call>`, `<think>`)
+        kept as the model wrote them. A server's own text is never used: vLLM leaves a stop token's text out
+        (a turn stopped at `</tool_call>` would lose it) and a server started with a tool or reasoning parser
+        moves text out of the message."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @property
     def tool_call_end_ids(self) -> list[int]:
@@ -348,15 +360,18 @@ class Qwen3VLAdapter:
         """The HF model, from safetensors only (`weights_from`: a checkpoint directory instead of model.path)."""
         from transformers import AutoModelForImageTextToText
 
+        from .hub import load_local_first
+
         path = weights_from or self.cfg.path
         try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                path,
+            model = load_local_first(lambda p, **kw: AutoModelForImageTextToText.from_pretrained(
+                p,
                 dtype=dtype,
                 attn_implementation=self.cfg.attn_implementation,
                 trust_remote_code=self.cfg.trust_remote_code,
                 use_safetensors=True,
-            )
+                **kw,
+            ), path, "weights", ModelError)
         except OSError as e:
             raise ModelError(f"model.path {path!r}: cannot load the model ({e})") from None
         # a group's copies of an image encoded once; the tower's fast path; packed sequences (patches.py)

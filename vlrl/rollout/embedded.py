@@ -101,7 +101,7 @@ class EmbeddedSampler:
                     completion_ids=toks,
                     logprobs=logprobs[row, : len(toks)].tolist(),
                     finish_reason="stop" if stop else "length",
-                    text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                    text=self.adapter.completion_text(toks),
                     group=first_group + g,
                 )
             )

@@ -94,10 +94,17 @@ class VLLMClient:
 
     def reload_weights(self, weights_path: str) -> None:
         self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_path}})
-        self.reset_prefix_cache()
+        self.reset_caches()
 
     def reset_prefix_cache(self) -> None:
         self._post("/reset_prefix_cache")
+
+    def reset_caches(self) -> None:
+        """After new weights: the prefix cache (KV of the old weights) and the encoder cache (vision embeddings
+        of images seen before, which a trained vision tower changes). vLLM 0.32 also clears both when
+        generation is paused, but marks that pause option deprecated: a sync does not rely on it."""
+        self._post("/reset_prefix_cache")
+        self._post("/reset_encoder_cache")
 
     # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine
     def init_weight_transfer_engine(self, init_info: dict) -> None:
@@ -248,7 +255,12 @@ class VLLMSampler:
             "skip_special_tokens": True,
         }
         if prompt.tools:
-            body["tools"] = prompt.tools  # rendered into the system turn by the server's chat template
+            # rendered into the system turn by the server's chat template; `tool_choice = "none"`: the server
+            # parses nothing out of the reply whatever parser it was started with (vLLM 0.32 takes tools without
+            # a tool_choice as "auto", which it refuses unless started with --enable-auto-tool-choice, and then
+            # moves the calls out of the text). vlrl reads the calls from the sampled ids itself.
+            body["tools"] = prompt.tools
+            body["tool_choice"] = "none"
         if prompt.videos:
             if len(prompt.videos) > 1:
                 raise ServerError(f"prompt {prompt_id}: {len(prompt.videos)} videos; a vLLM server takes one per prompt")
@@ -271,6 +283,8 @@ class VLLMSampler:
                 + (f" --video-max-pixels {self.adapter.cfg.video_max_pixels} --video-max-frames "
                    f"{self.adapter.cfg.video_max_frames}" if prompt.videos else "")
                 + "` on the same model"
+                + ("; a server started with --exclude-tools-when-tool-choice-none leaves the tools out of the "
+                   "prompt: start it without that flag" if prompt.tools else "")
             )
         self.prompts_checked += 1
         out = []
@@ -280,11 +294,10 @@ class VLLMSampler:
             if len(lps) != len(ids):
                 raise ServerError(f"{name}: {len(ids)} token ids but {len(lps)} logprobs from the server")
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            # the token route returns no text: decoded here as the chat route's server decodes it
-            text = (choice["message"].get("content") if "message" in choice
-                    else self.adapter.tokenizer.decode(ids, skip_special_tokens=True))
+            # the text of the sampled ids, as the in-process sampler reports it (never the server's message:
+            # it drops a stop token's text, and a server with a tool or reasoning parser moves text out of it)
             out.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=lps, finish_reason=finish,
-                               text=text or "", group=group))
+                               text=self.adapter.completion_text(ids), group=group))
         return out
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
