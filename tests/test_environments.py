@@ -321,3 +321,93 @@ def test_check_batch_renders_a_trajectory_and_counts_turns_and_tool_images(tiny_
     assert "<tool_response>" in report["sample"]["text"] and report["sample"]["turns"] == 3
     table = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert "(tool image 1)" in table.stdout and "3 turns" in table.stdout and "batch OK" in table.stdout
+
+
+# --- what an environment returns (issue #30) -------------------------------------------------------------------
+def test_an_environment_step_returning_no_reply_makes_a_named_bad_sample(adapter, tmp_path, tiny_model_dir):
+    from vlrl.envs.sources import load_samples
+
+    config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:ReturnsNone")
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
+        load_samples(config.env, "train", 0)[:3], 2, 0)
+    assert [s.id for s, _ in got.bad_samples] == ["colors-train-1"]
+    assert "the environment failed in step (it returned None, not a vlrl.envs.environment.Reply)" in got.bad_samples[0][1]
+    assert {r.sample.id for r in got.rollouts} == {"colors-train-0", "colors-train-2"}
+
+
+def test_an_environment_reward_that_is_not_a_number_fails_like_a_reward_function(adapter, tmp_path, tiny_model_dir):
+    import math
+
+    from vlrl.envs.sources import load_samples
+
+    config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:RewardNotANumber")
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
+        load_samples(config.env, "train", 0)[:3], 2, 0)
+    assert got.bad_samples == [] and len(got.rollouts) == 6
+    assert {k: v for k, v in got.failures.items() if v} == {"not_a_number": 2, "nan": 2}
+    assert any("on sample colors-train-1: the environment's Reply.reward on turn 1 was 'high' (not_a_number)" in e
+               for e in got.errors)
+    failed = [r for r in got.rollouts if r.sample.id != "colors-train-0"]
+    assert all(math.isnan(r.reward) and r.rewards["env"] is None and r.advantage == 0.0 for r in failed)
+    assert [r.sample.id for r in got.trained] == ["colors-train-0"] * 2  # out of the loss and the baseline
+    assert all(r.rewards["env"] == 0.5 for r in got.trained)
+
+
+class Budgeted(Scripted):
+    """Scripted, but each prompt's ids are cut at its budget (rollout.max_new_tokens, or what is left of the
+    context on a later turn), as a real sampler cuts them."""
+
+    def __init__(self, adapter, turns, max_new_tokens):
+        super().__init__(adapter, turns)
+        self.max_new_tokens = max_new_tokens
+
+    def sample(self, prompts, n, seed=None):
+        out = super().sample(prompts, n, seed)
+        for r in out:
+            budget = min(self.max_new_tokens, r.prompt.max_new_tokens or self.max_new_tokens)
+            if len(r.completion_ids) > budget:
+                r.completion_ids, r.logprobs, r.finish_reason = r.completion_ids[:budget], r.logprobs[:budget], "length"
+        return out
+
+
+def test_a_turn_cut_by_the_context_is_a_context_cut_not_a_length_one(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import TextEveryTurn
+
+    turn = "red " * 10
+    said = len(adapter.tokenizer.encode(turn, add_special_tokens=False)) + 1
+    config = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=64", "env.max_turns=5", "model.max_model_len=1024")
+    whole, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 64), config, n=1)
+    prompt = len(whole[0].prompt.input_ids)
+    reply = (len(whole[0].completion_ids) - 5 * said) // 4  # "go on", between turns
+    # turn 2 has room for about half its words: the context cuts it, not max_new_tokens
+    tight = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=64", "env.max_turns=5",
+                f"model.max_model_len={prompt + said + reply + said // 2}")
+    rollouts, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 64), tight, n=1)
+    for r in rollouts:
+        assert (r.turns, r.finish_reason) == (2, "context")
+        assert len(r.prompt.input_ids) + len(r.completion_ids) == tight.model.max_model_len
+    short = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=8", "env.max_turns=5", "model.max_model_len=1024")
+    cut, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 8), short, n=1)
+    assert {(r.turns, r.finish_reason, len(r.completion_ids)) for r in cut} == {(1, "length", 8)}
+
+
+def test_at_the_turn_budget_no_tool_runs_and_none_is_counted(adapter, tmp_path, tiny_model_dir):
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "6 * 7"}}</tool_call>'
+    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=2", "model.max_model_len=2048")
+    rollouts, _ = episodes(adapter, CalculatorEnv(), Scripted(adapter, [call]), config, n=1)
+    for r in rollouts:
+        assert (r.turns, r.finish_reason, r.tool_calls) == (2, "max_turns", 1)
+        assert r.transcript.count("<tool_response>") == 1  # the second call got no reply: the episode ended
+    answered, _ = episodes(adapter, CalculatorEnv(), Scripted(adapter, [call, "It is 42."]), config, n=1)
+    assert {(r.turns, r.finish_reason, r.tool_calls) for r in answered} == {(2, "stop", 1)}  # still an answer
+
+
+def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import StripImage
+
+    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=2")
+    rollouts, bad = episodes(adapter, StripImage(), Scripted(adapter, ["look"]), config)
+    assert bad == [] and len(rollouts) == 4
+    for r in rollouts:
+        assert (r.turns, r.tool_errors, len(r.env_images)) == (2, {"bad_image": 1}, 1)  # the usable image stays
+        assert "Error: sample" in r.transcript and "1x4000 cannot be used" in r.transcript

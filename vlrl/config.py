@@ -349,7 +349,8 @@ class AlgorithmConfig(Section):
     max_refill_rounds: int = Field(3, ge=0)
     """With dynamic sampling, most extra sampling rounds per step."""
     mask_truncated: bool = False
-    """Overlong masking: completions cut by max_new_tokens get no loss."""
+    """Overlong masking: completions cut by max_new_tokens (finish `length`) get no loss; a trajectory that ran out
+    of model.max_model_len (`context`) is trained on."""
 
 
 class TrainConfig(Section):

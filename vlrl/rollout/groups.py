@@ -143,7 +143,13 @@ class RolloutGroups:
             r.sample = kept[r.group]
         result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
         for i, r in enumerate(rollouts):  # rewards the environment gave along the way count as the reward `env`
-            if r.env_reward is not None and result.total[i] is not None:
+            if r.env_reward_error is not None:  # not a number: the rollout's reward fails, as a function's would
+                reason, detail = r.env_reward_error
+                result.total[i] = None
+                result.failures[reason] = result.failures.get(reason, 0) + 1
+                result.errors.append(f"environment {self.cfg.env.environment or self.cfg.env.dataset} on sample "
+                                     f"{r.sample.id}: {detail} ({reason})")
+            elif r.env_reward is not None and result.total[i] is not None:
                 result.total[i] += r.env_reward
         for reason, count in result.failures.items():
             out.failures[reason] = out.failures.get(reason, 0) + count
@@ -156,7 +162,7 @@ class RolloutGroups:
             r.reward, r.advantage = float(rewards[i]), float(adv[i])
             r.rewards = {k: result.per_fn[k][i] for k in self.keys}
             if self.env is not None:  # an episode the environment gave nothing counts 0, as in the total
-                r.rewards["env"] = r.env_reward or 0.0
+                r.rewards["env"] = None if r.env_reward_error is not None else r.env_reward or 0.0
         dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
         out.groups_dropped += len(dead)
         members = [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
