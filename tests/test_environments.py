@@ -111,6 +111,22 @@ def test_calculator_evaluates_arithmetic_and_nothing_else():
             evaluate(bad)
 
 
+def test_calculator_bounds_every_intermediate_result_so_nesting_cannot_hang_it():
+    from vlrl.envs.calculator import calculate
+
+    assert evaluate("2 ** 332") == 2**332 and evaluate("2 ** 0.5") == pytest.approx(1.41421356)  # just below 1e100
+    t0 = time.perf_counter()
+    for bad in ("(((10**64)**64)**64)**64", "((2**64)**64)**64", "10**99 * 10**99", "1e308 * 10", "(1e-99) ** -5",
+                "9 ** 9 ** 9", "1 ** 100000000000", "(-8) ** 0.5"):
+        with pytest.raises(ValueError, match="too large|not a real number"):
+            evaluate(bad)
+    assert time.perf_counter() - t0 < 0.5  # was 12.5 s for the first alone, holding the GIL past any timeout
+    messages, _, errors = run_tool_calls([Call("calculate", {"expression": "(((10**64)**64)**64)**64"})],
+                                         {"calculate": CalculatorEnv.tools[0]}, None, {}, 2.0)
+    assert errors == {"raised": 1} and "a result is too large" in messages[0]["content"][0]["text"]
+    assert calculate(None, {}, "9.9e99 / 3") == "3.3e+99"  # a large result is text, no OverflowError
+
+
 # --- token-exact replies ------------------------------------------------------------------------------------
 def test_a_reply_appended_to_the_sampled_ids_is_the_whole_chat_tokenised(adapter):
     """prompt ids + sampled ids + the reply's ids == the processor's ids of the whole chat, images included:
