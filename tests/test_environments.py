@@ -426,4 +426,4 @@ def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter,
     assert bad == [] and len(rollouts) == 4
     for r in rollouts:
         assert (r.turns, r.tool_errors, len(r.env_images)) == (2, {"bad_image": 1}, 1)  # the usable image stays
-        assert "Error: sample" in r.transcript and "1x4000 cannot be used" in r.transcript
+        assert "Error: the tool returned an image that cannot be used: 1x4000 cannot be used (" in r.transcript

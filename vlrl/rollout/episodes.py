@@ -211,8 +211,8 @@ def _usable_images(adapter, reply, name: str, errors: dict[str, int]) -> tuple[l
     for k, img in enumerate(reply.images):
         try:
             adapter.encode_reply([{"role": "tool", "content": [{"type": "image"}]}], [img], name=f"{name}, image {k + 1}")
-        except UserError as e:
-            bad[k] = str(e)
+        except UserError as e:  # "image <name>: 1x4000 cannot be used (...); crop or pad it"
+            bad[k] = f"the tool returned an image that cannot be used: {str(e).split(': ', 1)[-1]}"
     if not bad:
         return reply.messages, reply.images
     errors["bad_image"] = errors.get("bad_image", 0) + len(bad)
