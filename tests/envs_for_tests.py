@@ -86,3 +86,12 @@ class StripImage(Environment):
         return Reply(messages=[{"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "strip"},
                                                             {"type": "image"}]}],
                      images=[Image.new("RGB", (1, 4000)), _image(1)])
+
+
+class SkipsOneAndRewards(ImageEveryTurn):
+    """ImageEveryTurn (a tool image and 0.25 every turn) whose sample 1 cannot start (reset raises)."""
+
+    def reset(self, sample):
+        if sample.id.endswith("-1"):
+            raise RuntimeError("no episode for this one")
+        return {}

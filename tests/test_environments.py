@@ -427,3 +427,19 @@ def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter,
     for r in rollouts:
         assert (r.turns, r.tool_errors, len(r.env_images)) == (2, {"bad_image": 1}, 1)  # the usable image stays
         assert "Error: the tool returned an image that cannot be used: 1x4000 cannot be used (" in r.transcript
+
+
+def test_response_length_counts_sampled_tokens_not_the_environments_replies(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import ImageEveryTurn
+
+    from vlrl.envs.sources import load_samples
+    from vlrl.metrics import step_metrics, step_stats
+
+    config = cfg(tiny_model_dir, tmp_path)
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["look"])).score_groups(
+        load_samples(config.env, "train", 0)[:2], 2, 0)
+    said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1
+    assert all(len(r.completion_ids) > 3 * said for r in got.rollouts)  # tool replies and images in between
+    times = dict.fromkeys(("rollout", "rollout_wait", "prefetch_wait", "update", "sync", "step"), 1.0)
+    m = step_metrics(1, step_stats(got), {}, times, 0.0, got.keys[0], False, multi_turn=True)
+    assert (m["response_length/mean"], m["response_length/max"]) == (3 * said, 3 * said)

@@ -50,6 +50,8 @@ class Groups:
     """Reward-function failures by reason (raised, timeout, nan...), over every scored rollout."""
     errors: list[str] = field(default_factory=list)
     """The first few reward-failure messages."""
+    dropped: list[Rollout] = field(default_factory=list)
+    """The scored rollouts of the groups dynamic sampling dropped (their rewards all agreed)."""
     groups_dropped: int = 0
     rounds: int = 0
     seconds: float = 0.0
@@ -58,8 +60,16 @@ class Groups:
     @property
     def per_fn(self) -> dict[str, list[float | None]]:
         """Each reward function's values over the kept rollouts (and the environment's own rewards, `env`)."""
-        keys = self.keys + (["env"] if any("env" in r.rewards for r in self.rollouts) else [])
-        return {k: [r.rewards.get(k) for r in self.rollouts] for k in keys}
+        return self.per_fn_of(self.rollouts)
+
+    @property
+    def sampled(self) -> list[Rollout]:
+        """Every scored rollout: the kept ones, then those of the groups dynamic sampling dropped."""
+        return self.rollouts + self.dropped
+
+    def per_fn_of(self, rollouts: list[Rollout]) -> dict[str, list[float | None]]:
+        keys = self.keys + (["env"] if any("env" in r.rewards for r in rollouts) else [])
+        return {k: [r.rewards.get(k) for r in rollouts] for k in keys}
 
 
 class RolloutGroups:
@@ -165,5 +175,6 @@ class RolloutGroups:
                 r.rewards["env"] = None if r.env_reward_error is not None else r.env_reward or 0.0
         dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
         out.groups_dropped += len(dead)
+        out.dropped.extend(r for r in rollouts if r.group in dead)
         members = [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
         return [m for m in members if m]
