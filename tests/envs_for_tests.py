@@ -95,3 +95,10 @@ class SkipsOneAndRewards(ImageEveryTurn):
         if sample.id.endswith("-1"):
             raise RuntimeError("no episode for this one")
         return {}
+
+
+class RaisesInStepAtCall(RaisesInStep):
+    """RaisesInStep whose turns end at a tool call (as ImageEveryCall's), so a random tiny model's turns reach
+    `step` (a turn cut by max_new_tokens never does)."""
+
+    stop_at_tool_call = True

@@ -169,12 +169,12 @@ def test_check_batch_against_the_server(server, tiny_model_dir):
 
 def test_check_batch_counts_requests_when_the_environment_drops_a_sample_after_its_prompt_was_checked(
         server, tiny_model_dir):
-    """envs_for_tests:RaisesInStep drops sample 1 after the server answered (and its prompt ids were checked):
+    """envs_for_tests:RaisesInStepAtCall drops sample 1 after the server answered (and its prompt ids were checked):
     2 requests checked, 1 group kept, no prompt differed, so the check passes (it failed "2/1 prompts")."""
     env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--json",
                           "--set", f"model.path={tiny_model_dir}", "--set", f"rollout.server_url={server.url}",
-                          "--set", "env.environment=envs_for_tests:RaisesInStep", "--set", "rollout.max_new_tokens=8"],
+                          "--set", "env.environment=envs_for_tests:RaisesInStepAtCall", "--set", "rollout.max_new_tokens=48"],
                          cwd=ROOT, capture_output=True, text=True, env=env)
     report = json.loads(res.stdout)
     check = {c["name"]: c for c in report["checks"]}["prompt ids: trainer == sampler"]
