@@ -402,6 +402,9 @@ def test_a_turn_cut_by_the_context_is_a_context_cut_not_a_length_one(adapter, tm
     for r in rollouts:
         assert (r.turns, r.finish_reason) == (2, "context")
         assert len(r.prompt.input_ids) + len(r.completion_ids) == tight.model.max_model_len
+    first = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=16", f"model.max_model_len={prompt + 5}")
+    cut_first, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 16), first, n=1)
+    assert {(r.turns, r.finish_reason, len(r.completion_ids)) for r in cut_first} == {(1, "context", 5)}
     short = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=8", "env.max_turns=5", "model.max_model_len=1024")
     cut, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 8), short, n=1)
     assert {(r.turns, r.finish_reason, len(r.completion_ids)) for r in cut} == {(1, "length", 8)}

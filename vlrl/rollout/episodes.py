@@ -122,6 +122,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
     call_ends = set(adapter.tool_call_end_ids) if env.stop_at_tool_call else set()
     for p in prompts:
         p.stop_token_ids = sorted(call_ends)
+        if cfg.model.max_model_len - len(p.input_ids) < cfg.rollout.max_new_tokens:  # the first turn's room too
+            p.max_new_tokens = cfg.model.max_model_len - len(p.input_ids)
 
     def fail(group: int, where: str, error: BaseException | str) -> None:
         what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
