@@ -60,3 +60,45 @@ class RaisesInStep(Environment):
         if sample.id.endswith("-1"):
             raise KeyError("lost state")
         return Reply(done=True)
+
+
+class ReturnsNone(Environment):
+    """Forgets to return its Reply on sample 1."""
+
+    def step(self, sample, state, completion):
+        if sample.id.endswith("-1"):
+            return None
+        return Reply(done=True)
+
+
+class RewardNotANumber(Environment):
+    """Rewards sample 1 with a string and sample 2 with NaN; the others with 0.5."""
+
+    def step(self, sample, state, completion):
+        reward = {"1": "high", "2": float("nan")}.get(sample.id.rsplit("-", 1)[1], 0.5)
+        return Reply(done=True, reward=reward)
+
+
+class StripImage(Environment):
+    """Answers each turn with a tool image the pixel policy refuses (1x4000) next to a usable one."""
+
+    def step(self, sample, state, completion):
+        return Reply(messages=[{"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "strip"},
+                                                            {"type": "image"}]}],
+                     images=[Image.new("RGB", (1, 4000)), _image(1)])
+
+
+class SkipsOneAndRewards(ImageEveryTurn):
+    """ImageEveryTurn (a tool image and 0.25 every turn) whose sample 1 cannot start (reset raises)."""
+
+    def reset(self, sample):
+        if sample.id.endswith("-1"):
+            raise RuntimeError("no episode for this one")
+        return {}
+
+
+class RaisesInStepAtCall(RaisesInStep):
+    """RaisesInStep whose turns end at a tool call (as ImageEveryCall's), so a random tiny model's turns reach
+    `step` (a turn cut by max_new_tokens never does)."""
+
+    stop_at_tool_call = True

@@ -111,6 +111,22 @@ def test_calculator_evaluates_arithmetic_and_nothing_else():
             evaluate(bad)
 
 
+def test_calculator_bounds_every_intermediate_result_so_nesting_cannot_hang_it():
+    from vlrl.envs.calculator import calculate
+
+    assert evaluate("2 ** 332") == 2**332 and evaluate("2 ** 0.5") == pytest.approx(1.41421356)  # just below 1e100
+    t0 = time.perf_counter()
+    for bad in ("(((10**64)**64)**64)**64", "((2**64)**64)**64", "10**99 * 10**99", "1e308 * 10", "(1e-99) ** -5",
+                "9 ** 9 ** 9", "1 ** 100000000000", "(-8) ** 0.5"):
+        with pytest.raises(ValueError, match="too large|not a real number"):
+            evaluate(bad)
+    assert time.perf_counter() - t0 < 0.5  # was 12.5 s for the first alone, holding the GIL past any timeout
+    messages, _, errors = run_tool_calls([Call("calculate", {"expression": "(((10**64)**64)**64)**64"})],
+                                         {"calculate": CalculatorEnv.tools[0]}, None, {}, 2.0)
+    assert errors == {"raised": 1} and "a result is too large" in messages[0]["content"][0]["text"]
+    assert calculate(None, {}, "9.9e99 / 3") == "3.3e+99"  # a large result is text, no OverflowError
+
+
 # --- token-exact replies ------------------------------------------------------------------------------------
 def test_a_reply_appended_to_the_sampled_ids_is_the_whole_chat_tokenised(adapter):
     """prompt ids + sampled ids + the reply's ids == the processor's ids of the whole chat, images included:
@@ -321,3 +337,112 @@ def test_check_batch_renders_a_trajectory_and_counts_turns_and_tool_images(tiny_
     assert "<tool_response>" in report["sample"]["text"] and report["sample"]["turns"] == 3
     table = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert "(tool image 1)" in table.stdout and "3 turns" in table.stdout and "batch OK" in table.stdout
+
+
+# --- what an environment returns (issue #30) -------------------------------------------------------------------
+def test_an_environment_step_returning_no_reply_makes_a_named_bad_sample(adapter, tmp_path, tiny_model_dir):
+    from vlrl.envs.sources import load_samples
+
+    config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:ReturnsNone")
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
+        load_samples(config.env, "train", 0)[:3], 2, 0)
+    assert [s.id for s, _ in got.bad_samples] == ["colors-train-1"]
+    assert "the environment failed in step (it returned None, not a vlrl.envs.environment.Reply)" in got.bad_samples[0][1]
+    assert {r.sample.id for r in got.rollouts} == {"colors-train-0", "colors-train-2"}
+
+
+def test_an_environment_reward_that_is_not_a_number_fails_like_a_reward_function(adapter, tmp_path, tiny_model_dir):
+    import math
+
+    from vlrl.envs.sources import load_samples
+
+    config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:RewardNotANumber")
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
+        load_samples(config.env, "train", 0)[:3], 2, 0)
+    assert got.bad_samples == [] and len(got.rollouts) == 6
+    assert {k: v for k, v in got.failures.items() if v} == {"not_a_number": 2, "nan": 2}
+    assert any("on sample colors-train-1: the environment's Reply.reward on turn 1 was 'high' (not_a_number)" in e
+               for e in got.errors)
+    failed = [r for r in got.rollouts if r.sample.id != "colors-train-0"]
+    assert all(math.isnan(r.reward) and r.rewards["env"] is None and r.advantage == 0.0 for r in failed)
+    assert [r.sample.id for r in got.trained] == ["colors-train-0"] * 2  # out of the loss and the baseline
+    assert all(r.rewards["env"] == 0.5 for r in got.trained)
+
+
+class Budgeted(Scripted):
+    """Scripted, but each prompt's ids are cut at its budget (rollout.max_new_tokens, or what is left of the
+    context on a later turn), as a real sampler cuts them."""
+
+    def __init__(self, adapter, turns, max_new_tokens):
+        super().__init__(adapter, turns)
+        self.max_new_tokens = max_new_tokens
+
+    def sample(self, prompts, n, seed=None):
+        out = super().sample(prompts, n, seed)
+        for r in out:
+            budget = min(self.max_new_tokens, r.prompt.max_new_tokens or self.max_new_tokens)
+            if len(r.completion_ids) > budget:
+                r.completion_ids, r.logprobs, r.finish_reason = r.completion_ids[:budget], r.logprobs[:budget], "length"
+        return out
+
+
+def test_a_turn_cut_by_the_context_is_a_context_cut_not_a_length_one(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import TextEveryTurn
+
+    turn = "red " * 10
+    said = len(adapter.tokenizer.encode(turn, add_special_tokens=False)) + 1
+    config = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=64", "env.max_turns=5", "model.max_model_len=1024")
+    whole, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 64), config, n=1)
+    prompt = len(whole[0].prompt.input_ids)
+    reply = (len(whole[0].completion_ids) - 5 * said) // 4  # "go on", between turns
+    # turn 2 has room for about half its words: the context cuts it, not max_new_tokens
+    tight = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=64", "env.max_turns=5",
+                f"model.max_model_len={prompt + said + reply + said // 2}")
+    rollouts, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 64), tight, n=1)
+    for r in rollouts:
+        assert (r.turns, r.finish_reason) == (2, "context")
+        assert len(r.prompt.input_ids) + len(r.completion_ids) == tight.model.max_model_len
+    first = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=16", f"model.max_model_len={prompt + 5}")
+    cut_first, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 16), first, n=1)
+    assert {(r.turns, r.finish_reason, len(r.completion_ids)) for r in cut_first} == {(1, "context", 5)}
+    short = cfg(tiny_model_dir, tmp_path, "rollout.max_new_tokens=8", "env.max_turns=5", "model.max_model_len=1024")
+    cut, _ = episodes(adapter, TextEveryTurn(), Budgeted(adapter, [turn], 8), short, n=1)
+    assert {(r.turns, r.finish_reason, len(r.completion_ids)) for r in cut} == {(1, "length", 8)}
+
+
+def test_at_the_turn_budget_no_tool_runs_and_none_is_counted(adapter, tmp_path, tiny_model_dir):
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "6 * 7"}}</tool_call>'
+    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=2", "model.max_model_len=2048")
+    rollouts, _ = episodes(adapter, CalculatorEnv(), Scripted(adapter, [call]), config, n=1)
+    for r in rollouts:
+        assert (r.turns, r.finish_reason, r.tool_calls) == (2, "max_turns", 1)
+        assert r.transcript.count("<tool_response>") == 1  # the second call got no reply: the episode ended
+    answered, _ = episodes(adapter, CalculatorEnv(), Scripted(adapter, [call, "It is 42."]), config, n=1)
+    assert {(r.turns, r.finish_reason, r.tool_calls) for r in answered} == {(2, "stop", 1)}  # still an answer
+
+
+def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import StripImage
+
+    config = cfg(tiny_model_dir, tmp_path, "env.max_turns=2")
+    rollouts, bad = episodes(adapter, StripImage(), Scripted(adapter, ["look"]), config)
+    assert bad == [] and len(rollouts) == 4
+    for r in rollouts:
+        assert (r.turns, r.tool_errors, len(r.env_images)) == (2, {"bad_image": 1}, 1)  # the usable image stays
+        assert "Error: the tool returned an image that cannot be used: 1x4000 cannot be used (" in r.transcript
+
+
+def test_response_length_counts_sampled_tokens_not_the_environments_replies(adapter, tmp_path, tiny_model_dir):
+    from envs_for_tests import ImageEveryTurn
+
+    from vlrl.envs.sources import load_samples
+    from vlrl.metrics import step_metrics, step_stats
+
+    config = cfg(tiny_model_dir, tmp_path)
+    got = RolloutGroups(config, adapter, Scripted(adapter, ["look"])).score_groups(
+        load_samples(config.env, "train", 0)[:2], 2, 0)
+    said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1
+    assert all(len(r.completion_ids) > 3 * said for r in got.rollouts)  # tool replies and images in between
+    times = dict.fromkeys(("rollout", "rollout_wait", "prefetch_wait", "update", "sync", "step"), 1.0)
+    m = step_metrics(1, step_stats(got), {}, times, 0.0, got.keys[0], False, multi_turn=True)
+    assert (m["response_length/mean"], m["response_length/max"]) == (3 * said, 3 * said)

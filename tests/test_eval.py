@@ -138,6 +138,30 @@ def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(
     assert {p.name for p in (tmp_path / "ev").iterdir()} == {"summary.json", "samples.jsonl", "report.html", "images"}
 
 
+def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_positions(adapter, tmp_path,
+                                                                                         tiny_model_dir):
+    """Sample 1 cannot start an episode (skipped): the others keep their positions in the split (prompt 2 was
+    logged as prompt 1). The summary holds the environment's reward, turns, tool calls and finish reasons
+    (it held none of them), and lengths count sampled tokens only (they counted the tool replies too)."""
+    from test_environments import Scripted
+
+    from vlrl.envs.sources import load_samples
+    from vlrl.rollout.groups import RolloutGroups
+
+    cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards", "env.max_turns=2",
+                 "rollout.prompts_per_step=4")
+    summary = evaluate(cfg, RolloutGroups(cfg, adapter, Scripted(adapter, ["look"])),
+                       load_samples(cfg.env, "eval")[:3], 2, 0, tmp_path / "ev")
+    recs = lines(tmp_path / "ev" / "samples.jsonl")
+    assert [(r["sample_id"], r["prompt"]) for r in recs] == [("colors-eval-0", 0)] * 2 + [("colors-eval-2", 2)] * 2
+    said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1  # and <|im_end|>
+    assert summary["bad_samples"] == 1 and summary["samples"] == 4
+    assert summary["reward/env/mean"] == 0.5  # 0.25 a turn, two turns
+    assert (summary["turns/mean"], summary["turns/max"], summary["tool_calls"]) == (2, 2, 0)
+    assert summary["finish/max_turns"] == 4 and summary["response_length/mean"] == 2 * said
+    assert all(r["rewards"]["env"] == 0.5 and r["turns"] == 2 and r["tool_errors"] == {} for r in recs)
+
+
 def test_eval_of_a_checkpoint_and_its_report_in_a_browser(tiny_model_dir, tmp_path):
     base = run_eval(cfg_of(tiny_model_dir, tmp_path), None, "eval", 4, 4, quiet())
     run = train(cfg_of(tiny_model_dir, tmp_path, "name=ck", "train.steps=1", "rollout.prompts_per_step=2",

@@ -167,6 +167,34 @@ def test_check_batch_against_the_server(server, tiny_model_dir):
     assert {c["name"]: c["ok"] for c in report["checks"]}["prompt ids: trainer == sampler"]
 
 
+def test_check_batch_counts_requests_when_the_environment_drops_a_sample_after_its_prompt_was_checked(
+        server, tiny_model_dir):
+    """envs_for_tests:RaisesInStepAtCall drops sample 1 after the server answered (and its prompt ids were checked):
+    2 requests checked, 1 group kept, no prompt differed, so the check passes (it failed "2/1 prompts")."""
+    env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--json",
+                          "--set", f"model.path={tiny_model_dir}", "--set", f"rollout.server_url={server.url}",
+                          "--set", "env.environment=envs_for_tests:RaisesInStepAtCall", "--set", "rollout.max_new_tokens=48"],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    report = json.loads(res.stdout)
+    check = {c["name"]: c for c in report["checks"]}["prompt ids: trainer == sampler"]
+    assert check["ok"] and "2/2 requests (every turn's) checked, 0 differed" in check["detail"], check
+    assert [b["sample_id"] for b in report["stats"]["bad_samples"]] == ["colors-train-1"]
+    assert res.returncode == 0 and report["ok"], report["checks"]
+
+
+def test_a_max_model_len_above_the_servers_is_refused_at_start(server, tiny_model_dir, tmp_path):
+    from vlrl.rollout import make_sampler
+
+    assert VLLMClient(server.url, rollout_cfg(server)).max_model_len() == 1024  # `vlrl serve --max-model-len 1024`
+    config = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=2048")
+    with pytest.raises(ServerError, match=r"model.max_model_len \(2048\) is above the vLLM server's max_model_len "
+                                          r"\(1024\).*vlrl serve --max-model-len 2048"):
+        make_sampler(config, None, None)
+    fits = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=1024")
+    VLLMSampler(None, fits.rollout).check_max_model_len(fits.model.max_model_len)  # equal: fine
+
+
 def test_multi_turn_rollouts_with_tool_images_match_the_trainer(server, vadapter, tiny_model, tiny_model_dir, tmp_path):
     """Every later turn goes to the token-in/token-out route as the trajectory's own ids with all its images so
     far: the server's expanded prompt ids equal the trainer's on every turn, its logprobs the trainer's."""

@@ -229,16 +229,17 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     if not got.rollouts:
         raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {got.bad_samples[0][1]}")
     rollouts = got.rollouts
-    # requests: one per prompt, then one per later turn of every trajectory (each turn's prompt ids are checked)
-    prompts = len({r.group for r in rollouts}) + sum(r.turns - 1 for r in rollouts)
     batch = adapter.build_batch(rollouts)
+    # every request the server answered (one per prompt, then one per later turn of every trajectory, those of
+    # samples the environment dropped afterwards included) has its prompt ids checked
     checked = getattr(sampler, "prompts_checked", None)
-    report.add(
-        "prompt ids: trainer == sampler",
-        checked is None or checked == prompts,
-        "the embedded sampler generates from the processor's ids" if checked is None
-        else f"{checked}/{prompts} prompts (every turn's): the server's prompt_token_ids equal the trainer's",
-    )
+    if checked is None:
+        report.add("prompt ids: trainer == sampler", True, "the embedded sampler generates from the processor's ids")
+    else:
+        requests, differed = sampler.requests, sampler.prompt_mismatches
+        report.add("prompt ids: trainer == sampler", differed == 0 and checked == requests,
+                   f"{checked}/{requests} requests (every turn's) checked, {differed} differed: the server's "
+                   "prompt_token_ids " + ("equal the trainer's" if differed == 0 else "differ from the trainer's"))
     check_batch_structure(batch, rollouts, adapter, report)
     check_positions(batch, adapter, model, report)
 

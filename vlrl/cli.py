@@ -102,6 +102,8 @@ def train(
         result = run_training(cfg, resume=resume, console=console)
     except UserError as e:
         _fail(str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C (train said what was saved): 130, as a shell reports Ctrl-C
+        raise typer.Exit(130) from None
     run_dir = result.run_dir
     if not result.main:  # under accelerate launch, one process reports
         raise typer.Exit(result.exit_code)

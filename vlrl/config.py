@@ -349,12 +349,17 @@ class AlgorithmConfig(Section):
     max_refill_rounds: int = Field(3, ge=0)
     """With dynamic sampling, most extra sampling rounds per step."""
     mask_truncated: bool = False
-    """Overlong masking: completions cut by max_new_tokens get no loss."""
+    """Overlong masking: completions cut by max_new_tokens (finish `length`) get no loss; a trajectory that ran out
+    of model.max_model_len (`context`) is trained on."""
 
 
 class TrainConfig(Section):
     steps: int = Field(100, ge=1)
     """Optimizer steps (one per batch of rollouts)."""
+    max_steps_without_update: int = Field(5, ge=1)
+    """Stop the run after this many steps in a row that trained nothing (under dynamic sampling, every group's
+    rewards agreed within algorithm.max_refill_rounds; or every reward failed): a reward that never varies gives
+    no signal, and each such step costs its sampling rounds for nothing. Each such step is also said as it happens."""
     learning_rate: float = Field(1e-6, gt=0)
     """Peak AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)

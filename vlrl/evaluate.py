@@ -3,7 +3,9 @@
 For every prompt the sampler draws `n` completions; the configured rewards score them. The summary holds the
 mean reward (total and per reward function), accuracy (the fraction of completions whose FIRST reward function
 scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et al.
-2021, averaged over prompts), and the mean response length. Sampling is seeded per batch of prompts from one
+2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's environment
+replies are not counted). With a multi-turn environment it also holds the environment's reward (`reward/env/mean`),
+turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling is seeded per batch of prompts from one
 seed, so the same policy, config and seed give the same completions, line for line.
 
 `evaluate` is the reusable part (training can call it with its live model and sampler); `run_eval` loads the
@@ -40,8 +42,9 @@ def pass_ks(n: int) -> list[int]:
     return [2**i for i in range(n.bit_length()) if 2**i <= n]
 
 
-def summarize(records: list[dict], reward_keys: list[str], n: int) -> dict:
-    """The summary numbers of scored completions (records as written to samples.jsonl, prompt-major)."""
+def summarize(records: list[dict], reward_keys: list[str], n: int, multi_turn: bool = False) -> dict:
+    """The summary numbers of scored completions (records as written to samples.jsonl, prompt-major); with
+    `multi_turn`, the records' turns, tool calls, tool errors and finish reasons too."""
     total = [r["reward"] for r in records if r["reward"] is not None]
     lengths = [r["length"] for r in records] or [0]
     out = {
@@ -60,6 +63,16 @@ def summarize(records: list[dict], reward_keys: list[str], n: int) -> dict:
     out["response_length/mean"] = sum(lengths) / len(lengths)
     out["truncated_fraction"] = sum(r["finish_reason"] == "length" for r in records) / max(len(records), 1)
     out["reward_failures"] = len(records) - len(total)
+    if multi_turn:
+        turns = [r["turns"] for r in records] or [0]
+        out.update({"turns/mean": sum(turns) / len(turns), "turns/max": max(turns),
+                    "tool_calls": sum(r["tool_calls"] for r in records)})
+        for key in ("tool_errors", "finish"):
+            counts: dict[str, int] = {}
+            for r in records:
+                for reason, c in (r["tool_errors"].items() if key == "tool_errors" else [(r["finish_reason"], 1)]):
+                    counts[reason] = counts.get(reason, 0) + c
+            out.update({f"{key}/{reason}": c for reason, c in sorted(counts.items())})
     return out
 
 
@@ -85,6 +98,8 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rollouts.keys[0]
+    multi_turn = rollouts.env is not None
+    keys = rollouts.keys + (["env"] if multi_turn else [])  # the environment's own rewards, as training logs them
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
     errors: list[str] = []  # the first reward-failure messages
@@ -99,18 +114,21 @@ def evaluate(
         errors.extend(got.errors[: max(0, 8 - len(errors))])
         refs: dict[int, list[str]] = {}
         seen: dict[int, int] = {}
+        position = {id(s): start + i for i, s in enumerate(batch)}  # (groups number only the samples kept)
         for r in got.rollouts:
             if r.group not in refs:  # one image file per prompt, shared by its n completions
                 refs[r.group] = image_refs(r, out_dir / "images", out_dir)
             seen[r.group] = seen.get(r.group, -1) + 1
             records.append({
-                "prompt": start + r.group,
+                "prompt": position[id(r.sample)],
                 "index": seen[r.group],
                 **rollout_record(r, out_dir / "images", out_dir, refs[r.group]),
                 "reward": None if math.isnan(r.reward) else r.reward,
                 "rewards": dict(r.rewards),
                 "correct": r.rewards[first] is not None and r.rewards[first] >= 1.0,
-                "length": len(r.completion_ids),
+                "length": r.sampled_tokens,
+                **({"turns": r.turns, "tool_calls": r.tool_calls, "tool_errors": dict(r.tool_errors)}
+                   if multi_turn else {}),
             })
         if progress is not None:
             progress(start + len(batch), len(samples))
@@ -122,7 +140,7 @@ def evaluate(
         "samples": len(records),
         "seed": seed,
         "rewards": rollouts.keys,
-        **summarize(records, rollouts.keys, n),
+        **summarize(records, keys, n, multi_turn),
         "bad_samples": len(skipped),
         "reward_errors": errors,
         "time/eval": time.perf_counter() - t0,
@@ -212,7 +230,7 @@ def summary_table(summary: dict):
     for key, value in summary.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated")):
+        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated", "turns", "tool_", "finish")):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("prompts x samples", f"{summary.get('prompts')} x {summary.get('samples_per_prompt')}")
     return table

@@ -9,22 +9,27 @@ import torch
 
 
 def step_stats(got) -> dict:
-    """What the metrics need from one rank's `rollout.groups.Groups` (plain data, so ranks can pool it)."""
+    """What the metrics need from one rank's `rollout.groups.Groups` (plain data, so ranks can pool it). They
+    describe every rollout the step sampled and scored, the groups dynamic sampling dropped included (a step
+    whose groups were all dropped still shows its rewards); `trained` and `dropped` say what was learned from.
+    Lengths count sampled tokens only (not the environment's replies between turns)."""
+    sampled = got.sampled
     return {
-        "rewards": [r.reward for r in got.rollouts],
-        "lengths": [len(r.completion_ids) for r in got.rollouts],
-        "truncated": sum(r.finish_reason == "length" for r in got.rollouts),
-        "per_fn": got.per_fn,
+        "rewards": [r.reward for r in sampled],
+        "lengths": [r.sampled_tokens for r in sampled],
+        "truncated": sum(r.finish_reason == "length" for r in sampled),
+        "per_fn": got.per_fn_of(sampled),
+        "kept": len(got.rollouts),
         "trained": len(got.trained),
         "dropped": got.groups_dropped,
         "rounds": got.rounds,
         "failures": dict(got.failures),
         "bad": len(got.bad_samples),
-        "turns": [r.turns for r in got.rollouts],
-        "tool_calls": sum(r.tool_calls for r in got.rollouts),
-        "tool_errors": _added([r.tool_errors for r in got.rollouts]),
-        "env_images": sum(len(r.env_images) for r in got.rollouts),
-        "finish": _added([{r.finish_reason: 1} for r in got.rollouts]),
+        "turns": [r.turns for r in sampled],
+        "tool_calls": sum(r.tool_calls for r in sampled),
+        "tool_errors": _added([r.tool_errors for r in sampled]),
+        "env_images": sum(len(r.env_images) for r in sampled),
+        "finish": _added([{r.finish_reason: 1} for r in sampled]),
     }
 
 
@@ -44,13 +49,13 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
     from accelerate.utils import gather_object
 
     everyone = gather_object([(stats, sums)])
-    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "trained": 0, "dropped": 0, "rounds": 0,
+    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "kept": 0, "trained": 0, "dropped": 0, "rounds": 0,
            "failures": {}, "bad": 0, "turns": [], "tool_calls": 0, "tool_errors": {}, "env_images": 0, "finish": {}}
     pooled: dict = {}
     for st, sm in everyone:
         for k in ("rewards", "lengths", "turns"):
             out[k] += st[k]
-        for k in ("truncated", "trained", "dropped", "bad", "tool_calls", "env_images"):
+        for k in ("truncated", "kept", "trained", "dropped", "bad", "tool_calls", "env_images"):
             out[k] += st[k]
         out["rounds"] = max(out["rounds"], st["rounds"])
         for name, values in st["per_fn"].items():

@@ -78,7 +78,8 @@ class Rollout:
     """Behavior logprob of each completion token under the distribution it was sampled from (0 where the
     token was not sampled)."""
     finish_reason: str
-    """`stop` (an end-of-turn token was sampled) or `length` (max_new_tokens reached)."""
+    """`stop` (an end-of-turn token was sampled) or `length` (max_new_tokens reached); multi-turn also `context`
+    (model.max_model_len reached), `max_turns`, `images`."""
     text: str = ""
     """Decoded completion, for rewards and logs (multi-turn: the last assistant turn, the answer)."""
     completion_mask: list[int] | None = None
@@ -94,6 +95,9 @@ class Rollout:
     """Tool calls that failed, by reason (malformed, unknown_tool, bad_arguments, raised, timeout)."""
     env_reward: float | None = None
     """The sum of the rewards the environment gave along the trajectory (None: it gave none)."""
+    env_reward_error: tuple[str, str] | None = None
+    """(reason, detail) when a `Reply.reward` was not a finite number (the rollout's reward then fails, as a reward
+    function's would: `not_a_number`, `nan`)."""
     transcript: str = ""
     """The whole completion decoded, environment turns included (multi-turn), for logs and reports."""
     sample: Any = None
@@ -117,6 +121,11 @@ class Rollout:
     @property
     def trained_mask(self) -> list[int]:
         return self.completion_mask if self.completion_mask is not None else [1] * len(self.completion_ids)
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the policy sampled (the environment's replies between turns not counted)."""
+        return len(self.completion_ids) if self.completion_mask is None else sum(self.completion_mask)
 
     @property
     def pixel_values(self) -> torch.Tensor | None:

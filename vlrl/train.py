@@ -84,13 +84,16 @@ class Run:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if resume and self.ckpt is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run_dir}; start without --resume")
+        # --resume of a run stopped before its first checkpoint starts it over at step 0 (train drops its logs)
+        self.restarted = resume and self.ckpt is None and (self.run_dir / "metrics.jsonl").exists()
+        if resume and self.ckpt is None and not self.restarted:
+            raise UserError(f"--resume: no run to resume in {self.run_dir} (no checkpoint, no metrics.jsonl); "
+                            "start without --resume")
         if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise UserError(
-                f"run directory {self.run_dir} already holds a run; pass --resume to continue it, or choose "
-                "another name (--set name=...)"
-            )
+            what = ("it stopped before its first checkpoint; pass --resume to start it over at step 0 (its logged "
+                    "steps are dropped)" if latest_checkpoint(self.run_dir) is None else "pass --resume to continue it")
+            raise UserError(f"run directory {self.run_dir} already holds a run; {what}, or choose another name "
+                            "(--set name=...)")
         precision = cfg.train.precision
         on_gpu = torch.cuda.is_available()
         mixed = "bf16" if (precision == "bf16" or (precision == "auto" and on_gpu)) else "no"
@@ -274,6 +277,20 @@ class Run:
         return stop.requested
 
 
+def untrained_reason(kept: int, m: dict) -> str:
+    """Why a step that kept `kept` rollouts, with metrics `m`, trained nothing, in words."""
+    if kept == 0 and m["groups_dropped"]:
+        why = (f"every group's rewards agreed ({m['groups_dropped']} groups dropped over {m['sampling_rounds']} "
+               f"sampling rounds, mean reward {m['reward/mean']:.3f})")
+    elif kept == 0:
+        why = "no sample could be used"
+    else:
+        why = f"none of the {kept} kept rollouts could be trained (failed rewards, or overlong masking)"
+    extra = [f"{m['reward_failures']} reward failures"] if m["reward_failures"] else []
+    extra += [f"{m['bad_samples']} bad samples"] if m["bad_samples"] else []
+    return why + (f" ({', '.join(extra)})" if extra else "")
+
+
 def flat_config(cfg: Config) -> dict:
     """The config as flat `section.key: value` scalars (what TensorBoard's hparams accept)."""
     out = {}
@@ -317,13 +334,17 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                           **run.data_state)
     local_prompts = len(range(run.rank, cfg.rollout.prompts_per_step, run.world))  # prompts r, r + world, ...
     evaluator = TrainingEval(cfg, rollouts) if cfg.eval.every else None
-    if main and run.ckpt is not None:
+    if main and resume:
         forget_steps_after(run.run_dir, run.step)
+        if run.restarted:
+            console.print(f"--resume: {run.run_dir} holds no checkpoint (the run stopped before its first); starting "
+                          "over at step 0, its logged steps dropped", highlight=False, markup=False)
     metrics_fh = open(run.run_dir / "metrics.jsonl", "a") if main else None
     samples_fh = open(run.run_dir / "samples.jsonl", "a") if main else None
     last_saved = run.step if run.ckpt is not None else None
     last_data_state = stream.state()
     shown_errors = 0  # reward-failure messages printed so far
+    idle = 0  # steps in a row that trained nothing
     # One-step-off-policy: step n+1's rollouts are sampled (by the server, with the weights of step n-1)
     # while step n trains. The checkpoint records the data position before that prefetch, so a resumed run
     # samples those prompts again rather than skipping them.
@@ -360,6 +381,9 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 m = step_metrics(run.step, stats, sums, times, run.scheduler.get_last_lr()[0], rollouts.keys[0],
                                  cfg.algorithm.kl_coef > 0, multi_turn=rollouts.env is not None)
                 m["off_policy_steps"] = int(stale)
+                idle = idle + 1 if stats["trained"] == 0 else 0
+                if idle and main:
+                    console.print(f"step {run.step}: no update, {untrained_reason(stats['kept'], m)}", highlight=False, markup=False)
                 if evaluator is not None and run.step % cfg.eval.every == 0:
                     if main:  # one rank scores the (replicated) policy; the others wait for it
                         m.update(evaluator(run.step, run.run_dir))
@@ -379,6 +403,12 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                                 run.run_dir / "images", run.run_dir)
                     samples_fh.flush()
                 bar.update(run.step, **train_fields(m))
+                if idle >= cfg.train.max_steps_without_update:
+                    raise UserError(
+                        f"stopped at step {run.step}: {idle} steps in a row trained nothing (the last: "
+                        f"{untrained_reason(stats['kept'], m)}). Check that env.rewards can score completions differently; or "
+                        "raise algorithm.max_refill_rounds, turn algorithm.dynamic_sampling off, or raise "
+                        "train.max_steps_without_update")
                 if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
                     run.save(data_state)
                     last_saved = run.step
@@ -393,6 +423,14 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
             metrics_fh.flush()
             samples_fh.flush()
             write_run_report(run.run_dir)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, but say what is on disk
+        if main:
+            saved = (f"the newest checkpoint is {run.run_dir / f'step-{last_saved}'}: --resume continues from step "
+                     f"{last_saved} (the steps logged after it are logged again)" if last_saved
+                     else "no checkpoint was saved: --resume starts the run over at step 0 (its logged steps dropped)")
+            console.print(f"interrupted again: stopped at once, in step {run.step + 1}, without saving it; {saved}",
+                          highlight=False, markup=False)
+        raise
     finally:
         rollouts.close()
         if cfg.logging.trackers:

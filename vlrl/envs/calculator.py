@@ -1,13 +1,16 @@
 """`builtin:calculator`: arithmetic questions and a text tool, `calculate(expression)`.
 
 The tool evaluates + - * / ** and parentheses over numbers, by walking Python's own parse tree of the
-expression (never `eval`), with the size of powers bounded. Its answers are text: the example of a tool whose
-results hold no image. The `numeric` reward scores the last assistant turn.
+expression (never `eval`). Every intermediate result is bounded (|x| < 1e100) and a power is refused before it is
+computed when its result would pass the bound: a big-integer power holds the GIL, so a thread's timeout cannot
+stop it (`(((10**64)**64)**64)**64` froze the whole process for 12.5 s under a 2 s tool timeout). Its answers
+are text: the example of a tool whose results hold no image. The `numeric` reward scores the last assistant turn.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import random
 
@@ -19,18 +22,42 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
+LIMIT = 1e100  # every value, the expression's own numbers and each intermediate result, stays below this in size
+
+
+def _bounded(value):
+    if isinstance(value, complex):  # (-8) ** 0.5
+        raise ValueError("the result is not a real number")
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError("the result is not a number")
+    if abs(value) >= LIMIT:
+        raise ValueError(f"a result is too large (the calculator works below {LIMIT:g})")
+    return value
+
+
+def _power(base, exponent):
+    """base ** exponent, refused before it is computed when its size would pass LIMIT."""
+    if abs(exponent) > 1e6:  # (the bound below also refuses these, except for |base| near 1: still no hang)
+        raise ValueError("the exponent is too large")
+    if base != 0 and abs(base) != 1 and exponent > 0 and exponent * math.log10(abs(base)) >= math.log10(LIMIT):
+        raise ValueError(f"a result is too large (the calculator works below {LIMIT:g})")
+    return operator.pow(base, exponent)
+
+
 def evaluate(expression: str) -> float:
-    """The value of an arithmetic expression; ValueError for anything else."""
+    """The value of an arithmetic expression; ValueError for anything else (or for a value of LIMIT or more)."""
     def walk(node):
         if isinstance(node, ast.Expression):
             return walk(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
+            return _bounded(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
-            return _OPS[type(node.op)](left, right)
+            op = _power if isinstance(node.op, ast.Pow) else _OPS[type(node.op)]
+            try:
+                return _bounded(op(left, right))
+            except OverflowError:
+                raise ValueError(f"a result is too large (the calculator works below {LIMIT:g})") from None
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.operand))
         raise ValueError(f"not arithmetic: {ast.unparse(node)!r}")
@@ -43,7 +70,9 @@ def evaluate(expression: str) -> float:
 
 def calculate(sample, state, expression: str) -> str:
     value = evaluate(expression)
-    return str(int(value)) if float(value).is_integer() else f"{value:.10g}"
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 2**53):  # (a float's digits past 2**53 are noise)
+        return str(int(value))
+    return f"{value:.10g}"
 
 
 CALCULATE = Tool(

@@ -18,8 +18,9 @@ environment is a class named by `module:Class` (env.environment), constructed wi
         tools = [Tool("lookup", "Look a word up.", {"type": "object", "properties": {"word": {"type": "string"}},
                                                     "required": ["word"]}, lambda sample, state, word: WORDS[word])]
 
-An environment that raises in `reset` or `step` makes its sample a bad sample (skipped and named, or the run
-stops, as `env.on_bad_sample` says).
+An environment that raises in `reset` or `step`, or returns something other than a `Reply`, makes its sample a
+bad sample (skipped and named, or the run stops, as `env.on_bad_sample` says). At the turn budget `last_step`
+answers instead of `step`: by default it runs no tool.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Reply:
     done: bool = False
     """The episode is over (the turn was the answer)."""
     reward: float | None = None
-    """A reward for this turn (added to the trajectory's total as the reward `env`)."""
+    """A reward for this turn (added to the trajectory's total as the reward `env`). Anything but a finite number
+    fails the rollout's reward (`not_a_number`, `nan`), as a reward function returning it would."""
     tool_calls: int = 0
     tool_errors: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +75,14 @@ class Environment:
         messages, images, errors = run_tool_calls(calls, {t.name: t for t in self.tools}, sample, state,
                                                   self.tool_timeout_s)
         return Reply(messages=messages, images=images, tool_calls=len(calls), tool_errors=errors)
+
+    def last_step(self, sample, state, completion: str) -> Reply:
+        """Reply to the turn at env.max_turns: the episode ends whatever comes back, so a turn with tool calls gets
+        nothing (no tool runs, none is counted: nothing would read the result) and ends at `max_turns`; a turn
+        without one goes to `step` as any other (an answer, which `step` may score with a `Reply.reward`)."""
+        if parse_tool_calls(completion):
+            return Reply()
+        return self.step(sample, state, completion)
 
 
 BUILTIN_ENVIRONMENTS = {"zoom": "vlrl.envs.zoom:ZoomEnv", "calculator": "vlrl.envs.calculator:CalculatorEnv"}

@@ -22,6 +22,7 @@ def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
         from .weight_sync import DiskWeightSync, NCCLWeightSync
 
         sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")  # fails clearly if unreachable
+        sampler.check_max_model_len(cfg.model.max_model_len)
         if cfg.rollout.weight_sync == "nccl":
             sampler.weight_sync = NCCLWeightSync(sampler.client, cfg.rollout, model, rank=rank)
         else:

@@ -9,10 +9,15 @@ every image of the trajectory so far) each turn. Sampled tokens carry their beha
 the environment's tokens (and its images' placeholders) are prompt: mask 0, logprob 0.
 
 An episode ends when the environment says so (`stop`: a turn without a tool call is the answer), when a turn
-hits max_new_tokens (`length`), after env.max_turns assistant turns (`max_turns`), when the next reply would not
-leave room to sample within model.max_model_len (`context`: a reply is never cut, so never inside an image),
-or when it would bring the trajectory over model.max_images_per_prompt images (`images`). An environment that
-raises (in reset or step) makes its sample a bad sample: its whole group is dropped and named.
+hits rollout.max_new_tokens (`length`), after env.max_turns assistant turns (`max_turns`: the last turn's reply
+comes from `env.last_step`, which runs no tool, since nothing would read its result), when the trajectory
+reaches model.max_model_len (`context`: a turn the sampler cut at what was left of the context, or a reply that
+would not leave room to sample; a reply is never cut, so never inside an image), or when a reply would bring the
+trajectory over model.max_images_per_prompt images (`images`). An environment that raises (in reset or step) or
+answers with something other than a `Reply` makes its sample a bad sample: its whole group is dropped and
+named. A `Reply.reward` that is not a finite number fails the rollout's reward, as a reward function's would
+(counted by reason, named, out of its group's baseline). A tool image the pixel policy cannot use (a 1x4000
+strip) becomes an error the model reads, counted as `tool_errors/bad_image`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class _Episode:
     tool_calls: int = 0
     tool_errors: dict[str, int] = field(default_factory=dict)
     env_reward: float | None = None
+    env_reward_error: tuple[str, str] | None = None
     last: Rollout | None = None  # the latest sampled turn
     finish: str | None = None
 
@@ -81,6 +87,7 @@ class _Episode:
             env_pixel_values=torch.cat(self.pixel_values) if self.pixel_values else None,
             env_image_grid_thw=torch.cat(self.grids) if self.grids else None, turns=self.turns,
             tool_calls=self.tool_calls, tool_errors=self.tool_errors, env_reward=self.env_reward,
+            env_reward_error=self.env_reward_error,
             transcript=transcript(tokenizer, self.ids, image_token_id),
         )
 
@@ -107,13 +114,16 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
                  ) -> tuple[list[Rollout], list[tuple[Any, str]]]:
     """`n` trajectories of every prompt (`samples[g]` is prompt g's sample). Returns the rollouts (prompt-major,
     `group` = the prompt's index; the groups of bad samples left out) and the bad samples with their reasons."""
-    from ..envs.rewards import run_bounded
+    from ..envs.environment import Reply
+    from ..envs.rewards import check_value, run_bounded
 
     bad: dict[int, str] = {}
     # an environment that stops each turn at its tool call: those tokens end a sample; its reply closes the turn
     call_ends = set(adapter.tool_call_end_ids) if env.stop_at_tool_call else set()
     for p in prompts:
         p.stop_token_ids = sorted(call_ends)
+        if cfg.model.max_model_len - len(p.input_ids) < cfg.rollout.max_new_tokens:  # the first turn's room too
+            p.max_new_tokens = cfg.model.max_model_len - len(p.input_ids)
 
     def fail(group: int, where: str, error: BaseException | str) -> None:
         what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -135,31 +145,52 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
         for ep, out in zip(active, outs):
             ep.add_turn(out)
         timeout = STEP_TIMEOUT * env.tool_timeout_s
-        asked = [ep for ep in active if ep.last.finish_reason != "length"]
+        asked = []
         for ep in active:
-            if ep.last.finish_reason == "length":
-                ep.finish = "length"
-        replies = run_bounded([lambda ep=ep: env.step(ep.sample, ep.state, ep.last.text) for ep in asked], timeout)
+            if ep.last.finish_reason == "length":  # cut below max_new_tokens: by what was left of the context
+                ep.finish = "length" if len(ep.last.completion_ids) >= cfg.rollout.max_new_tokens else "context"
+            else:
+                asked.append(ep)
+
+        def reply_to(ep):  # at the turn budget no tool runs: nothing would read its result
+            answer = env.last_step if ep.turns >= cfg.env.max_turns else env.step
+            return lambda: answer(ep.sample, ep.state, ep.last.text)
+
+        replies = run_bounded([reply_to(ep) for ep in asked], timeout)
         active = []
         for ep, (status, reply) in zip(asked, replies):
             if status != "ok":
                 fail(ep.group, "step", reply if status == "raised" else f"no reply within {timeout:g} s")
                 continue
+            if not isinstance(reply, Reply):
+                fail(ep.group, "step", f"it returned {reply!r:.60}, not a vlrl.envs.environment.Reply")
+                continue
             ep.tool_calls += reply.tool_calls
             for reason, count in reply.tool_errors.items():
                 ep.tool_errors[reason] = ep.tool_errors.get(reason, 0) + count
             if reply.reward is not None:
-                ep.env_reward = (ep.env_reward or 0.0) + float(reply.reward)
+                value, reason = check_value(reply.reward)
+                if reason is None:
+                    ep.env_reward = (ep.env_reward or 0.0) + value
+                elif ep.env_reward_error is None:
+                    ep.env_reward_error = (reason, f"the environment's Reply.reward on turn {ep.turns} was "
+                                                   f"{reply.reward!r:.80}")
             ep.finish = _budget(ep, reply, cfg)
             if ep.finish is not None:
                 continue
+            name = f"sample {ep.sample.id}, reply to turn {ep.turns}"
             try:
-                encoded = adapter.encode_reply(reply.messages, reply.images,
-                                               name=f"sample {ep.sample.id}, reply to turn {ep.turns}",
+                encoded = adapter.encode_reply(reply.messages, reply.images, name=name,
                                                close_turn=ep.ids[-1] in call_ends)
             except UserError as e:
-                fail(ep.group, "step (its reply cannot be rendered)", e)
-                continue
+                messages, images = _usable_images(adapter, reply, name, ep.tool_errors)
+                try:
+                    if images is reply.images:  # every image usable: the reply itself cannot be rendered
+                        raise e
+                    encoded = adapter.encode_reply(messages, images, name=name, close_turn=ep.ids[-1] in call_ends)
+                except UserError as again:
+                    fail(ep.group, "step (its reply cannot be rendered)", again)
+                    continue
             if len(ep.prompt.input_ids) + len(ep.ids) + len(encoded.input_ids) >= cfg.model.max_model_len:
                 ep.finish = "context"
                 continue
@@ -173,6 +204,34 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
     done = [ep for ep in episodes if ep.group not in bad]
     tok, pad = adapter.tokenizer, adapter.image_token_id
     return [ep.rollout(tok, pad) for ep in done], [(samples[g], reason) for g, reason in bad.items()]
+
+
+def _usable_images(adapter, reply, name: str, errors: dict[str, int]) -> tuple[list[dict], list]:
+    """The reply's messages and images, each image the pixel policy cannot use (a 1x4000 strip) replaced by the
+    text of its error, which the model reads as the tool's result and `errors["bad_image"]` counts."""
+    bad: dict[int, str] = {}
+    for k, img in enumerate(reply.images):
+        try:
+            adapter.encode_reply([{"role": "tool", "content": [{"type": "image"}]}], [img], name=f"{name}, image {k + 1}")
+        except UserError as e:  # "image <name>: 1x4000 cannot be used (...); crop or pad it"
+            bad[k] = f"the tool returned an image that cannot be used: {str(e).split(': ', 1)[-1]}"
+    if not bad:
+        return reply.messages, reply.images
+    errors["bad_image"] = errors.get("bad_image", 0) + len(bad)
+    messages, k = [], 0
+    for m in reply.messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    parts.append({"type": "text", "text": f"Error: {bad[k]}"} if k in bad else part)
+                    k += 1
+                else:
+                    parts.append(part)
+            m = {**m, "content": parts}
+        messages.append(m)
+    return messages, [img for k, img in enumerate(reply.images) if k not in bad]
 
 
 def _budget(ep: _Episode, reply, cfg) -> str | None:

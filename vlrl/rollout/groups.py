@@ -50,6 +50,8 @@ class Groups:
     """Reward-function failures by reason (raised, timeout, nan...), over every scored rollout."""
     errors: list[str] = field(default_factory=list)
     """The first few reward-failure messages."""
+    dropped: list[Rollout] = field(default_factory=list)
+    """The scored rollouts of the groups dynamic sampling dropped (their rewards all agreed)."""
     groups_dropped: int = 0
     rounds: int = 0
     seconds: float = 0.0
@@ -58,8 +60,16 @@ class Groups:
     @property
     def per_fn(self) -> dict[str, list[float | None]]:
         """Each reward function's values over the kept rollouts (and the environment's own rewards, `env`)."""
-        keys = self.keys + (["env"] if any("env" in r.rewards for r in self.rollouts) else [])
-        return {k: [r.rewards.get(k) for r in self.rollouts] for k in keys}
+        return self.per_fn_of(self.rollouts)
+
+    @property
+    def sampled(self) -> list[Rollout]:
+        """Every scored rollout: the kept ones, then those of the groups dynamic sampling dropped."""
+        return self.rollouts + self.dropped
+
+    def per_fn_of(self, rollouts: list[Rollout]) -> dict[str, list[float | None]]:
+        keys = self.keys + (["env"] if any("env" in r.rewards for r in rollouts) else [])
+        return {k: [r.rewards.get(k) for r in rollouts] for k in keys}
 
 
 class RolloutGroups:
@@ -143,7 +153,13 @@ class RolloutGroups:
             r.sample = kept[r.group]
         result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
         for i, r in enumerate(rollouts):  # rewards the environment gave along the way count as the reward `env`
-            if r.env_reward is not None and result.total[i] is not None:
+            if r.env_reward_error is not None:  # not a number: the rollout's reward fails, as a function's would
+                reason, detail = r.env_reward_error
+                result.total[i] = None
+                result.failures[reason] = result.failures.get(reason, 0) + 1
+                result.errors.append(f"environment {self.cfg.env.environment or self.cfg.env.dataset} on sample "
+                                     f"{r.sample.id}: {detail} ({reason})")
+            elif r.env_reward is not None and result.total[i] is not None:
                 result.total[i] += r.env_reward
         for reason, count in result.failures.items():
             out.failures[reason] = out.failures.get(reason, 0) + count
@@ -156,8 +172,9 @@ class RolloutGroups:
             r.reward, r.advantage = float(rewards[i]), float(adv[i])
             r.rewards = {k: result.per_fn[k][i] for k in self.keys}
             if self.env is not None:  # an episode the environment gave nothing counts 0, as in the total
-                r.rewards["env"] = r.env_reward or 0.0
+                r.rewards["env"] = None if r.env_reward_error is not None else r.env_reward or 0.0
         dead = zero_variance_groups(rewards, groups) if drop_uniform else set()
         out.groups_dropped += len(dead)
+        out.dropped.extend(r for r in rollouts if r.group in dead)
         members = [[r for r in rollouts if r.group == g] for g in range(len(prompts)) if g not in dead]
         return [m for m in members if m]

@@ -128,6 +128,15 @@ class VLLMClient:
         r = httpx.get(f"{self.base_url}/get_world_size", headers=self.headers, timeout=30.0)
         return int(r.json()["world_size"])
 
+    def max_model_len(self) -> int | None:
+        """The served model's context length, as `/v1/models` lists it (None if it does not say)."""
+        import httpx
+
+        self.model_name()  # reachable, and the key accepted (clear errors otherwise)
+        r = httpx.get(f"{self.base_url}/v1/models", headers=self.headers, timeout=10.0)
+        value = r.json()["data"][0].get("max_model_len") if r.status_code == 200 else None
+        return int(value) if value is not None else None
+
     # --- sampling -----------------------------------------------------------------------------------------
     async def sample(self, client, path: str, body: dict, name: str) -> dict:
         """One sampling request (`path`: the chat route, or the token-in/token-out route), retried on transient
@@ -186,6 +195,8 @@ class VLLMSampler:
         self.media_dir = media_dir
         self.weight_sync = weight_sync
         self.prompts_checked = 0  # prompts whose server prompt ids were compared with the processor's
+        self.requests = 0  # requests sent (one per prompt of a call): each is checked, or raises
+        self.prompt_mismatches = 0  # requests whose server prompt ids differed from ours
         self.client.model_name()  # fail early and clearly when the server is unreachable
 
     def _image_url(self, img, prompt_id: int, k: int) -> str:
@@ -273,6 +284,7 @@ class VLLMSampler:
         if server_ids is None:
             raise ServerError(f"{name}: the server did not return prompt_token_ids (vLLM >= 0.10 needed)")
         if list(server_ids) != prompt.input_ids:
+            self.prompt_mismatches += 1
             first = next((i for i, (a, b) in enumerate(zip(server_ids, prompt.input_ids)) if a != b),
                          min(len(server_ids), len(prompt.input_ids)))
             raise ServerError(
@@ -312,6 +324,7 @@ class VLLMSampler:
         async def one(client, g, prompt):
             async with limit:
                 name = f"prompt {g}"
+                self.requests += 1
                 # No per-request seed: vLLM's CPU backend crashes on seeded requests ("CPU Generator does not
                 # use offset"), and batched GPU sampling is not bit-reproducible anyway.
                 if prompt.messages is None:
@@ -323,6 +336,17 @@ class VLLMSampler:
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
             groups = await asyncio.gather(*(one(c, g, p) for g, p in enumerate(prompts)))
         return [r for group in groups for r in group]
+
+    def check_max_model_len(self, max_model_len: int) -> None:
+        """Refuse a model.max_model_len above the server's: a trajectory longer than the server's context would
+        otherwise surface mid-run as an HTTP 400."""
+        served = self.client.max_model_len()
+        if served is not None and max_model_len > served:
+            raise ServerError(
+                f"model.max_model_len ({max_model_len}) is above the vLLM server's max_model_len ({served}) at "
+                f"{self.client.base_url}; lower model.max_model_len to {served} or less, or restart the server with "
+                f"`vlrl serve --max-model-len {max_model_len}`"
+            )
 
     def sync_weights(self, model, state: dict | None = None) -> None:
         """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server."""
