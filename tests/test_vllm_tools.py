@@ -115,10 +115,10 @@ def test_a_server_started_with_a_tool_parser_changes_nothing(tiny_model_dir, tmp
 
 def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vadapter, tiny_model, tmp_path):
     """With `model.freeze_vision = false` an image seen before the sync must be encoded again with the new tower.
-    The sync resets the encoder cache itself; here the reload runs without the pause (whose cache clearing vLLM
-    marks deprecated) to show that the reset is what keeps the server exact: the same reload without it
-    serves the old tower's embeddings of the repeated image."""
+    A reload alone (weights swapped, prefix cache reset) serves the old tower's cached embedding of a repeated
+    image; the sync (paused around the swap, which clears vLLM's encoder cache) serves the new tower's."""
     client = VLLMClient(server.url, rollout_cfg(server))
+    sync = DiskWeightSync(client, vadapter, tmp_path / "weights")
     sampler = VLLMSampler(vadapter, rollout_cfg(server, max_new_tokens=8))
     img = Image.new("RGB", (96, 64), (200, 40, 90))
     prompt = vadapter.encode_prompt(vadapter.build_messages("What colour?", 1), [img])
@@ -127,14 +127,14 @@ def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vada
         for name, p in new.named_parameters():
             if "visual" in name:
                 p.add_(0.2 * torch.randn_like(p))
-    weights = tmp_path / "weights"
-    vadapter.save_pretrained(new, weights)
+    vadapter.save_pretrained(new, tmp_path / "weights")
     try:
         sampler.sample([prompt], n=2)  # the image's embedding (old tower) now sits in the encoder cache
-        client._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(weights)}})
-        client.reset_prefix_cache()  # what a sync reset before: the prefix cache only
+        client._post("/collective_rpc", {"method": "reload_weights",
+                                         "kwargs": {"weights_path": str(tmp_path / "weights")}})
+        client.reset_prefix_cache()
         stale = trainer_logprobs(vadapter, new, sampler.sample([prompt], n=4))
-        client.reload_weights(str(weights))  # the sync's reload: prefix and encoder caches reset
+        sync.push(new)  # the sync: paused, reloaded, caches reset
         fresh = trainer_logprobs(vadapter, new, sampler.sample([prompt], n=4))
     finally:
         DiskWeightSync(client, vadapter, tmp_path / "base").push(tiny_model)
@@ -164,8 +164,8 @@ def test_tool_episodes_with_qwens_vocabulary_through_both_samplers(qserver, qwen
     report = check_batch("configs/tiny-cpu-zoom.toml", *sets)
     stats = report["stats"]
     assert report["ok"], report["checks"]
-    assert stats["tool_calls"] >= 4 and stats["max_turns"] >= 2, stats
-    if env == "zoom":
+    assert stats["tool_calls"] >= 4 and stats["max_turns"] >= 2, (stats["tool_errors"], stats)
+    if env == "zoom" and sampler == "embedded":
         assert stats["env_images"] >= 2, stats
     # float32 over 151,936 logits: measured max |diff| 1e-5..3e-4 per token, mismatch KL below 1e-8
     assert stats["mismatch_kl"] < 1e-6 and stats["max_abs_diff"] < 1e-3, stats

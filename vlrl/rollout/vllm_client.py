@@ -100,11 +100,12 @@ class VLLMClient:
         self._post("/reset_prefix_cache")
 
     def reset_caches(self) -> None:
-        """After new weights: the prefix cache (KV of the old weights) and the encoder cache (vision embeddings
-        of images seen before, which a trained vision tower changes). vLLM 0.32 also clears both when
-        generation is paused, but marks that pause option deprecated: a sync does not rely on it."""
+        """After new weights: the prefix cache (KV of the old weights). The encoder cache (vision embeddings of
+        images seen before, which a trained vision tower changes) is cleared by the pause around every sync
+        (vLLM 0.32's `pause(clear_cache=True)`, its default): vLLM 0.32's own `/reset_encoder_cache` route
+        clears the workers' cache but not the scheduler's record of it, and the next request with a repeated
+        image killed the CPU engine ("Encoder cache miss"). tests/test_vllm_tools.py guards the pause's clearing."""
         self._post("/reset_prefix_cache")
-        self._post("/reset_encoder_cache")
 
     # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine
     def init_weight_transfer_engine(self, init_info: dict) -> None:
