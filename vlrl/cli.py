@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -217,6 +216,7 @@ def serve(
         raise_on_stop_signals,
         server_env,
         wait_healthy,
+        watch_health,
     )
 
     console = Console()
@@ -246,11 +246,13 @@ def serve(
                          on_wait=lambda: status.update(f"starting vLLM at {url}: {(server.tail or [''])[-1][:100]}"),
                          api_key=api_key, port=port)
         console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C or SIGTERM stops it")
-        while server.proc.poll() is None:
-            time.sleep(0.5)
+        failed = watch_health(url, server.proc, api_key)  # returns when it exits, or lives on but is dead
         code = server.stop()  # whatever it left in its group goes too
         console.print("\n".join(list(server.tail)[-15:]), highlight=False, markup=False)
-        console.print(f"[red]the vLLM server exited[/] with code {code}; see {log_path}")
+        if failed:
+            console.print(f"[red]{failed}[/]: stopped it (exit code {code}) for a new start; see {log_path}")
+        else:
+            console.print(f"[red]the vLLM server exited[/] with code {code}; see {log_path}")
         raise typer.Exit(1)
     except UserError as e:
         server.stop()

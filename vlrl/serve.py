@@ -241,6 +241,31 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=Non
     raise UserError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s")
 
 
+def watch_health(url: str, proc: subprocess.Popen, api_key: str | None = None, interval_s: float = 5.0,
+                 failures: int = 4) -> str | None:
+    """Watch a ready server: returns None when its process exits, or the reason once `/health` has failed
+    `failures` times in a row while the process lives. vLLM answers 503 once its engine core died, and its API
+    server may then hang in its shutdown without exiting: a dead server behind a live process, which only a
+    stop and a new start (by the user or a supervisor) mends."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bad = 0
+    while proc.poll() is None:
+        try:
+            status = httpx.get(f"{url}/health", timeout=10.0, headers=headers).status_code
+            why = f"HTTP {status}"
+        except httpx.HTTPError as e:
+            status, why = 0, type(e).__name__
+        bad = 0 if status == 200 else bad + 1
+        if bad >= failures:
+            return (f"the vLLM server failed its health check {bad} times in a row ({why}; its engine died?)")
+        deadline = time.monotonic() + interval_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return None
+
+
 def _in_group(pid: int, pgid: int) -> bool:
     try:
         return os.getpgid(pid) == pgid
