@@ -1,5 +1,5 @@
 """Reliability and security: every bad input is handled (and counted) or refused with a message that names
-the sample, file, field or URL; faults during checkpoints lose nothing. (Server faults: tests/test_vllm.py;
+the sample, file, field or URL; faults during checkpoints lose nothing. (Server faults: tests/test_vllm.py, tests/test_server_faults.py;
 reward faults: tests/test_rewards.py and tests/test_train.py; config values: tests/test_config.py.)"""
 
 from __future__ import annotations

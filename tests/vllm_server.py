@@ -79,10 +79,18 @@ class Server:
         raise AssertionError("vlrl serve did not become ready:\n" + self.out.read_text()[-3000:])
 
     def vllm_pid(self) -> int:
-        """The vLLM server's pid: `vlrl serve` starts it in a session of its own, so it is also its group id."""
+        """The pid of `vlrl serve`'s child (the guard, parent of the vLLM server): the leader of a session of its
+        own, so also the id of the group every process of the server is in."""
         children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 1, children
         return int(children[0])
+
+    def engine_pid(self) -> int:
+        """The pid of vLLM's engine-core process (vLLM names it `VLLM::EngineCore`)."""
+        out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(self.vllm_pid())], capture_output=True, text=True)
+        pids = [int(line.split()[0]) for line in out.stdout.splitlines() if "VLLM::EngineCore" in line]
+        assert len(pids) == 1, out.stdout
+        return pids[0]
 
     def kill_hard(self) -> None:
         """SIGKILL the server's process group: the engine dies without any chance to clean up."""

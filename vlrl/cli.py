@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -202,8 +201,9 @@ def serve(
 
     Turns on the RL routes (weight reload/transfer, pause/resume), returns the logprobs of the distribution
     actually sampled from, ignores the checkpoint's generation defaults, and uses the trainer's pixel limits.
-    Waits until healthy, tees the log to a file, and stops the server cleanly on Ctrl-C (exit 0), SIGTERM
-    (exit 143) or SIGHUP (exit 129).
+    Refuses a port already in use. Waits until its own server is healthy, tees the log to a file, and stops the
+    server cleanly on Ctrl-C (exit 0), SIGTERM (exit 143) or SIGHUP (exit 129); killed outright, it takes the
+    server down with it.
     """
     import os
 
@@ -214,15 +214,18 @@ def serve(
         ServerProcess,
         StopSignal,
         build_command,
+        check_port_free,
         raise_on_stop_signals,
         server_env,
         wait_healthy,
+        watch_health,
     )
 
     console = Console()
     if weight_sync not in ("disk", "nccl"):
         _fail(f"--weight-sync {weight_sync!r}: choose disk or nccl")
     try:
+        check_port_free(host, port)  # before anything slow: an orphaned server must not pass for this one
         import torch
 
         on_cpu = not torch.cuda.is_available()
@@ -243,11 +246,15 @@ def serve(
         with console.status(f"starting vLLM ({model}) at {url}; log: {log_path}") as status:
             wait_healthy(url, server.proc, startup_timeout,
                          on_wait=lambda: status.update(f"starting vLLM at {url}: {(server.tail or [''])[-1][:100]}"),
-                         api_key=api_key)
+                         api_key=api_key, port=port)
         console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C or SIGTERM stops it")
-        while server.proc.poll() is None:
-            time.sleep(0.5)
-        console.print(f"[red]the vLLM server exited[/] with code {server.proc.returncode}; see {log_path}")
+        failed = watch_health(url, server.proc, api_key)  # returns when it exits, or lives on but is dead
+        code = server.stop()  # whatever it left in its group goes too
+        console.print("\n".join(list(server.tail)[-15:]), highlight=False, markup=False)
+        if failed:
+            console.print(f"[red]{failed}[/]: stopped it (exit code {code}) for a new start; see {log_path}")
+        else:
+            console.print(f"[red]the vLLM server exited[/] with code {code}; see {log_path}")
         raise typer.Exit(1)
     except UserError as e:
         server.stop()

@@ -271,8 +271,9 @@ class RolloutConfig(Section):
     request_timeout_s: float = Field(600.0, gt=0)
     """Timeout of one request to the server."""
     max_retries: int = Field(8, ge=0)
-    """Retries of a request that failed for a transient reason (connection lost, 5xx, timeout), with
-    exponential backoff; a server that went away is waited for this long before the step fails."""
+    """Retries of a request (sampling, weight reload, the control routes) that failed for a transient reason
+    (connection lost, 5xx, 429, timeout), with exponential backoff; a server that went away is waited for this
+    long, then the run saves a checkpoint of its last completed step and stops (exit code 1; `--resume`)."""
     retry_backoff_s: float = Field(1.0, gt=0)
     """First retry delay; doubles on each retry (capped at 30 s)."""
     image_transport: Literal["data_uri", "file"] = "data_uri"

@@ -6,7 +6,9 @@
   with an unsharded replica, refreshed from the shards (every rank takes part in the all-gathers).
 - `ServerSync`: a vLLM server. The main process pushes the weights; under FSDP2 every rank first takes part
   in gathering them to rank 0's CPU (cast to the model's dtype: FSDP keeps float32 master weights). The other
-  ranks wait, so no rank samples from a server that is mid-swap.
+  ranks wait, so no rank samples from a server that is mid-swap. Then every rank learns the version tag of the
+  weights pushed (each rank's sampler checks it before and after sampling) or the push's error (every rank
+  raises it, so all stop together).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .fsdp import copy_full_weights, full_state
+from .rollout.vllm_client import ServerError
 
 
 class NoSync:
@@ -39,9 +42,21 @@ class ServerSync:
         weights = None
         if self.fsdp:
             weights = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in full_state(policy).items()}
+        error = None
         if acc.is_main_process:
-            self.sampler.sync_weights(model, weights)
-        acc.wait_for_everyone()
+            try:
+                self.sampler.sync_weights(model, weights)
+            except ServerError as e:
+                error = str(e)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            shared = broadcast_object_list([self.sampler.weights_version, error])
+            self.sampler.weights_version, error = shared
+        else:
+            acc.wait_for_everyone()
+        if error is not None:
+            raise ServerError(error)
 
 
 def choose_sync(server: bool, fsdp: bool, sampler, accelerator, replica, dtype: torch.dtype):

@@ -14,15 +14,21 @@
 - bound to 127.0.0.1 unless `--host` says otherwise.
 The server's output is teed to a log file. Ctrl-C, SIGTERM (what Slurm, Kubernetes and most schedulers send
 on preemption or time-out) and SIGHUP (a closed terminal or SSH session) all shut the server's whole process
-group down and wait for it, so no orphaned vLLM keeps its port and its GPU memory.
+group down and wait for it, so no orphaned vLLM keeps its port and its GPU memory; when `vlrl serve` dies without
+a chance to do so (kill -KILL, the OOM killer), the guard between it and vLLM takes the group down
+(`serve_guard.py`).
+A port already bound is refused before vLLM starts (an orphaned server from an earlier run would otherwise answer
+the health check of a new one whose vLLM died on the taken port), and "ready" means vLLM's own process answers.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -152,8 +158,67 @@ def server_env(on_cpu: bool, api_key: str | None = None) -> dict[str, str]:
     return env
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=None, api_key: str | None = None) -> None:
-    """Poll `url/health` until the server answers 200, the process dies, or the timeout passes."""
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on (before vLLM starts), naming what holds it where the OS says.
+    SO_REUSEADDR as vLLM binds, so a port left in TIME_WAIT by a stopped server counts as free."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another --host or --port") from None
+            holders = port_holders(port)
+            held = "; held by " + ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders) if holders else ""
+            raise UserError(f"port {port} is already in use{held}. Stop what holds it (an earlier `vlrl serve` "
+                            "or vLLM server?) or choose another --port") from None
+
+
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes listening on TCP `port`, as far as /proc shows them (Linux; only the
+    processes this user may inspect); [] where the OS does not say."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()  # sl local_address rem_address st ... uid timeout inode
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f[9])
+    sockets = {f"socket:[{i}]" for i in inodes}
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if inodes else []):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        if any(_readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in fds):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            out.append((int(pid), cmd.strip()[:120]))
+    return out
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=None, api_key: str | None = None,
+                 port: int | None = None) -> None:
+    """Poll `url/health` until the server answers 200, the process dies, or the timeout passes. Healthy means
+    our own server answered: the process is alive after the answer, and (where /proc says who listens on `port`)
+    a process of its group holds the port."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -162,7 +227,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=Non
         if proc.poll() is not None:
             raise UserError(f"the vLLM server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0, headers=headers).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2.0, headers=headers).status_code == 200 and proc.poll() is None:
+                holders = port_holders(port) if port else []
+                if holders and not any(_in_group(pid, proc.pid) for pid, _ in holders):
+                    raise UserError(f"{url} answers, but from another process than the vLLM server started here: "
+                                    + ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders))
                 return
         except httpx.HTTPError:
             pass
@@ -170,6 +239,38 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=Non
             on_wait()
         time.sleep(0.5)
     raise UserError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s")
+
+
+def watch_health(url: str, proc: subprocess.Popen, api_key: str | None = None, interval_s: float = 5.0,
+                 failures: int = 4) -> str | None:
+    """Watch a ready server: returns None when its process exits, or the reason once `/health` has failed
+    `failures` times in a row while the process lives. vLLM answers 503 once its engine core died, and its API
+    server may then hang in its shutdown without exiting: a dead server behind a live process, which only a
+    stop and a new start (by the user or a supervisor) mends."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bad = 0
+    while proc.poll() is None:
+        try:
+            status = httpx.get(f"{url}/health", timeout=10.0, headers=headers).status_code
+            why = f"HTTP {status}"
+        except httpx.HTTPError as e:
+            status, why = 0, type(e).__name__
+        bad = 0 if status == 200 else bad + 1
+        if bad >= failures:
+            return (f"the vLLM server failed its health check {bad} times in a row ({why}; its engine died?)")
+        deadline = time.monotonic() + interval_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return None
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return False
 
 
 class StopSignal(BaseException):
@@ -200,7 +301,9 @@ def _ignore_stop_signals() -> dict:
 
 
 class ServerProcess:
-    """A vLLM server subprocess whose output is teed to a log file (and a callback), stopped cleanly."""
+    """A vLLM server subprocess whose output is teed to a log file (and a callback), stopped cleanly. It runs
+    under `serve_guard` (its parent, the leader of the server's process group), which takes the group down if
+    this process dies without stopping it."""
 
     def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str], echo=None):
         if importlib.util.find_spec("vllm") is None:
@@ -210,8 +313,11 @@ class ServerProcess:
         self.tail: deque[str] = deque(maxlen=40)
         self.echo = echo
         self._log = open(log_path, "a", buffering=1)
+        from . import serve_guard  # run as a script: stdlib only, no package import
+
+        guarded = [sys.executable, serve_guard.__file__, str(os.getpid()), "--", *cmd]
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            guarded, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True,  # Ctrl-C reaches us; we stop the server's whole process group
         )
         self._pump = threading.Thread(target=self._tee, daemon=True)

@@ -11,6 +11,12 @@ One optimizer step per batch of rollouts, with the ratio taken against the sampl
 A run is resumable: `--resume` reloads the newest checkpoint (weights, optimizer, scheduler, data position)
 and continues on the same data order; sampling is seeded per step, so a resumed run repeats the metrics of
 an uninterrupted one. Ctrl-C finishes or drops the current step, saves a checkpoint and exits.
+
+A vLLM server that fails is told apart from one that restarted. Its requests are retried with backoff (a
+supervisor may be bringing it back); a server that came back holds the base weights, which its weight version
+shows, so the trainer pushes its own and samples the step again (rollouts from weights it did not send are never
+trained on). A server that fails for good (retries spent, or any fatal answer of the sampler or the sync) stops
+the run as SIGTERM does: a checkpoint of the last completed step, exit code 1, the reason and `--resume`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
 from .metrics import forget_steps_after, log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
 from .planner import micro_batch_tokens, plan_step
 from .records import Rollout
+from .rollout.vllm_client import ServerError, ServerRestarted
 from .update import accumulate_gradients
 
 
@@ -49,7 +56,12 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.code = 0
+        self.reason: str | None = None  # why the run stopped on its own (a failed server)
         self._previous: dict = {}
+
+    def fail(self, reason: str) -> None:
+        """Stop at the next safe point with exit code 1, as on a signal: the sampler or the sync failed for good."""
+        self.requested, self.code, self.reason = True, self.code or 1, reason
 
     def __enter__(self):
         def handler(signum, frame):
@@ -269,6 +281,10 @@ class Run:
         self.accelerator.wait_for_everyone()
         return path
 
+    def agree(self, value: int) -> int:
+        """The largest of the ranks' `value`s (every rank calls it at the same point)."""
+        return int(self._reduce([float(value)], "max")[0])
+
     def stop_requested(self, stop: StopFlag) -> bool:
         """Ctrl-C or SIGTERM on any rank stops every rank at the same point, with the same exit code."""
         code = int(self._reduce([float(stop.code)], "max")[0])
@@ -309,7 +325,54 @@ class TrainResult:
     step: int
     stopped: bool  # True when Ctrl-C or SIGTERM ended the run before train.steps
     main: bool = True  # the main process (the one that prints and writes the run's files)
-    exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM
+    exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM, 1 after a server failure
+    reason: str | None = None  # why a run stopped on its own (the server's failure)
+
+
+RESAMPLES = 5  # a step sampled again after this many server restarts in a row stops the run
+
+
+def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop: StopFlag):
+    """This step's groups, every one sampled by a server holding the trainer's weights. A server that restarted
+    meanwhile (on any rank: the ranks agree) gets the weights again and the step's prompts are sampled again; a
+    server that failed for good calls `stop.fail` and gives None."""
+    start = stream.state()
+    for _ in range(RESAMPLES):
+        status, error = 0, None  # 0: sampled, 1: the server restarted, 2: it failed
+        try:
+            got = rollouts.step(stream, step, prompts)
+        except ServerRestarted as e:
+            status, error = 1, str(e)
+        except ServerError as e:
+            status, error = 2, str(e)
+        status = run.agree(status)
+        if status == 2:
+            stop.fail(error or "a vLLM request of another rank failed")
+            return None
+        if status == 0:
+            return got
+        stream.restore(start)  # the same prompts, from the weights the trainer sends now
+        run.messages.append(f"step {step + 1}: the vLLM server restarted ({error or 'on another rank'}); the "
+                            "trainer's weights pushed again and the step's prompts sampled again")
+        try:
+            sync(run.policy)
+        except ServerError as e:
+            stop.fail(str(e))
+            return None
+    stop.fail(f"the vLLM server restarted {RESAMPLES} times while one step was sampled")
+    return None
+
+
+def take_prefetched(pending: Future, stream, before: dict, stop: StopFlag):
+    """One-step-off-policy: the rollouts sampled during the last update, or None when they must be sampled
+    again (the server restarted meanwhile: `stream` goes back to `before`) or cannot be (`stop.fail`)."""
+    try:
+        return pending.result()
+    except ServerRestarted:
+        stream.restore(before)
+    except ServerError as e:
+        stop.fail(str(e))
+    return None
 
 
 def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
@@ -354,9 +417,10 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         with StopFlag() as stop, train_bar(console, cfg.train.steps, run.step, main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
-                stale = pending is not None
-                got = pending.result() if stale else rollouts.step(stream, run.step, local_prompts)
-                pending = None
+                got = take_prefetched(pending, stream, data_state, stop) if pending is not None else None
+                stale, pending = got is not None, None
+                if got is None and not stop.requested:
+                    got = sample_step(rollouts, stream, run.step, local_prompts, run, sync, stop)
                 t1 = time.perf_counter()
                 if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
                     break
@@ -372,7 +436,10 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 if pending is not None:
                     wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()
-                sync(run.policy)
+                try:
+                    sync(run.policy)
+                except ServerError as e:  # the step is trained: it is logged and saved, then the run stops
+                    stop.fail(str(e))
                 t4 = time.perf_counter()
                 run.step += 1
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
@@ -386,7 +453,10 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     console.print(f"step {run.step}: no update, {untrained_reason(stats['kept'], m)}", highlight=False, markup=False)
                 if evaluator is not None and run.step % cfg.eval.every == 0:
                     if main:  # one rank scores the (replicated) policy; the others wait for it
-                        m.update(evaluator(run.step, run.run_dir))
+                        try:
+                            m.update(evaluator(run.step, run.run_dir))
+                        except ServerError as e:  # the step is trained: saved, then the run stops
+                            stop.fail(f"evaluation at step {run.step}: {e}")
                     run.accelerator.wait_for_everyone()
                 if main and got.errors:
                     shown_errors = log_reward_errors(run.run_dir / "reward_errors.jsonl", run.step, got.errors,
@@ -415,8 +485,12 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 last_data_state = data_state
         if last_saved != run.step and run.step > 0:
             run.save(last_data_state)
-            if stop.requested and main:
+            if stop.requested and main and stop.reason is None:
                 console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
+        if stop.reason is not None and main:
+            saved = (f"the checkpoint of step {run.step} is saved" if run.step > 0 else "nothing was trained yet")
+            console.print(f"[red]stopped at step {run.step}[/]: {stop.reason}. {saved}; once the server is back, "
+                          "continue with `vlrl train CONFIG --resume`", highlight=False)
         if main and run.step > 0:
             from .report import write_run_report
 
@@ -440,7 +514,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()
-    return TrainResult(run.run_dir, run.step, stop.requested, main, stop.code)
+    return TrainResult(run.run_dir, run.step, stop.requested, main, stop.code, stop.reason)
 
 
 class TrainingEval:

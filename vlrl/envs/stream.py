@@ -35,3 +35,7 @@ class PromptStream:
 
     def state(self) -> dict:
         return {"index": self.index}
+
+    def restore(self, state: dict) -> None:
+        """Back to a position `state()` gave: the prompts since then come again."""
+        self.index = state["index"]

@@ -10,7 +10,13 @@ format from the bytes) with their source indices and frame rate in `media_io_kwa
 the same timestamps and tokens as the processor (`vlrl serve` trusts per-request media kwargs when videos are
 allowed). Placeholder tokens are banned with
 `bad_words`, applied before the processed logprobs, as the trainer bans them in its softmax.
-Transient failures (connection lost, 5xx, timeouts: a server restarting) are retried with backoff.
+Transient failures (connection lost, 5xx, 429, timeouts: a server restarting) are retried with backoff, for the
+sampling and the control routes alike; 4xx answers are errors at once.
+
+A restarted server holds the base weights. Every push tags the server's weights with a fresh version
+(`/update_weight_version`, read back by `/weight_info`; a fresh vLLM reports "default"), and the sampler checks
+the tag before and after sampling: rollouts from a server whose weights the trainer did not send raise
+`ServerRestarted`, and the trainer pushes its weights and samples again (train.py).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import asyncio
 import base64
 import io
 import os
+import time
+import uuid
 from pathlib import Path
 
 from ..config import RolloutConfig
@@ -28,6 +36,15 @@ from ..records import EncodedPrompt, Rollout
 
 class ServerError(UserError):
     """The vLLM server refused a request or could not be reached; the message says which and why."""
+
+
+class ServerRestarted(ServerError):
+    """The server's weights are not the ones this trainer last sent (it restarted, or another trainer synced)."""
+
+
+def transient(status: int) -> bool:
+    """An answer worth retrying: the server (or a proxy before it) failing or overloaded, not refusing."""
+    return status >= 500 or status == 429
 
 
 def png_data_uri(img) -> str:
@@ -56,16 +73,49 @@ class VLLMClient:
         self._model: str | None = None
 
     # --- blocking control routes ----------------------------------------------------------------------
-    def _post(self, path: str, json: dict | None = None, params: dict | None = None, timeout: float = 600.0):
+    def _post(self, path: str, json: dict | None = None, params: dict | None = None, timeout: float = 600.0,
+              retry: bool = True):
+        """A control route; transient failures retried as sampling's are (`retry=False`: once, for the NCCL
+        routes, whose transfer cannot be repeated against a server that lost its process group)."""
         import httpx
 
-        try:
-            r = httpx.post(f"{self.base_url}{path}", json=json, params=params, headers=self.headers, timeout=timeout)
-        except httpx.HTTPError as e:
-            raise ServerError(f"vLLM server {self.base_url}: {path} failed ({type(e).__name__}: {e})") from None
-        if r.status_code != 200:
-            raise ServerError(f"vLLM server {self.base_url}: {path} answered {r.status_code}: {r.text[:500]}")
+        r = self._request(lambda: httpx.post(f"{self.base_url}{path}", json=json, params=params, headers=self.headers,
+                                             timeout=timeout), path, retry)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
+
+    def _request(self, send, path: str, retry: bool = True):
+        """`send()` until it answers 200: transient failures retried with exponential backoff
+        (`rollout.max_retries`, `rollout.retry_backoff_s`), anything else a ServerError at once."""
+        import httpx
+
+        delay, tries = self.cfg.retry_backoff_s, self.cfg.max_retries + 1 if retry else 1
+        for attempt in range(tries):
+            try:
+                r = send()
+                if r.status_code == 200:
+                    return r
+                if not transient(r.status_code):
+                    raise ServerError(f"vLLM server {self.base_url}: {path} answered {r.status_code}: {_error_text(r)}")
+                reason = f"HTTP {r.status_code}: {_error_text(r)}"
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                reason = f"{type(e).__name__}: {e}"
+            if attempt == tries - 1:
+                raise ServerError(f"vLLM server {self.base_url}: {path} failed {attempt + 1} times ({reason}); is it "
+                                  "running?")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def weight_version(self) -> str:
+        """The version tag of the weights the server holds ("default" on a fresh server)."""
+        import httpx
+
+        r = self._request(lambda: httpx.get(f"{self.base_url}/weight_info", headers=self.headers, timeout=30.0),
+                          "/weight_info")
+        return str(r.json()["weight_version"])
+
+    def set_weight_version(self, version: str) -> None:
+        self._post("/update_weight_version", {"new_version": version})
 
     def model_name(self) -> str:
         """The served model's name (`/v1/models`); also the first reachability check."""
@@ -109,19 +159,20 @@ class VLLMClient:
 
     # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+        self._post("/init_weight_transfer_engine", {"init_info": init_info}, retry=False)
 
     def shutdown_weight_transfer_engine(self) -> None:
         self._post("/shutdown_weight_transfer_engine")
 
     def start_weight_update(self) -> None:
-        self._post("/start_weight_update")
+        self._post("/start_weight_update", retry=False)
 
     def update_weights(self, update_info) -> None:
-        self._post("/update_weights", {"update_info": update_info})
+        self._post("/update_weights", {"update_info": update_info}, retry=False)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
+        self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version},
+                   retry=False)
 
     def world_size(self) -> int:
         import httpx
@@ -154,7 +205,7 @@ class VLLMClient:
                     raise ServerError(
                         f"vLLM server {self.base_url} has no {TOKENS_ROUTE} route, which multi-turn rollouts "
                         "need (token in, token out); start it with `vlrl serve` (or vLLM's --enable-scale-out)")
-                if r.status_code < 500 and r.status_code != 429:
+                if not transient(r.status_code):
                     raise ServerError(f"vLLM server refused {name}: HTTP {r.status_code}: {_error_text(r)}")
                 reason = f"HTTP {r.status_code}: {_error_text(r)}"
             except (httpx.TransportError, httpx.TimeoutException) as e:
@@ -198,6 +249,7 @@ class VLLMSampler:
         self.prompts_checked = 0  # prompts whose server prompt ids were compared with the processor's
         self.requests = 0  # requests sent (one per prompt of a call): each is checked, or raises
         self.prompt_mismatches = 0  # requests whose server prompt ids differed from ours
+        self.weights_version: str | None = None  # the tag of our last push; None: no push yet, nothing checked
         self.client.model_name()  # fail early and clearly when the server is unreachable
 
     def _image_url(self, img, prompt_id: int, k: int) -> str:
@@ -314,7 +366,20 @@ class VLLMSampler:
         return out
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
-        return asyncio.run(self._sample(prompts, n, seed))
+        """Once the trainer has pushed weights, only from a server that holds them: checked before and after,
+        so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted."""
+        self.check_weights()
+        out = asyncio.run(self._sample(prompts, n, seed))
+        self.check_weights()
+        return out
+
+    def check_weights(self) -> None:
+        if self.weights_version is None:
+            return
+        now = self.client.weight_version()
+        if now != self.weights_version:
+            raise ServerRestarted(f"vLLM server {self.client.base_url} holds weights {now!r}, not the trainer's "
+                                  f"{self.weights_version!r} (restarted?)")
 
     async def _sample(self, prompts, n, seed) -> list[Rollout]:
         import httpx
@@ -350,6 +415,17 @@ class VLLMSampler:
             )
 
     def sync_weights(self, model, state: dict | None = None) -> None:
-        """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server."""
-        if self.weight_sync is not None:
+        """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server, tagged
+        with a fresh version. The tag goes first and is read back last: a server restarted in between reports
+        "default", and the push is made again."""
+        if self.weight_sync is None:
+            return
+        for _ in range(self.cfg.max_retries + 1):
+            version = f"vlrl-{uuid.uuid4().hex[:16]}"
+            self.client.set_weight_version(version)
             self.weight_sync.push(model, state)
+            if self.client.weight_version() == version:
+                self.weights_version = version
+                return
+        raise ServerError(f"vLLM server {self.client.base_url} lost the weights pushed to it "
+                          f"{self.cfg.max_retries + 1} times in a row (restarting over and over?)")
