@@ -8,20 +8,17 @@ These are the paths that failed on the first request before (a chat request with
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
-from vllm_server import Server, rollout_cfg, trainer_logprobs
+from vllm_server import Server, rollout_cfg
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
-from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
+from vlrl.rollout.vllm_client import VLLMClient
 from vlrl.rollout.weight_sync import DiskWeightSync
 
 pytestmark = pytest.mark.vllm
