@@ -15,7 +15,6 @@ from PIL import Image
 
 from vlrl.envs.calculator import CalculatorEnv
 from vlrl.envs.tools import parse_tool_calls
-from vlrl.envs.zoom import ZoomEnv
 from vlrl.tiny_warm_start import tool_call_text
 
 TEXTS = ["Hello world", "你好，世界！这是一个测试。", "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", '{"a": [1, 2.5e-3], "b": {"c": null}}\n',
@@ -54,7 +53,7 @@ def test_a_tool_call_is_dozens_of_tokens_and_reads_back_from_its_ids(qadapter):
     call = tool_call_text("crop", {"x0": 0, "y0": 128, "x1": 128, "y1": 256})
     ids = tok(call + "<|im_end|>", add_special_tokens=False)["input_ids"]
     assert 40 <= len(ids) <= 50 and ids[0] == 151657 and ids[-2:] == [151658, 151645]
-    assert "}}\n" in tok.convert_ids_to_tokens(ids) or tok.convert_tokens_to_ids("}}Ċ") in ids  # one token
+    assert tok.convert_tokens_to_ids("}}Ċ") in ids  # `}}\n` is one token (byte-level spelling)
     assert all(len(tok(d, add_special_tokens=False)["input_ids"]) == 1 for d in "0123456789")
     text = qadapter.completion_text(ids)
     assert text == call  # the tags kept, <|im_end|> left out: what the environment reads
@@ -129,4 +128,3 @@ def test_in_process_tool_episodes_with_qwens_vocabulary_match_the_trainer(qadapt
         assert sum(len(r.env_images) for r in rollouts) >= 2
     stats = trainer_logprobs(qadapter, qwen_model, rollouts)
     assert stats["mismatch_kl"] < 1e-7 and stats["max_abs_diff"] < 1e-3, stats
-    assert isinstance(ZoomEnv(), ZoomEnv)
