@@ -144,17 +144,14 @@ class VLLMClient:
 
     def reload_weights(self, weights_path: str) -> None:
         self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_path}})
-        self.reset_caches()
+        self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
-        self._post("/reset_prefix_cache")
-
-    def reset_caches(self) -> None:
-        """After new weights: the prefix cache (KV of the old weights). The encoder cache (vision embeddings of
+        """After new weights: the prefix cache holds KV of the old ones. The encoder cache (vision embeddings of
         images seen before, which a trained vision tower changes) is cleared by the pause around every sync
         (vLLM 0.32's `pause(clear_cache=True)`, its default): vLLM 0.32's own `/reset_encoder_cache` route
         clears the workers' cache but not the scheduler's record of it, and the next request with a repeated
-        image killed the CPU engine ("Encoder cache miss"). tests/test_vllm_tools.py guards the pause's clearing."""
+        image killed the CPU engine ("Encoder cache miss")."""
         self._post("/reset_prefix_cache")
 
     # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine

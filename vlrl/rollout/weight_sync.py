@@ -117,6 +117,6 @@ class NCCLWeightSync:
         self.client.pause()
         try:
             self.engine.send_weights()
-            self.client.reset_caches()
+            self.client.reset_prefix_cache()
         finally:
             self.client.resume()
