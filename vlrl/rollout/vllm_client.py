@@ -137,22 +137,27 @@ class VLLMClient:
         return self._model
 
     def pause(self) -> None:
-        self._post("/pause", params={"mode": "wait"})
+        """Hold new requests and let running ones finish. The caches are reset explicitly after the swap
+        (`reset_caches`), not by the pause: its `clear_cache` is deprecated in vLLM 0.32 and ignored by the
+        `keep` mode."""
+        self._post("/pause", params={"mode": "wait", "clear_cache": "false"})
 
     def resume(self) -> None:
         self._post("/resume")
 
     def reload_weights(self, weights_path: str) -> None:
+        """Swap in the weights of an HF directory; call between `pause` and `resume`, then `reset_caches`."""
         self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_path}})
-        self.reset_prefix_cache()
 
-    def reset_prefix_cache(self) -> None:
-        """After new weights: the prefix cache holds KV of the old ones. The encoder cache (vision embeddings of
-        images seen before, which a trained vision tower changes) is cleared by the pause around every sync
-        (vLLM 0.32's `pause(clear_cache=True)`, its default): vLLM 0.32's own `/reset_encoder_cache` route
-        clears the workers' cache but not the scheduler's record of it, and the next request with a repeated
-        image killed the CPU engine ("Encoder cache miss")."""
+    def reset_caches(self) -> None:
+        """After new weights, while paused: the prefix cache holds KV of the old weights and the encoder cache
+        vision embeddings of images seen before (a trained vision tower changes them). Reset as vLLM's own
+        paused reset does it (prefix, multi-modal inputs, encoder): the encoder cache alone, without the
+        multi-modal cache, left the scheduler and the renderer out of step, and the next request with a
+        repeated image killed the CPU engine ("Encoder cache miss")."""
         self._post("/reset_prefix_cache")
+        self._post("/reset_mm_cache")
+        self._post("/reset_encoder_cache")
 
     # vLLM's weight-sync client protocol (VLLMWeightSyncClient), used by its NCCL trainer engine
     def init_weight_transfer_engine(self, init_info: dict) -> None:

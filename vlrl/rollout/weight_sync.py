@@ -1,8 +1,8 @@
 """Pushing the trainer's updated weights to the vLLM server after each optimizer step.
 
 - `DiskWeightSync` (default; one node, no set-up): write the policy as an HF safetensors directory, then
-  `reload_weights` through the server's collective-RPC route and reset its prefix cache, with generation
-  paused across the swap so no rollout mixes two policies.
+  `reload_weights` through the server's collective-RPC route and reset its caches (prefix, multi-modal,
+  encoder), with generation paused across the swap so no rollout mixes two policies.
 - `NCCLWeightSync` (GPU clusters): vLLM's own NCCL weight-transfer engine (trainer rank 0 broadcasts every
   tensor to the server's workers, which joined the group through `/init_weight_transfer_engine`). Needs vLLM
   importable in the trainer and a server started with `vlrl serve --weight-sync nccl`.
@@ -74,6 +74,7 @@ class DiskWeightSync:
         self.client.pause()
         try:
             self.client.reload_weights(str(self.sync_dir.resolve()))
+            self.client.reset_caches()
         finally:
             self.client.resume()
 
@@ -117,6 +118,6 @@ class NCCLWeightSync:
         self.client.pause()
         try:
             self.engine.send_weights()
-            self.client.reset_prefix_cache()
+            self.client.reset_caches()
         finally:
             self.client.resume()
