@@ -26,6 +26,7 @@ layers are on the meta device then), loads the head like any layer and rebuilds 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -143,11 +144,13 @@ class DiskWeightSync:
         self.layout = None
         self.bytes_written = 0  # by the last `write`
         self.wrote = False  # this instance wrote into sync_dir (only then does `close` remove it)
+        self.seconds = {"copy": 0.0, "write": 0.0, "load": 0.0}  # of the last push's parts
 
     def copy(self, model, state: dict | None = None) -> None:
         """The learner's part: the changing tensors to host buffers (and, the first time, the others)."""
         from .weight_files import HostShards
 
+        t0 = time.perf_counter()
         plan = export_plan(model, state)
         layout = (id(model), tuple(plan.items()))
         first = layout != self.layout
@@ -163,9 +166,11 @@ class DiskWeightSync:
         self.trained.copy_from(export_tensors(model, state, list(self.trained.specs)))
         if first and self.frozen is not None:
             self.frozen.copy_from(export_tensors(model, state, list(self.frozen.specs)))
+        self.seconds["copy"] = time.perf_counter() - t0
 
     def write(self) -> int:
         """The files of the last `copy` (the frozen ones only once); returns the bytes written."""
+        t0 = time.perf_counter()
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         self.wrote = True
         written = self.trained.write(self.sync_dir)
@@ -174,12 +179,14 @@ class DiskWeightSync:
             self.frozen_files = {n: s.file for s in self.frozen.shards for n in s.names}
             self.frozen = None  # its buffer goes; its files stay
         self.bytes_written = written
+        self.seconds["write"] = time.perf_counter() - t0
         return written
 
     def load(self, full: bool) -> None:
         """The server reloads the changing tensors (`full`: every tensor), paused so no request mixes two policies."""
         from .weight_files import write_index
 
+        t0 = time.perf_counter()
         weight_map = {n: s.file for s in self.trained.shards for n in s.names}
         if full:
             weight_map.update(self.frozen_files)
@@ -189,6 +196,7 @@ class DiskWeightSync:
             self.client.reload_weights(str(self.sync_dir.resolve()))
         finally:
             self.client.resume()
+        self.seconds["load"] = time.perf_counter() - t0
 
     def push(self, model, state: dict | None = None) -> None:
         """All three at once, every tensor loaded."""
