@@ -136,15 +136,28 @@ def small_cfg(server, tiny_model_dir, tmp_path, *extra):
 
 
 def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny_model, tmp_path):
+    """Training with the asynchronous disk sync: the learner waits only for the copy to host buffers, the files and
+    the server's reload run in the background, and every step's rollouts still come from exactly the trainer's
+    weights (the vision tower, frozen, written once and kept by the server through partial reloads)."""
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
-    res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv"))
+    sync_dir = tmp_path / "sync"
+    res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv", "train.steps=4", f"rollout.sync_dir={sync_dir}"))
     ms = read_jsonl(res.run_dir / "metrics.jsonl")
-    assert [m["step"] for m in ms] == [1, 2, 3]
-    # after every sync the server samples from exactly the trainer's weights
+    assert [m["step"] for m in ms] == [1, 2, 3, 4]
+    # after every sync the server samples from exactly the trainer's weights (images in every step's prompts)
     assert all(m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
-    assert all(m["time/sync"] > 0 for m in ms) and (res.run_dir / "weights" / "model.safetensors").is_file()
+    assert all(m["grad_norm"] > 0 for m in ms)  # ... and the weights moved each step
+    assert all(0 < m["time/sync_blocking"] <= m["time/sync"] for m in ms), ms
+    # the frozen vision tower was written once, before the first trained step's files; the last reload read only
+    # the language model
+    files = {f.name: f.stat().st_mtime_ns for f in sync_dir.glob("*.safetensors")}
+    frozen, trained = [t for f, t in files.items() if f.startswith("frozen")], [t for f, t in files.items() if f.startswith("trained")]
+    assert frozen and trained and max(frozen) < min(trained)
+    index = json.loads((sync_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index and not any(k.startswith("model.visual.") for k in index)
+    assert all(v.startswith("trained") for v in index.values())
 
     try:
         off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
@@ -153,6 +166,8 @@ def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny
         assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
         assert ms[0]["grad_norm"] > 0  # step 1 moved the policy (every group had signal) ...
         assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # ... so step 2 trains on rollouts one step old
+        # the default sync dir: shared memory (the server is on this machine), removed when the run ended
+        assert not (off.run_dir / "weights").exists() and not list(Path("/dev/shm").glob("vlrl-sync-async-*"))
     finally:  # leave the module's server serving the base weights, whatever happened here
         DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
 

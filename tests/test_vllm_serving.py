@@ -4,7 +4,6 @@ keeps its output head in step with the trainer; `vlrl serve` stops its whole ser
 from __future__ import annotations
 
 import copy
-import json
 import signal
 
 import pytest
@@ -16,7 +15,7 @@ from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
 from vlrl.rollout import weight_sync
 from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
-from vlrl.rollout.weight_sync import DiskWeightSync, write_tied_head
+from vlrl.rollout.weight_sync import DiskWeightSync
 
 pytestmark = pytest.mark.vllm
 
@@ -53,22 +52,19 @@ def tied(tied_dir):
     return adapter, model
 
 
-def test_tied_head_is_written_beside_the_checkpoint_only_for_tied_models(tied, tiny_model, tmp_path):
+def test_the_sync_writes_a_tied_head_as_its_own_tensor(tied, tiny_model, tmp_path):
     adapter, model = tied
     adapter.save_pretrained(model, tmp_path / "t")
-    write_tied_head(model, tmp_path / "t")
     with safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # transformers writes the shared matrix once
-    with safe_open(str(tmp_path / "t" / weight_sync.TIED_HEAD_FILE), "pt") as f:
-        assert list(f.keys()) == ["lm_head.weight"]
-        assert torch.equal(f.get_tensor("lm_head.weight"), model.lm_head.weight)
-    # a sharded checkpoint: vLLM reads only the files its index names, so the index names the head's file
-    (tmp_path / "t" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model.safetensors"}}))
-    write_tied_head(model, tmp_path / "t")
-    index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"a": "model.safetensors", "lm_head.weight": weight_sync.TIED_HEAD_FILE}
-    write_tied_head(tiny_model, tmp_path / "u")  # untied: nothing to add
-    assert not (tmp_path / "u").exists()
+    plan = weight_sync.export_plan(model)
+    assert plan["lm_head.weight"] and plan["model.language_model.embed_tokens.weight"]  # the sync writes both
+    head = dict(weight_sync.export_tensors(model, None, ["lm_head.weight"]))["lm_head.weight"]
+    assert head is model.lm_head.weight
+    frozen = copy.deepcopy(model)
+    frozen.model.language_model.embed_tokens.requires_grad_(False)  # a frozen embedding: the head is frozen too
+    assert not weight_sync.export_plan(frozen)["lm_head.weight"]
+    assert "lm_head.weight" in weight_sync.export_plan(tiny_model) and not tiny_model.config.tie_word_embeddings
 
 
 def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkeypatch):
@@ -84,8 +80,9 @@ def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkey
     assert new.lm_head.weight is new.model.language_model.embed_tokens.weight
     sync = DiskWeightSync(VLLMClient(tied_server.url, rollout_cfg(tied_server)), adapter, tmp_path / "weights")
     sampler = VLLMSampler(adapter, rollout_cfg(tied_server), weight_sync=sync)
-    with monkeypatch.context() as m:
-        m.setattr(weight_sync, "write_tied_head", lambda *a, **k: None)  # the sync as it was
+    plan = weight_sync.export_plan
+    with monkeypatch.context() as m:  # the sync as it was: the shared matrix once, as the embedding
+        m.setattr(weight_sync, "export_plan", lambda *a: {k: v for k, v in plan(*a).items() if k != "lm_head.weight"})
         sampler.sync_weights(new)
         stale = trainer_logprobs(adapter, new, sampler.sample(prompts(adapter), n=4))
     assert stale["mismatch_kl"] > 1e-3, stale

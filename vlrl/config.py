@@ -283,8 +283,9 @@ class RolloutConfig(Section):
     """How updated weights reach the server: `disk` (safetensors + reload_weights; one node, no set-up) or
     `nccl` (vLLM's weight-transfer engine; GPU servers started with `vlrl serve --weight-sync nccl`)."""
     sync_dir: str | None = None
-    """Directory the disk sync writes weights to (must be readable by the server); default
-    `<run dir>/weights`."""
+    """Directory the disk sync writes weights to (must be readable by the server). Unset: shared memory
+    (`/dev/shm/vlrl-sync-<run>`, removed when the run ends) when the server is on this machine (a loopback
+    server_url) and /dev/shm has room for the weights plus a quarter; else `<run dir>/weights`."""
     nccl_master_address: str = "127.0.0.1"
     """Address of the NCCL rendezvous between the trainer (rank 0) and the server's workers."""
     nccl_master_port: int = Field(29555, gt=0, lt=65536)

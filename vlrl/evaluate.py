@@ -214,6 +214,8 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
             summary = evaluate(cfg, rollouts, samples, n, cfg.rollout.seed, out_dir, bar.update, info)
     finally:
         rollouts.close()
+        if hasattr(sampler, "close"):  # (the weight sync's buffers, and a shared-memory sync dir)
+            sampler.close()
     return {**summary, "out_dir": str(out_dir)}
 
 

@@ -106,7 +106,8 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         "time/rollout_wait": times["rollout_wait"],
         "time/prefetch_wait": times["prefetch_wait"],
         "time/update": times["update"],
-        "time/sync": times["sync"],
+        "time/sync": times["sync"],  # a whole weight push (the last that finished; see policy_sync.py)
+        "time/sync_blocking": times.get("sync_blocking", times["sync"]),  # of it, what the learner waited for
         "time/step": times["step"],
     }
     for name, values in st["per_fn"].items():

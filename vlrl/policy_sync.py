@@ -8,7 +8,12 @@
   in gathering them to rank 0's CPU (cast to the model's dtype: FSDP keeps float32 master weights). The other
   ranks wait, so no rank samples from a server that is mid-swap. Then every rank learns the version tag of the
   weights pushed (each rank's sampler checks it before and after sampling) or the push's error (every rank
-  raises it, so all stop together).
+  raises it, so all stop together). With one process, the disk sync's push returns once the weights are in host
+  buffers; its files and the server's reload run beside the learner's next work (the next sampling waits for
+  them). With several, the push is waited for (every rank must learn its version).
+
+`times(seconds)`: the step's sync metrics from the seconds the learner spent in the call: `sync_blocking`
+(those seconds) and `sync` (a whole push, of the last one that finished: copy, files, reload, version check).
 """
 
 from __future__ import annotations
@@ -23,8 +28,14 @@ class NoSync:
     def __call__(self, policy) -> None:
         return None
 
+    def times(self, seconds: float) -> dict[str, float]:
+        return {"sync": seconds, "sync_blocking": seconds}
 
-class ReplicaRefresh:
+    def close(self) -> None:
+        return None
+
+
+class ReplicaRefresh(NoSync):
     def __init__(self, replica):
         self.replica = replica
 
@@ -32,7 +43,7 @@ class ReplicaRefresh:
         copy_full_weights(policy, self.replica)
 
 
-class ServerSync:
+class ServerSync(NoSync):
     def __init__(self, sampler, accelerator, fsdp: bool, dtype: torch.dtype):
         self.sampler, self.accelerator, self.fsdp, self.dtype = sampler, accelerator, fsdp, dtype
 
@@ -45,7 +56,7 @@ class ServerSync:
         error = None
         if acc.is_main_process:
             try:
-                self.sampler.sync_weights(model, weights)
+                self.sampler.sync_weights(model, weights, background=acc.num_processes == 1)
             except ServerError as e:
                 error = str(e)
         if acc.num_processes > 1:
@@ -57,6 +68,17 @@ class ServerSync:
             acc.wait_for_everyone()
         if error is not None:
             raise ServerError(error)
+
+    def times(self, seconds: float) -> dict[str, float]:
+        return {"sync": self.sampler.push_s or seconds, "sync_blocking": seconds}
+
+    def close(self) -> str | None:
+        """The last push waited for (its failure returned, in words), the sync's buffers freed."""
+        try:
+            self.sampler.close()
+        except ServerError as e:
+            return f"the last weight push to the vLLM server failed: {e}"
+        return None
 
 
 def choose_sync(server: bool, fsdp: bool, sampler, accelerator, replica, dtype: torch.dtype):

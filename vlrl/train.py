@@ -443,7 +443,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 t4 = time.perf_counter()
                 run.step += 1
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
-                         "prefetch_wait": t3 - t2, "sync": t4 - t3, "step": t4 - t0}
+                         "prefetch_wait": t3 - t2, **sync.times(t4 - t3), "step": t4 - t0}
                 stats, sums = pool(step_stats(got), sums, run.world)
                 m = step_metrics(run.step, stats, sums, times, run.scheduler.get_last_lr()[0], rollouts.keys[0],
                                  cfg.algorithm.kl_coef > 0, multi_turn=rollouts.env is not None)
@@ -506,6 +506,9 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                           highlight=False, markup=False)
         raise
     finally:
+        note = sync.close()  # the last weight push finished (in the background), the sync's buffers freed
+        if note and main:
+            console.print(note, highlight=False, markup=False)
         rollouts.close()
         if cfg.logging.trackers:
             run.accelerator.end_training()

@@ -45,17 +45,32 @@ def has_lora(model) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
+def lora_layers(model) -> dict:
+    """Checkpoint name of each LoRA-adapted weight -> its LoRA layer ({} without LoRA)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_weight(layer):
+    """W + B @ A * scale of one LoRA layer, a new tensor (the trained ones untouched)."""
+    import torch
+
+    with torch.no_grad():
+        base = layer.get_base_layer().weight
+        return base + layer.get_delta_weight("default").to(base.dtype)
+
+
 def merged_state(model) -> dict:
     """Plain checkpoint names -> tensors, each LoRA layer's W + B @ A * scale (trained tensors untouched)."""
     import torch
-    from peft.tuners.lora import LoraLayer
 
     with torch.no_grad():
         state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer().weight
-                state[f"{name}.weight"] = base + module.get_delta_weight("default").to(base.dtype)
+        for name, layer in lora_layers(model).items():
+            state[name] = merged_weight(layer)
     return state
 
 

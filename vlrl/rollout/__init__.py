@@ -19,15 +19,19 @@ def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
         from pathlib import Path
 
         from .vllm_client import VLLMSampler
-        from .weight_sync import DiskWeightSync, NCCLWeightSync
+        from .weight_sync import DiskWeightSync, NCCLWeightSync, SHM, default_sync_dir, state_bytes
 
         sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")  # fails clearly if unreachable
         sampler.check_max_model_len(cfg.model.max_model_len)
         if cfg.rollout.weight_sync == "nccl":
             sampler.weight_sync = NCCLWeightSync(sampler.client, cfg.rollout, model, rank=rank)
         else:
-            sync_dir = Path(cfg.rollout.sync_dir or cfg.run_dir / "weights")
-            sampler.weight_sync = DiskWeightSync(sampler.client, adapter, sync_dir)
+            chosen = cfg.rollout.sync_dir
+            sync_dir = Path(chosen) if chosen else default_sync_dir(cfg.run_dir, cfg.rollout.server_url,
+                                                                    state_bytes(model))
+            # a default directory in shared memory holds the model in RAM: removed when the run ends
+            sampler.weight_sync = DiskWeightSync(sampler.client, adapter, sync_dir,
+                                                 remove_at_close=not chosen and sync_dir.parent == Path(SHM))
         return sampler
     from .embedded import EmbeddedSampler
 

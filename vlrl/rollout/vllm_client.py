@@ -114,8 +114,8 @@ class VLLMClient:
                           "/weight_info")
         return str(r.json()["weight_version"])
 
-    def set_weight_version(self, version: str) -> None:
-        self._post("/update_weight_version", {"new_version": version})
+    def set_weight_version(self, version: str, retry: bool = True) -> None:
+        self._post("/update_weight_version", {"new_version": version}, retry=retry)
 
     def model_name(self) -> str:
         """The served model's name (`/v1/models`); also the first reachability check."""
@@ -252,6 +252,11 @@ class VLLMSampler:
         self.requests = 0  # requests sent (one per prompt of a call): each is checked, or raises
         self.prompt_mismatches = 0  # requests whose server prompt ids differed from ours
         self.weights_version: str | None = None  # the tag of our last push; None: no push yet, nothing checked
+        self._push = None  # the push running in the background (a Future), if any
+        self._pusher = None  # its thread
+        self.push_s = 0.0  # seconds of the last push that finished, from the learner's copy to the server's check
+        self.push_blocking_s = 0.0  # of which the learner waited for
+        self.push_wait_s = 0.0  # seconds sampling waited for pushes (summed)
         self.client.model_name()  # fail early and clearly when the server is unreachable
 
     def _image_url(self, img, prompt_id: int, k: int) -> str:
@@ -369,7 +374,9 @@ class VLLMSampler:
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
         """Once the trainer has pushed weights, only from a server that holds them: checked before and after,
-        so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted."""
+        so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted. A push still
+        running in the background is waited for first."""
+        self.wait_for_push()
         self.check_weights()
         out = asyncio.run(self._sample(prompts, n, seed))
         self.check_weights()
@@ -416,18 +423,76 @@ class VLLMSampler:
                 f"`vlrl serve --max-model-len {max_model_len}`"
             )
 
-    def sync_weights(self, model, state: dict | None = None) -> None:
+    def sync_weights(self, model, state: dict | None = None, background: bool = True) -> None:
         """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server, tagged
-        with a fresh version. The tag goes first and is read back last: a server restarted in between reports
-        "default", and the push is made again."""
+        with a fresh version. With the disk sync this returns once the weights are copied to host buffers (the
+        learner may change them then); the files, the server's reload and the version check run in the background
+        (`background=False`: here), and the next `sample` waits for them, so nothing is sampled from weights
+        other than the pushed ones. Errors of a background push are raised by the next `sample` or sync."""
         if self.weight_sync is None:
             return
+        self.wait_for_push()
+        t0 = time.perf_counter()
+        if not hasattr(self.weight_sync, "copy"):  # the NCCL route: one synchronous push
+            self._tagged(lambda full: self.weight_sync.push(model, state))
+            self.push_blocking_s = self.push_s = time.perf_counter() - t0
+            return
+        self.weight_sync.copy(model, state)
+        self.push_blocking_s = time.perf_counter() - t0
+        if not background:
+            self._deliver(t0)
+            return
+        if self._pusher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrl-weight-push")
+        self._push = self._pusher.submit(self._deliver, t0)
+
+    def _deliver(self, t0: float) -> None:
+        self.weight_sync.write()
+        self._tagged(self.weight_sync.load)
+        self.push_s = time.perf_counter() - t0
+
+    def _tagged(self, load) -> None:
+        """`load(full)` under a fresh version tag. The tag goes first and is read back last: a server restarted
+        in between reports "default", and the push is made again. `full` (every tensor reloaded, not only the
+        ones a step changes) when the server does not hold our last push: read just before the tag is set, which
+        is sent once (not retried), so a server that restarts between the two (its start takes tens of seconds)
+        makes the tag fail and the push start over."""
+        delay = self.cfg.retry_backoff_s
         for _ in range(self.cfg.max_retries + 1):
+            full = self.client.weight_version() != self.weights_version
             version = f"vlrl-{uuid.uuid4().hex[:16]}"
-            self.client.set_weight_version(version)
-            self.weight_sync.push(model, state)
+            try:
+                self.client.set_weight_version(version, retry=False)
+            except ServerError:
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            load(full)
             if self.client.weight_version() == version:
                 self.weights_version = version
                 return
         raise ServerError(f"vLLM server {self.client.base_url} lost the weights pushed to it "
                           f"{self.cfg.max_retries + 1} times in a row (restarting over and over?)")
+
+    def wait_for_push(self) -> None:
+        """Until the last push is on the server (its error raised here, once)."""
+        push, self._push = self._push, None
+        if push is not None:
+            t0 = time.perf_counter()
+            try:
+                push.result()
+            finally:
+                self.push_wait_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Wait for the last push (its error raised), then free the sync's buffers (and a shared-memory sync dir)."""
+        try:
+            self.wait_for_push()
+        finally:
+            if self._pusher is not None:
+                self._pusher.shutdown(wait=True)
+                self._pusher = None
+            if hasattr(self.weight_sync, "close"):
+                self.weight_sync.close()
