@@ -70,6 +70,9 @@ def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr:
     model.get_input_embeddings().requires_grad_(False)  # (151,936 rows: the decoder layers and the head learn)
     policy = adapter.policy(model, 1.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # linear decay to a tenth: a constant rate leaves the per-token loss noisy (0.2..0.7), and most sampled calls
+    # broken; the decay lets it settle
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps - 1))
     losses = []
     for step in range(steps):
         mb = adapter.build_batch(rng.sample(examples, batch))
@@ -78,6 +81,7 @@ def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if progress:
             progress(step + 1, steps, losses[-1])

@@ -2,8 +2,8 @@
 
 - `DiskWeightSync` (default; one node, no set-up): safetensors files the server reloads in place
   (`reload_weights` through its collective-RPC route, generation paused across the swap, then its prefix,
-  multi-modal and encoder caches reset). In three parts, so the learner waits only for the first (`VLLMSampler.sync_weights` runs the others in
-  the background; the next sampling waits for them): `copy` (GPU -> pinned host buffers allocated once,
+  multi-modal and encoder caches reset). In three parts, so the learner waits only for the first
+  (`VLLMSampler.sync_weights` runs the others in the background; the next sampling waits for them): `copy` (GPU -> pinned host buffers allocated once,
   `weight_files.py`), `write` (the files, in parallel) and `load` (the server's reload). Only tensors an optimizer
   step can change are copied, written and reloaded each time (`export_plan`): a frozen vision tower and a LoRA
   model's base weights are written once, and reloaded only by a server that lost our last push (restarted).
