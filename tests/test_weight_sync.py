@@ -83,6 +83,9 @@ class FakeClient:
         self.calls.append("reload")
         self.reloads.append(read_dir(__import__("pathlib").Path(path)))
 
+    def reset_caches(self):
+        self.calls.append("reset")
+
     def restart(self):
         self.version = "default"
 
@@ -110,7 +113,7 @@ def test_frozen_vision_is_written_once_and_reloaded_only_by_a_server_that_lost_i
 
     sampler.sync_weights(model)
     sampler.wait_for_push()
-    assert client.calls == ["tag", "pause", "reload", "resume"]
+    assert client.calls == ["tag", "pause", "reload", "reset", "resume"]
     first = client.reloads[-1]
     assert set(first) == set(state) and all(torch.equal(first[k], state[k]) for k in state)  # all of it, once
     frozen_files = {f: os.stat(tmp_path / "w" / f).st_mtime_ns for f in os.listdir(tmp_path / "w")
