@@ -155,9 +155,11 @@ def qserver(qwen_model_dir, tmp_path_factory):
 def test_tool_episodes_with_qwens_vocabulary_through_both_samplers(qserver, qwen_model_dir, env, sampler):
     """The tiny model with Qwen's real vocabulary, warm-started to call the built-in tools: its calls are ~45
     tokens and stop at `</tool_call>`, a token whose text the server leaves out of its own completion text. Through
-    either sampler the environment reads the same calls from the sampled ids, episodes go on for several turns,
-    and every turn's prompt ids and logprobs agree with the trainer's."""
-    sets = [f"model.path={qwen_model_dir}", "rollout.max_new_tokens=64", "env.max_turns=3"]
+    either sampler the environment reads the same calls from the sampled ids, episodes go on for several turns
+    (zoom: with the crops' images), and every turn's prompt ids and logprobs agree with the trainer's. At
+    temperature 0.5 the warm-started model's first turn is a well-formed call in nearly every episode (measured
+    32 of 32 zoom episodes in process); its later turns are mostly malformed calls (tool errors, still turns)."""
+    sets = [f"model.path={qwen_model_dir}", "rollout.max_new_tokens=64", "env.max_turns=3", "rollout.temperature=0.5"]
     if env == "calculator":
         sets += ["env.dataset=builtin:calculator", 'env.rewards=[{fn="numeric"}]']
     if sampler == "server":
@@ -165,9 +167,9 @@ def test_tool_episodes_with_qwens_vocabulary_through_both_samplers(qserver, qwen
     report = check_batch("configs/tiny-cpu-zoom.toml", *sets)
     stats = report["stats"]
     assert report["ok"], report["checks"]
-    assert stats["tool_calls"] >= 4 and stats["max_turns"] >= 2, (stats["tool_errors"], stats)
-    if env == "zoom" and sampler == "embedded":
-        assert stats["env_images"] >= 2, stats
+    assert stats["tool_calls"] >= 16 and stats["max_turns"] >= 2, (stats["tool_errors"], stats)
+    if env == "zoom":
+        assert stats["env_images"] >= 8, stats
     # float32 over 151,936 logits: measured max |diff| 1e-5..3e-4 per token, mismatch KL below 1e-8
     assert stats["mismatch_kl"] < 1e-6 and stats["max_abs_diff"] < 1e-3, stats
     assert stats["sampler"] == ("embedded" if sampler == "embedded" else f"vllm {qserver.url}")

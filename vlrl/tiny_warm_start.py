@@ -6,8 +6,10 @@ after one turn and the multi-turn token contract (stitching, tool results, tool 
 checked every turn) would go untested with the real vocabulary. It trains, on the built-in `zoom` and
 `calculator` prompts exactly as the rollout layer renders them (tool schemas in the system turn), the first
 assistant turn: a crop of a quadrant (the one holding the square, most of the time) or a `calculate` call of the
-question's expression, in Qwen3-VL's `<tool_call>` format, then `<|im_end|>`. Seeded, a few hundred passes on the
-CPU: the sampled calls then vary in their numbers and are sometimes malformed, as a weak model's are.
+question's expression, in Qwen3-VL's `<tool_call>` format, then `<|im_end|>`. Seeded, 160 steps of 4 examples with a
+decaying rate (about 3 minutes on 2 CPU cores). Measured with check-batch on 2 zoom prompts x 16 (64 new tokens, 3
+turns): a crop image in 16 of 32 first turns at temperature 1.0 and in 32 of 32 at 0.5; later turns (never trained)
+are mostly malformed calls, as a weak model's are. (80 steps at a constant rate gave 3 of 32 at 1.0.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _targets(samples, rng: random.Random) -> list[str]:
     return [t + "<|im_end|>" for t in out]
 
 
-def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr: float = 5e-3, seed: int = 0,
+def warm_start_tools(model_dir: str | Path, steps: int = 160, batch: int = 4, lr: float = 5e-3, seed: int = 0,
                      progress=None) -> list[float]:
     """Train `model_dir`'s first assistant turns on tool calls and save it in place; returns the loss per step."""
     import torch
