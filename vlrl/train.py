@@ -136,8 +136,8 @@ class Run:
             from .activation_memory import AutoCheckpointing
 
             self.auto_checkpointing = AutoCheckpointing(
-                lambda f: self.adapter.set_checkpointing(self.model, f), self.adapter.decoder_layers(self.model),
-                self.device)
+                lambda f, s: self.adapter.set_checkpointing(self.model, f, s),
+                self.adapter.decoder_layers(self.model), self.device)
         self.messages: list[str] = []  # said once, by the main process (train prints them)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -215,9 +215,17 @@ class Run:
                                         self.ref_policy, self.accelerator, loss_scale=self.world)
 
         auto = self.auto_checkpointing
-        if auto is not None and auto.fraction is None:  # "auto": measured on this step's largest micro-batch
-            self.messages.append(auto.decide(lambda: self._probe(run, batch, plan), params, bool(self.optimizer.state),
-                                             self._reduce, distributed=self.world > 1))
+        if auto is not None and auto.level is None:  # "auto": measured on this step's largest micro-batch
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            biggest = plan.micro_batches[computed.index(max(computed))]
+            # the longest micro-batch a later step can have: the token budget, else (several ranks, which cannot
+            # recover from an OOM together) the most a micro-batch of max_model_len samples computes
+            cap = cfg.train.micro_batch_tokens or (cfg.train.micro_batch_size * cfg.model.max_model_len
+                                                   if self.world > 1 else None)
+            self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
+                                             bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
+                                             probe_tokens=max(computed), token_cap=cap,
+                                             accumulates=len(plan.passes) > 1))
         while True:
             try:
                 sums = run(plan)
@@ -241,17 +249,16 @@ class Run:
         sums["micro_batches"] = len(plan.micro_batches)
         if auto is not None:
             sums["checkpoint_fraction"] = auto.fraction
+            sums["selective_fraction"] = auto.selective
         if on_gpu:
             sums["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return sums
 
-    def _probe(self, run, batch, plan) -> None:
+    def _probe(self, run, plan, biggest: list[int]) -> None:
         """The step's largest micro-batch, forward and backward, then its gradients dropped: what `auto`
         checkpointing measures (every rank runs exactly one pass, so collectives match)."""
         from dataclasses import replace
 
-        computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
-        biggest = plan.micro_batches[computed.index(max(computed))]
         run(replace(plan, micro_batches=[biggest], padding_passes=0))
         self.optimizer.zero_grad(set_to_none=True)
 

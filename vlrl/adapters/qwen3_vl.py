@@ -379,8 +379,8 @@ class Qwen3VLAdapter:
         return model.to(device)
 
     @staticmethod
-    def set_checkpointing(model, fraction: float) -> None:
-        set_checkpointing(model, fraction)
+    def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:
+        set_checkpointing(model, fraction, selective)
 
     @staticmethod
     def decoder_layers(model) -> int:
@@ -452,15 +452,17 @@ def rollout_vision(rollout: Rollout) -> dict[str, tuple[torch.Tensor | None, tor
             "video": (p.pixel_values_videos, p.video_grid_thw)}
 
 
-def set_checkpointing(model, fraction: float) -> None:
-    """Recompute the activations of `fraction` of the decoder layers (spread evenly) in the backward pass."""
+def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:
+    """Recompute `fraction` of the decoder layers whole in the backward pass and `selective` of them selectively
+    (their matrix products kept: `adapters/checkpointing.py`), each spread evenly; the rest keep everything."""
+    from .checkpointing import set_layer_checkpointing
+
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     layers = model.model.language_model.layers
     n = len(layers)
-    count = round(fraction * n)  # whole layers (fractions k / n are exact; 1 / 36 * 36 is not 1 in floats)
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = (i + 1) * count // n > i * count // n
+    full = round(fraction * n)  # whole layers (fractions k / n are exact; 1 / 36 * 36 is not 1 in floats)
+    set_layer_checkpointing(layers, full, min(round(selective * n), n - full))
 
 
 def compile_layers(model) -> None:
