@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
 
-from vlrl.activation_memory import GIB, AutoCheckpointing, kinds
+from vlrl.activation_memory import GIB, AutoCheckpointing, Head, kinds
 from vlrl.adapters.qwen3_vl import set_checkpointing
 from vlrl.planner import StepPlan, micro_batch_tokens, pack_micro_batches
 from vlrl.update import accumulate_gradients
@@ -117,7 +117,8 @@ def set_cap(device, cap_gib: float) -> None:
 
 def auto_label(auto) -> str:
     full, sel = kinds(auto.level, auto.layers)
-    return f"{full} full, {sel} selective, {auto.layers - full - sel} keep"
+    head = ", logits kept" if auto.choice is not None and auto.choice.keep_logits else ""
+    return f"{full} full, {sel} selective, {auto.layers - full - sel} keep{head}"
 
 
 def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0) -> dict:
@@ -183,21 +184,27 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         print(f"  {label}: {t:.3f} s, MFU {row['mfu']:.1%} on useful tokens, peak {peak:.1f} GiB", flush=True)
         return row
 
-    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), layers, device)
+    weight = model.get_output_embeddings().weight
+    head = Head(lambda keep: setattr(policy, "keep_logits", keep), weight.shape[0] * weight.element_size(),
+                weight.numel() / sum(p.numel() for p in model.model.language_model.layers[0].parameters()))
+    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), layers, device, head)
 
     def probe():  # as Run._probe: the largest micro-batch alone, its gradients dropped
         update(replace(plan, micro_batches=[biggest], padding_passes=0))
         model.zero_grad(set_to_none=True)
 
     said = auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
-                       probe_tokens=max(computed), token_cap=spec.micro_batch_tokens)
+                       probe_tokens=max(computed), token_cap=spec.micro_batch_tokens,
+                       probe_trained=int(batch.loss_mask[biggest].sum()))
     print(f"  ragged, {'capped at %g GiB' % cap_gib if cap_gib else 'the whole card'}: {said}", flush=True)
     rows = [timed_steps(f"auto ({auto_label(auto)})")]
     rows[0]["fraction"], rows[0]["level"] = auto.fraction, auto.level
     for full, sel in args.ragged_fixed:
         set_checkpointing(model, full, sel)
+        policy.keep_logits = False
         rows.append(timed_steps(f"fixed: {full:.0%} full, {sel:.0%} selective"))
         rows[-1]["fraction"] = full
+    policy.keep_logits = False
     model.zero_grad(set_to_none=True)
     choice = auto.choice
     return {"said": said, "rows": rows, "cap_gib": cap_gib, "useful": useful, "micro_batches": computed,

@@ -47,6 +47,26 @@ import torch
 
 MARGIN = 0.04  # of the budget, kept free: what fragmentation leaves with expandable segments, the model's error
 GIB = 1024**3
+# What a layer of each kind costs, in forwards of one decoder layer (the time a `full` layer adds): a selective layer
+# recomputes elementwise ops only (measured on one H200, 8B ragged batch: see bench/README.md)
+FULL_COST, SELECTIVE_COST = 1.0, 0.1
+
+
+@dataclass
+class Head:
+    """The logprob head's option (`algo/logprobs.py`'s keep_logits): keep each chunk's logits for the backward
+    rather than recompute them. `cost`: that recompute per trained token, in forwards of one decoder layer per
+    token (vocab x hidden / a layer's parameters: 3.2 on 8B)."""
+
+    set_keep: object  # callable(bool)
+    bytes_per_row: int  # vocabulary x the logits' element size
+    cost: float
+
+
+def ladder_cost(level: int, layers: int) -> float:
+    """The recomputation of `level`, in forwards of one decoder layer."""
+    full, selective = kinds(level, layers)
+    return full * FULL_COST + selective * SELECTIVE_COST
 
 
 def kinds(level: int, layers: int) -> tuple[int, int]:
@@ -65,6 +85,7 @@ class Choice:
     bound: int  # bytes at the token cap: what the choice must fit
     budget: int  # bytes the run may use
     per_layer: int  # bytes a level down the ladder adds here (one layer changing kind), at the probe's tokens
+    keep_logits: bool = False  # the logprob head keeps its logits (their bytes are in the peaks above)
 
     @property
     def fraction(self) -> float:
@@ -78,8 +99,9 @@ class Choice:
         full, sel = kinds(self.level, self.layers)
         keep = self.layers - full - sel
         bound = (f", {self.bound / GIB:.1f} GiB at the token cap" if self.bound > self.predicted_peak * 1.001 else "")
+        head = ", the logprob head keeps its logits" if self.keep_logits else ""
         return (f"activation checkpointing: of {self.layers} layers {full} recomputed whole, {sel} selectively, {keep} "
-                f"keep their activations ({self.per_layer / GIB:.2f} GiB a level); predicted peak "
+                f"keep their activations ({self.per_layer / GIB:.2f} GiB a level){head}; predicted peak "
                 f"{self.predicted_peak / GIB:.1f}{bound} of {self.budget / GIB:.1f} GiB")
 
 
@@ -95,25 +117,35 @@ def predict(layers: int, activations: dict[int, int], level: int, scale: float =
 
 
 def choose(layers: int, activations: dict[int, int], static: int, budget: int, extra: int = 0, scale: float = 1.0,
-           margin: float = MARGIN, grads: int = 0) -> Choice:
+           margin: float = MARGIN, grads: int = 0, logits: int = 0, logits_gain: float = 0.0) -> Choice:
     """The lowest ladder level whose bound fits `budget` less the margin. `activations`: measured peak above
     `static` by level; `extra`: bytes allocated later (AdamW's state); `scale`: token cap / probe tokens (>= 1);
-    `grads`: bytes the bound adds for gradients the probe did not hold whole (a step of one micro-batch).
+    `grads`: bytes the bound adds for gradients the probe did not hold whole (a step of one micro-batch);
+    `logits`: bytes the head's kept logits add at the probe's micro-batch (0: no such option), which save
+    `logits_gain` forwards of a layer: kept where the fastest level that fits with them costs less than that gain
+    more than the fastest level without (`ladder_cost`).
     Between two measurements the activations are the line through them; levels below the lowest measured are
     never chosen. All layers full when even that does not fit (the run may still fit: it is said)."""
     limit = int(budget * (1 - margin))
+    plain = with_logits = None
     for level in range(min(activations), 2 * layers + 1):
         choice = at_level(layers, activations, static, budget, extra, scale, level, grads)
-        if choice.bound <= limit:
-            return choice
-    return choice
+        if plain is None and choice.bound <= limit:
+            plain = choice
+        if logits and with_logits is None and choice.bound + int(logits * max(scale, 1.0)) <= limit:
+            with_logits = at_level(layers, activations, static, budget, extra, scale, level, grads, logits)
+    if with_logits is not None and (plain is None or ladder_cost(with_logits.level, layers) - logits_gain
+                                    < ladder_cost(plain.level, layers)):
+        return with_logits
+    return plain or choice
 
 
 def at_level(layers: int, activations: dict[int, int], static: int, budget: int, extra: int, scale: float,
-             level: int, grads: int = 0) -> Choice:
-    """The choice of `level` (`choose`'s arguments)."""
+             level: int, grads: int = 0, logits: int = 0) -> Choice:
+    """The choice of `level` (`choose`'s arguments; `logits` > 0: with the head's logits kept)."""
     act, capped, slope = predict(layers, activations, level, scale)
-    return Choice(level, layers, static + extra + act, static + extra + grads + capped, budget, slope)
+    act, capped = act + logits, capped + int(logits * max(scale, 1.0))
+    return Choice(level, layers, static + extra + act, static + extra + grads + capped, budget, slope, logits > 0)
 
 
 def step_up(level: int, layers: int) -> int:
@@ -171,8 +203,10 @@ def expandable_segments() -> None:
     is reused), unless the user's PYTORCH_CUDA_ALLOC_CONF says otherwise."""
     if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         return
+    setting = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # (torch >= 2.10; the old name warns)
+               or torch.cuda.memory._set_allocator_settings)
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        setting("expandable_segments:True")
     except (AttributeError, RuntimeError):  # (an allocator without them)
         pass
 
@@ -184,8 +218,8 @@ class AutoCheckpointing:
     layers. On the CPU there is no device memory to measure or run out of: every layer is recomputed, as the
     default fraction 1."""
 
-    def __init__(self, set_kinds, layers: int, device: torch.device):
-        self.set_kinds, self.layers, self.device = set_kinds, layers, device
+    def __init__(self, set_kinds, layers: int, device: torch.device, head: Head | None = None):
+        self.set_kinds, self.layers, self.device, self.head = set_kinds, layers, device, head
         self.level: int | None = None
         self.choice: Choice | None = None
         self.measured: dict[int, int] = {}  # level -> measured peak (bytes), optimizer state not included
@@ -202,18 +236,21 @@ class AutoCheckpointing:
         return None if self.level is None else kinds(self.level, self.layers)[1] / self.layers
 
     def decide(self, probe, params: list[torch.Tensor], optimizer_has_state: bool, agree, distributed: bool = False,
-               probe_tokens: int = 1, token_cap: int | None = None, accumulates: bool = True) -> str:
+               probe_tokens: int = 1, token_cap: int | None = None, accumulates: bool = True,
+               probe_trained: int | None = None) -> str:
         """Run `probe()` (the step's largest micro-batch, `probe_tokens` long, forward and backward; it drops its
         gradients after) at the ladder's levels (module docstring), choose, and agree on the level with the other
         ranks (`agree(values, "max")`). `token_cap`: the longest micro-batch a later step may have (None:
         unknown). `accumulates`: this step has several micro-batches, so each probe runs with the gradients
         allocated first; a step of one micro-batch is probed as it runs (its gradients appear during its
-        backward) and the bound adds the gradients' bytes, for later steps that accumulate. Returns the sentence
-        to print."""
+        backward) and the bound adds the gradients' bytes, for later steps that accumulate. `probe_trained`: the
+        probe's trained tokens (the logprob head's rows; default all). Returns the sentence to print."""
         if self.device.type != "cuda":
             self._apply(2 * self.layers)
             return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
         L = self.layers
+        if self.head is not None:
+            self.head.set_keep(False)
         activations: dict[int, int] = {}  # level -> peak above static
         static = 0
         for level in (2 * L, L + L // 2) if distributed else (2 * L, L, 0):
@@ -245,20 +282,30 @@ class AutoCheckpointing:
         extra = 0 if optimizer_has_state else optimizer_state_bytes(params)
         scale = max(1.0, token_cap / probe_tokens) if token_cap else 1.0
         grads = 0 if accumulates else gradient_bytes(params)  # a later step's, on top of what was measured
-        choice = choose(L, activations, static, budget, extra, scale, grads=grads)
-        level = int(agree([float(choice.level)], "max")[0])
+        rows = probe_tokens if probe_trained is None else probe_trained
+        logits = self.head.bytes_per_row * rows if self.head is not None else 0
+        gain = self.head.cost * rows / probe_tokens if self.head is not None else 0.0
+        choice = choose(L, activations, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
+        # one level and one head setting for all ranks: the highest level; logits kept only where every rank keeps them
+        level, drop = (int(v) for v in agree([float(choice.level), float(not choice.keep_logits)], "max"))
         said = ""
-        if level != choice.level:  # another rank needs more recomputation: its level, with this rank's numbers
-            choice = at_level(L, activations, static, budget, extra, scale, level, grads)
+        if level != choice.level or (drop and choice.keep_logits):  # another rank's: with this rank's numbers
+            choice = at_level(L, activations, static, budget, extra, scale, level, grads, 0 if drop else logits)
             said = " (the highest of the ranks' choices)"
         self.choice = choice
         self._apply(level)
+        if self.head is not None:
+            self.head.set_keep(choice.keep_logits)
         return choice.describe() + said
 
     def step_up(self) -> str | None:
         """After an out-of-memory error: the next level, or None when every layer is recomputed already."""
-        if self.level is None or self.level >= 2 * self.layers:
+        keeps = self.choice is not None and self.choice.keep_logits
+        if self.level is None or (self.level >= 2 * self.layers and not keeps):
             return None
+        if keeps:  # the head's logits go first, with the quarter of the layers
+            self.head.set_keep(False)
+            self.choice.keep_logits = False
         before = self.level
         self._apply(step_up(before, self.layers))
         f0, s0 = kinds(before, self.layers)

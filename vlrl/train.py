@@ -133,11 +133,15 @@ class Run:
         self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
         self.auto_checkpointing = None
         if cfg.train.checkpoint_fraction == "auto":  # (the config allows it only with gradient checkpointing)
-            from .activation_memory import AutoCheckpointing
+            from .activation_memory import AutoCheckpointing, Head
 
+            weight = self.model.get_output_embeddings().weight  # [V, H]
+            head = Head(lambda keep: setattr(self.accelerator.unwrap_model(self.policy), "keep_logits", keep),
+                        weight.shape[0] * weight.element_size(),
+                        weight.numel() / self.adapter.layer_parameters(self.model))
             self.auto_checkpointing = AutoCheckpointing(
                 lambda f, s: self.adapter.set_checkpointing(self.model, f, s),
-                self.adapter.decoder_layers(self.model), self.device)
+                self.adapter.decoder_layers(self.model), self.device, head)
         self.messages: list[str] = []  # said once, by the main process (train prints them)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -225,7 +229,8 @@ class Run:
             self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
                                              bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
                                              probe_tokens=max(computed), token_cap=cap,
-                                             accumulates=len(plan.passes) > 1))
+                                             accumulates=len(plan.passes) > 1,
+                                             probe_trained=int(batch.loss_mask[biggest].sum())))
         while True:
             try:
                 sums = run(plan)

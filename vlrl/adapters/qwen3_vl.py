@@ -387,6 +387,11 @@ class Qwen3VLAdapter:
         return len(model.model.language_model.layers)
 
     @staticmethod
+    def layer_parameters(model) -> int:
+        """Parameters of one decoder layer (the unit `auto` checkpointing weighs recomputation in)."""
+        return sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+
+    @staticmethod
     def packing_unavailable(model) -> str | None:
         """Why `model` trains on padded micro-batches (one line), or None when it can pack them."""
         return packing_unavailable(model)
@@ -488,6 +493,7 @@ class Qwen3VLPolicy(nn.Module):
         self.chunk_size = chunk_size
         self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
         self.packed_attention = packed_attention  # the attention route of packed micro-batches (packing.py)
+        self.keep_logits = False  # the logprob head keeps its logits for the backward (auto checkpointing's choice)
         device = next(model.parameters()).device
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
@@ -537,7 +543,8 @@ class Qwen3VLPolicy(nn.Module):
             hidden = hidden + hidden_bias
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
-            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head,
+            self.keep_logits,
         )
 
 
