@@ -186,3 +186,64 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     monkeypatch.setattr(train_module, "accumulate_gradients", always)
     with pytest.raises(torch.OutOfMemoryError):
         train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=always"))
+
+
+def _rank(rank: int, port: int, out):
+    """One of two gloo ranks: its own memory budget (rank 1 has less), the same probe peaks; `agree` is the
+    all-reduce `Run._reduce` does."""
+    import torch.distributed as dist
+
+    import vlrl.activation_memory as am
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        state = {"allocated": 10 * GIB, "peak": 0}
+        for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+            setattr(torch.cuda, name, lambda *a, **k: None)
+        torch.cuda.memory_allocated = lambda *a: state["allocated"]
+        torch.cuda.max_memory_allocated = lambda *a: state["peak"]
+        torch.cuda.memory_reserved = lambda *a: 0
+        torch.cuda.mem_get_info = lambda *a: (100 * GIB, 100 * GIB)
+        am.device_budget = lambda device: 100 * GIB if rank == 0 else int(17.5 * GIB)
+        act = {8: 2, 6: 10, 4: 18}
+        kept = []
+        head = am.Head(kept.append, GIB, 0.5)  # 1 GiB of logits worth half a layer's forward
+        auto = am.AutoCheckpointing(lambda f, s: None, 4, torch.device("cuda"), head)
+
+        def probe():
+            state["peak"] = state["allocated"] + act[auto.level] * GIB
+
+        def agree(values, op):
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.tolist()
+
+        said = auto.decide(probe, [], True, agree, distributed=True, probe_tokens=1000, probe_trained=1000)
+        out.put((rank, auto.level, kept[-1], said))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_one_level_and_head_setting_over_gloo():
+    """Two processes (gloo) with different budgets: each picks its own level from the same probes, and both apply
+    the highest, with the logits kept by neither when one cannot keep them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    # probed: all full (2 GiB above 10 static) and half full, half selective (level 6, 10 GiB). Rank 0 (96 GiB
+    # usable) alone: level 6 with the logits (2.2 - 0.5 < 2.2). Rank 1 (16.8 usable): level 7 (10 + 6) without;
+    # with the logits only level 8 fits (4.0 - 0.5 > 3.1): so level 7, no logits kept, on both ranks
+    assert [(r[1], r[2]) for r in got] == [(7, False), (7, False)]
+    assert "the highest of the ranks' choices" in got[0][3] and "highest" not in got[1][3]
