@@ -71,8 +71,10 @@ def set_layer_checkpointing(layers: nn.ModuleList, full: int, selective: int) ->
     """`full` layers recomputed whole, `selective` of the others selectively, the rest keep everything. The
     layers must be transformers' `GradientCheckpointingLayer`s with checkpointing enabled on the model."""
     global SAVED
-    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn where this torch has it)
-
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    except ImportError:  # (torch < 2.10: no varlen route to keep)
+        pass
     if SAVED is None:
         SAVED = _saved_ops()
     n = len(layers)
