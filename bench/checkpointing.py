@@ -1,21 +1,32 @@
 """`train.checkpoint_fraction = "auto"` against fixed fractions: the update with its AdamW step, one process.
 
-Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-cap GIB`, standing in for a smaller card
-on a larger one). For the equal-length case (8 x 1041 tokens by default), compiled layers: each fixed fraction
-(1, 0.75, 0.5, 0.25, 0) is timed, then `auto` decides as `vlrl train` does at its first update (three probe
-passes on the micro-batch, the optimizer's state still to come) and is timed at what it chose. Each row: seconds
-per step (update + optimizer step), MFU (6N per token), peak GiB, or OOM. Auto runs first, before the fixed
-fractions fragment the allocator.
+Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-caps GIB...`, standing in for a smaller
+card on a larger one).
+- `run`: the equal-length case (8 x 1041 tokens by default), compiled layers: `auto` decides as `vlrl train` does
+  at its first update (probe passes on the micro-batch, the optimizer's state still to come) and is timed at what
+  it chose, then each fixed fraction (1, 0.75, 0.5, 0.25, 0) is timed.
+- `run_ragged`: the ragged GRPO batch as shipped (`bench/ragged.py`'s: packed micro-batches within the token
+  budget, the default attention route, compiled layers with `--compile`, fused AdamW, grad clipping): `auto`
+  decides exactly as `Run.update` calls it (the largest micro-batch as the probe, the token budget as the cap,
+  AdamW's state not yet allocated), then steps are timed; `--ragged-fixed` adds fixed ladder levels.
+Each row: seconds per step (update + optimizer step), MFU (6N per useful token), peak GiB (allocated, over every
+step, the first included), or OOM. Auto runs first, before fixed settings fragment the allocator.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
-from vlrl.activation_memory import AutoCheckpointing
+from dataclasses import replace
+
+import ragged  # noqa: E402  (bench/ragged.py, beside this script)
+
+from vlrl.activation_memory import GIB, AutoCheckpointing, Head, kinds
 from vlrl.adapters.qwen3_vl import set_checkpointing
+from vlrl.planner import StepPlan, micro_batch_tokens, pack_micro_batches
 from vlrl.update import accumulate_gradients
 
 FIXED = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -23,10 +34,7 @@ FIXED = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict:
     """`tools`: the bench's helpers (timed, set_trainable, non_embedding_params, peak TFLOP/s)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    cap = min(1.0, args.memory_cap * 2**30 / total) if args.memory_cap else 1.0
-    torch.cuda.set_per_process_memory_fraction(cap, index)
+    set_cap(device, args.memory_cap)
     batch = adapter.build_batch(rollouts).to(device)
     tools.set_trainable(model, vision=False, checkpointing=True, fraction=1.0)
     with torch.no_grad():
@@ -62,14 +70,16 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
         model.zero_grad(set_to_none=True)
         return row  # (the optimizer and its state go with this call's frame)
 
-    auto = AutoCheckpointing(lambda f: set_checkpointing(model, f), len(model.model.language_model.layers), device)
+    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), len(model.model.language_model.layers),
+                             device)
 
     def probe():
         update()
         model.zero_grad(set_to_none=True)
 
-    said = auto.decide(probe, params, optimizer_has_state=not args.optimizer, agree=lambda values, op: values)
-    rows = [timed_row(f"auto ({auto.fraction:.0%} recomputed)", auto.fraction)]
+    said = auto.decide(probe, params, optimizer_has_state=not args.optimizer, agree=lambda values, op: values,
+                       probe_tokens=tokens, token_cap=None, accumulates=False)
+    rows = [timed_row(f"auto ({auto_label(auto)})", auto.fraction)]
     for f in FIXED:
         set_checkpointing(model, f)
         rows.append(timed_row(f"fixed: {f:.0%} of layers recomputed", f))
@@ -96,3 +106,133 @@ def print_table(result: dict) -> None:
         print(f"auto checkpointing: {auto['fraction']:.0%} recomputed, {auto['mfu']:.1%} MFU, "
               f"{best['seconds'] / auto['seconds']:.3f}x the best fixed fraction that fits ({best['fraction']:.0%}){vs75}; "
               f"predicted peak {result['predicted_gib']:.1f} GiB, measured {auto['peak_gib']:.1f}")
+
+
+def set_cap(device, cap_gib: float) -> None:
+    """Cap this process's share of the GPU at `cap_gib` (0: the whole card)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, index)
+
+
+def auto_label(auto) -> str:
+    full, sel = kinds(auto.level, auto.layers)
+    head = ", logits kept" if auto.choice is not None and auto.choice.keep_logits else ""
+    return f"{full} full, {sel} selective, {auto.layers - full - sel} keep{head}"
+
+
+def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0) -> dict:
+    """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync."""
+    spec = ragged.RaggedSpec.tiny() if args.tiny else ragged.RaggedSpec(args.ragged[0], args.ragged[1],
+                                                                        seed=args.ragged_seed)
+    if not args.tiny:
+        spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
+        spec.shortest, spec.longest = args.ragged_clip
+        spec.micro_batch_tokens = args.ragged_tokens
+    vocab, v_start, v_end = ids
+    batch = adapter.build_batch(ragged.ragged_rollouts(adapter, spec, vocab, v_start, v_end))
+    useful = sum(batch.lengths)
+    plan = StepPlan(pack_micro_batches(batch.lengths, spec.micro_batch_tokens, batch.patches_per_sample), packed=True)
+    computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+    biggest = plan.micro_batches[computed.index(max(computed))]
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        set_cap(device, cap_gib)
+    policy.packed_attention = ragged.routes(device)[0]
+    tools.set_trainable(model, vision=False, checkpointing=True, fraction=1.0)
+    ragged.own_logprobs(policy, batch, plan, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = tools.non_embedding_params(model)
+    layers = len(model.model.language_model.layers)
+
+    def update(p):
+        accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device)
+
+    def timed_steps(label: str) -> dict:
+        """Steps of update + clip + fused AdamW from a fresh optimizer: the first (AdamW's state allocated, graphs
+        compiled) untimed, then --ragged-repeat timed; the peak over all of them."""
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
+
+        def step():
+            update(plan)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            step()
+            tools.sync(device)
+            times = []
+            for _ in range(max(args.ragged_repeat, 1)):
+                t0 = time.perf_counter()
+                step()
+                tools.sync(device)
+                times.append(time.perf_counter() - t0)
+        except torch.OutOfMemoryError as e:
+            model.zero_grad(set_to_none=True)
+            allocated = torch.cuda.max_memory_allocated(device) / GIB
+            print(f"  {label}: OOM (allocated peak {allocated:.1f} GiB): {str(e).splitlines()[0][:160]}", flush=True)
+            return {"path": label, "seconds": None, "peak_gib": allocated}
+        t = sorted(times)[len(times) // 2]
+        peak = torch.cuda.max_memory_allocated(device) / GIB if on_gpu else float("nan")
+        row = {"path": label, "seconds": t, "mfu": 6 * n_params * useful / t / (tools.peak_tflops * 1e12),
+               "peak_gib": peak}
+        print(f"  {label}: {t:.3f} s, MFU {row['mfu']:.1%} on useful tokens, peak {peak:.1f} GiB", flush=True)
+        return row
+
+    weight = model.get_output_embeddings().weight
+    head = Head(lambda keep: setattr(policy, "keep_logits", keep), weight.shape[0] * weight.element_size(),
+                weight.numel() / sum(p.numel() for p in model.model.language_model.layers[0].parameters()))
+    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), layers, device, head)
+
+    def probe():  # as Run._probe: the largest micro-batch alone, its gradients dropped
+        update(replace(plan, micro_batches=[biggest], padding_passes=0))
+        model.zero_grad(set_to_none=True)
+
+    said = auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
+                       probe_tokens=max(computed), token_cap=spec.micro_batch_tokens,
+                       probe_trained=int(batch.loss_mask[biggest].sum()))
+    print(f"  ragged, {'capped at %g GiB' % cap_gib if cap_gib else 'the whole card'}: {said}", flush=True)
+    rows = [timed_steps(f"auto ({auto_label(auto)})")]
+    rows[0]["fraction"], rows[0]["level"] = auto.fraction, auto.level
+    for full, sel in args.ragged_fixed:
+        set_checkpointing(model, full, sel)
+        policy.keep_logits = False
+        rows.append(timed_steps(f"fixed: {full:.0%} full, {sel:.0%} selective"))
+        rows[-1]["fraction"] = full
+    policy.keep_logits = False
+    model.zero_grad(set_to_none=True)
+    choice = auto.choice
+    return {"said": said, "rows": rows, "cap_gib": cap_gib, "useful": useful, "micro_batches": computed,
+            "predicted_gib": choice.predicted_peak / GIB if choice else float("nan"),
+            "bound_gib": choice.bound / GIB if choice else float("nan"),
+            "probes_gib": {kinds(lv, layers): v / GIB for lv, v in auto.measured.items()}}
+
+
+def print_ragged(result: dict) -> None:
+    cap = f"capped at {result['cap_gib']:g} GiB" if result["cap_gib"] else "the whole card"
+    print(f"\nragged batch as shipped, {result['useful']:,} useful tokens in micro-batches of {result['micro_batches']} "
+          f"tokens, update + AdamW step, {cap}: {result['said']}")
+    probes = ", ".join(f"{f} full + {s} selective: {g:.1f}" for (f, s), g in result["probes_gib"].items())
+    if probes:
+        print(f"probe peaks (GiB, gradients allocated, AdamW state not yet): {probes}")
+    print("| path | s/step | MFU (useful) | peak GiB | predicted GiB |\n|---|---|---|---|---|")
+    for i, r in enumerate(result["rows"]):
+        pred = f"{result['predicted_gib']:.1f}" if i == 0 else "-"
+        if r["seconds"] is None:
+            print(f"| {r['path']} | OOM | - | {r['peak_gib']:.1f} | {pred} |")
+        else:
+            print(f"| {r['path']} | {r['seconds']:.3f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {pred} |")
+
+
+def ragged_line(result: dict) -> str:
+    """`ragged as shipped (auto, AdamW): X% useful MFU, fraction F, predicted P GiB, measured M GiB`."""
+    r = result["rows"][0]
+    mfu = f"{r['mfu']:.1%}" if r["seconds"] is not None else "OOM,"
+    cap = f" under a {result['cap_gib']:g} GiB cap" if result["cap_gib"] else ""
+    return (f"ragged as shipped (auto, AdamW){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
+            f"({r['path'][6:-1]}), predicted {result['predicted_gib']:.1f} GiB, measured {r['peak_gib']:.1f} GiB")

@@ -10,6 +10,8 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
     python bench/update_step.py                # on a GPU: the 8B shapes
     python bench/update_step.py --tiny         # the same comparison on the tiny model, on the CPU (< 1 min)
     python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
+    python bench/update_step.py --compile --auto --optimizer --auto-only --memory-caps 0 74.5
+                                               # `auto` checkpointing on the ragged batch as shipped (+ AdamW)
 
 Then the ragged case (`bench/ragged.py`): a GRPO step of ragged completions updated padded (today's path, and
 length-sorted) and packed (each attention route), and the line `ragged update: packed vs padded ...`.
@@ -480,6 +482,34 @@ def run_auto_cases(model, adapter, device, args, settings, vocab) -> list[dict]:
     return out
 
 
+def run_auto_ragged(model, adapter, device, args, vocab) -> list[dict]:
+    """`auto` on the ragged batch as shipped (bench/checkpointing.py's run_ragged), once per --memory-caps value
+    (on the CPU, once)."""
+    from types import SimpleNamespace
+
+    from vlrl.adapters.qwen3_vl import compile_layers
+
+    policy = adapter.policy(model, 1.0, fused_head=args.compile)
+    set_trainable(model, vision=False, checkpointing=True)
+    if args.compile and not getattr(model, "_bench_compiled", False):
+        compile_layers(model)
+        model._bench_compiled = True
+        # a ladder of checkpointing kinds over ragged micro-batch shapes: more graph variants than dynamo's default
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    tools = SimpleNamespace(timed=timed, set_trainable=set_trainable, non_embedding_params=non_embedding_params,
+                            peak_tflops=PEAK_TFLOPS, sync=sync)
+    big = vocab > 150000
+    ids = (vocab, VISION_START if big else adapter.image_token_id - 2, VISION_END if big else adapter.image_token_id - 1)
+    out = []
+    for cap in args.memory_caps if device.type == "cuda" else [0.0]:
+        out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools, ids, cap))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def run_ragged_case(model, adapter, device, args, vocab) -> dict:
     """The ragged GRPO case (bench/ragged.py), as configs/qwen3-vl-8b.toml trains: frozen vision, checkpointing
     (with --compile: compiled layers and the first of --fractions), chunked logprobs."""
@@ -587,6 +617,10 @@ def main():
     ap.add_argument("--auto", action="store_true", help="train.checkpoint_fraction = auto against fixed fractions "
                     "(equal-length case, compiled layers; bench/checkpointing.py)")
     ap.add_argument("--optimizer", action="store_true", help="with --auto: each step includes AdamW's (its state)")
+    ap.add_argument("--auto-only", action="store_true", help="with --auto: only the auto cases")
+    ap.add_argument("--ragged-fixed", type=float, nargs=2, action="append", default=[], metavar=("FULL", "SELECTIVE"),
+                    help="with --auto: also time the ragged batch at these fractions of layers recomputed whole and "
+                         "selectively (repeatable)")
     ap.add_argument("--memory-caps", type=float, nargs="*", default=[0.0], metavar="GIB",
                     help="with --auto: run once per cap on the process's GPU memory (0: the whole card), in order")
     ap.add_argument("--compile-steps", type=int, default=20,
@@ -627,7 +661,7 @@ def main():
     if args.long:
         b, s, i = (int(x) for x in args.long.split("x"))
         cases.append((f"{b} x {s}, {i} image(s) of {args.image_side}px", b, s, i, 1))
-    for name, b, s, i, group in [] if args.ragged_only else cases:
+    for name, b, s, i, group in [] if args.ragged_only or args.auto_only else cases:
         completion = min(args.completion, s // 2)
         rollouts = make_rollouts(adapter, b, s, i, args.image_side, completion, vocab, group=group)
         run_case(name, model, adapter, rollouts, device, args, settings, results)
@@ -635,10 +669,12 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ragged_result = None
-    if not args.no_ragged:
+    if not args.no_ragged and not args.auto_only:
         ragged_result = run_ragged_case(model, adapter, device, args, vocab)
-    auto_results = []
-    if args.auto and device.type == "cuda":
+    auto_results, auto_ragged = [], []
+    if args.auto:
+        auto_ragged = run_auto_ragged(model, adapter, device, args, vocab)
+    if args.auto and device.type == "cuda" and not args.ragged_only:
         auto_results = run_auto_cases(model, adapter, device, args, settings, vocab)
     fit = None
     if args.max_tokens and device.type == "cuda":
@@ -667,6 +703,8 @@ def main():
         ragged.print_table(ragged_result)
     for r in auto_results:
         checkpointing.print_table(r)
+    for r in auto_ragged:
+        checkpointing.print_ragged(r)
     if args.json:
         args.json.write_text(json.dumps({"device": dev, "results": results, "fit": fit, "ragged": ragged_result},
                                         indent=2))
@@ -688,6 +726,10 @@ def main():
         print(f"{r['case']}: update speedup {speedups(r['rows'])[0]:.2f}x, logprob speedup {speedups(r['rows'])[1]:.2f}x")
     if ragged_result is not None:
         print(ragged.summary_line(ragged_result))
+    for r in auto_ragged[1:]:
+        print(checkpointing.ragged_line(r))
+    if auto_ragged:
+        print(checkpointing.ragged_line(auto_ragged[0]))
     up, lp = speedups(results[0]["rows"]) if results else (math.nan, math.nan)  # the baseline's shapes
     print(f"update speedup {up:.2f}x, logprob speedup {lp:.2f}x")
 

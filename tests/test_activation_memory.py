@@ -2,26 +2,41 @@
 
 import torch
 
-from vlrl.activation_memory import GIB, choose, levels, optimizer_state_bytes, step_up
+from vlrl.activation_memory import GIB, choose, kinds, optimizer_state_bytes, step_up
 
 
-def test_the_least_recomputation_that_fits():
-    # 4 layers; measured: all recomputed 10 GiB, 2 layers kept 12 GiB (1 a layer), 4 kept 18 GiB (3 a layer)
-    peaks = {0: 10 * GIB, 2: 12 * GIB, 4: 18 * GIB}
-    fit = lambda budget, extra=0, p=peaks: choose(4, p, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
-    assert fit(20).fraction == 0.0 and fit(20).predicted_peak == 18 * GIB  # none recomputed
-    assert fit(17).fraction == 0.25 and fit(17).predicted_peak == 15 * GIB  # 3 kept: on the line from 2 to 4
-    assert fit(15, extra=4).fraction == 0.75 and fit(15, extra=4).per_layer == 1 * GIB  # AdamW's state to come: 11 + 4
-    assert fit(9).fraction == 1.0  # nothing fits: recompute everything (and say so)
-    assert fit(30, p={0: 10 * GIB, 2: 12 * GIB}).fraction == 0.5  # 4 kept was never measured (it ran out): not chosen
-    assert choose(4, peaks, 15 * GIB).fraction == 0.5  # the default 6% margin: 14.1 GiB usable
-    assert "25% of 4 layers recomputed (3 keep their activations, 3.00 GiB each)" in fit(17).describe(4)
+def test_the_ladder_goes_none_then_selective_then_full():
+    # 4 layers: levels 0..8; selective first (cheap recompute), then full
+    assert [kinds(level, 4) for level in range(9)] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 3), (2, 2), (3, 1),
+                                                       (4, 0)]
+    assert step_up(2, 4) == 3 and step_up(7, 4) == 8 and step_up(8, 4) == 8 and step_up(0, 36) == 9
 
 
-def test_fractions_are_whole_layers_and_step_up_by_a_quarter():
-    assert levels(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert step_up(0.25, 36) == 0.5 and step_up(0.75, 36) == 1.0 and step_up(1.0, 36) == 1.0
-    assert step_up(0.0, 2) == 0.5  # at least one layer more
+def test_the_fastest_level_that_fits_by_hand():
+    # 4 layers, static 10 GiB (weights + gradients); activations above it: all full 2, all selective 6, none 14
+    # (so 1 GiB a level from full to selective, 2 GiB a level from selective to none)
+    act = {8: 2 * GIB, 4: 6 * GIB, 0: 14 * GIB}
+    fit = lambda budget, **kw: choose(4, act, 10 * GIB, budget * GIB, margin=0.0, **kw)  # noqa: E731
+    assert fit(24).level == 0 and fit(24).predicted_peak == 24 * GIB  # everything kept
+    assert fit(21).level == 2 and fit(21).predicted_peak == 20 * GIB  # 2 selective: 14 - 2 x 2 above 10
+    assert fit(21).per_layer == 2 * GIB and fit(21).fraction == 0.0 and fit(21).selective == 0.5
+    assert fit(15).level == 5 and fit(15).fraction == 0.25 and fit(15).selective == 0.75  # 10 + 6 - 1 = 15
+    assert fit(13).level == 7 and fit(13).fraction == 0.75 and fit(13).selective == 0.25  # 10 + 6 - 3 = 13
+    c = fit(13, extra=2 * GIB)  # AdamW's state to come: even all full (10 + 2 + 2) does not fit: all full, said
+    assert c.level == 8 and c.predicted_peak == 14 * GIB
+    assert fit(11).level == 8 and fit(11).bound == 12 * GIB  # nothing fits: every layer full (and it is said)
+    # later micro-batches up to 1.5x this one's tokens: activations x 1.5 must fit, the prediction stays this step's
+    c = fit(20, scale=1.5)
+    assert c.level == 4 and c.bound == 19 * GIB and c.predicted_peak == 16 * GIB
+    # a step of one micro-batch was probed without its gradients whole: a later step's are added to the bound
+    c = fit(21, grads=3 * GIB)
+    assert c.level == 3 and c.predicted_peak == 18 * GIB and c.bound == 21 * GIB
+    # "none" never measured (it ran out of memory): no level below the lowest measured is chosen
+    assert choose(4, {8: 2 * GIB, 4: 6 * GIB}, 10 * GIB, 100 * GIB, margin=0.0).level == 4
+    assert fit(20.5).level == 2 and choose(4, act, 10 * GIB, int(20.5 * GIB)).level == 3  # 4% margin: 19.68 usable
+    said = fit(13).describe()
+    assert "3 recomputed whole, 1 selectively, 0 keep their activations (1.00 GiB a level)" in said
+    assert "predicted peak 13.0 of 13.0 GiB" in said
 
 
 def test_adamw_state_is_two_moments_per_trainable_parameter():
@@ -29,21 +44,88 @@ def test_adamw_state_is_two_moments_per_trainable_parameter():
     assert optimizer_state_bytes(params) == 2 * (40 * 2 + 3 * 4)
 
 
+class FakeCuda:
+    """The memory a probe sees, by hand (no GPU here): allocated = what the tensors a test allocates say."""
+
+    def __init__(self, monkeypatch, activations: dict[int, float], grads_gib: float, oom_below: int = -1):
+        self.allocated, self.peak, self.activations, self.grads, self.oom_below = 10 * GIB, 0, activations, grads_gib, oom_below
+        for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: self.peak)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * GIB, 100 * GIB))
+        monkeypatch.setattr("vlrl.activation_memory.device_budget", lambda device: 100 * GIB)
+
+
+def test_the_heads_logits_are_kept_where_they_pay_for_the_levels_they_cost():
+    from vlrl.activation_memory import SELECTIVE_COST
+
+    act = {8: 2 * GIB, 4: 6 * GIB, 0: 14 * GIB}  # as above: 2 GiB a level from none to selective, 1 from there
+    fit = lambda budget, gain, **kw: choose(4, act, 10 * GIB, budget * GIB, margin=0.0, logits=2 * GIB,  # noqa: E731
+                                            logits_gain=gain, **kw)
+    c = fit(26, 1.0)  # everything kept and the logits too: 10 + 14 + 2
+    assert c.level == 0 and c.keep_logits and c.predicted_peak == 26 * GIB
+    c = fit(24, 3 * SELECTIVE_COST)  # with the logits: one level up (+0.1 layer forwards) for a 0.3 gain
+    assert c.level == 1 and c.keep_logits and c.predicted_peak == 24 * GIB
+    c = fit(24, 0.5 * SELECTIVE_COST)  # a gain smaller than that level's cost: no
+    assert c.level == 0 and not c.keep_logits and c.predicted_peak == 24 * GIB
+    c = fit(14, 5.0)  # full layers: 2 GiB of logits cost 2 full levels (2 layer forwards), worth a gain of 5
+    assert c.level == 8 and c.keep_logits and c.bound == 14 * GIB and fit(14, 1.0).level == 6
+    assert "the logprob head keeps its logits" in fit(26, 1.0).describe()
+
+
+def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monkeypatch):
+    """A step of several micro-batches: from the second on, the gradients exist whole before the backward, so each
+    probe runs with them allocated and the static memory is read with them; the predicted peak is static +
+    measured activations + AdamW's state to come. A step of one micro-batch is probed as it runs."""
+    from vlrl.activation_memory import AutoCheckpointing
+
+    applied, seen = [], []
+    auto = AutoCheckpointing(lambda f, s: applied.append((f, s)), 4, torch.device("cuda"))
+    params = [torch.zeros(8, 4), torch.zeros(4)]  # 36 float32 values: 144 bytes of gradients, 288 of AdamW state
+    act = {8: 2, 6: 4, 4: 6, 0: 90}  # GiB above static by level: "none" does not fit 96 GiB (100 less 4%)
+    fake = FakeCuda(monkeypatch, act, 0)
+
+    def probe():
+        seen.append([p.grad is not None for p in params])
+        level = auto.level
+        fake.peak = fake.allocated + act[level] * GIB
+        for p in params:
+            p.grad = None
+
+    said = auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000, token_cap=1000)
+    assert seen == [[True, True]] * 3 and [p.grad for p in params] == [None, None]
+    assert applied[:3] == [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)]
+    # 1 selective, 3 keep: on the line from none (90) to all selective (6), 21 GiB a level: 10 + 69 GiB
+    assert auto.level == 1 and applied[-1] == (0.0, 0.25)
+    assert auto.choice.predicted_peak == 79 * GIB + 288 and "0 recomputed whole, 1 selectively, 3 keep" in said
+    seen.clear()
+    auto.decide(probe, params, True, lambda values, op: values, probe_tokens=1000, accumulates=False)
+    assert seen == [[False, False]] * 3 and auto.choice.bound == 79 * GIB + 144  # (AdamW's state already counted)
+    # a token cap twice the probe's: activations doubled must fit: 3 selective (27 GiB) is the first
+    auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000, token_cap=2000)
+    assert auto.level == 3 and auto.choice.bound == 64 * GIB + 288 and auto.choice.predicted_peak == 37 * GIB + 288
+    # another rank needs more recomputation: the highest level, with this rank's prediction at it
+    said = auto.decide(probe, params, False, lambda values, op: [8.0, 1.0], distributed=True, probe_tokens=1000)
+    assert auto.level == 8 and applied[-1] == (1.0, 0.0) and "the highest of the ranks' choices" in said
+    assert seen[-2:] == [[True, True]] * 2  # several ranks: only full and the middle of the full half probed
+
+
 def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):
     """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser, every
     layer recomputed, and the sentence names the setting to change."""
     from vlrl.activation_memory import AutoCheckpointing
 
-    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    FakeCuda(monkeypatch, {}, 0)
     applied = []
-    auto = AutoCheckpointing(applied.append, 4, torch.device("cuda"))
+    auto = AutoCheckpointing(lambda f, s: applied.append((f, s)), 4, torch.device("cuda"))
 
     def probe():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     said = auto.decide(probe, [], False, lambda values, op: values)
-    assert auto.fraction == 1.0 and applied == [1.0, 1.0] and "lower train.micro_batch_tokens" in said
+    assert auto.fraction == 1.0 and applied == [(1.0, 0.0), (1.0, 0.0)] and "lower train.micro_batch_tokens" in said
 
 
 def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_path, capsys):
@@ -70,10 +152,10 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
-    def decide(self, probe, params, has_state, agree, distributed=False):  # a GPU whose budget fits half recomputed
+    def decide(self, probe, params, has_state, agree, distributed=False, **kw):  # a GPU whose budget fits half full
         probe()
-        self._apply(0.5)
-        return "decided 50%"
+        self._apply(3)  # 2 layers: level 3 = 1 layer full, 1 selective
+        return "decided"
 
     monkeypatch.setattr(AutoCheckpointing, "decide", decide)
     sets = ("train.gradient_checkpointing=true", 'train.checkpoint_fraction="auto"', "train.steps=2")
@@ -96,7 +178,7 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     assert [m["checkpoint_fraction"] for m in a] == [0.5, 0.5] and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0]
     for key in ("loss", "grad_norm", "reward/mean"):
         assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
-    assert said.count("out of GPU memory with 50% of the layers recomputed: now 100%") == 1
+    assert said.count("out of GPU memory with 1 of 2 layers recomputed whole and 1 selectively: now 2") == 1
 
     def always(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -104,3 +186,64 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     monkeypatch.setattr(train_module, "accumulate_gradients", always)
     with pytest.raises(torch.OutOfMemoryError):
         train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=always"))
+
+
+def _rank(rank: int, port: int, out):
+    """One of two gloo ranks: its own memory budget (rank 1 has less), the same probe peaks; `agree` is the
+    all-reduce `Run._reduce` does."""
+    import torch.distributed as dist
+
+    import vlrl.activation_memory as am
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        state = {"allocated": 10 * GIB, "peak": 0}
+        for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+            setattr(torch.cuda, name, lambda *a, **k: None)
+        torch.cuda.memory_allocated = lambda *a: state["allocated"]
+        torch.cuda.max_memory_allocated = lambda *a: state["peak"]
+        torch.cuda.memory_reserved = lambda *a: 0
+        torch.cuda.mem_get_info = lambda *a: (100 * GIB, 100 * GIB)
+        am.device_budget = lambda device: 100 * GIB if rank == 0 else int(17.5 * GIB)
+        act = {8: 2, 6: 10, 4: 18}
+        kept = []
+        head = am.Head(kept.append, GIB, 0.5)  # 1 GiB of logits worth half a layer's forward
+        auto = am.AutoCheckpointing(lambda f, s: None, 4, torch.device("cuda"), head)
+
+        def probe():
+            state["peak"] = state["allocated"] + act[auto.level] * GIB
+
+        def agree(values, op):
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.tolist()
+
+        said = auto.decide(probe, [], True, agree, distributed=True, probe_tokens=1000, probe_trained=1000)
+        out.put((rank, auto.level, kept[-1], said))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_one_level_and_head_setting_over_gloo():
+    """Two processes (gloo) with different budgets: each picks its own level from the same probes, and both apply
+    the highest, with the logits kept by neither when one cannot keep them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    # probed: all full (2 GiB above 10 static) and half full, half selective (level 6, 10 GiB). Rank 0 (96 GiB
+    # usable) alone: level 6 with the logits (2.2 - 0.5 < 2.2). Rank 1 (16.8 usable): level 7 (10 + 6) without;
+    # with the logits only level 8 fits (4.0 - 0.5 > 3.1): so level 7, no logits kept, on both ranks
+    assert [(r[1], r[2]) for r in got] == [(7, False), (7, False)]
+    assert "the highest of the ranks' choices" in got[0][3] and "highest" not in got[1][3]

@@ -398,9 +398,11 @@ class TrainConfig(Section):
     """Recompute activations in the backward pass to save memory."""
     checkpoint_fraction: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = 1.0
     """With gradient checkpointing, the fraction of decoder layers recomputed (spread evenly); below 1
-    keeps more activations and recomputes less. `auto` (GPU): the least recomputation whose peak fits the
-    device's memory, measured at the first update (vlrl/activation_memory.py), stepped up after an
-    out-of-memory error; on the CPU, every layer."""
+    keeps more activations and recomputes less. `auto` (GPU): the fastest mix of layers recomputed whole,
+    recomputed selectively (matrix products kept, elementwise ops recomputed) and keeping everything, and whether
+    the logprob head keeps its logits, whose peak fits the device's memory, measured at the first update with the
+    step's gradients allocated and bounded at `micro_batch_tokens` (vlrl/activation_memory.py); stepped up after an
+    out-of-memory error (one process); on the CPU, every layer."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
     one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,

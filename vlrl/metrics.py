@@ -63,7 +63,7 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
         for k in ("failures", "tool_errors", "finish"):
             out[k] = _added([out[k], st[k]])
         for k, v in sm.items():
-            same = k in ("grad_norm", "checkpoint_fraction")  # already global: identical on every rank
+            same = k in ("grad_norm", "checkpoint_fraction", "selective_fraction")  # already global: identical on every rank
             pooled[k] = v if same else (max(pooled.get(k, v), v) if k in ("max_abs_diff", "micro_batches",
                                                                            "peak_memory_gib") else pooled.get(k, 0.0) + v)
     return out, pooled
@@ -115,7 +115,7 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         m[f"reward/{name}/mean"] = sum(ok) / len(ok) if ok else 0.0
     for reason, count in st["failures"].items():
         m[f"reward_failures/{reason}"] = count
-    for k in ("checkpoint_fraction", "peak_memory_gib"):  # (auto checkpointing; a GPU)
+    for k in ("checkpoint_fraction", "selective_fraction", "peak_memory_gib"):  # (auto checkpointing; a GPU)
         if k in sums:
             m[k] = sums[k]
     if multi_turn:

@@ -133,11 +133,15 @@ class Run:
         self.policy = self.adapter.policy(self.model, cfg.rollout.temperature, fused_head=cfg.train.compile)
         self.auto_checkpointing = None
         if cfg.train.checkpoint_fraction == "auto":  # (the config allows it only with gradient checkpointing)
-            from .activation_memory import AutoCheckpointing
+            from .activation_memory import AutoCheckpointing, Head
 
+            weight = self.model.get_output_embeddings().weight  # [V, H]
+            head = Head(lambda keep: setattr(self.accelerator.unwrap_model(self.policy), "keep_logits", keep),
+                        weight.shape[0] * weight.element_size(),
+                        weight.numel() / self.adapter.layer_parameters(self.model))
             self.auto_checkpointing = AutoCheckpointing(
-                lambda f: self.adapter.set_checkpointing(self.model, f), self.adapter.decoder_layers(self.model),
-                self.device)
+                lambda f, s: self.adapter.set_checkpointing(self.model, f, s),
+                self.adapter.decoder_layers(self.model), self.device, head)
         self.messages: list[str] = []  # said once, by the main process (train prints them)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -215,9 +219,18 @@ class Run:
                                         self.ref_policy, self.accelerator, loss_scale=self.world)
 
         auto = self.auto_checkpointing
-        if auto is not None and auto.fraction is None:  # "auto": measured on this step's largest micro-batch
-            self.messages.append(auto.decide(lambda: self._probe(run, batch, plan), params, bool(self.optimizer.state),
-                                             self._reduce, distributed=self.world > 1))
+        if auto is not None and auto.level is None:  # "auto": measured on this step's largest micro-batch
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            biggest = plan.micro_batches[computed.index(max(computed))]
+            # the longest micro-batch a later step can have: the token budget, else (several ranks, which cannot
+            # recover from an OOM together) the most a micro-batch of max_model_len samples computes
+            cap = cfg.train.micro_batch_tokens or (cfg.train.micro_batch_size * cfg.model.max_model_len
+                                                   if self.world > 1 else None)
+            self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
+                                             bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
+                                             probe_tokens=max(computed), token_cap=cap,
+                                             accumulates=len(plan.passes) > 1,
+                                             probe_trained=int(batch.loss_mask[biggest].sum())))
         while True:
             try:
                 sums = run(plan)
@@ -241,17 +254,16 @@ class Run:
         sums["micro_batches"] = len(plan.micro_batches)
         if auto is not None:
             sums["checkpoint_fraction"] = auto.fraction
+            sums["selective_fraction"] = auto.selective
         if on_gpu:
             sums["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return sums
 
-    def _probe(self, run, batch, plan) -> None:
+    def _probe(self, run, plan, biggest: list[int]) -> None:
         """The step's largest micro-batch, forward and backward, then its gradients dropped: what `auto`
         checkpointing measures (every rank runs exactly one pass, so collectives match)."""
         from dataclasses import replace
 
-        computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
-        biggest = plan.micro_batches[computed.index(max(computed))]
         run(replace(plan, micro_batches=[biggest], padding_passes=0))
         self.optimizer.zero_grad(set_to_none=True)
 

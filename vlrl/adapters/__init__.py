@@ -57,10 +57,14 @@ class Adapter(Protocol):
 
     # the model
     def load_model(self, dtype: torch.dtype, device="cpu", weights_from: str | None = None): ...
-    def set_checkpointing(self, model, fraction: float) -> None:
-        """Recompute the activations of `fraction` of the decoder layers in the backward pass."""
+    def set_checkpointing(self, model, fraction: float, selective: float = 0.0) -> None:
+        """Recompute the activations of `fraction` of the decoder layers in the backward pass, and those of
+        `selective` of them selectively (matrix products kept, the rest recomputed)."""
         ...
     def decoder_layers(self, model) -> int: ...
+    def layer_parameters(self, model) -> int:
+        """Parameters of one decoder layer."""
+        ...
     def packing_unavailable(self, model) -> str | None:
         """Why `model` trains on padded micro-batches (one line), or None when it can pack them."""
         ...

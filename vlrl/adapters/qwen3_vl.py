@@ -379,12 +379,17 @@ class Qwen3VLAdapter:
         return model.to(device)
 
     @staticmethod
-    def set_checkpointing(model, fraction: float) -> None:
-        set_checkpointing(model, fraction)
+    def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:
+        set_checkpointing(model, fraction, selective)
 
     @staticmethod
     def decoder_layers(model) -> int:
         return len(model.model.language_model.layers)
+
+    @staticmethod
+    def layer_parameters(model) -> int:
+        """Parameters of one decoder layer (the unit `auto` checkpointing weighs recomputation in)."""
+        return sum(p.numel() for p in model.model.language_model.layers[0].parameters())
 
     @staticmethod
     def packing_unavailable(model) -> str | None:
@@ -452,15 +457,17 @@ def rollout_vision(rollout: Rollout) -> dict[str, tuple[torch.Tensor | None, tor
             "video": (p.pixel_values_videos, p.video_grid_thw)}
 
 
-def set_checkpointing(model, fraction: float) -> None:
-    """Recompute the activations of `fraction` of the decoder layers (spread evenly) in the backward pass."""
+def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:
+    """Recompute `fraction` of the decoder layers whole in the backward pass and `selective` of them selectively
+    (their matrix products kept: `adapters/checkpointing.py`), each spread evenly; the rest keep everything."""
+    from .checkpointing import set_layer_checkpointing
+
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     layers = model.model.language_model.layers
     n = len(layers)
-    count = round(fraction * n)  # whole layers (fractions k / n are exact; 1 / 36 * 36 is not 1 in floats)
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = (i + 1) * count // n > i * count // n
+    full = round(fraction * n)  # whole layers (fractions k / n are exact; 1 / 36 * 36 is not 1 in floats)
+    set_layer_checkpointing(layers, full, min(round(selective * n), n - full))
 
 
 def compile_layers(model) -> None:
@@ -486,6 +493,7 @@ class Qwen3VLPolicy(nn.Module):
         self.chunk_size = chunk_size
         self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
         self.packed_attention = packed_attention  # the attention route of packed micro-batches (packing.py)
+        self.keep_logits = False  # the logprob head keeps its logits for the backward (auto checkpointing's choice)
         device = next(model.parameters()).device
         self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
 
@@ -535,7 +543,8 @@ class Qwen3VLPolicy(nn.Module):
             hidden = hidden + hidden_bias
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
-            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head,
+            self.keep_logits,
         )
 
 
