@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from vlrl.config import RewardSpec  # noqa: E402
-from vlrl.envs.dataset import Sample  # noqa: E402
-from vlrl.envs.math_reward import math_reward  # noqa: E402
-from vlrl.envs.reward_pool import _Worker  # noqa: E402
-from vlrl.envs.rewards import RewardSet, run_bounded  # noqa: E402
+from vlrl.sample import Sample  # noqa: E402
+from vlrl.rewards.math_reward import math_reward  # noqa: E402
+from vlrl.rewards.pool import _Worker  # noqa: E402
+from vlrl.bounded import run_bounded  # noqa: E402
+from vlrl.rewards.reward_set import RewardSet  # noqa: E402
 
-USER_EXACT = "vlrl.envs.builtin_rewards:exact_match"  # a built-in, named as a user function: runs in the pool
+USER_EXACT = "vlrl.rewards.builtin:exact_match"  # a built-in, named as a user function: runs in the pool
 
 
 def timed(fn, repeats: int) -> float:
@@ -73,7 +74,7 @@ def worker_start(ctx_name: str, repeats: int) -> float:
     """Seconds from starting a worker to its first answer (a trivial call)."""
     import multiprocessing as mp
 
-    from vlrl.envs.reward_pool import _context
+    from vlrl.rewards.pool import _context
 
     ctx = _context() if ctx_name == "forkserver" else mp.get_context(ctx_name)
     call = (USER_EXACT, "3", (1, 0), pickle.dumps(Sample(id="0", question="q", answer="3")))

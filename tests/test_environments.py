@@ -55,7 +55,7 @@ class Scripted:
 
 
 def episodes(adapter, env, sampler, config, n=2):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
 
     samples = load_samples(config.env, "train", 0)[:2]
     prompts = [adapter.encode_prompt(adapter.build_messages(s.question, 1), s.images, tools=env.schemas() or None)
@@ -237,7 +237,7 @@ def test_a_turn_that_stops_at_its_tool_call_is_closed_by_the_environment(adapter
 def test_zoom_colour_shows_only_in_a_crop_and_the_first_crop_holding_the_square_earns_a_little(adapter):
     import numpy as np
 
-    from vlrl.envs.builtin import builtin_split
+    from vlrl.data.builtin import builtin_split
     from vlrl.envs.zoom import COLORS, ZoomEnv
 
     for s in builtin_split("zoom", "train", 6, 64):
@@ -260,7 +260,7 @@ def test_zoom_colour_shows_only_in_a_crop_and_the_first_crop_holding_the_square_
 # --- failures of the environment itself ------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["Reset", "Step"])
 def test_an_environment_that_raises_makes_a_bad_sample(adapter, tmp_path, tiny_model_dir, where):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
 
     config = cfg(tiny_model_dir, tmp_path, f"env.environment=envs_for_tests:RaisesIn{where}")
     groups = RolloutGroups(config, adapter, Scripted(adapter, ["red"]))  # turns that end: step is called
@@ -285,7 +285,7 @@ def test_unknown_environment_is_refused_by_name(adapter, tmp_path, tiny_model_di
 
 # --- the real samplers across turns -----------------------------------------------------------------------------
 def test_trainer_logprobs_equal_the_in_process_samplers_across_turns(adapter, tiny_model, tmp_path, tiny_model_dir):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
 
     config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:ImageEveryCall", "rollout.max_new_tokens=48")
@@ -341,7 +341,7 @@ def test_check_batch_renders_a_trajectory_and_counts_turns_and_tool_images(tiny_
 
 # --- what an environment returns (issue #30) -------------------------------------------------------------------
 def test_an_environment_step_returning_no_reply_makes_a_named_bad_sample(adapter, tmp_path, tiny_model_dir):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
 
     config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:ReturnsNone")
     got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
@@ -354,7 +354,7 @@ def test_an_environment_step_returning_no_reply_makes_a_named_bad_sample(adapter
 def test_an_environment_reward_that_is_not_a_number_fails_like_a_reward_function(adapter, tmp_path, tiny_model_dir):
     import math
 
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
 
     config = cfg(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:RewardNotANumber")
     got = RolloutGroups(config, adapter, Scripted(adapter, ["red"])).score_groups(
@@ -435,7 +435,7 @@ def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter,
 def test_response_length_counts_sampled_tokens_not_the_environments_replies(adapter, tmp_path, tiny_model_dir):
     from envs_for_tests import ImageEveryTurn
 
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.metrics import step_metrics, step_stats
 
     config = cfg(tiny_model_dir, tmp_path)

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from vlrl.config import EnvConfig
-from vlrl.envs.builtin import BACKGROUND, COLORS, TASKS, builtin_split
-from vlrl.envs.dataset import encode_sample
-from vlrl.envs.files import DatasetError, held_out_indices, load_file_split
-from vlrl.envs.sources import load_samples
+from vlrl.data.builtin import BACKGROUND, COLORS, TASKS, builtin_split
+from vlrl.data.encode import encode_sample
+from vlrl.data.files import DatasetError, held_out_indices, load_file_split
+from vlrl.data.sources import load_samples
 from vlrl.errors import UserError
 
 # --- pixel inspection -----------------------------------------------------------------------------------

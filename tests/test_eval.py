@@ -119,7 +119,7 @@ def test_a_reward_function_listed_twice_is_scored_under_two_keys(tiny_model_dir,
 
 def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(adapter, tiny_model, tmp_path,
                                                                                 tiny_model_dir):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
     from vlrl.rollout.groups import RolloutGroups
 
@@ -145,7 +145,7 @@ def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_
     (it held none of them), and lengths count sampled tokens only (they counted the tool replies too)."""
     from test_environments import Scripted
 
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.groups import RolloutGroups
 
     cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards", "env.max_turns=2",

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vlrl.config import load_config
-from vlrl.envs.dataset import encode_samples
-from vlrl.envs.rewards import RewardSet
-from vlrl.envs.sources import load_samples
+from vlrl.data.encode import encode_samples
+from vlrl.rewards.reward_set import RewardSet
+from vlrl.data.sources import load_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from vlrl.config import ConfigError, JudgeConfig, RewardSpec, load_config
-from vlrl.envs.dataset import Sample
-from vlrl.envs.judge import judge_prompt, parse_score
-from vlrl.envs.rewards import RewardSet
+from vlrl.sample import Sample
+from vlrl.rewards.judge import judge_prompt, parse_score
+from vlrl.rewards.reward_set import RewardSet
 
 PATTERN = JudgeConfig(base_url="x").score_pattern
 

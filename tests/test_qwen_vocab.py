@@ -64,8 +64,8 @@ def test_a_tool_call_is_dozens_of_tokens_and_reads_back_from_its_ids(qadapter):
 
 
 def test_rewards_read_answers_from_real_vocabulary_text(qadapter):
-    from vlrl.envs.builtin_rewards import BUILTIN_REWARDS
-    from vlrl.envs.dataset import Sample
+    from vlrl.rewards.builtin import BUILTIN_REWARDS
+    from vlrl.sample import Sample
 
     tok = qadapter.tokenizer
     cases = [("numeric", "The product is 23,088.\n\\boxed{23088}", 23088),
@@ -76,7 +76,7 @@ def test_rewards_read_answers_from_real_vocabulary_text(qadapter):
         text = qadapter.completion_text(ids)
         assert text == said
         if fn == "math":
-            from vlrl.envs.math_reward import math_reward as reward
+            from vlrl.rewards.math_reward import math_reward as reward
         else:
             reward = BUILTIN_REWARDS[fn]
         sample = Sample(id="s", question="q", answer=answer, meta={"options": ["red", "green", "blue"]})
@@ -112,7 +112,7 @@ def test_in_process_tool_episodes_with_qwens_vocabulary_match_the_trainer(qadapt
     environment runs the calls it reads from the sampled ids, and the trainer's logprobs of every sampled token
     (151,936 logits each) agree with the in-process sampler's."""
     from conftest import tiny_config
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
     from vlrl.rollout.groups import RolloutGroups
     from vllm_server import trainer_logprobs

@@ -173,7 +173,7 @@ def test_check_batch_shows_each_skipped_sample_and_why(tiny_model_dir, tmp_path)
 
 
 def test_a_bad_sample_is_decoded_once_and_counted_each_time_it_is_drawn(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import vlrl.envs.dataset as dataset
+    import vlrl.data.encode as dataset
 
     Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "ok.png")
     rows = [{"id": "good", "question": "Colour?", "answer": "red", "images": "ok.png"},

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from vlrl.config import RewardSpec
-from vlrl.envs.dataset import Sample
-from vlrl.envs.builtin_rewards import (
+from vlrl.sample import Sample
+from vlrl.rewards.builtin import (
     answer_part,
     box_iou,
     exact_match,
@@ -20,7 +20,9 @@ from vlrl.envs.builtin_rewards import (
     numbers_in,
     numeric,
 )
-from vlrl.envs.rewards import RewardError, RewardSet, resolve_reward, run_bounded
+from vlrl.bounded import run_bounded
+from vlrl.rewards.base import RewardError, resolve_reward
+from vlrl.rewards.reward_set import RewardSet
 
 
 def S(answer, id="s0"):
@@ -239,7 +241,7 @@ def user_module(tmp_path, monkeypatch):
         "    import os\n"
         "    os._exit(3)\n"
         "def picky(completion, sample):\n"
-        "    from vlrl.envs.rewards import RewardFailure\n"
+        "    from vlrl.rewards.base import RewardFailure\n"
         "    raise RewardFailure('unparseable', 'no verdict in ' + repr(completion))\n"
         "class Counted:\n"
         "    pickled = 0\n"
@@ -402,8 +404,8 @@ def test_score_checks_lengths_and_empty_specs():
 
 
 def test_choice_rewards_the_first_option_mentioned():
-    from vlrl.envs.dataset import Sample
-    from vlrl.envs.builtin_rewards import choice
+    from vlrl.sample import Sample
+    from vlrl.rewards.builtin import choice
 
     s = Sample(id="c", question="q", answer="red", meta={"options": ["blue", "green", "red", "yellow"]})
     assert choice("red", s) == 1.0
@@ -418,8 +420,8 @@ def test_choice_rewards_the_first_option_mentioned():
 
 
 def test_builtin_tasks_carry_their_options():
-    from vlrl.envs.builtin import TASKS
-    from vlrl.envs.builtin_rewards import choice
+    from vlrl.data.builtin import TASKS
+    from vlrl.rewards.builtin import choice
 
     for name, task in TASKS.items():
         for s in task("train", 8, 64):
@@ -506,13 +508,13 @@ def test_a_function_may_fail_a_sample_under_its_own_reason(user_module):
     ],
 )
 def test_math(completion, answer, expected):
-    from vlrl.envs.math_reward import math_reward
+    from vlrl.rewards.math_reward import math_reward
 
     assert math_reward(completion, S(answer)) == expected
 
 
 def test_math_needs_an_answer():
-    from vlrl.envs.math_reward import math_reward
+    from vlrl.rewards.math_reward import math_reward
 
     with pytest.raises(ValueError, match="sample s0 has no answer"):
         math_reward("\\boxed{1}", S(None))
@@ -558,7 +560,7 @@ def test_reward_processes_end_with_their_set(user_module):
 
 def test_numeric_keeps_what_math_verify_rounds_away():
     """Why `numeric` stays beside `math`: math-verify compares after rounding to 6 decimals."""
-    from vlrl.envs.math_reward import math_reward
+    from vlrl.rewards.math_reward import math_reward
 
     assert math_reward("\\boxed{0.0000013}", S("0.0000012")) == 1.0  # math-verify: equal
     assert numeric("\\boxed{0.0000013}", S("0.0000012")) == 0.0

@@ -20,9 +20,10 @@ from vlrl.adapters.qwen3_vl import PromptError, Qwen3VLAdapter
 from vlrl.adapters.video import VideoError, VideoLimits, load_video, processor_video_size
 from vlrl.batch import plan_micro_batches
 from vlrl.config import ConfigError, EnvConfig, ModelConfig, load_config
-from vlrl.envs.builtin import builtin_split
-from vlrl.envs.dataset import Sample, encode_samples
-from vlrl.envs.files import load_file_split
+from vlrl.data.builtin import builtin_split
+from vlrl.data.encode import encode_samples
+from vlrl.sample import Sample
+from vlrl.data.files import load_file_split
 from vlrl.errors import UserError
 from vlrl.records import Rollout
 from vlrl.summary import read_jsonl

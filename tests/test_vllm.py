@@ -213,7 +213,7 @@ def test_a_max_model_len_above_the_servers_is_refused_at_start(server, tiny_mode
 def test_multi_turn_rollouts_with_tool_images_match_the_trainer(server, vadapter, tiny_model, tiny_model_dir, tmp_path):
     """Every later turn goes to the token-in/token-out route as the trajectory's own ids with all its images so
     far: the server's expanded prompt ids equal the trainer's on every turn, its logprobs the trainer's."""
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.groups import RolloutGroups
 
     cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=1024",

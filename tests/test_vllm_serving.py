@@ -115,8 +115,8 @@ def test_judge_with_a_real_vllm_server(tied_server):
     """The tiny model as judge: its free text holds no verdict (a counted `unparseable` failure, not a crash);
     constrained by vLLM's structured outputs to `Score: N`, every judgement parses into N / 9."""
     from vlrl.config import JudgeConfig, RewardSpec
-    from vlrl.envs.dataset import Sample
-    from vlrl.envs.rewards import RewardSet
+    from vlrl.sample import Sample
+    from vlrl.rewards.reward_set import RewardSet
 
     samples = [Sample(id=str(i), question="What is 2 + 2?", answer="4") for i in range(4)]
     completions = ["<think>easy</think> 4", "5", "four", "I do not know"]

@@ -201,7 +201,7 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]
 
 def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, str]]]:
     from .adapters import load_adapter
-    from .envs.sources import load_samples
+    from .data.sources import load_samples
     from .errors import UserError
     from .batch import batch_logprobs
     from .rollout import make_sampler

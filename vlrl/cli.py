@@ -279,14 +279,15 @@ def build_tiny_model(
     warm_start_tools: Annotated[bool, typer.Option(
         help="Then train its first turns to call the built-in tools (zoom, calculator), so its episodes have "
              "several turns (vlrl/tiny_warm_start.py).")] = False,
+    family: Annotated[str, typer.Option(help="The model family (vlrl/adapters: FAMILIES).")] = "qwen3-vl",
 ) -> None:
     """Write a tiny random Qwen3-VL (for tests and the CPU demo) that transformers and vLLM load offline."""
+    from .adapters import build_tiny_model as build
     from .errors import UserError
-    from .tiny_model import build_tiny_qwen3_vl
 
     if vocab not in ("toy", "qwen"):
         raise UserError(f"--vocab {vocab!r}: expected toy or qwen")
-    path = build_tiny_qwen3_vl(out, seed=seed, tied=tied, vocab=vocab)
+    path = build(out, family, seed=seed, tied=tied, vocab=vocab)
     if warm_start_tools:
         from .tiny_warm_start import warm_start_tools as warm_start
 

@@ -87,9 +87,10 @@ def evaluate(
     so an eval does not change a training run. `info` adds fields to the summary (split, checkpoint,
     training step...). Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.sample_log import image_refs, rollout_record
     from .report import write_eval_report
+    from .rewards.base import MAX_ERRORS
     from .rollout.groups import EVAL_STREAM, sampler_seed
+    from .sample_log import image_refs, rollout_record
 
     if not samples:
         raise UserError("eval: the split holds no samples; check env.dataset / env.eval_dataset and --limit")
@@ -111,7 +112,7 @@ def evaluate(
         batch = samples[start : start + per_batch]
         got = rollouts.score_groups(batch, n, sampler_seed(seed, EVAL_STREAM + b))
         skipped.extend((s.id, reason) for s, reason in got.bad_samples)
-        errors.extend(got.errors[: max(0, 8 - len(errors))])
+        errors.extend(got.errors[: max(0, MAX_ERRORS - len(errors))])
         refs: dict[int, list[str]] = {}
         seen: dict[int, int] = {}
         position = {id(s): start + i for i, s in enumerate(batch)}  # (groups number only the samples kept)
@@ -184,7 +185,7 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
     The summary it returns also names `out_dir`, where the results were written.
     """
     from .adapters import load_adapter
-    from .envs.sources import load_samples
+    from .data.sources import load_samples
     from .progress import eval_bar
     from .rollout import make_sampler
     from .rollout.groups import RolloutGroups

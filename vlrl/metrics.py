@@ -189,7 +189,7 @@ def log_reward_errors(path, step: int, errors: list[str], console, shown: int) -
 def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:
     """`k` rollouts of the step (best and worst first), with image (and video filmstrip) references, into `fh`;
     in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
-    from .envs.sample_log import rollout_record
+    from .sample_log import rollout_record
 
     if k == 0 or not rollouts:
         return

@@ -128,19 +128,12 @@ def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None)
     frames as they are (`adapters.video.processor_video_size`; defaults: the config's); a request's frames are
     all kept (vLLM's frame-list loader keeps 32 by default); per-request media kwargs are trusted, since each
     video's frame indices and rate come with its request (the server stays private and keyed: see README)."""
-    from .adapters.video import processor_video_size
+    from .adapters.video import processor_video_kwargs
     from .config import ModelConfig
 
     fields = ModelConfig.model_fields
-    videos_kwargs: dict = {"size": processor_video_size(max_pixels or fields["video_max_pixels"].default,
-                                                        max_frames or fields["video_max_frames"].default)}
-    try:
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-        if hasattr(Qwen3VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.19
-            videos_kwargs["cap_pixels_per_frame"] = False  # as the trainer: its cap could shrink the frames
-    except ImportError:
-        pass
+    videos_kwargs = processor_video_kwargs(max_pixels or fields["video_max_pixels"].default,
+                                           max_frames or fields["video_max_frames"].default)
     mm = {"videos_kwargs": videos_kwargs, **({"images_kwargs": {"size": image_size}} if image_size else {})}
     return ["--mm-processor-kwargs", json.dumps(mm), "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}),
             "--trust-request-mm-kwargs"]

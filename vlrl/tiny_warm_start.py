@@ -47,8 +47,8 @@ def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr:
     from .batch import batch_logprobs
     from .config import EnvConfig, ModelConfig
     from .envs.calculator import CalculatorEnv
-    from .envs.dataset import encode_samples
-    from .envs.sources import load_samples
+    from .data.encode import encode_samples
+    from .data.sources import load_samples
     from .envs.zoom import ZoomEnv
     from .records import Rollout
 

@@ -379,8 +379,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     """Run (or resume) training."""
     from rich.console import Console
 
-    from .envs.sources import load_samples
-    from .envs.stream import PromptStream
+    from .data.sources import load_samples
+    from .data.stream import PromptStream
     from .policy_sync import choose_sync
     from .progress import train_bar, train_fields
     from .rollout import make_sampler
@@ -525,7 +525,7 @@ class TrainingEval:
     training run's own sampler and rewards, into `<run dir>/eval-step-N/`; returns `eval/...` metrics."""
 
     def __init__(self, cfg: Config, rollouts):
-        from .envs.sources import load_samples
+        from .data.sources import load_samples
 
         samples = load_samples(cfg.env, "eval", cfg.train.seed)
         self.cfg, self.rollouts = cfg, rollouts

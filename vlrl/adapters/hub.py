@@ -7,7 +7,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import UserError
+
 HUB_PROBE_TIMEOUT_S = 5.0
+
+
+class ModelError(UserError):
+    """model.path does not hold a loadable checkpoint of a known family (config, processor or weights); the
+    message names the path."""
 
 
 def hub_unreachable() -> str | None:

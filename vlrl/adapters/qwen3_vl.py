@@ -21,6 +21,7 @@ from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, EnvReply, Rollout
+from .hub import ModelError
 from .images import ImageLimits, decode_image, describe_source, fit_image, resolve_source, to_rgb
 from .mrope import mrope_positions
 from .packing import packed_sequences, packing_unavailable
@@ -35,10 +36,6 @@ FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")
 
 class PromptError(UserError):
     """A prompt that cannot be trained on (too many images, too long); the message names the sample."""
-
-
-class ModelError(UserError):
-    """model.path does not hold a loadable Qwen3-VL (processor or weights); the message names the path."""
 
 
 class Qwen3VLAdapter:

@@ -166,6 +166,20 @@ def processor_video_size(max_pixels: int, max_frames: int) -> dict[str, int]:
     return {"shortest_edge": TEMPORAL_PATCH * FACTOR * FACTOR, "longest_edge": max_pixels * (max_frames + TEMPORAL_PATCH)}
 
 
+def processor_video_kwargs(max_pixels: int, max_frames: int) -> dict:
+    """The video processor's settings under which it keeps the frame policy's frames as they are (the server's
+    `videos_kwargs`): the size above, and no per-frame pixel cap where the processor has one."""
+    kwargs: dict = {"size": processor_video_size(max_pixels, max_frames)}
+    try:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        if hasattr(Qwen3VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.19
+            kwargs["cap_pixels_per_frame"] = False  # as the trainer: its cap could shrink the frames
+    except ImportError:
+        pass
+    return kwargs
+
+
 def load_video(source: Any, base_dir: Path | None, limits: VideoLimits, policy: FramePolicy,
                image_limits: ImageLimits = ImageLimits()) -> Video:
     """Any supported video source -> its frames under the frame policy (VideoError names the source)."""

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from .calculator import calculator_split
-from .dataset import Sample
-from .zoom import COLORS as ZOOM_COLORS
-from .zoom import QUESTION as ZOOM_QUESTION
-from .zoom import zoom_image
+from ..envs.calculator import calculator_split
+from ..envs.zoom import COLORS as ZOOM_COLORS
+from ..envs.zoom import QUESTION as ZOOM_QUESTION
+from ..envs.zoom import zoom_image
+from ..sample import Sample
 from .motion import EDGES, FPS, QUESTION, motion_frames
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 30)}

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..config import EnvConfig
 from ..errors import UserError
-from .dataset import Sample
+from ..sample import Sample
 
 
 class DatasetError(UserError):

@@ -14,7 +14,7 @@ import math
 import operator
 import random
 
-from .dataset import Sample
+from ..sample import Sample
 from .environment import Environment
 from .tools import Tool
 

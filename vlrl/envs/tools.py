@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from .rewards import run_bounded
+from ..bounded import run_bounded
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 ERROR_REASONS = ("malformed", "unknown_tool", "bad_arguments", "raised", "timeout")

@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .dataset import Sample
+from ..sample import Sample
 
 RewardFn = Callable[[str, Sample], float]
 THINK_END = "</think>"

@@ -23,9 +23,9 @@ import os
 import re
 
 from ..config import JudgeConfig
-from .builtin_rewards import answer_part
-from .dataset import Sample
-from .rewards import Outcome
+from ..sample import Sample
+from .base import Outcome
+from .builtin import answer_part
 
 
 class JudgeFailed(Exception):

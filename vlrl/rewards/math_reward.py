@@ -8,7 +8,7 @@ read as the content of a `\\boxed{}` first (as verl does, so `(1, 2]` is an inte
 
 Bounded by killing, not by signals. math-verify's own timeout uses SIGALRM, which works only in a main thread
 and cannot interrupt C code anyway: `\\boxed{10^{10^{10}}}` spends its time inside one big-integer power. So
-its timeouts are off here, and the reward set runs this function in a worker process (reward_pool.py) that is
+its timeouts are off here, and the reward set runs this function in a worker process (pool.py) that is
 killed and replaced when a call passes `env.reward_timeout_s`; the sample's reward is then a failure
 ("timeout"), never a hung step.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 
-from .builtin_rewards import answer_part
-from .dataset import Sample
+from ..sample import Sample
+from .builtin import answer_part
 
 
 def _quiet() -> None:

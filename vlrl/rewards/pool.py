@@ -29,7 +29,7 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .rewards import Outcome, call_outcome, resolve_reward
+from .base import Outcome, call_outcome, resolve_reward
 
 
 def _context():
@@ -39,9 +39,9 @@ def _context():
     import importlib.util
 
     ctx = mp.get_context("forkserver")
-    preload = ["vlrl.envs.reward_pool", "vlrl.envs.rewards"]
+    preload = ["vlrl.rewards.pool", "vlrl.rewards.base"]
     if importlib.util.find_spec("math_verify") is not None:
-        preload += ["vlrl.envs.math_reward", "math_verify"]
+        preload += ["vlrl.rewards.math_reward", "math_verify"]
     ctx.set_forkserver_preload(preload)
     return ctx
 

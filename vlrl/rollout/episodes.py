@@ -115,7 +115,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
     """`n` trajectories of every prompt (`samples[g]` is prompt g's sample). Returns the rollouts (prompt-major,
     `group` = the prompt's index; the groups of bad samples left out) and the bad samples with their reasons."""
     from ..envs.environment import Reply
-    from ..envs.rewards import check_value, run_bounded
+    from ..bounded import run_bounded
+    from ..rewards.base import check_value
 
     bad: dict[int, str] = {}
     # an environment that stops each turn at its tool call: those tokens end a sample; its reply closes the turn

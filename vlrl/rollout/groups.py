@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..algo.advantages import group_advantages, zero_variance_groups
-from ..envs.dataset import Sample, encode_samples
+from ..data.encode import encode_samples
 from ..envs.environment import load_environment
-from ..envs.rewards import RewardSet
 from ..records import Rollout
+from ..rewards.base import MAX_ERRORS
+from ..rewards.reward_set import RewardSet
+from ..sample import Sample
 from .episodes import run_episodes
 
 EVAL_STREAM = 500_009  # eval's sampler seeds: a stream apart from training's (step * 101 + round)
@@ -163,7 +165,7 @@ class RolloutGroups:
                 result.total[i] += r.env_reward
         for reason, count in result.failures.items():
             out.failures[reason] = out.failures.get(reason, 0) + count
-        out.errors.extend(result.errors[: max(0, 8 - len(out.errors))])
+        out.errors.extend(result.errors[: max(0, MAX_ERRORS - len(out.errors))])
         rewards = torch.tensor([math.nan if t is None else t for t in result.total], dtype=torch.float64)  # [N]
         groups = torch.tensor([r.group for r in rollouts])  # [N]
         algo = self.cfg.algorithm
