@@ -307,7 +307,8 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, ge=-1)
     """Top-k sampling; -1 disables it (the RL default)."""
     seed: int = 0
-    """Seed of the sampler."""
+    """Seed of the embedded sampler (with the same weights and prompts, the same rollouts); a vLLM server is sent
+    no seed, so its rollouts are not reproducible."""
     static_cache: bool = False
     """Embedded sampler only: a static KV cache, whose decoding step transformers compiles on CUDA (faster
     after a warm-up; see bench/README.md)."""

@@ -5,8 +5,9 @@ mean reward (total and per reward function), accuracy (the fraction of completio
 scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et al.
 2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's environment
 replies are not counted). With a multi-turn environment it also holds the environment's reward (`reward/env/mean`),
-turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling is seeded per batch of prompts from one
-seed, so the same policy, config and seed give the same completions, line for line.
+turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling is seeded per batch of
+prompts from one seed, so with the embedded sampler the same policy, config and seed give the same completions,
+line for line; a vLLM server takes no seed (rollout/__init__.py: `Sampler.sample`), so its completions vary.
 
 `evaluate` is the reusable part (training can call it with its live model and sampler); `run_eval` loads the
 policy for the command line and calls it. Results go to one directory: `summary.json`, `samples.jsonl` (every

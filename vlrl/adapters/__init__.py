@@ -18,12 +18,13 @@ from typing import Any, Protocol
 import torch
 
 from ..batch import MultimodalBatch
+from ..config import ModelConfig
 from ..records import EncodedPrompt, EnvReply, Rollout
 from .hub import ModelError, load_local_first
 
 
 class Adapter(Protocol):
-    cfg: Any  # config.ModelConfig
+    cfg: ModelConfig
     tokenizer: Any
     image_token_id: int
     video_token_id: int
@@ -128,7 +129,7 @@ def family_of(path: str) -> Family:
     return FAMILIES[kind]
 
 
-def load_adapter(model_cfg) -> Adapter:
+def load_adapter(model_cfg: ModelConfig) -> Adapter:
     """The adapter of `model.path`'s family (its processor loaded); a ModelError names the path on failure."""
     return _attribute(family_of(model_cfg.path).adapter).from_config(model_cfg)
 

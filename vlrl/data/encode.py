@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..sample import Sample
 
+if TYPE_CHECKING:
+    from ..adapters import Adapter
+    from ..config import EnvConfig
+    from ..records import EncodedPrompt
 
-def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | None = None
-                   ) -> tuple[list, list[Sample], list[tuple[Sample, str]]]:
+
+def encode_samples(adapter: Adapter, samples: list[Sample], env_cfg: EnvConfig, tools: list[dict] | None = None
+                   ) -> tuple[list[EncodedPrompt], list[Sample], list[tuple[Sample, str]]]:
     """Encode each sample (with `tools`, an environment's tool schemas, in its system turn); a sample the
     user's data makes unusable (missing or corrupt image, too many images, too long...) is skipped and
     reported, or stops the run, as `env.on_bad_sample` says.
@@ -29,8 +36,8 @@ def encode_samples(adapter, samples: list[Sample], env_cfg, tools: list[dict] | 
     return prompts, kept, bad
 
 
-def encode_sample(adapter, sample: Sample, system_prompt: str | None, question_template: str,
-                  image_marker: str | None = None, tools: list[dict] | None = None):
+def encode_sample(adapter: Adapter, sample: Sample, system_prompt: str | None, question_template: str,
+                  image_marker: str | None = None, tools: list[dict] | None = None) -> EncodedPrompt:
     """Sample -> EncodedPrompt: system prompt (and `tools`, an environment's), earlier turns, user turn with the
     images, videos and question (the images where the question's `image_marker`s are, else first)."""
     question = question_template.format(question=sample.question)

@@ -26,12 +26,15 @@ answers instead of `step`: by default it runs no tool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..errors import UserError
 from .tools import Tool, parse_tool_calls, run_tool_calls
+
+if TYPE_CHECKING:
+    from ..config import EnvConfig
 
 
 @dataclass
@@ -88,7 +91,7 @@ class Environment:
 BUILTIN_ENVIRONMENTS = {"zoom": "vlrl.envs.zoom:ZoomEnv", "calculator": "vlrl.envs.calculator:CalculatorEnv"}
 
 
-def load_environment(cfg) -> Environment | None:
+def load_environment(cfg: EnvConfig) -> Environment | None:
     """The environment `env.environment` names (`builtin:NAME` or `module:Class`); for a built-in task that is
     an environment's (`env.dataset = "builtin:zoom"`), that environment; else None (single-turn)."""
     import importlib

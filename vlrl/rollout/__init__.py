@@ -9,7 +9,11 @@ from ..records import EncodedPrompt, Rollout
 
 class Sampler(Protocol):
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
-        """`n` rollouts per prompt, prompt-major, each with the sampler's token ids and logprobs."""
+        """`n` rollouts per prompt, prompt-major, each with the sampler's token ids and logprobs.
+
+        `seed`: the embedded sampler draws from it, so the same seed, weights and prompts give the same rollouts;
+        the vLLM sampler ignores it (per-request seeds crash vLLM's CPU backend, and batched GPU sampling is not
+        bit-reproducible anyway): its rollouts differ from run to run."""
         ...
 
 

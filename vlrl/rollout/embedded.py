@@ -58,7 +58,8 @@ class EmbeddedSampler:
 
     @torch.no_grad()
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
-        """`n` rollouts per prompt, prompt-major (group g holds rollouts g*n ... g*n+n-1)."""
+        """`n` rollouts per prompt, prompt-major (group g holds rollouts g*n ... g*n+n-1). With a `seed` the
+        same seed, weights and prompts give the same rollouts (the global RNG is restored afterwards)."""
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()

@@ -375,7 +375,8 @@ class VLLMSampler:
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
         """Once the trainer has pushed weights, only from a server that holds them: checked before and after,
         so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted. A push still
-        running in the background is waited for first."""
+        running in the background is waited for first. `seed` is not used: no request is seeded (see `_sample`),
+        so server rollouts are not reproducible; a resumed run repeats its prompts, not its completions."""
         self.wait_for_push()
         self.check_weights()
         out = asyncio.run(self._sample(prompts, n, seed))
