@@ -120,7 +120,7 @@ def test_calculator_bounds_every_intermediate_result_so_nesting_cannot_hang_it()
                 "9 ** 9 ** 9", "1 ** 100000000000", "(-8) ** 0.5"):
         with pytest.raises(ValueError, match="too large|not a real number"):
             evaluate(bad)
-    assert time.perf_counter() - t0 < 0.5  # was 12.5 s for the first alone, holding the GIL past any timeout
+    assert time.perf_counter() - t0 < 3.0  # was 12.5 s for the first alone, holding the GIL past any timeout
     messages, _, errors = run_tool_calls([Call("calculate", {"expression": "(((10**64)**64)**64)**64"})],
                                          {"calculate": CalculatorEnv.tools[0]}, None, {}, 2.0)
     assert errors == {"raised": 1} and "a result is too large" in messages[0]["content"][0]["text"]

@@ -142,14 +142,23 @@ def test_lora_trains_only_adapters_and_checkpoints_merged_weights(tiny_model_dir
 
 
 def test_dynamic_sampling_drops_groups_without_signal_and_refills(tiny_model_dir, tmp_path, monkeypatch):
-    (tmp_path / "flat_reward.py").write_text("def const(completion, sample):\n    return 1.0\n")
+    """The first round's two prompts get a constant reward (no signal: both groups dropped), every later prompt
+    uniform noise (signal in every group): the refill round keeps two groups and the step trains on them."""
+    from vlrl.data.sources import load_samples
+    from vlrl.data.stream import PromptStream
+
+    config = cfg_of(small(tiny_model_dir, tmp_path, "train.steps=1", "name=dyn", "algorithm.dynamic_sampling=true",
+                          "algorithm.max_refill_rounds=2", 'env.rewards=[{fn="flat_first:score"}]'))
+    first = [s.id for s in PromptStream(load_samples(config.env, "train", config.train.seed),
+                                        config.train.seed).take(2)]  # the prompts of the first round
+    (tmp_path / "flat_first.py").write_text(
+        f"import random\n\ndef score(completion, sample):\n    return 1.0 if sample.id in {first!r} else random.random()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=1", "name=dyn", "algorithm.dynamic_sampling=true",
-                             "algorithm.max_refill_rounds=2", 'env.rewards=[{fn="flat_reward:const"}]')))
+    res = train(config)
     m = read_jsonl(res.run_dir / "metrics.jsonl")[0]
-    assert m["groups_dropped"] == 2 * 3 and m["sampling_rounds"] == 3
-    assert m["samples_trained"] == 0 and m["grad_norm"] == 0.0
-    assert load_trainer_state(latest_checkpoint(res.run_dir))["data"] == [{"index": 6}]  # 3 rounds x 2 prompts
+    assert m["groups_dropped"] == 2 and m["sampling_rounds"] == 2  # the refill was needed, and it was enough
+    assert m["samples_trained"] == 2 * 4 and m["grad_norm"] > 0.0  # the refill's two groups of 4 trained
+    assert load_trainer_state(latest_checkpoint(res.run_dir))["data"] == [{"index": 4}]  # 2 rounds x 2 prompts
 
 
 def test_steps_whose_groups_all_agree_are_said_and_stop_the_run_after_k_in_a_row(tiny_model_dir, tmp_path, monkeypatch):
@@ -218,6 +227,19 @@ def test_failing_reward_and_overlong_masking_do_not_stop_the_run(tiny_model_dir,
         "    return float(len(completion) % 2)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    from vlrl.data.sources import load_samples
+    from vlrl.data.stream import PromptStream
+
+    # Failures alone (no overlong masking, so truncation decides nothing): a step trains exactly the rollouts of
+    # its prompts whose reward did not raise, 4 per prompt with an odd id, and counts 4 failures per even one.
+    config = cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=failing", 'env.rewards=[{fn="bad_reward:flaky"}]'))
+    stream = PromptStream(load_samples(config.env, "train", config.train.seed), config.train.seed)
+    odd = [sum(not s.id.endswith(("0", "2", "4", "6", "8")) for s in stream.take(2)) for _ in range(2)]
+    assert train(config).step == 2
+    ms = read_jsonl(tmp_path / "failing" / "metrics.jsonl")
+    assert [(m["samples_trained"], m["reward_failures/raised"]) for m in ms] == [(4 * k, 4 * (2 - k)) for k in odd]
+    assert sum(odd) not in (0, 4)  # (the seed draws both kinds of prompt, so the test can fail either way)
+
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=bad", "algorithm.mask_truncated=true",
                              'env.rewards=[{fn="bad_reward:flaky"}]')))
     ms = read_jsonl(res.run_dir / "metrics.jsonl")

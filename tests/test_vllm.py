@@ -20,7 +20,7 @@ from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 from conftest import tiny_config
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import RolloutConfig
-from vlrl.rollout.vllm_client import ServerError, VLLMClient, VLLMSampler
+from vlrl.rollout.vllm_client import CHAT_ROUTE, ServerError, VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 from vlrl.serve import build_command, parse_limit_mm
 
@@ -260,15 +260,34 @@ def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_mode
                                                 api_key_env="VLRL_TEST_KEY"))
     ps = [vadapter.encode_prompt(vadapter.build_messages("What color?", 1), [Image.new("RGB", (64, 64), (40 * i, 0, 0))])
           for i in range(6)]
+    # Every sampling POST and how it ended: the kill must land while requests wait for their answers.
+    sent, ended = threading.Event(), []
+    real_post = httpx.AsyncClient.post
+
+    async def post(self, url, *args, **kwargs):
+        if not url.endswith(CHAT_ROUTE):
+            return await real_post(self, url, *args, **kwargs)
+        sent.set()
+        try:
+            r = await real_post(self, url, *args, **kwargs)
+        except httpx.TransportError as e:
+            ended.append(type(e).__name__)
+            raise
+        ended.append(r.status_code)
+        return r
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", post)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(r=sampler.sample(ps, n=8)), daemon=True)
     worker.start()
-    time.sleep(1.0)
+    assert sent.wait(timeout=60)  # a request is on its way (it and its 5 siblings take seconds to answer)
+    time.sleep(0.2)
     srv.kill_hard()
     assert worker.is_alive()  # still waiting for the server
     srv = Server(tiny_model_dir, tmp_path / "serve2.log", port=srv.port, api_key="s3cret").start()
     worker.join(timeout=300)
     assert not worker.is_alive() and len(result["r"]) == 48
+    assert any(isinstance(e, str) for e in ended)  # requests in flight were cut by the kill, and retried
     assert trainer_logprobs(vadapter, tiny_model, result["r"])["max_abs_diff"] < 1e-4
     srv.kill_hard()
     quick = VLLMSampler.__new__(VLLMSampler)
