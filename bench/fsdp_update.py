@@ -48,15 +48,23 @@ PEAK_TFLOPS = 989.0
 
 
 def worker(args) -> None:
+    import ragged as ragged_bench
     from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText
-    import ragged as ragged_bench
-    from update_step import (IM_END, PAD, VISION_END, VISION_START, bench_adapter, make_rollouts,
-                             non_embedding_params, qwen3_vl_8b_config)
+    from update_step import (
+        IM_END,
+        PAD,
+        VISION_END,
+        VISION_START,
+        bench_adapter,
+        make_rollouts,
+        non_embedding_params,
+        qwen3_vl_8b_config,
+    )
 
-    from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.adapters.packing import packing_unavailable
     from vlrl.adapters.patches import patch_model
+    from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.config import AlgorithmConfig
     from vlrl.fsdp import is_fsdp, prepare_on_cpu
     from vlrl.planner import StepPlan, micro_batch_tokens, plan_step

@@ -27,8 +27,8 @@ import math
 import statistics
 
 import torch
-
 from ragged import RaggedSpec, completion_lengths
+
 from vlrl.planner import balance_ranks, pack_micro_batches
 
 

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
+from vlrl.bounded import run_bounded  # noqa: E402
 from vlrl.config import RewardSpec  # noqa: E402
-from vlrl.sample import Sample  # noqa: E402
 from vlrl.rewards.math_reward import math_reward  # noqa: E402
 from vlrl.rewards.pool import _Worker  # noqa: E402
-from vlrl.bounded import run_bounded  # noqa: E402
 from vlrl.rewards.reward_set import RewardSet  # noqa: E402
+from vlrl.sample import Sample  # noqa: E402
 
 USER_EXACT = "vlrl.rewards.builtin:exact_match"  # a built-in, named as a user function: runs in the pool
 

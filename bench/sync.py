@@ -188,11 +188,11 @@ def tiny(args) -> str:
     import copy
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs  # tests/vllm_server.py
-
     from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
     from vlrl.config import ModelConfig
     from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
+
+    from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs  # tests/vllm_server.py
 
     model_dir = Path(os.environ.get("VLRL_TINY_MODEL", ROOT / ".cache/tiny-qwen3-vl"))
     adapter = Qwen3VLAdapter.from_config(ModelConfig(path=str(model_dir), dtype="float32", min_pixels=4096,

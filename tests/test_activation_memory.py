@@ -47,9 +47,10 @@ def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lo
 
 
 def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_path, capsys):
-    from conftest import tiny_config
     from vlrl.summary import read_jsonl
     from vlrl.train import train
+
+    from conftest import tiny_config
 
     res = train(tiny_config(tiny_model_dir, tmp_path, "train.gradient_checkpointing=true",
                             'train.checkpoint_fraction="auto"', "train.steps=2"))
@@ -65,10 +66,11 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     import pytest
 
     import vlrl.train as train_module
-    from conftest import tiny_config
     from vlrl.activation_memory import AutoCheckpointing
     from vlrl.summary import read_jsonl
     from vlrl.train import train
+
+    from conftest import tiny_config
 
     def decide(self, probe, params, has_state, agree, distributed=False):  # a GPU whose budget fits half recomputed
         probe()

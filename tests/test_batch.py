@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from vlrl.adapters.qwen3_vl import PromptError
-from vlrl.batch import plan_micro_batches
+from vlrl.batch import batch_logprobs, plan_micro_batches
 from vlrl.records import Rollout
-from vlrl.batch import batch_logprobs
 
 
 def image(w, h, rgb=(200, 10, 10)):

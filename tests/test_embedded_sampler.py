@@ -7,10 +7,10 @@ import copy
 import torch
 from PIL import Image
 
+from vlrl.batch import batch_logprobs
 from vlrl.check_batch import mismatch_stats
 from vlrl.config import RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.batch import batch_logprobs
 
 
 def prompts(adapter):

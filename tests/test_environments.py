@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config, tiny_overrides
+from vlrl.batch import batch_logprobs
 from vlrl.check_batch import mismatch_stats
 from vlrl.envs.calculator import CalculatorEnv, evaluate
 from vlrl.envs.environment import Environment
@@ -25,7 +25,8 @@ from vlrl.rollout.episodes import run_episodes
 from vlrl.rollout.groups import RolloutGroups
 from vlrl.summary import read_jsonl
 from vlrl.train import train
-from vlrl.batch import batch_logprobs
+
+from conftest import tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -433,7 +434,6 @@ def test_a_tool_image_of_unusable_shape_is_a_tool_error_the_model_reads(adapter,
 
 
 def test_response_length_counts_sampled_tokens_not_the_environments_replies(adapter, tmp_path, tiny_model_dir):
-    from envs_for_tests import ImageEveryTurn
 
     from vlrl.data.sources import load_samples
     from vlrl.metrics import step_metrics, step_stats

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-
-from conftest import tiny_config
 from test_report import Dom, pixels_near, render
+
 from vlrl.checkpoint import latest_checkpoint
 from vlrl.errors import UserError
 from vlrl.evaluate import check_checkpoint, evaluate, pass_at_k, pass_ks, run_eval, summarize
 from vlrl.report import write_run_report
 from vlrl.train import train
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RED = (220, 30, 30)

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from vlrl.config import load_config
 from vlrl.data.encode import encode_samples
-from vlrl.rewards.reward_set import RewardSet
 from vlrl.data.sources import load_samples
+from vlrl.rewards.reward_set import RewardSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from vlrl.config import ConfigError, JudgeConfig, RewardSpec, load_config
-from vlrl.sample import Sample
 from vlrl.rewards.judge import judge_prompt, parse_score
 from vlrl.rewards.reward_set import RewardSet
+from vlrl.sample import Sample
 
 PATTERN = JudgeConfig(base_url="x").score_pattern
 

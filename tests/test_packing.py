@@ -8,10 +8,16 @@ import torch
 from PIL import Image
 
 from vlrl.batch import batch_logprobs, plan_micro_batches
-from vlrl.config import TrainConfig
-from vlrl.planner import (StepPlan, balance_ranks, micro_batch_tokens, pack_micro_batches, packing_report, plan_step)
+from vlrl.config import AlgorithmConfig, TrainConfig
+from vlrl.planner import (
+    StepPlan,
+    balance_ranks,
+    micro_batch_tokens,
+    pack_micro_batches,
+    packing_report,
+    plan_step,
+)
 from vlrl.records import Rollout
-from vlrl.config import AlgorithmConfig
 from vlrl.update import accumulate_gradients
 
 IMAGES = [0, 1, 2, 0, 1, 0, 2, 1]  # image-less, single-image and two-image samples

@@ -111,10 +111,11 @@ def test_in_process_tool_episodes_with_qwens_vocabulary_match_the_trainer(qadapt
     """The warm-started model writes real tool calls (~45 tokens each): the episodes have several turns, the
     environment runs the calls it reads from the sampled ids, and the trainer's logprobs of every sampled token
     (151,936 logits each) agree with the in-process sampler's."""
-    from conftest import tiny_config
     from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
     from vlrl.rollout.groups import RolloutGroups
+
+    from conftest import tiny_config
     from vllm_server import trainer_logprobs
 
     cfg = tiny_config(qwen_model_dir, tmp_path, f"env.dataset=builtin:{env_name}", "model.max_model_len=2048",

@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 from test_images import header_only_png
 
-from conftest import tiny_config
 from vlrl.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
 from vlrl.summary import read_jsonl
 from vlrl.train import train
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,9 +292,9 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_it_then_stops(tiny_model_dir,
 # --- security ---------------------------------------------------------------------------------------------------
 
 def test_weights_load_from_safetensors_only(tiny_model_dir, tmp_path, adapter):
-    from transformers import AutoModelForImageTextToText
-
     import shutil
+
+    from transformers import AutoModelForImageTextToText
 
     pickled = tmp_path / "pickled"  # the same model, its weights as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors"))

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from vlrl.bounded import run_bounded
 from vlrl.config import RewardSpec
-from vlrl.sample import Sample
+from vlrl.rewards.base import RewardError, resolve_reward
 from vlrl.rewards.builtin import (
     answer_part,
     box_iou,
@@ -20,9 +21,8 @@ from vlrl.rewards.builtin import (
     numbers_in,
     numeric,
 )
-from vlrl.bounded import run_bounded
-from vlrl.rewards.base import RewardError, resolve_reward
 from vlrl.rewards.reward_set import RewardSet
+from vlrl.sample import Sample
 
 
 def S(answer, id="s0"):
@@ -405,8 +405,8 @@ def test_score_checks_lengths_and_empty_specs():
 
 
 def test_choice_rewards_the_first_option_mentioned():
-    from vlrl.sample import Sample
     from vlrl.rewards.builtin import choice
+    from vlrl.sample import Sample
 
     s = Sample(id="c", question="q", answer="red", meta={"options": ["blue", "green", "red", "yellow"]})
     assert choice("red", s) == 1.0

@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 from rich.console import Console
-from vllm_server import Server, live_processes_in_group, port_is_open
 
-from conftest import tiny_config
 from vlrl.checkpoint import latest_checkpoint
 from vlrl.summary import read_jsonl
+
+from conftest import tiny_config
+from vllm_server import Server, live_processes_in_group, port_is_open
 
 
 def flat(text: str) -> str:

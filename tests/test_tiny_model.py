@@ -2,8 +2,16 @@ import hashlib
 
 from PIL import Image
 
-from vlrl.tiny_model import (ANSWER_WORDS, CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, TAG_TOKENS, TOOLS_AFTER, TOOLS_BEFORE,
-                             ZOOM_CALLS, build_tiny_qwen3_vl)
+from vlrl.tiny_model import (
+    ANSWER_WORDS,
+    CHAT_TEMPLATE,
+    CHAT_TEMPLATE_SHA256,
+    TAG_TOKENS,
+    TOOLS_AFTER,
+    TOOLS_BEFORE,
+    ZOOM_CALLS,
+    build_tiny_qwen3_vl,
+)
 
 
 def digest(path):

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from vlrl.checkpoint import latest_checkpoint, load_trainer_state
 from vlrl.config import load_config
 from vlrl.summary import read_jsonl
 from vlrl.train import train
+
+from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"time/rollout", "time/rollout_wait", "time/prefetch_wait", "time/update", "time/sync", "time/step", "tokens_per_s"}

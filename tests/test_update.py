@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrl.config import RolloutConfig
+from vlrl.config import AlgorithmConfig, RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.config import AlgorithmConfig
 from vlrl.update import accumulate_gradients
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 
 from vlrl.adapters.qwen3_vl import PromptError, Qwen3VLAdapter
@@ -22,12 +21,14 @@ from vlrl.batch import plan_micro_batches
 from vlrl.config import ConfigError, EnvConfig, ModelConfig, load_config
 from vlrl.data.builtin import builtin_split
 from vlrl.data.encode import encode_samples
-from vlrl.sample import Sample
 from vlrl.data.files import load_file_split
 from vlrl.errors import UserError
 from vlrl.records import Rollout
+from vlrl.sample import Sample
 from vlrl.summary import read_jsonl
 from vlrl.update import batch_logprobs
+
+from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_CPU = ROOT / "configs/tiny-cpu-video.toml"

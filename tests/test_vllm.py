@@ -15,14 +15,15 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 
-from conftest import tiny_config
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import RolloutConfig
 from vlrl.rollout.vllm_client import CHAT_ROUTE, ServerError, VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 from vlrl.serve import build_command, parse_limit_mm
+
+from conftest import tiny_config
+from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,7 @@ def test_video_rollouts_match_the_trainer(server, tiny_model_dir, tiny_model, tm
     trainer's sampled frames with their timestamps, and its prompt ids (timestamps included) equal the
     processor's; the trainer's logprobs of its samples agree with its own."""
     from test_video import bar_frames, encode
+
     from vlrl.config import ModelConfig
 
     cfg = dict(path=str(tiny_model_dir), dtype="float32", min_pixels=4096, max_pixels=16384, max_model_len=1024,

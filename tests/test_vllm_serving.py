@@ -9,13 +9,14 @@ import signal
 import pytest
 import torch
 from safetensors import safe_open
-from vllm_server import Server, live_processes_in_group, port_is_open, prompts, rollout_cfg, trainer_logprobs
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
 from vlrl.rollout import weight_sync
 from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
+
+from vllm_server import Server, live_processes_in_group, port_is_open, prompts, rollout_cfg, trainer_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -115,8 +116,8 @@ def test_judge_with_a_real_vllm_server(tied_server):
     """The tiny model as judge: its free text holds no verdict (a counted `unparseable` failure, not a crash);
     constrained by vLLM's structured outputs to `Score: N`, every judgement parses into N / 9."""
     from vlrl.config import JudgeConfig, RewardSpec
-    from vlrl.sample import Sample
     from vlrl.rewards.reward_set import RewardSet
+    from vlrl.sample import Sample
 
     samples = [Sample(id=str(i), question="What is 2 + 2?", answer="4") for i in range(4)]
     completions = ["<think>easy</think> 4", "5", "four", "I do not know"]

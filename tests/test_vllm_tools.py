@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from vllm_server import Server, rollout_cfg, trainer_logprobs
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
 from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
+
+from vllm_server import Server, rollout_cfg, trainer_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +77,10 @@ def test_every_builtin_environment_with_tools_samples_from_the_server(server, ti
 @pytest.mark.parametrize("env", ["zoom", "calculator"])
 def test_three_training_steps_of_each_tool_environment_through_the_server(server, tiny_model_dir, vadapter,
                                                                           tiny_model, tmp_path, env):
-    from conftest import tiny_config
     from vlrl.summary import read_jsonl
     from vlrl.train import train
+
+    from conftest import tiny_config
 
     extra = ("env.dataset=builtin:zoom", "model.max_model_len=1024", "rollout.max_new_tokens=8",
              "env.max_turns=3") if env == "zoom" else (*CALCULATOR, "rollout.max_new_tokens=16", "env.max_turns=2")

@@ -201,9 +201,9 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]
 
 def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, str]]]:
     from .adapters import load_adapter
+    from .batch import batch_logprobs
     from .data.sources import load_samples
     from .errors import UserError
-    from .batch import batch_logprobs
     from .rollout import make_sampler
     from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype

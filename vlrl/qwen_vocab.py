@@ -84,7 +84,6 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def build_qwen_tokenizer():
     """A `tokenizers.Tokenizer` with Qwen's vocabulary, merges, pre-tokenizer and added tokens at their ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_char = bytes_to_unicode()  # GPT-2's byte -> printable character map, which the vocabulary is written in

@@ -46,9 +46,9 @@ def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr:
     from .adapters.qwen3_vl import Qwen3VLAdapter
     from .batch import batch_logprobs
     from .config import EnvConfig, ModelConfig
-    from .envs.calculator import CalculatorEnv
     from .data.encode import encode_samples
     from .data.sources import load_samples
+    from .envs.calculator import CalculatorEnv
     from .envs.zoom import ZoomEnv
     from .records import Rollout
 

@@ -28,7 +28,6 @@ from .packing import packed_sequences, packing_unavailable
 from .patches import patch_model
 from .video import FramePolicy, Video, VideoLimits, load_video
 
-
 # The modules FSDP2 shards as units (every decoder layer and vision block); = fsdp_transformer_layer_cls_to_wrap
 # in configs/accelerate/fsdp2-*.yaml.
 FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")

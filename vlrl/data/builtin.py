@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from ..errors import UserError
 from ..envs.calculator import calculator_split
 from ..envs.zoom import COLORS as ZOOM_COLORS
 from ..envs.zoom import QUESTION as ZOOM_QUESTION
 from ..envs.zoom import zoom_image
+from ..errors import UserError
 from ..sample import Sample
 from .motion import EDGES, FPS, QUESTION, motion_frames
 

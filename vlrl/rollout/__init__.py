@@ -23,7 +23,7 @@ def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
         from pathlib import Path
 
         from .vllm_client import VLLMSampler
-        from .weight_sync import DiskWeightSync, NCCLWeightSync, SHM, default_sync_dir, state_bytes
+        from .weight_sync import SHM, DiskWeightSync, NCCLWeightSync, default_sync_dir, state_bytes
 
         sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")  # fails clearly if unreachable
         sampler.check_max_model_len(cfg.model.max_model_len)

@@ -114,8 +114,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
                  ) -> tuple[list[Rollout], list[tuple[Any, str]]]:
     """`n` trajectories of every prompt (`samples[g]` is prompt g's sample). Returns the rollouts (prompt-major,
     `group` = the prompt's index; the groups of bad samples left out) and the bad samples with their reasons."""
-    from ..envs.environment import Reply
     from ..bounded import run_bounded
+    from ..envs.environment import Reply
     from ..rewards.base import check_value
 
     bad: dict[int, str] = {}
