@@ -78,8 +78,8 @@ def test_the_three_parts_import_on_their_own():
 
 
 def test_model_families_are_named_only_behind_the_adapters():
-    """`grep -rn "Qwen3VL\\|qwen3_vl\\|build_tiny_qwen" vlrl --include=*.py | grep -v adapters/` finds only the
-    tiny-model builders (prose may name the models: "Qwen3-VL")."""
+    """`grep -rn "Qwen3VL\\|qwen3_vl\\|build_tiny_qwen" vlrl --include=*.py | grep -v adapters/` finds only
+    the tiny-model builders (prose may name the models: "Qwen3-VL")."""
     allowed = {"vlrl/tiny_model.py", "vlrl/tiny_warm_start.py"}
     pattern = re.compile(r"Qwen3VL|qwen3_vl|build_tiny_qwen")
     found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"

@@ -1,4 +1,4 @@
-"""The dataset record that data sources produce, rewards score and environments act on: it sits below all three.
+"""The dataset record: data sources produce it, rewards score it, environments act on it; below all three.
 
 Standard library only: the reward worker processes (rewards/pool.py) import it, and they stay free of torch.
 """

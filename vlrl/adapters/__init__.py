@@ -90,11 +90,12 @@ class Family:
     """`module:function` writing a tiny random checkpoint of the family (tests and the CPU demo)."""
 
 
-# The config.json `model_type` of a checkpoint -> its family. Qwen3.5 (`qwen3_5`, issue 23) and the mixture-of-
-# experts Qwen3-VL (`qwen3_vl_moe`, issue 24) land here as further entries, each with its adapter module beside
+# The config.json `model_type` of a checkpoint -> its family. Qwen3.5 (`qwen3_5`, issue 23) and the MoE
+# Qwen3-VL (`qwen3_vl_moe`, issue 24) land here as further entries, each with its adapter module beside
 # qwen3_vl.py and its tiny-model builder; nothing outside vlrl/adapters/ changes to admit a family.
 FAMILIES: dict[str, Family] = {
-    "qwen3_vl": Family("qwen3-vl", "vlrl.adapters.qwen3_vl:Qwen3VLAdapter", "vlrl.tiny_model:build_tiny_qwen3_vl"),
+    "qwen3_vl": Family("qwen3-vl", adapter="vlrl.adapters.qwen3_vl:Qwen3VLAdapter",
+                       tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
 }
 
 
@@ -104,7 +105,7 @@ def _attribute(target: str):
 
 
 def model_type(path: str) -> str:
-    """The `model_type` of the checkpoint at `path` (a local directory, or a hub id from the local cache first)."""
+    """The `model_type` of the checkpoint at `path` (a local directory, or a hub id: local cache first)."""
     local = Path(path) / "config.json"
     if local.is_file():
         config = json.loads(local.read_text())
@@ -112,20 +113,20 @@ def model_type(path: str) -> str:
         from transformers import PretrainedConfig
 
         try:
-            config = load_local_first(lambda p, **kw: PretrainedConfig.get_config_dict(p, **kw)[0], path, "config",
-                                      ModelError)
+            config = load_local_first(lambda p, **kw: PretrainedConfig.get_config_dict(p, **kw)[0], path,
+                                      "config", ModelError)
         except OSError as e:
             raise ModelError(f"model.path {path!r}: cannot read its config ({e})") from None
     return str(config.get("model_type", ""))
 
 
 def family_of(path: str) -> Family:
-    """The family of the checkpoint at `path`, from its config's `model_type`; a ModelError names what is known."""
+    """The family of the checkpoint at `path`, by its config's `model_type` (a ModelError names the known)."""
     kind = model_type(path)
     if kind not in FAMILIES:
         known = ", ".join(f"{f.name} ({t})" for t, f in FAMILIES.items())
-        raise ModelError(f"model.path {path!r} is a {kind or 'model without a model_type'} checkpoint; vlrl trains "
-                         f"these families: {known}")
+        raise ModelError(f"model.path {path!r} is a {kind or 'model without a model_type'} checkpoint; "
+                         f"vlrl trains these families: {known}")
     return FAMILIES[kind]
 
 
@@ -135,7 +136,7 @@ def load_adapter(model_cfg: ModelConfig) -> Adapter:
 
 
 def build_tiny_model(out_dir: str | Path, family: str = "qwen3-vl", **kwargs) -> Path:
-    """Write a tiny random checkpoint of `family` (its `Family.name`) to `out_dir`; `kwargs` go to its builder."""
+    """Write a tiny random checkpoint of `family` (a `Family.name`) to `out_dir`; `kwargs`: its builder's."""
     by_name = {f.name: f for f in FAMILIES.values()}
     if family not in by_name:
         from ..errors import UserError

@@ -1,6 +1,6 @@
 """What every reward part builds on: the Outcome of one call, the failure reasons, resolving a reward by name,
-and turning a call's result into an Outcome. The reward set (reward_set.py), the process pool (pool.py) and the
-judge (judge.py) import this module; it imports none of them.
+and turning a call's result into an Outcome. The reward set (reward_set.py), the process pool (pool.py) and
+the judge (judge.py) import this module; it imports none of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from ..errors import UserError
 from .builtin import BUILTIN_REWARDS, RewardFn
 
 KNOWN = (*BUILTIN_REWARDS, "math", "judge")
-FAILURE_REASONS = ("raised", "timeout", "crashed", "nan", "none", "not_a_number", "unparseable", "judge_failed")
+FAILURE_REASONS = ("raised", "timeout", "crashed", "nan", "none", "not_a_number", "unparseable",
+                   "judge_failed")
 Outcome = tuple[float | None, str | None, str]
 """A call's result: (reward or None, failure reason or None, detail for the error message)."""
 MAX_ERRORS = 8

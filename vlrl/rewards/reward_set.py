@@ -7,8 +7,8 @@
   thread could only be abandoned and would run on.
 - `judge` (judge.py) asks an LLM through an OpenAI-compatible endpoint, many requests at once, under its own
   timeouts and retries (`[env.rewards.judge]`).
-A function that raises, hangs, crashes its process, or returns something that is not a finite number marks that
-sample as failed (reward None): counted by reason, named in `RewardResult.errors`, and the run goes on.
+A function that raises, hangs, crashes its process, or returns something that is not a finite number marks
+that sample as failed (reward None): counted by reason, named in `RewardResult.errors`, and the run goes on.
 """
 
 from __future__ import annotations
@@ -93,15 +93,16 @@ class RewardSet:
             self.pool.close()
 
     def _outcomes(self, completions: list[str], samples: list[Sample]) -> list[list[Outcome]]:
-        """Per spec, per sample: the process pool and each judge run on threads of their own while the built-ins
-        run here. (A bug in any of them still raises here, after all have finished.)"""
+        """Per spec, per sample: the process pool and each judge run on threads of their own while the
+        built-ins run here. (A bug in any of them still raises here, after all have finished.)"""
         n = len(samples)
         out: list[list[Outcome]] = [[] for _ in self.specs]
         side: list[Callable[[], None]] = []
         jobs = [(j, r) for j, (r, w) in enumerate(zip(self.runners, self.where)) if w == "process"]
         if jobs:
             def pooled() -> None:
-                calls = [(r, c, _light(s) if r == "math" else s) for _, r in jobs for c, s in zip(completions, samples)]
+                calls = [(r, c, _light(s) if r == "math" else s)
+                         for _, r in jobs for c, s in zip(completions, samples)]
                 flat = self.pool.run(calls, self.timeout_s)
                 for k, (j, _) in enumerate(jobs):
                     out[j] = flat[k * n : (k + 1) * n]
@@ -118,11 +119,13 @@ class RewardSet:
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
                 errors.append(e)
 
-        threads = [threading.Thread(target=guarded, args=(fn,), name="vlrl-rewards", daemon=True) for fn in side]
+        threads = [threading.Thread(target=guarded, args=(fn,), name="vlrl-rewards", daemon=True)
+                   for fn in side]
         for t in threads:
             t.start()
         inline = [j for j, w in enumerate(self.where) if w == "thread"]
-        calls = [(lambda fn=self.runners[j], c=c, s=s: fn(c, s)) for j in inline for c, s in zip(completions, samples)]
+        calls = [(lambda fn=self.runners[j], c=c, s=s: fn(c, s))
+                 for j in inline for c, s in zip(completions, samples)]
         flat = run_bounded(calls, self.timeout_s, self.max_workers)
         for k, j in enumerate(inline):
             out[j] = [outcome_of(st, p, self.timeout_s) for st, p in flat[k * n : (k + 1) * n]]
