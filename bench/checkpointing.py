@@ -1,11 +1,11 @@
 """`train.checkpoint_fraction = "auto"` against fixed fractions: the update with its AdamW step, one process.
 
-Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-cap GIB`, standing in for a smaller card
-on a larger one). For the equal-length case (8 x 1041 tokens by default), compiled layers: each fixed fraction
-(1, 0.75, 0.5, 0.25, 0) is timed, then `auto` decides as `vlrl train` does at its first update (three probe
-passes on the micro-batch, the optimizer's state still to come) and is timed at what it chose. Each row: seconds
-per step (update + optimizer step), MFU (6N per token), peak GiB, or OOM. Auto runs first, before the fixed
-fractions fragment the allocator.
+Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-cap GIB`, standing in for a smaller
+card on a larger one). For the equal-length case (8 x 1041 tokens by default), compiled layers: each fixed
+fraction (1, 0.75, 0.5, 0.25, 0) is timed, then `auto` decides as `vlrl train` does at its first update (three
+probe passes on the micro-batch, the optimizer's state still to come) and is timed at what it chose. Each row:
+seconds per step (update + optimizer step), MFU (6N per token), peak GiB, or OOM. Auto runs first, before the
+fixed fractions fragment the allocator.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
         model.zero_grad(set_to_none=True)
         return row  # (the optimizer and its state go with this call's frame)
 
-    auto = AutoCheckpointing(lambda f: set_checkpointing(model, f), len(model.model.language_model.layers), device)
+    auto = AutoCheckpointing(lambda f: set_checkpointing(model, f),
+                             len(model.model.language_model.layers), device)
 
     def probe():
         update()
@@ -73,7 +74,8 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
     for f in FIXED:
         set_checkpointing(model, f)
         rows.append(timed_row(f"fixed: {f:.0%} of layers recomputed", f))
-    return {"said": said, "rows": rows, "cap_gib": args.memory_cap, "optimizer": args.optimizer, "tokens": tokens,
+    return {"said": said, "rows": rows, "cap_gib": args.memory_cap, "optimizer": args.optimizer,
+            "tokens": tokens,
             "predicted_gib": auto.choice.predicted_peak / 2**30 if auto.choice else None}
 
 
@@ -94,5 +96,6 @@ def print_table(result: dict) -> None:
         ref = next((r for r in fits if r["fraction"] == 0.75), None)
         vs75 = f", {ref['seconds'] / auto['seconds']:.2f}x the 75% setting" if ref else ""
         print(f"auto checkpointing: {auto['fraction']:.0%} recomputed, {auto['mfu']:.1%} MFU, "
-              f"{best['seconds'] / auto['seconds']:.3f}x the best fixed fraction that fits ({best['fraction']:.0%}){vs75}; "
+              f"{best['seconds'] / auto['seconds']:.3f}x the best fixed fraction that fits "
+              f"({best['fraction']:.0%}){vs75}; "
               f"predicted peak {result['predicted_gib']:.1f} GiB, measured {auto['peak_gib']:.1f}")

@@ -46,7 +46,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def samples(n: int, images: str, group: int) -> list[Sample]:
-    """`n` samples as a GRPO batch holds them: `group` completions of each prompt, so each object `group` times."""
+    """`n` samples as a GRPO batch holds them: `group` completions of each prompt, so each object `group`
+    times."""
     out = []
     for p in range(n // group):
         if images == "pil":
@@ -93,7 +94,8 @@ def main():
     ap.add_argument("--calls", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--processes", type=int, default=None, help="pool size (default min(4, CPUs))")
-    ap.add_argument("--group", type=int, default=8, help="completions per prompt (each sample repeats this often)")
+    ap.add_argument("--group", type=int, default=8,
+                    help="completions per prompt (each sample repeats this often)")
     args = ap.parse_args()
     n = args.calls
     completions = [f"<think>hm</think>{i % 5}" for i in range(n)]
@@ -103,7 +105,8 @@ def main():
     pool = RewardSet([RewardSpec(fn=USER_EXACT)], 10.0, processes=args.processes)
     base = timed(lambda: threads.score(completions, samples(n, "none", args.group)), args.repeats) / n
     rows.append(("exact_match on threads (built-in), no image", base, 1.0))
-    for images, label in (("none", "no image"), ("pil", "a 448x448 PIL image"), ("bytes", "200 kB image bytes")):
+    for images, label in (("none", "no image"), ("pil", "a 448x448 PIL image"),
+                          ("bytes", "200 kB image bytes")):
         batch = samples(n, images, args.group)
         t = timed(lambda b=batch: pool.score(completions, b), args.repeats) / n
         rows.append((f"exact_match in the process pool, {label}", t, t / base))
@@ -118,11 +121,12 @@ def main():
     rows.append(("math in the process pool", t, t / base))
     math_pool.close()
 
-    starts = [(f"start one worker ({name})", worker_start(name, args.repeats)) for name in ("forkserver", "spawn")]
+    starts = [(f"start one worker ({name})", worker_start(name, args.repeats))
+              for name in ("forkserver", "spawn")]
 
     size = args.processes or min(4, os.cpu_count() or 1)
-    print(f"{n} calls per batch ({n // args.group} samples x {args.group}), median of {args.repeats}, pool of "
-          f"{size} processes, {os.cpu_count()} CPUs")
+    print(f"{n} calls per batch ({n // args.group} samples x {args.group}), median of {args.repeats}, pool "
+          f"of {size} processes, {os.cpu_count()} CPUs")
     print("| path | us per call | vs exact_match on threads |")
     print("|---|---|---|")
     for label, t, ratio in rows:

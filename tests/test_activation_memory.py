@@ -11,9 +11,11 @@ def test_the_least_recomputation_that_fits():
     fit = lambda budget, extra=0, p=peaks: choose(4, p, budget * GIB, extra * GIB, margin=0.0)  # noqa: E731
     assert fit(20).fraction == 0.0 and fit(20).predicted_peak == 18 * GIB  # none recomputed
     assert fit(17).fraction == 0.25 and fit(17).predicted_peak == 15 * GIB  # 3 kept: on the line from 2 to 4
-    assert fit(15, extra=4).fraction == 0.75 and fit(15, extra=4).per_layer == 1 * GIB  # AdamW's state to come: 11 + 4
+    # AdamW's state to come: 11 + 4
+    assert fit(15, extra=4).fraction == 0.75 and fit(15, extra=4).per_layer == 1 * GIB
     assert fit(9).fraction == 1.0  # nothing fits: recompute everything (and say so)
-    assert fit(30, p={0: 10 * GIB, 2: 12 * GIB}).fraction == 0.5  # 4 kept was never measured (it ran out): not chosen
+    # 4 kept was never measured (it ran out): not chosen
+    assert fit(30, p={0: 10 * GIB, 2: 12 * GIB}).fraction == 0.5
     assert choose(4, peaks, 15 * GIB).fraction == 0.5  # the default 6% margin: 14.1 GiB usable
     assert "25% of 4 layers recomputed (3 keep their activations, 3.00 GiB each)" in fit(17).describe(4)
 
@@ -30,8 +32,8 @@ def test_adamw_state_is_two_moments_per_trainable_parameter():
 
 
 def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):
-    """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser, every
-    layer recomputed, and the sentence names the setting to change."""
+    """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser,
+    every layer recomputed, and the sentence names the setting to change."""
     from vlrl.activation_memory import AutoCheckpointing
 
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
@@ -58,7 +60,8 @@ def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_
     assert capsys.readouterr().out.count("auto on the CPU recomputes every layer") == 1
 
 
-def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(tiny_model_dir, tmp_path, monkeypatch,
+def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(
+    tiny_model_dir, tmp_path, monkeypatch,
                                                                                 capsys):
     """An OOM in the update (injected: these machines have no GPU) steps `auto`'s fraction up by a quarter of
     the layers, redoes the step from zeroed gradients (the same update as a step that never failed), says so
@@ -72,7 +75,8 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
 
     from conftest import tiny_config
 
-    def decide(self, probe, params, has_state, agree, distributed=False):  # a GPU whose budget fits half recomputed
+    # a GPU whose budget fits half recomputed
+    def decide(self, probe, params, has_state, agree, distributed=False):
         probe()
         self._apply(0.5)
         return "decided 50%"
@@ -95,7 +99,8 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     oom = train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=oom"))
     said = capsys.readouterr().out
     a, b = read_jsonl(clean.run_dir / "metrics.jsonl"), read_jsonl(oom.run_dir / "metrics.jsonl")
-    assert [m["checkpoint_fraction"] for m in a] == [0.5, 0.5] and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0]
+    assert ([m["checkpoint_fraction"] for m in a] == [0.5, 0.5]
+            and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0])
     for key in ("loss", "grad_norm", "reward/mean"):
         assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
     assert said.count("out of GPU memory with 50% of the layers recomputed: now 100%") == 1

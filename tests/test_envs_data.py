@@ -151,9 +151,11 @@ def test_builtin_dispatch_and_unknown_task():
     train, ev = load_samples(cfg, "train", 0), load_samples(cfg, "eval", 0)
     assert (len(train), len(ev)) == (7, 3)
     assert train[0].id == "count-train-0" and train[0].images[0].size == (40, 40)
-    assert set(TASKS) == {"colors", "shapes", "count", "position", "zoom", "motion"}  # (and calculator, text only)
+    # (and calculator, text only)
+    assert set(TASKS) == {"colors", "shapes", "count", "position", "zoom", "motion"}
     with pytest.raises(
-        UserError, match="unknown built-in task 'nope'; choose one of calculator, colors, count, motion, position, "
+        UserError,
+        match="unknown built-in task 'nope'; choose one of calculator, colors, count, motion, position, "
                          "shapes, zoom"
     ):
         load_samples(EnvConfig(dataset="builtin:nope"), "train")

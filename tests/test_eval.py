@@ -79,7 +79,8 @@ def test_eval_of_the_base_model_is_complete_and_deterministic(tiny_model_dir, tm
     assert {"reward/mean", "reward/rewards_for_tests:parity/mean", "reward/choice/mean", "accuracy", "pass@1",
             "pass@2", "pass@4", "response_length/mean"} <= set(summary) and "pass@8" not in summary
     assert (summary["prompts"], summary["samples_per_prompt"], summary["samples"]) == (4, 4, 16)
-    assert json.loads((out / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
+    assert json.loads((out
+                       / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
     recs = lines(out / "samples.jsonl")
     assert [r["sample_id"] for r in recs] == [f"colors-eval-{i}" for i in range(4) for _ in range(4)]
     assert [(r["prompt"], r["index"]) for r in recs] == [(i, j) for i in range(4) for j in range(4)]
@@ -136,7 +137,9 @@ def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(
     assert summary["step"] == 5 and summary["seed"] == 7 and summary["samples"] == 6
     assert tiny_model.training and torch.equal(torch.get_rng_state(), rng)
     tiny_model.eval()
-    assert {p.name for p in (tmp_path / "ev").iterdir()} == {"summary.json", "samples.jsonl", "report.html", "images"}
+    assert {p.name
+            for p in (tmp_path / "ev").iterdir()} == {"summary.json", "samples.jsonl",
+                                                      "report.html", "images"}
 
 
 def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_positions(adapter, tmp_path,
@@ -149,12 +152,14 @@ def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_
     from vlrl.data.sources import load_samples
     from vlrl.rollout.groups import RolloutGroups
 
-    cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards", "env.max_turns=2",
+    cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards",
+                 "env.max_turns=2",
                  "rollout.prompts_per_step=4")
     summary = evaluate(cfg, RolloutGroups(cfg, adapter, Scripted(adapter, ["look"])),
                        load_samples(cfg.env, "eval")[:3], 2, 0, tmp_path / "ev")
     recs = lines(tmp_path / "ev" / "samples.jsonl")
-    assert [(r["sample_id"], r["prompt"]) for r in recs] == [("colors-eval-0", 0)] * 2 + [("colors-eval-2", 2)] * 2
+    assert [(r["sample_id"],
+             r["prompt"]) for r in recs] == [("colors-eval-0", 0)] * 2 + [("colors-eval-2", 2)] * 2
     said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1  # and <|im_end|>
     assert summary["bad_samples"] == 1 and summary["samples"] == 4
     assert summary["reward/env/mean"] == 0.5  # 0.25 a turn, two turns

@@ -273,8 +273,8 @@ def test_resolve_builtin_and_user_functions(user_module):
     [
         (
             "exact",
-            r"reward 'exact': not a built-in reward \(exact_match, choice, multiple_choice, numeric, format, iou, math, "
-            r"judge\)",
+            r"reward 'exact': not a built-in reward \(exact_match, choice, multiple_choice, numeric, format, "
+            r"iou, math, judge\)",
         ),
         (
             "no_such_module_xyz:f",
@@ -458,13 +458,14 @@ def test_a_call_that_takes_its_process_down_is_counted_and_replaced(user_module)
     for _ in range(2):  # the second batch runs on replacement processes
         res = rs.score(["yes", "no"], [S("x", "a"), S("x", "b")])
         assert res.failures["crashed"] == 2 and res.per_fn["my_rewards:flag"] == [1.0, 0.0]
-        assert res.errors[0] == "reward my_rewards:die on sample a: crashed its process (exit code 3) (crashed)"
+        assert res.errors[0] == ("reward my_rewards:die on sample a: crashed its process (exit code 3) "
+                                 "(crashed)")
     rs.close()
 
 
 def test_a_sample_crosses_to_a_reward_process_once_per_batch(user_module):
-    """A GRPO group's completions share one sample: it is pickled once a batch, and a worker that already holds it
-    gets only the completion (a 448x448 PIL image costs ~2 ms a call otherwise: bench/rewards.py)."""
+    """A GRPO group's completions share one sample: it is pickled once a batch, and a worker that already
+    holds it gets only the completion (a 448x448 PIL image costs ~2 ms a call otherwise: bench/rewards.py)."""
     import my_rewards
 
     counted = my_rewards.Counted()
@@ -472,7 +473,8 @@ def test_a_sample_crosses_to_a_reward_process_once_per_batch(user_module):
     rs = RewardSet([RewardSpec(fn="my_rewards:seen_twice"), RewardSpec(fn="my_rewards:length_bonus")], 5.0,
                    processes=2)
     res = rs.score(["abcd"] * 8, [sample] * 8)
-    assert res.per_fn["my_rewards:seen_twice"] == [1.0] * 8  # the sample arrived whole (shared references kept)
+    # the sample arrived whole (shared references kept)
+    assert res.per_fn["my_rewards:seen_twice"] == [1.0] * 8
     assert my_rewards.Counted.pickled == 1
     rs.score(["abcd"] * 8, [sample] * 8)
     assert my_rewards.Counted.pickled == 2  # a new batch sends it again (its content may have changed)
@@ -539,8 +541,8 @@ def test_an_unpicklable_sample_fails_its_calls_not_the_pool(user_module):
     bad = Sample(id="u", question="q", answer="a", meta={"f": lambda: 0})
     res = rs.score(["ab", "abcd"], [bad, S("x", "ok")])
     assert res.per_fn["my_rewards:length_bonus"] == [None, 0.4] and res.failures["raised"] == 1
-    assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent to a "
-                                    "reward process (")
+    assert res.errors[0].startswith("reward my_rewards:length_bonus on sample u: its sample cannot be sent "
+                                    "to a reward process (")
     assert rs.score(["ab"], [bad]).per_fn == {"my_rewards:length_bonus": [None]}  # nothing else to wait for
     rs.close()
 

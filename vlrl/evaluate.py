@@ -2,12 +2,13 @@
 
 For every prompt the sampler draws `n` completions; the configured rewards score them. The summary holds the
 mean reward (total and per reward function), accuracy (the fraction of completions whose FIRST reward function
-scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et al.
-2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's environment
-replies are not counted). With a multi-turn environment it also holds the environment's reward (`reward/env/mean`),
-turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling is seeded per batch of
-prompts from one seed, so with the embedded sampler the same policy, config and seed give the same completions,
-line for line; a vLLM server takes no seed (rollout/__init__.py: `Sampler.sample`), so its completions vary.
+scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et
+al. 2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's
+environment replies are not counted). With a multi-turn environment it also holds the environment's reward
+(`reward/env/mean`), turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling
+is seeded per batch of prompts from one seed, so with the embedded sampler the same policy, config and seed
+give the same completions, line for line; a vLLM server takes no seed (rollout/__init__.py: `Sampler.sample`),
+so its completions vary.
 
 `evaluate` is the reusable part (training can call it with its live model and sampler); `run_eval` loads the
 policy for the command line and calls it. Results go to one directory: `summary.json`, `samples.jsonl` (every
@@ -30,7 +31,8 @@ ProgressFn = Callable[[int, int], None]  # (prompts done, prompts in all)
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k completions drawn without replacement from n (c of them correct) is
-    correct: 1 - C(n-c, k) / C(n, k). Unbiased, unlike 1 - (1 - c/n)^k (Chen et al. 2021, arXiv:2107.03374)."""
+    correct: 1 - C(n-c, k) / C(n, k). Unbiased, unlike 1 - (1 - c/n)^k (Chen et al. 2021,
+    arXiv:2107.03374)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
     if n - c < k:
@@ -71,7 +73,8 @@ def summarize(records: list[dict], reward_keys: list[str], n: int, multi_turn: b
         for key in ("tool_errors", "finish"):
             counts: dict[str, int] = {}
             for r in records:
-                for reason, c in (r["tool_errors"].items() if key == "tool_errors" else [(r["finish_reason"], 1)]):
+                for reason, c in (r["tool_errors"].items() if key == "tool_errors"
+                                  else [(r["finish_reason"], 1)]):
                     counts[reason] = counts.get(reason, 0) + c
             out.update({f"{key}/{reason}": c for reason, c in sorted(counts.items())})
     return out
@@ -101,7 +104,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rollouts.keys[0]
     multi_turn = rollouts.env is not None
-    keys = rollouts.keys + (["env"] if multi_turn else [])  # the environment's own rewards, as training logs them
+    # the environment's own rewards, as training logs them
+    keys = rollouts.keys + (["env"] if multi_turn else [])
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
     errors: list[str] = []  # the first reward-failure messages
@@ -169,13 +173,14 @@ def check_checkpoint(checkpoint: Path) -> Path:
 
     p = Path(checkpoint)
     if not p.is_dir():
-        raise UserError(f"--checkpoint {p}: no such directory; pass a checkpoint directory such as runs/NAME/step-N")
+        raise UserError(f"--checkpoint {p}: no such directory; pass a checkpoint directory such as "
+                        "runs/NAME/step-N")
     if not (p / "config.json").is_file():
         latest = latest_checkpoint(p)
         hint = f" (its newest checkpoint is {latest})" if latest is not None else ""
         raise UserError(
-            f"--checkpoint {p}: no config.json in it, so it is not a model checkpoint{hint}; pass a checkpoint "
-            "directory such as runs/NAME/step-N"
+            f"--checkpoint {p}: no config.json in it, so it is not a model checkpoint{hint}; pass a "
+            "checkpoint directory such as runs/NAME/step-N"
         )
     return p
 
@@ -234,7 +239,8 @@ def summary_table(summary: dict):
     for key, value in summary.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated", "turns", "tool_", "finish")):
+        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated", "turns",
+                           "tool_", "finish")):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("prompts x samples", f"{summary.get('prompts')} x {summary.get('samples_per_prompt')}")
     return table

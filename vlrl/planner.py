@@ -56,7 +56,8 @@ def pack_micro_batches(
     vision: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         for b in range(len(bins)):
-            if tokens[b] + lengths[i] <= max_tokens and (max_patches is None or vision[b] + patches[i] <= max_patches):
+            if tokens[b] + lengths[i] <= max_tokens and (max_patches is None
+                                                         or vision[b] + patches[i] <= max_patches):
                 break
         else:
             b = len(bins)
@@ -75,7 +76,8 @@ def micro_batches(batch: MultimodalBatch, train: TrainConfig, packed: bool) -> l
     if packed:
         budget = train.micro_batch_tokens or train.micro_batch_size * max(lengths)
         return pack_micro_batches(lengths, budget, batch.vision_patches_per_sample, train.micro_batch_patches)
-    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens, batch.vision_patches_per_sample,
+    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens,
+                              batch.vision_patches_per_sample,
                               train.micro_batch_patches)
 
 
@@ -164,7 +166,8 @@ def exchange_rollouts(rollouts: list[Rollout], world: int, gather: Callable | No
 
 
 def _portable(r: Rollout) -> Rollout:
-    """What another rank needs to train on `r` (ids, logprobs, pixels, advantage), not what it was made from."""
+    """What another rank needs to train on `r` (ids, logprobs, pixels, advantage), not what it was made
+    from."""
     return replace(r, prompt=replace(r.prompt, images=[], videos=[], messages=[]), sample=None, env_images=[])
 
 

@@ -1,13 +1,14 @@
-"""A short supervised warm start that makes the tiny Qwen-vocabulary model call tools (`vlrl build-tiny-model DIR
---vocab qwen --warm-start-tools`).
+"""A short supervised warm start that makes the tiny Qwen-vocabulary model call tools
+(`vlrl build-tiny-model DIR --vocab qwen --warm-start-tools`).
 
-A random model over 151,936 tokens never writes a 45-token tool call by chance, so without this its episodes end
-after one turn and the multi-turn token contract (stitching, tool results, tool images, the server's prompt ids
-checked every turn) would go untested with the real vocabulary. It trains, on the built-in `zoom` and
-`calculator` prompts exactly as the rollout layer renders them (tool schemas in the system turn), the first
-assistant turn: a crop of a quadrant (the one holding the square, most of the time) or a `calculate` call of the
-question's expression, in Qwen3-VL's `<tool_call>` format, then `<|im_end|>`. Seeded, a few hundred passes on the
-CPU: the sampled calls then vary in their numbers and are sometimes malformed, as a weak model's are.
+A random model over 151,936 tokens never writes a 45-token tool call by chance, so without this its episodes
+end after one turn and the multi-turn token contract (stitching, tool results, tool images, the server's
+prompt ids checked every turn) would go untested with the real vocabulary. It trains, on the built-in `zoom`
+and `calculator` prompts exactly as the rollout layer renders them (tool schemas in the system turn), the
+first assistant turn: a crop of a quadrant (the one holding the square, most of the time) or a `calculate`
+call of the question's expression, in Qwen3-VL's `<tool_call>` format, then `<|im_end|>`. Seeded, a few
+hundred passes on the CPU: the sampled calls then vary in their numbers and are sometimes malformed, as a weak
+model's are.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _targets(samples, rng: random.Random) -> list[str]:
 
 def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr: float = 5e-3, seed: int = 0,
                      progress=None) -> list[float]:
-    """Train `model_dir`'s first assistant turns on tool calls and save it in place; returns the loss per step."""
+    """Train `model_dir`'s first assistant turns on tool calls and save it in place; returns the loss per
+    step."""
     import torch
 
     from .adapters.qwen3_vl import Qwen3VLAdapter
@@ -63,15 +65,17 @@ def warm_start_tools(model_dir: str | Path, steps: int = 80, batch: int = 4, lr:
         prompts, kept, _ = encode_samples(adapter, samples, cfg, env.schemas())
         for prompt, target in zip(prompts, _targets(kept, rng)):
             ids = adapter.tokenizer(target, add_special_tokens=False)["input_ids"]
-            examples.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))
+            examples.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=[0.0] * len(ids),
+                                    finish_reason="stop"))
     model = adapter.load_model(torch.float32)
     model.train()
     model.model.visual.requires_grad_(False)
-    model.get_input_embeddings().requires_grad_(False)  # (151,936 rows: the decoder layers and the head learn)
+    # (151,936 rows: the decoder layers and the head learn)
+    model.get_input_embeddings().requires_grad_(False)
     policy = adapter.policy(model, 1.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    # linear decay to a tenth: a constant rate leaves the per-token loss noisy (0.2..0.7), and most sampled calls
-    # broken; the decay lets it settle
+    # linear decay to a tenth: a constant rate leaves the per-token loss noisy (0.2..0.7), and most sampled
+    # calls broken; the decay lets it settle
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps - 1))
     losses = []
     for step in range(steps):

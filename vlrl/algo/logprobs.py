@@ -67,7 +67,8 @@ class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temperature, bias, fused):
         stats, _ = _kernels(fused)
-        chosen, logz, entropy = stats(hidden @ weight.T, targets, inv_temperature, bias)  # logits in model dtype
+        # logits in model dtype
+        chosen, logz, entropy = stats(hidden @ weight.T, targets, inv_temperature, bias)
         ctx.save_for_backward(hidden, weight, targets, logz, entropy, bias)
         ctx.inv_temperature, ctx.fused = inv_temperature, fused
         return chosen, entropy
@@ -108,7 +109,8 @@ def token_logprobs(
     outs, ents = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         lp, ent = _LinearLogprob.apply(
-            hidden[start : start + chunk_size], weight, targets[start : start + chunk_size], inv_t, bias, fused
+            hidden[start : start + chunk_size], weight, targets[start : start + chunk_size], inv_t, bias,
+            fused
         )
         outs.append(lp)
         ents.append(ent)

@@ -18,7 +18,8 @@ from ..records import EncodedPrompt, Rollout
 class EmbeddedSampler:
     """Samples `n` completions per prompt with the policy model itself."""
 
-    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16, static_cache: bool | None = None):
+    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16,
+                 static_cache: bool | None = None):
         self.model = model
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
