@@ -108,7 +108,10 @@ def model_type(path: str) -> str:
     """The `model_type` of the checkpoint at `path` (a local directory, or a hub id: local cache first)."""
     local = Path(path) / "config.json"
     if local.is_file():
-        config = json.loads(local.read_text())
+        try:
+            config = json.loads(local.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelError(f"model.path {path!r}: its config.json is not JSON ({e})") from None
     else:
         from transformers import PretrainedConfig
 
