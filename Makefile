@@ -50,7 +50,9 @@ $(TINY_Q)/.built: $(VENV)/.installed vlrl/tiny_model.py vlrl/qwen_vocab.py vlrl/
 
 tiny: $(TINY)/.built $(TINY_Q)/.built
 
+# ruff first (rules in pyproject.toml): a lint error fails `make test` before any test runs.
 test: install vllm browser tiny
+	$(PY) -m ruff check vlrl tests bench
 	VLRL_TINY_MODEL=$(TINY) VLRL_TINY_QWEN_MODEL=$(TINY_Q) $(PY) -m pytest
 
 # The CPU demo: prove one batch sound, then train the tiny model with RL on the built-in colors task.

@@ -1,28 +1,26 @@
 """`train.checkpoint_fraction = "auto"` against fixed fractions: the update with its AdamW step, one process.
 
-Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-caps GIB...`, standing in for a smaller
-card on a larger one).
-- `run`: the equal-length case (8 x 1041 tokens by default), compiled layers: `auto` decides as `vlrl train` does
-  at its first update (probe passes on the micro-batch, the optimizer's state still to come) and is timed at what
-  it chose, then each fixed fraction (1, 0.75, 0.5, 0.25, 0) is timed.
+Called by `bench/update_step.py --auto` (with `--optimizer` and `--memory-caps GIB...`, standing in for a
+smaller card on a larger one).
+- `run`: the equal-length case (8 x 1041 tokens by default), compiled layers: `auto` decides as `vlrl train`
+  does at its first update (probe passes on the micro-batch, the optimizer's state still to come) and is timed
+  at what it chose, then each fixed fraction (1, 0.75, 0.5, 0.25, 0) is timed.
 - `run_ragged`: the ragged GRPO batch as shipped (`bench/ragged.py`'s: packed micro-batches within the token
   budget, the default attention route, compiled layers with `--compile`, fused AdamW, grad clipping): `auto`
   decides exactly as `Run.update` calls it (the largest micro-batch as the probe, the token budget as the cap,
   AdamW's state not yet allocated), then steps are timed; `--ragged-fixed` adds fixed ladder levels.
-Each row: seconds per step (update + optimizer step), MFU (6N per useful token), peak GiB (allocated, over every
-step, the first included), or OOM. Auto runs first, before fixed settings fragment the allocator.
+Each row: seconds per step (update + optimizer step), MFU (6N per useful token), peak GiB (allocated, over
+every step, the first included), or OOM. Auto runs first, before fixed settings fragment the allocator.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-
-import torch
-
 from dataclasses import replace
 
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
+import torch
 
 from vlrl.activation_memory import GIB, AutoCheckpointing, Head, kinds
 from vlrl.adapters.qwen3_vl import set_checkpointing
@@ -70,8 +68,8 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
         model.zero_grad(set_to_none=True)
         return row  # (the optimizer and its state go with this call's frame)
 
-    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), len(model.model.language_model.layers),
-                             device)
+    auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s),
+                             len(model.model.language_model.layers), device)
 
     def probe():
         update()
@@ -83,7 +81,8 @@ def run(model, adapter, policy, device, args, settings, rollouts, tools) -> dict
     for f in FIXED:
         set_checkpointing(model, f)
         rows.append(timed_row(f"fixed: {f:.0%} of layers recomputed", f))
-    return {"said": said, "rows": rows, "cap_gib": args.memory_cap, "optimizer": args.optimizer, "tokens": tokens,
+    return {"said": said, "rows": rows, "cap_gib": args.memory_cap, "optimizer": args.optimizer,
+            "tokens": tokens,
             "predicted_gib": auto.choice.predicted_peak / 2**30 if auto.choice else None}
 
 
@@ -104,7 +103,8 @@ def print_table(result: dict) -> None:
         ref = next((r for r in fits if r["fraction"] == 0.75), None)
         vs75 = f", {ref['seconds'] / auto['seconds']:.2f}x the 75% setting" if ref else ""
         print(f"auto checkpointing: {auto['fraction']:.0%} recomputed, {auto['mfu']:.1%} MFU, "
-              f"{best['seconds'] / auto['seconds']:.3f}x the best fixed fraction that fits ({best['fraction']:.0%}){vs75}; "
+              f"{best['seconds'] / auto['seconds']:.3f}x the best fixed fraction that fits "
+              f"({best['fraction']:.0%}){vs75}; "
               f"predicted peak {result['predicted_gib']:.1f} GiB, measured {auto['peak_gib']:.1f}")
 
 

@@ -1,24 +1,26 @@
 """Full-parameter Qwen3-VL-8B update steps under FSDP2 on 1, 2, 4 GPUs: tokens/s per GPU, MFU, scaling
 efficiency, peak memory per GPU.
 
-    python bench/fsdp_update.py --gpus 1 2 4                 # one `accelerate launch` per GPU count, then the table
-    python bench/fsdp_update.py --gpus 1 2 4 --precision bf16 bf16-mixed
-    python bench/fsdp_update.py --tiny --gpus 1 2            # tiny model, CPU processes over gloo (a smoke test)
-    python bench/fsdp_update.py --ragged --gpus 1 2 4 --strategy fsdp2 ddp --plan packed padded --precision bf16
+    python bench/fsdp_update.py --gpus 1 2 4                 # one `accelerate launch` per GPU count, then the
+    table python bench/fsdp_update.py --gpus 1 2 4 --precision bf16 bf16-mixed
+    python bench/fsdp_update.py --tiny --gpus 1 2            # tiny model, CPU processes over gloo (a smoke
+    test) python bench/fsdp_update.py --ragged --gpus 1 2 4 --strategy fsdp2 ddp --plan packed padded
+    --precision bf16
 
 `--ragged`: every rank samples its own ragged GRPO batch (`bench/ragged.py`'s: 8 prompts x groups of 8,
-completions log-normal, seeded by rank), and the step is planned as `vlrl train` plans it (`vlrl.planner.plan_step`
-with the ranks' reductions): `packed` balances the ranks' rollouts by tokens and packs micro-batches within
-16384 tokens; `padded` keeps each rank's rollouts and pads micro-batches of 8 (in order). Rows add the useful
-(non-padding) tokens per GPU, MFU on them, and the ranks' token counts (busiest over mean). `--strategy ddp`
-launches Accelerate's DDP (`--multi_gpu`) instead of the FSDP2 config.
+completions log-normal, seeded by rank), and the step is planned as `vlrl train` plans it
+(`vlrl.planner.plan_step` with the ranks' reductions): `packed` balances the ranks' rollouts by tokens and
+packs micro-batches within 16384 tokens; `padded` keeps each rank's rollouts and pads micro-batches of 8 (in
+order). Rows add the useful (non-padding) tokens per GPU, MFU on them, and the ranks' token counts (busiest
+over mean). `--strategy ddp` launches Accelerate's DDP (`--multi_gpu`) instead of the FSDP2 config.
 
 Each run is `accelerate launch --config_file configs/accelerate/fsdp2-4gpu.yaml --num_processes N` of this
 script's worker, i.e. Accelerate's FSDP2 preparation exactly as `vlrl train` gets it, and vlrl's real update:
 `Qwen3VLPolicy` -> `accumulate_gradients` -> gradient clipping -> AdamW step (a full optimizer step, every
 language-model parameter trained, the vision tower frozen). Every rank trains its own batch of the same shape
 (default 8 x 1041 tokens, one 448x448 image each: the single-GPU baseline's), so the per-GPU work is fixed and
-perfect scaling keeps tokens/s per GPU constant: efficiency = (tokens/s per GPU at N) / (tokens/s per GPU at 1).
+perfect scaling keeps tokens/s per GPU constant: efficiency = (tokens/s per GPU at N) / (tokens/s per GPU at
+1).
 
 Precisions: `bf16-mixed` is what the fsdp2-*.yaml configs run (float32 master weights and AdamW state, bf16
 compute); `bf16` keeps weights and AdamW state in bf16 (`--mixed_precision no` on a bf16 model), which is what
@@ -48,15 +50,23 @@ PEAK_TFLOPS = 989.0
 
 
 def worker(args) -> None:
+    import ragged as ragged_bench
     from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText
-    import ragged as ragged_bench
-    from update_step import (IM_END, PAD, VISION_END, VISION_START, bench_adapter, make_rollouts,
-                             non_embedding_params, qwen3_vl_8b_config)
+    from update_step import (
+        IM_END,
+        PAD,
+        VISION_END,
+        VISION_START,
+        bench_adapter,
+        make_rollouts,
+        non_embedding_params,
+        qwen3_vl_8b_config,
+    )
 
-    from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.adapters.packing import packing_unavailable
     from vlrl.adapters.patches import patch_model
+    from vlrl.adapters.qwen3_vl import compile_layers, set_checkpointing
     from vlrl.config import AlgorithmConfig
     from vlrl.fsdp import is_fsdp, prepare_on_cpu
     from vlrl.planner import StepPlan, micro_batch_tokens, plan_step
@@ -96,7 +106,8 @@ def worker(args) -> None:
         policy = prepare_on_cpu(acc, policy, adapter.fsdp_units)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     else:  # (no reference to the unsharded parameters may outlive prepare: they would stay allocated)
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, fused=True)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                      lr=1e-6, fused=True)
         policy, optimizer = acc.prepare(policy, optimizer)
     del model
     gc.collect()
@@ -109,14 +120,16 @@ def worker(args) -> None:
         rollouts = ragged_bench.ragged_rollouts(adapter, spec, vocab, *ends, seed=rank)
         train = SimpleNamespace(packing=args.plan == "packed", micro_batch_tokens=spec.micro_batch_tokens,
                                 micro_batch_size=spec.micro_batch_size, micro_batch_patches=None)
-        reduce = lambda values, op: acc.reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()  # noqa: E731
+        reduce = lambda values, op: acc.reduce(  # noqa: E731
+            torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
         batch, plan = plan_step(rollouts, [], adapter.build_batch, train, unavailable, world, reduce)
         completion = spec.longest
     else:
         batch = adapter.build_batch(make_rollouts(adapter, b, seq, 1, side, completion, vocab, seed=1 + rank))
         plan = StepPlan([list(range(i, min(i + args.micro_batch, b))) for i in range(0, b, args.micro_batch)],
                         packed=False)
-    ragged_bench.own_logprobs(policy, batch, plan, device)  # behavior logprobs near the policy's own: none masked
+    # behavior logprobs near the policy's own: none masked
+    ragged_bench.own_logprobs(policy, batch, plan, device)
     b, lengths = batch.size, batch.lengths
     batch = batch.to(device)
     counts = torch.tensor([batch.num_loss_tokens, float(b)], dtype=torch.float64, device=device)
@@ -124,7 +137,8 @@ def worker(args) -> None:
     settings = AlgorithmConfig()
 
     def step():
-        accumulate_gradients(policy, batch, plan, settings, completion, device, accelerator=acc, total_tokens=float(counts[0]),
+        accumulate_gradients(policy, batch, plan, settings, completion, device, accelerator=acc,
+                             total_tokens=float(counts[0]),
                              total_sequences=float(counts[1]), loss_scale=world)
         acc.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -153,8 +167,10 @@ def worker(args) -> None:
         t, peak = stats.tolist()
         tps = sum(loads) / world / t
         row = dict(gpus=world, seconds=t, tokens_per_gpu=tokens, tokens_per_s_per_gpu=tps,
-                   mfu=6 * n_params * tps / (PEAK_TFLOPS * 1e12), peak_gib=peak, busiest=max(loads) / (sum(loads) / world),
-                   padding=1 - tokens / sum(computed), device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
+                   mfu=6 * n_params * tps / (PEAK_TFLOPS * 1e12), peak_gib=peak, busiest=max(loads)
+                   / (sum(loads) / world),
+                   padding=1 - tokens / sum(computed), device=torch.cuda.get_device_name()
+                   if device.type == "cuda" else "CPU")
         print(json.dumps(row), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(row))
@@ -162,8 +178,8 @@ def worker(args) -> None:
 
 
 def launch(n: int, run: dict, args, out: Path) -> dict:
-    """One worker run of `run` (precision, strategy, plan) on `n` GPUs (or CPU processes); {"error": ...} when it
-    fails (e.g. out of memory)."""
+    """One worker run of `run` (precision, strategy, plan) on `n` GPUs (or CPU processes); {"error": ...} when
+    it fails (e.g. out of memory)."""
     precision = run["precision"]
     passthrough = ["--worker", "--json", str(out), "--precision", precision, "--strategy", run["strategy"],
                    "--plan", run["plan"], "--batch", str(args.batch),
@@ -174,7 +190,8 @@ def launch(n: int, run: dict, args, out: Path) -> dict:
     if args.tiny:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", __file__, *passthrough]
     else:
-        how = (["--config_file", str(ROOT / "configs/accelerate/fsdp2-4gpu.yaml")] if run["strategy"] == "fsdp2"
+        how = (["--config_file", str(ROOT / "configs/accelerate/fsdp2-4gpu.yaml")]
+               if run["strategy"] == "fsdp2"
                else ["--multi_gpu"] * (n > 1))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(n),
                "--mixed_precision", "bf16" if precision == "bf16-mixed" else "no", __file__, *passthrough]
@@ -209,7 +226,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--timeout", type=int, default=400, help="seconds per run")
     ap.add_argument("--strategy", nargs="+", default=["fsdp2"], choices=["fsdp2", "ddp"])
-    ap.add_argument("--ragged", action="store_true", help="bench/ragged.py's ragged GRPO batch per GPU, planned as vlrl train plans")
+    ap.add_argument("--ragged", action="store_true",
+                    help="bench/ragged.py's ragged GRPO batch per GPU, planned as vlrl train plans")
     ap.add_argument("--plan", nargs="+", default=["padded"], choices=["packed", "padded"],
                     help="with --ragged: packed (token-balanced ranks) or padded micro-batches")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -219,7 +237,8 @@ def main():
         args.precision, args.strategy, args.plan = args.precision[0], args.strategy[0], args.plan[0]
         return worker(args)
 
-    runs = [dict(strategy=st, plan=pl, precision=pr) for st in args.strategy for pl in args.plan for pr in args.precision]
+    runs = [dict(strategy=st, plan=pl, precision=pr) for st in args.strategy for pl in args.plan
+            for pr in args.precision]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
@@ -235,7 +254,8 @@ def main():
         "Qwen3-VL-8B, bench/ragged.py's batch per GPU (useful tokens counted)" if args.ragged
         else f"Qwen3-VL-8B, {args.batch} x {args.seq_len} tokens per GPU")
     print(f"\n{what}; full optimizer step; efficiency against the fewest GPUs of the same row")
-    print("| run | GPUs | s/step | tokens/s/GPU | MFU | peak GiB/GPU | busiest rank/mean | padding | scaling efficiency |")
+    print("| run | GPUs | s/step | tokens/s/GPU | MFU | peak GiB/GPU | busiest rank/mean | padding | scaling "
+          "efficiency |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label in dict.fromkeys(r["label"] for r in rows):
         ok = [r for r in rows if r["label"] == label and "error" not in r]
@@ -245,8 +265,10 @@ def main():
                 print(f"| {label} | {r['gpus']} | {r['error'][:40]} | - | - | - | - | - | - |")
                 continue
             eff = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
-            print(f"| {label} | {r['gpus']} | {r['seconds']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
-                  f"{r['peak_gib']:.1f} | {r['busiest']:.3f} | {r['padding']:.1%} | {eff:.2f} (vs {base['gpus']} GPU) |")
+            print(f"| {label} | {r['gpus']} | {r['seconds']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+                  f"{r['mfu']:.1%} | "
+                  f"{r['peak_gib']:.1f} | {r['busiest']:.3f} | {r['padding']:.1%} | {eff:.2f} (vs "
+                  f"{base['gpus']} GPU) |")
 
 
 if __name__ == "__main__":

@@ -49,12 +49,14 @@ class RaggedSpec:
 
 
 
-MAX_NEW_TOKENS = 2048  # the completion clip: only Dr.GRPO's constant normaliser reads it (the bench uses token-mean)
+# the completion clip: only Dr.GRPO's constant normaliser reads it (the bench uses token-mean)
+MAX_NEW_TOKENS = 2048
 
 def completion_lengths(spec: RaggedSpec, n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, generator=g, dtype=torch.float64)
-    return [int(min(max(round(spec.median * math.exp(spec.sigma * float(v))), spec.shortest), spec.longest)) for v in z]
+    return [int(min(max(round(spec.median
+                              * math.exp(spec.sigma * float(v))), spec.shortest), spec.longest)) for v in z]
 
 
 def ragged_rollouts(adapter, spec: RaggedSpec, vocab: int, vision_start: int, vision_end: int,
@@ -76,7 +78,8 @@ def ragged_rollouts(adapter, spec: RaggedSpec, vocab: int, vision_start: int, vi
                                image_grid_thw=torch.tensor([[1, grid, grid]]))
         for k in range(spec.group):
             n = lengths[p * spec.group + k]
-            rollouts.append(Rollout(prompt=prompt, completion_ids=torch.randint(0, high, (n,), generator=g).tolist(),
+            rollouts.append(Rollout(prompt=prompt,
+                                    completion_ids=torch.randint(0, high, (n,), generator=g).tolist(),
                                     logprobs=[0.0] * n, finish_reason="length",
                                     advantage=float(torch.randn(1, generator=g))))
     return rollouts
@@ -85,10 +88,12 @@ def ragged_rollouts(adapter, spec: RaggedSpec, vocab: int, vision_start: int, vi
 def plans(batch, spec: RaggedSpec) -> dict[str, StepPlan]:
     lengths, patches = batch.lengths, batch.patches_per_sample
     order = sorted(range(batch.size), key=lambda i: lengths[i])
-    sorted_groups = plan_micro_batches([lengths[i] for i in order], spec.micro_batch_size, spec.micro_batch_tokens,
+    sorted_groups = plan_micro_batches([lengths[i] for i in order], spec.micro_batch_size,
+                                       spec.micro_batch_tokens,
                                        [patches[i] for i in order])
     return {
-        "padded, in order (today)": StepPlan(plan_micro_batches(lengths, spec.micro_batch_size, spec.micro_batch_tokens,
+        "padded, in order "
+        "(today)": StepPlan(plan_micro_batches(lengths, spec.micro_batch_size, spec.micro_batch_tokens,
                                                                 patches), packed=False),
         "padded, length-sorted": StepPlan([[order[i] for i in g] for g in sorted_groups], packed=False),
         "packed": StepPlan(pack_micro_batches(lengths, spec.micro_batch_tokens, patches), packed=True),
@@ -101,7 +106,8 @@ def padding_fraction(batch, plan: StepPlan) -> float:
 
 
 def routes(device: torch.device) -> list[str]:
-    """The packed attention routes this device runs with a backward pass (FlexAttention has none on the CPU)."""
+    """The packed attention routes this device runs with a backward pass (FlexAttention has none on the
+    CPU)."""
     if device.type != "cuda":
         return ["sdpa"]
     from vlrl.adapters.packing import _varlen_attn
@@ -127,10 +133,12 @@ def compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tflops, ids, sync, set_mode, grads_of,
+def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tflops, ids, sync, set_mode,
+               grads_of,
                rel_err) -> dict:
     """Times every path on one ragged batch; returns rows, exactness and compile counts (and prints them)."""
-    spec = RaggedSpec.tiny() if args.tiny else RaggedSpec(args.ragged[0], args.ragged[1], seed=args.ragged_seed)
+    spec = RaggedSpec.tiny() if args.tiny else RaggedSpec(args.ragged[0], args.ragged[1],
+                                                          seed=args.ragged_seed)
     if not args.tiny:
         spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
         spec.shortest, spec.longest = args.ragged_clip
@@ -141,15 +149,20 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     batch = make()
     useful = sum(batch.lengths)
     all_plans = plans(batch, spec)
-    name = (f"ragged: {spec.prompts} prompts x {spec.group}, {spec.prompt_text} text tokens + one {spec.image_side}px "
-            f"image, completions log-normal (median {spec.median:g}, sigma {spec.sigma:g}, {spec.shortest}..{spec.longest})")
-    print(f"\n{name}: {useful:,} useful tokens; lengths {min(batch.lengths)}..{max(batch.lengths)}", flush=True)
+    name = (f"ragged: {spec.prompts} prompts x {spec.group}, {spec.prompt_text} text tokens + one "
+            f"{spec.image_side}px "
+            f"image, completions log-normal (median {spec.median:g}, sigma {spec.sigma:g}, "
+            f"{spec.shortest}..{spec.longest})")
+    print(f"\n{name}: {useful:,} useful tokens; lengths "
+          f"{min(batch.lengths)}..{max(batch.lengths)}", flush=True)
     set_mode()
     policy.packed_attention = routes(device)[0]  # the default route (`auto`) for what is not per route
     compiled_before = compiles()
     counted = None
-    if args.compile and args.compile_steps:  # first, from the freshly compiled layers: what a training run's first 20 steps compile
-        counted = count_compiles(model, policy, device, settings, make, args.compile_steps, spec.micro_batch_tokens)
+    # first, from the freshly compiled layers: what a training run's first 20 steps compile
+    if args.compile and args.compile_steps:
+        counted = count_compiles(model, policy, device, settings, make, args.compile_steps,
+                                 spec.micro_batch_tokens)
     own_logprobs(policy, batch, all_plans["packed"], device)
 
     def update(plan):
@@ -182,7 +195,8 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
                 fn()
                 sync(device)
                 times.append(time.perf_counter() - t0)
-        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:  # a route this torch cannot run
+        # a route this torch cannot run
+        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:
             print(f"  {label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             rows.append(dict(path=label, seconds=None, error=type(e).__name__))
             model.zero_grad(set_to_none=True)
@@ -190,23 +204,29 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
         t = sorted(times)[len(times) // 2]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         mfu = 6 * n_params * useful / t / (peak_tflops * 1e12)
-        row = dict(path=label, seconds=t, tokens_per_s=useful / t, mfu=mfu, padding=padding_fraction(batch, plan),
+        row = dict(path=label, seconds=t, tokens_per_s=useful / t, mfu=mfu,
+                   padding=padding_fraction(batch, plan),
                    peak_gib=peak, micro_batches=len(plan.micro_batches), first_s=first, packed=plan.packed)
         rows.append(row)
-        print(f"  {label}: {t:.3f} s, {useful / t:,.0f} useful tokens/s, MFU {mfu:.1%}, padding {row['padding']:.1%}, "
-              f"{len(plan.micro_batches)} micro-batches, peak {peak:.1f} GiB (first pass {first:.1f} s)", flush=True)
+        print(f"  {label}: {t:.3f} s, {useful / t:,.0f} useful tokens/s, MFU {mfu:.1%}, padding "
+              f"{row['padding']:.1%}, "
+              f"{len(plan.micro_batches)} micro-batches, peak {peak:.1f} GiB (first pass {first:.1f} "
+              "s)", flush=True)
     model.zero_grad(set_to_none=True)
-    out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles() - compiled_before}
-    skipped = [r for r in routes(device) if args.skip and any(x in f"packed, {r} attention" for x in args.skip)]
-    out["exactness"] = exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err, skipped)
+    out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles()
+           - compiled_before}
+    skipped = [r for r in routes(device) if args.skip
+               and any(x in f"packed, {r} attention" for x in args.skip)]
+    out["exactness"] = exactness(model, adapter, policy, device, settings, make, spec, grads_of,
+                                 rel_err, skipped)
     if counted is not None:
         out["compiles"] = counted
     return out
 
 
 def exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err, skipped=()) -> dict:
-    """Packed (each route) against padded in order, on the first two groups: logprob max |diff| and the largest
-    relative gradient error over the checked parameters."""
+    """Packed (each route) against padded in order, on the first two groups: logprob max |diff| and the
+    largest relative gradient error over the checked parameters."""
     batch = make(prompts=min(2, spec.prompts))
     padded = plans(batch, spec)["padded, in order (today)"]
     from vlrl.batch import batch_logprobs
@@ -225,8 +245,8 @@ def exactness(model, adapter, policy, device, settings, make, spec, grads_of, re
     out = {}
     try:
         want_lp, want_g = run(padded)
-        # the floor: the same padded path with its micro-batches composed otherwise (other padding, other kernels'
-        # tiles): what bf16 alone moves between two exact computations
+        # the floor: the same padded path with its micro-batches composed otherwise (other padding, other
+        # kernels' tiles): what bf16 alone moves between two exact computations
         lp, g = run(plans(batch, spec)["padded, length-sorted"])
         m = batch.loss_mask.bool()
         out["padded, sorted (bf16 noise floor)"] = (float((lp - want_lp)[m].abs().max()),
@@ -244,8 +264,8 @@ def exactness(model, adapter, policy, device, settings, make, spec, grads_of, re
         model.zero_grad(set_to_none=True)
     for route, v in out.items():
         if isinstance(v, tuple):
-            print(f"  {route if route.startswith('padded') else f'packed ({route})'} vs padded: logprob max |diff| "
-                  f"{v[0]:.2e}, grad max rel err {v[1]:.2e}", flush=True)
+            print(f"  {route if route.startswith('padded') else f'packed ({route})'} vs padded: logprob max "
+                  f"|diff| {v[0]:.2e}, grad max rel err {v[1]:.2e}", flush=True)
         else:
             print(f"  packed ({route}) vs padded: {v}", flush=True)
     return out
@@ -265,15 +285,17 @@ def count_compiles(model, policy, device, settings, make, steps: int, budget: in
     model.zero_grad(set_to_none=True)
     out = {"steps": steps, "first": per_step[0], "rest": sum(per_step[1:]), "per_step": per_step,
            "route": policy.packed_attention}
-    print(f"  compiles over {steps} ragged packed steps ({policy.packed_attention} attention): {per_step[0]} graphs in "
-          f"the first, {out['rest']} in the {steps - 1} after ({per_step})", flush=True)
+    print(f"  compiles over {steps} ragged packed steps ({policy.packed_attention} attention): {per_step[0]} "
+          f"graphs in the first, {out['rest']} in the {steps - 1} after ({per_step})", flush=True)
     return out
 
 
 def print_table(result: dict) -> None:
-    """The ragged case's rows as a Markdown table (bench/README.md's), exactness and compile counts after it."""
+    """The ragged case's rows as a Markdown table (bench/README.md's), exactness and compile counts after
+    it."""
     print(f"\n{result['case']}; {result['useful_tokens']:,} useful tokens; MFU on useful tokens (6N each)")
-    print("| path | s | useful tokens/s | MFU | padding | micro-batches | peak GiB |\n|---|---|---|---|---|---|---|")
+    print("| path | s | useful tokens/s | MFU | padding | micro-batches | peak GiB "
+          "|\n|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         if row.get("seconds") is None:
             print(f"| {row['path']} | {row['error']} | - | - | - | - | - |")
@@ -285,12 +307,13 @@ def print_table(result: dict) -> None:
         print(f"| packed ({route}) vs padded | {detail} | | | | | |")
     c = result.get("compiles")
     if c:
-        print(f"compiles over {c['steps']} ragged packed steps ({c['route']} attention): {c['first']} graphs in the "
-              f"first step, {c['rest']} in the {c['steps'] - 1} after")
+        print(f"compiles over {c['steps']} ragged packed steps ({c['route']} attention): {c['first']} graphs "
+              f"in the first step, {c['rest']} in the {c['steps'] - 1} after")
 
 
 def summary_line(result: dict) -> str:
-    """`ragged update: packed vs padded X.XXx, padding A% -> B%` (the best packed route against today's path)."""
+    """`ragged update: packed vs padded X.XXx, padding A% -> B%` (the best packed route against today's
+    path)."""
     rows = [r for r in result["rows"] if r.get("seconds")]
     today = next((r for r in rows if r["path"].startswith("padded, in order")), None)
     packed = [r for r in rows if r["packed"]]

@@ -3,12 +3,13 @@ balance: every rank trains as many rollouts as it sampled) against the token-bal
 (`vlrl.planner.balance_ranks`, what `train.packing` runs with several ranks). CPU only: it counts tokens, it
 times nothing.
 
-Per rank, per step, the ragged batch of `bench/ragged.py` (8 prompts x groups of 8, each prompt 100 text tokens
-+ one 448x448 image, completions log-normal, median 400, sigma 0.8, clipped to 16..2048), seeded by step and
-rank: the same amount of work per GPU as the issue asks. That batch draws every completion independently;
-real groups are not independent (a hard prompt makes all its rollouts long), so a second set of rows draws half
-the log-variance per prompt (sigma 0.8/sqrt 2 for the prompt, the same for each rollout around it: the same
-spread of lengths overall, lengths correlated within a group). For 2, 4 and 8 ranks over `--steps` steps:
+Per rank, per step, the ragged batch of `bench/ragged.py` (8 prompts x groups of 8, each prompt 100 text
+tokens + one 448x448 image, completions log-normal, median 400, sigma 0.8, clipped to 16..2048), seeded by
+step and rank: the same amount of work per GPU as the issue asks. That batch draws every completion
+independently; real groups are not independent (a hard prompt makes all its rollouts long), so a second set of
+rows draws half the log-variance per prompt (sigma 0.8/sqrt 2 for the prompt, the same for each rollout around
+it: the same spread of lengths overall, lengths correlated within a group). For 2, 4 and 8 ranks over
+`--steps` steps:
 - busiest/mean: the busiest rank's tokens over the mean rank's (1.00 = perfectly even), mean and worst step;
 - wait: the share of the step the other ranks idle, on average, waiting for the busiest (time taken as
   proportional to tokens: the update is compute-bound at these sizes);
@@ -27,8 +28,8 @@ import math
 import statistics
 
 import torch
-
 from ragged import RaggedSpec, completion_lengths
+
 from vlrl.planner import balance_ranks, pack_micro_batches
 
 
@@ -58,7 +59,8 @@ def imbalance(loads: list[int]) -> tuple[float, float]:
 
 
 def padding_passes(spec: RaggedSpec, shares: list[list[int]]) -> tuple[int, float]:
-    """(zero-weight passes over all ranks, their tokens over the useful ones) when each rank packs its share."""
+    """(zero-weight passes over all ranks, their tokens over the useful ones) when each rank packs its
+    share."""
     bins = [pack_micro_batches(ls, spec.micro_batch_tokens) for ls in shares]
     most = max(len(b) for b in bins)
     extra = sum((most - len(b)) * sum(ls[i] for i in b[-1]) for ls, b in zip(shares, bins))
@@ -70,7 +72,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     spec = RaggedSpec()
-    header = f"{'lengths':<12} | {'ranks':>5} | {'planner':<16} | {'busiest/mean':>12} | {'worst step':>10} | {'wait':>6} | {'moved':>5} | {'pad passes':>10} | {'+tokens':>7}"
+    header = (f"{'lengths':<12} | {'ranks':>5} | {'planner':<16} | {'busiest/mean':>12} | {'worst step':>10} "
+              f"| {'wait':>6} | {'moved':>5} | {'pad passes':>10} | {'+tokens':>7}")
     print(header)
     print("-" * len(header))
     for grouped, world in [(g, w) for g in (False, True) for w in (2, 4, 8)]:
@@ -81,12 +84,14 @@ def main() -> None:
             rows["sample counts"].append((*imbalance(own), 0, *padding_passes(spec, lengths)))
             shares = [[lengths[src][i] for src, i in share] for share in balance_ranks(lengths)]
             moved = sum(src != dst for dst, share in enumerate(balance_ranks(lengths)) for src, _ in share)
-            rows["token-balanced"].append((*imbalance([sum(s) for s in shares]), moved, *padding_passes(spec, shares)))
+            rows["token-balanced"].append((*imbalance([sum(s) for s in shares]), moved,
+                                           *padding_passes(spec, shares)))
         for name, r in rows.items():
             ratio, wait, moved, passes, extra = zip(*r)
-            print(f"{'per group' if grouped else 'independent':<12} | {world:>5} | {name:<16} | {statistics.mean(ratio):>12.4f} | {max(ratio):>10.4f} | "
-                  f"{100 * statistics.mean(wait):>5.2f}% | {statistics.mean(moved):>5.1f} | {statistics.mean(passes):>10.2f} | "
-                  f"{100 * statistics.mean(extra):>6.2f}%")
+            print(f"{'per group' if grouped else 'independent':<12} | {world:>5} | {name:<16} | "
+                  f"{statistics.mean(ratio):>12.4f} | {max(ratio):>10.4f} | "
+                  f"{100 * statistics.mean(wait):>5.2f}% | {statistics.mean(moved):>5.1f} | "
+                  f"{statistics.mean(passes):>10.2f} | {100 * statistics.mean(extra):>6.2f}%")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
+from vlrl.bounded import run_bounded  # noqa: E402
 from vlrl.config import RewardSpec  # noqa: E402
-from vlrl.envs.dataset import Sample  # noqa: E402
-from vlrl.envs.math_reward import math_reward  # noqa: E402
-from vlrl.envs.reward_pool import _Worker  # noqa: E402
-from vlrl.envs.rewards import RewardSet, run_bounded  # noqa: E402
+from vlrl.rewards.math_reward import math_reward  # noqa: E402
+from vlrl.rewards.pool import _Worker  # noqa: E402
+from vlrl.rewards.reward_set import RewardSet  # noqa: E402
+from vlrl.sample import Sample  # noqa: E402
 
-USER_EXACT = "vlrl.envs.builtin_rewards:exact_match"  # a built-in, named as a user function: runs in the pool
+USER_EXACT = "vlrl.rewards.builtin:exact_match"  # a built-in, named as a user function: runs in the pool
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,7 +46,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def samples(n: int, images: str, group: int) -> list[Sample]:
-    """`n` samples as a GRPO batch holds them: `group` completions of each prompt, so each object `group` times."""
+    """`n` samples as a GRPO batch holds them: `group` completions of each prompt, so each object `group`
+    times."""
     out = []
     for p in range(n // group):
         if images == "pil":
@@ -73,7 +75,7 @@ def worker_start(ctx_name: str, repeats: int) -> float:
     """Seconds from starting a worker to its first answer (a trivial call)."""
     import multiprocessing as mp
 
-    from vlrl.envs.reward_pool import _context
+    from vlrl.rewards.pool import _context
 
     ctx = _context() if ctx_name == "forkserver" else mp.get_context(ctx_name)
     call = (USER_EXACT, "3", (1, 0), pickle.dumps(Sample(id="0", question="q", answer="3")))
@@ -92,7 +94,8 @@ def main():
     ap.add_argument("--calls", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--processes", type=int, default=None, help="pool size (default min(4, CPUs))")
-    ap.add_argument("--group", type=int, default=8, help="completions per prompt (each sample repeats this often)")
+    ap.add_argument("--group", type=int, default=8,
+                    help="completions per prompt (each sample repeats this often)")
     args = ap.parse_args()
     n = args.calls
     completions = [f"<think>hm</think>{i % 5}" for i in range(n)]
@@ -102,7 +105,8 @@ def main():
     pool = RewardSet([RewardSpec(fn=USER_EXACT)], 10.0, processes=args.processes)
     base = timed(lambda: threads.score(completions, samples(n, "none", args.group)), args.repeats) / n
     rows.append(("exact_match on threads (built-in), no image", base, 1.0))
-    for images, label in (("none", "no image"), ("pil", "a 448x448 PIL image"), ("bytes", "200 kB image bytes")):
+    for images, label in (("none", "no image"), ("pil", "a 448x448 PIL image"),
+                          ("bytes", "200 kB image bytes")):
         batch = samples(n, images, args.group)
         t = timed(lambda b=batch: pool.score(completions, b), args.repeats) / n
         rows.append((f"exact_match in the process pool, {label}", t, t / base))
@@ -117,11 +121,12 @@ def main():
     rows.append(("math in the process pool", t, t / base))
     math_pool.close()
 
-    starts = [(f"start one worker ({name})", worker_start(name, args.repeats)) for name in ("forkserver", "spawn")]
+    starts = [(f"start one worker ({name})", worker_start(name, args.repeats))
+              for name in ("forkserver", "spawn")]
 
     size = args.processes or min(4, os.cpu_count() or 1)
-    print(f"{n} calls per batch ({n // args.group} samples x {args.group}), median of {args.repeats}, pool of "
-          f"{size} processes, {os.cpu_count()} CPUs")
+    print(f"{n} calls per batch ({n // args.group} samples x {args.group}), median of {args.repeats}, pool "
+          f"of {size} processes, {os.cpu_count()} CPUs")
     print("| path | us per call | vs exact_match on threads |")
     print("|---|---|---|")
     for label, t, ratio in rows:

@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, nargs="*", default=[1, 8], help="samples per prompt (batch = prompts x this)")
+    ap.add_argument("--samples", type=int, nargs="*", default=[1, 8],
+                    help="samples per prompt (batch = prompts x this)")
     args = ap.parse_args()
     from transformers import AutoModelForImageTextToText
 
@@ -40,7 +41,8 @@ def main():
         from vlrl.tiny_model import build_tiny_qwen3_vl
 
         device = torch.device("cpu")
-        model = AutoModelForImageTextToText.from_pretrained(build_tiny_qwen3_vl(Path(tempfile.mkdtemp()) / "t"))
+        model = AutoModelForImageTextToText.from_pretrained(
+            build_tiny_qwen3_vl(Path(tempfile.mkdtemp()) / "t"))
         seq, side = 60, 64
     else:
         device = torch.device("cuda")
@@ -67,7 +69,8 @@ def main():
             dt = time.perf_counter() - t0
             tokens = sum(len(r.completion_ids) for r in out)
             rows.append((cache, len(prompts) * n, dt, tokens / dt))
-            print(f"  {cache} cache, batch {len(prompts) * n}: {dt:.2f} s, {tokens / dt:,.0f} generated tokens/s",
+            print(f"  {cache} cache, batch {len(prompts) * n}: {dt:.2f} s, {tokens / dt:,.0f} generated "
+                  "tokens/s",
                   flush=True)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{dev}, {args.new_tokens} new tokens per sample, {seq}-token prompts with one {side}px image")
@@ -75,7 +78,8 @@ def main():
     for cache, b, dt, tps in rows:
         print(f"| {cache} | {b} | {dt:.2f} | {tps:,.0f} |")
     base = {b: tps for cache, b, _, tps in rows if cache == "dynamic"}
-    print("static/dynamic: " + ", ".join(f"batch {b} {tps / base[b]:.2f}x" for c, b, _, tps in rows if c == "static"))
+    print("static/dynamic: "
+          + ", ".join(f"batch {b} {tps / base[b]:.2f}x" for c, b, _, tps in rows if c == "static"))
 
 
 if __name__ == "__main__":

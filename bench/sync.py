@@ -4,19 +4,21 @@
     python bench/sync.py --tiny     # on the CPU: the tiny model end to end with a real vLLM server
 
 GPU (the trainer side; vLLM cannot run on that machine): today's path, `export_state` + `save_pretrained` into
-/dev/shm (what `DiskWeightSync.push` did, the learner waiting throughout), then the new one (`DiskWeightSync` with
-no server): the learner's copy to pinned host buffers and the parallel write of the files, into /dev/shm and into
-a directory on the local disk, the vision tower frozen (the default: written at the first push only). Each sync
-after the first is timed (`--repeat`); the first (buffers allocated and pinned, the frozen tower written) apart.
-Then the fraction of bf16 weights one optimizer step at lr 1e-6 changes (for whether a delta format would pay).
+/dev/shm (what `DiskWeightSync.push` did, the learner waiting throughout), then the new one (`DiskWeightSync`
+with no server): the learner's copy to pinned host buffers and the parallel write of the files, into /dev/shm
+and into a directory on the local disk, the vision tower frozen (the default: written at the first push only).
+Each sync after the first is timed (`--repeat`); the first (buffers allocated and pinned, the frozen tower
+written) apart. Then the fraction of bf16 weights one optimizer step at lr 1e-6 changes (for whether a delta
+format would pay).
 
 CPU (`--tiny`): `vlrl serve` on the tiny model; per step the language model moves (as a step moves it), then
 today's push (save_pretrained + reload, all of it blocking) and the new one (copy; then in the background the
-files, the tag, the reload; the first request after waits for it), the first request's seconds, and the mismatch
-KL of the rollouts against the trainer's weights (float32 noise when the server samples from exactly them).
+files, the tag, the reload; the first request after waits for it), the first request's seconds, and the
+mismatch KL of the rollouts against the trainer's weights (float32 noise when the server samples from exactly
+them).
 
-Last line: `sync: trainer-blocking X.XX s (was Y.YY s), total Z.ZZ s` (medians; total: the new push whole, on the
-GPU the copy plus the files).
+Last line: `sync: trainer-blocking X.XX s (was Y.YY s), total Z.ZZ s` (medians; total: the new push whole, on
+the GPU the copy plus the files).
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def qwen3_vl_8b_config():
             rms_norm_eps=1e-6, tie_word_embeddings=False,
         ),
         vision_config=dict(
-            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+            patch_size=16,
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
             deepstack_visual_indexes=[8, 16, 24],
         ),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653,
         tie_word_embeddings=False,
     )
 
@@ -174,7 +178,8 @@ def gpu(args) -> str:
             moved = p - 1e-6 * torch.sign(torch.randn_like(p))
             changed += int((moved != p).sum())
             n += p.numel()
-    print(f"bf16 elements changed by one step of 1e-6 per element: {changed / n:.2%} of {n / 1e9:.2f}B", flush=True)
+    print(f"bf16 elements changed by one step of 1e-6 per element: {changed / n:.2%} of "
+          f"{n / 1e9:.2f}B", flush=True)
 
     print("\n| path | learner waits (s) | background (s) | bytes |\n|---|---|---|---|")
     for label, blocking, background, nbytes in rows:
@@ -188,11 +193,11 @@ def tiny(args) -> str:
     import copy
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs  # tests/vllm_server.py
-
     from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
     from vlrl.config import ModelConfig
     from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
+
+    from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs  # tests/vllm_server.py
 
     model_dir = Path(os.environ.get("VLRL_TINY_MODEL", ROOT / ".cache/tiny-qwen3-vl"))
     adapter = Qwen3VLAdapter.from_config(ModelConfig(path=str(model_dir), dtype="float32", min_pixels=4096,
@@ -207,7 +212,8 @@ def tiny(args) -> str:
         cfg = rollout_cfg(server)
         client = VLLMClient(server.url, cfg)
         old_sync = DiskWeightSync(client, adapter, work / "old")
-        sync = DiskWeightSync(client, adapter, Path("/dev/shm") / f"vlrl-bench-{os.getpid()}", remove_at_close=True)
+        sync = DiskWeightSync(client, adapter, Path("/dev/shm") / f"vlrl-bench-{os.getpid()}",
+                              remove_at_close=True)
         sampler = VLLMSampler(adapter, cfg, weight_sync=sync, client=client)
         ps = prompts(adapter)
         sampler.sync_weights(model, background=False)  # the first push: every tensor
@@ -235,8 +241,10 @@ def tiny(args) -> str:
             first = time.perf_counter() - t
             stats = trainer_logprobs(adapter, model, rollouts)
             moved = trainer_logprobs(adapter, base, rollouts)["max_abs_diff"]
-            rows.append((step, old, blocking, sync.seconds["write"], sync.seconds["load"], sampler.push_s, first,
-                         sampler.push_wait_s, stats["mismatch_kl"], stats["max_abs_diff"], moved, sync.bytes_written))
+            rows.append((step, old, blocking, sync.seconds["write"], sync.seconds["load"], sampler.push_s,
+                         first,
+                         sampler.push_wait_s, stats["mismatch_kl"], stats["max_abs_diff"], moved,
+                         sync.bytes_written))
             sampler.push_wait_s = 0.0
             print(f"step {step}: mismatch KL {stats['mismatch_kl']:.2e}", flush=True)
         sampler.sync_weights(base, background=False)  # leave the server as it started
@@ -245,12 +253,13 @@ def tiny(args) -> str:
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| step | today: blocking (s) | new: blocking (s) | write (s) | reload (s) | push total (s) | first "
-          "request (s) | of which waited for the push (s) | mismatch KL | max abs diff | vs base weights | bytes "
-          "written |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| step | today: blocking (s) | new: blocking (s) | write (s) | reload (s) | push total (s) | "
+          "first "
+          "request (s) | of which waited for the push (s) | mismatch KL | max abs diff | vs base weights | "
+          "bytes written |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.3f} | "
-              f"{r[8]:.1e} | {r[9]:.1e} | {r[10]:.1e} | {r[11]} |")
+        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} | "
+              f"{r[7]:.3f} | {r[8]:.1e} | {r[9]:.1e} | {r[10]:.1e} | {r[11]} |")
     assert all(r[8] < 1e-6 for r in rows), "the server sampled from weights other than the pushed ones"
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     return f"sync: trainer-blocking {med(2):.2f} s (was {med(1):.2f} s), total {med(5):.2f} s"
@@ -261,8 +270,10 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="the CPU end-to-end run with a real vLLM server")
     ap.add_argument("--repeat", type=int, default=4, help="timed syncs after the first (GPU)")
     ap.add_argument("--old-repeat", type=int, default=1, help="timed runs of today's path (GPU; ~17 s each)")
-    ap.add_argument("--disk-dir", default=str(ROOT / "runs/bench-sync-disk"), help="a directory on the local disk (GPU)")
-    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the GPU part on the CPU, tiny model
+    ap.add_argument("--disk-dir", default=str(ROOT / "runs/bench-sync-disk"),
+                    help="a directory on the local disk (GPU)")
+    # the GPU part on the CPU, tiny model
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=4, help="synced steps (--tiny)")
     args = ap.parse_args()
     line = tiny(args) if args.tiny or not (torch.cuda.is_available() or args.smoke) else gpu(args)

@@ -38,14 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ragged  # noqa: E402  (bench/ragged.py, beside this script)
 import checkpointing  # noqa: E402  (bench/checkpointing.py, beside this script)
+import ragged  # noqa: E402  (bench/ragged.py, beside this script)
+
 from vlrl.adapters.fast_vision import set_fast_vision  # noqa: E402
 from vlrl.adapters.patches import patch_model  # noqa: E402
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
-from vlrl.config import ModelConfig  # noqa: E402
+from vlrl.config import AlgorithmConfig, ModelConfig  # noqa: E402
 from vlrl.records import EncodedPrompt, Rollout  # noqa: E402
-from vlrl.config import AlgorithmConfig  # noqa: E402
 from vlrl.update import accumulate_gradients  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16

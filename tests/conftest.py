@@ -63,8 +63,8 @@ def tiny_model(adapter):
 
 @pytest.fixture(scope="session")
 def qwen_model_dir(tmp_path_factory) -> Path:
-    """The tiny Qwen3-VL with Qwen's real vocabulary, warm-started to call the built-in tools (`make tiny` builds
-    it into .cache/tiny-qwen3-vl-qwen; $VLRL_TINY_QWEN_MODEL names it)."""
+    """The tiny Qwen3-VL with Qwen's real vocabulary, warm-started to call the built-in tools (`make tiny`
+    builds it into .cache/tiny-qwen3-vl-qwen; $VLRL_TINY_QWEN_MODEL names it)."""
     env = os.environ.get("VLRL_TINY_QWEN_MODEL")
     if env and (Path(env) / "config.json").is_file():
         return Path(env).resolve()

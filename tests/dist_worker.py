@@ -33,7 +33,8 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
 def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     acc = Accelerator(cpu=True)
     rank, world = acc.process_index, acc.num_processes
-    adapter = Qwen3VLAdapter.from_config(ModelConfig(path=model_dir, dtype="float32", min_pixels=4096, max_pixels=16384))
+    adapter = Qwen3VLAdapter.from_config(ModelConfig(path=model_dir, dtype="float32", min_pixels=4096,
+                                                     max_pixels=16384))
     model = adapter.load_model(torch.float32).train()  # every parameter trainable, vision tower included
     g = torch.Generator().manual_seed(0)
     rollouts = []
@@ -61,23 +62,29 @@ def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     if mode == "packed":
         mine = rollouts if world == 1 else (rollouts[:6] if rank == 0 else rollouts[6:])
         reduce = lambda v, op: acc.reduce(torch.tensor(v, dtype=torch.float64), op).tolist()  # noqa: E731
-        batch, plan = plan_step(mine, [], adapter.build_batch, TrainConfig(micro_batch_tokens=80), None, world, reduce)
+        batch, plan = plan_step(mine, [], adapter.build_batch, TrainConfig(micro_batch_tokens=80), None,
+                                world, reduce)
         assert plan.packed
-        sums = accumulate_gradients(policy, batch, plan, settings, 10, acc.device, accelerator=acc, loss_scale=world)
-        result["tokens"] = acc.gather(torch.tensor([sum(batch.lengths)])).tolist()  # per rank, after balancing
+        sums = accumulate_gradients(policy, batch, plan, settings, 10, acc.device, accelerator=acc,
+                                    loss_scale=world)
+        # per rank, after balancing
+        result["tokens"] = acc.gather(torch.tensor([sum(batch.lengths)])).tolist()
         result["passes"] = len(plan.passes)
     else:
         mine = rollouts[rank::world]
         batch = adapter.build_batch(mine)
         groups = plan_micro_batches(batch.attention_mask.sum(-1).tolist(), max_samples=1 + rank)
-        counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())], dtype=torch.float64)
+        counts = torch.tensor([batch.num_loss_tokens, float((batch.loss_mask.sum(-1) > 0).sum())],
+                              dtype=torch.float64)
         most = torch.tensor([float(len(groups))])
         counts, most = acc.reduce(counts, "sum"), acc.reduce(most, "max")
         sums = accumulate_gradients(policy, batch, groups, settings, 10, acc.device, accelerator=acc,
-                                    total_tokens=float(counts[0]), total_sequences=float(counts[1]), loss_scale=world,
+                                    total_tokens=float(counts[0]), total_sequences=float(counts[1]),
+                                    loss_scale=world,
                                     padding_passes=int(most) - len(groups))
     loss = acc.reduce(torch.tensor([sums["loss"]], dtype=torch.float64), "sum")
-    grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters() if p.grad is not None}
+    grads = {n: gathered(p.grad).clone() for n, p in acc.unwrap_model(policy).named_parameters()
+             if p.grad is not None}
     result.update(loss=float(loss), grads=grads)
     if mode == "fsdp":
         result.update(fsdp_state_round_trip(acc, adapter, policy))
@@ -102,7 +109,8 @@ def two_turns(adapter, r: Rollout, image: bool, g) -> Rollout:
 
 def fsdp_state_round_trip(acc, adapter, policy) -> dict:
     """After an optimizer step: the gathered weights and optimizer state, a fresh sharded policy loaded from
-    them (as a resumed run is), and an unsharded replica refreshed from the shards (the in-process sampler's)."""
+    them (as a resumed run is), and an unsharded replica refreshed from the shards (the in-process
+    sampler's)."""
     from vlrl.fsdp import copy_full_weights, full_state, load_optimizer_state, optimizer_state
 
     params = lambda pol: [p for p in pol.parameters() if p.requires_grad]  # noqa: E731
@@ -113,7 +121,8 @@ def fsdp_state_round_trip(acc, adapter, policy) -> dict:
     copy_full_weights(policy, replica)
     replica_diff = max(float((gathered(p) - dict(replica.named_parameters())[n[len("model."):]]).abs().max())
                        for n, p in policy.named_parameters())
-    policy2 = prepare_on_cpu(acc, adapter.policy(adapter.load_model(torch.float32).train(), 1.0), adapter.fsdp_units)
+    policy2 = prepare_on_cpu(acc, adapter.policy(adapter.load_model(torch.float32).train(), 1.0),
+                             adapter.fsdp_units)
     # the fresh shards get the gathered weights from rank 0 (a resumed run reads them from the checkpoint)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -122,7 +131,8 @@ def fsdp_state_round_trip(acc, adapter, policy) -> dict:
     opt2 = torch.optim.AdamW(params(policy2), lr=1e-2)
     load_optimizer_state(policy2, opt2, ostate)
     weights2, ostate2 = full_state(policy2), optimizer_state(policy2, opt2)
-    return {"weights": weights, "weights2": weights2, "opt": ostate, "opt2": ostate2, "replica_diff": replica_diff,
+    return {"weights": weights, "weights2": weights2, "opt": ostate, "opt2": ostate2,
+            "replica_diff": replica_diff,
             "step_weights": {n: gathered(p).detach().clone() for n, p in policy.named_parameters()}}
 
 

@@ -17,8 +17,8 @@ class ImageEveryTurn(Environment):
 
     def step(self, sample, state, completion):
         state["turn"] = state.get("turn", 0) + 1
-        return Reply(messages=[{"role": "tool", "content": [{"type": "image"},
-                                                            {"type": "text", "text": f"view {state['turn']}"}]}],
+        content = [{"type": "image"}, {"type": "text", "text": f"view {state['turn']}"}]
+        return Reply(messages=[{"role": "tool", "content": content}],
                      images=[_image(state["turn"])], reward=0.25)
 
 
@@ -83,7 +83,8 @@ class StripImage(Environment):
     """Answers each turn with a tool image the pixel policy refuses (1x4000) next to a usable one."""
 
     def step(self, sample, state, completion):
-        return Reply(messages=[{"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "strip"},
+        return Reply(messages=[{"role": "tool",
+                                "content": [{"type": "image"}, {"type": "text", "text": "strip"},
                                                             {"type": "image"}]}],
                      images=[Image.new("RGB", (1, 4000)), _image(1)])
 

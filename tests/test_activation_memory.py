@@ -7,8 +7,8 @@ from vlrl.activation_memory import GIB, choose, kinds, optimizer_state_bytes, st
 
 def test_the_ladder_goes_none_then_selective_then_full():
     # 4 layers: levels 0..8; selective first (cheap recompute), then full
-    assert [kinds(level, 4) for level in range(9)] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 3), (2, 2), (3, 1),
-                                                       (4, 0)]
+    assert [kinds(level, 4) for level in range(9)] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 3), (2, 2),
+                                                       (3, 1), (4, 0)]
     assert step_up(2, 4) == 3 and step_up(7, 4) == 8 and step_up(8, 4) == 8 and step_up(0, 36) == 9
 
 
@@ -113,8 +113,8 @@ def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monk
 
 
 def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):
-    """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser, every
-    layer recomputed, and the sentence names the setting to change."""
+    """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser,
+    every layer recomputed, and the sentence names the setting to change."""
     from vlrl.activation_memory import AutoCheckpointing
 
     FakeCuda(monkeypatch, {}, 0)
@@ -129,9 +129,10 @@ def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lo
 
 
 def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_path, capsys):
-    from conftest import tiny_config
     from vlrl.summary import read_jsonl
     from vlrl.train import train
+
+    from conftest import tiny_config
 
     res = train(tiny_config(tiny_model_dir, tmp_path, "train.gradient_checkpointing=true",
                             'train.checkpoint_fraction="auto"', "train.steps=2"))
@@ -139,7 +140,8 @@ def test_auto_on_the_cpu_recomputes_every_layer_and_says_so(tiny_model_dir, tmp_
     assert capsys.readouterr().out.count("auto on the CPU recomputes every layer") == 1
 
 
-def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(tiny_model_dir, tmp_path, monkeypatch,
+def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(
+    tiny_model_dir, tmp_path, monkeypatch,
                                                                                 capsys):
     """An OOM in the update (injected: these machines have no GPU) steps `auto`'s fraction up by a quarter of
     the layers, redoes the step from zeroed gradients (the same update as a step that never failed), says so
@@ -147,12 +149,14 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     import pytest
 
     import vlrl.train as train_module
-    from conftest import tiny_config
     from vlrl.activation_memory import AutoCheckpointing
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
-    def decide(self, probe, params, has_state, agree, distributed=False, **kw):  # a GPU whose budget fits half full
+    from conftest import tiny_config
+
+    # a GPU whose budget fits half full
+    def decide(self, probe, params, has_state, agree, distributed=False, **kw):
         probe()
         self._apply(3)  # 2 layers: level 3 = 1 layer full, 1 selective
         return "decided"
@@ -175,7 +179,8 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(t
     oom = train(tiny_config(tiny_model_dir, tmp_path, *sets, "name=oom"))
     said = capsys.readouterr().out
     a, b = read_jsonl(clean.run_dir / "metrics.jsonl"), read_jsonl(oom.run_dir / "metrics.jsonl")
-    assert [m["checkpoint_fraction"] for m in a] == [0.5, 0.5] and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0]
+    assert ([m["checkpoint_fraction"] for m in a] == [0.5, 0.5]
+            and [m["checkpoint_fraction"] for m in b] == [1.0, 1.0])
     for key in ("loss", "grad_norm", "reward/mean"):
         assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
     assert said.count("out of GPU memory with 1 of 2 layers recomputed whole and 1 selectively: now 2") == 1

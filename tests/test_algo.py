@@ -101,11 +101,14 @@ def test_sequence_level_ratio_gspo():
 
 def test_aggregation_weights():
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
-    assert aggregation_weights(mask, "token-mean", 4, 2, 4).tolist() == [[0.25, 0.25, 0.25, 0], [0.25, 0, 0, 0]]
+    assert aggregation_weights(mask, "token-mean", 4,
+                               2, 4).tolist() == [[0.25, 0.25, 0.25, 0], [0.25, 0, 0, 0]]
     torch.testing.assert_close(
-        aggregation_weights(mask, "seq-mean-token-mean", 4, 2, 4), torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [0.5, 0, 0, 0]])
+        aggregation_weights(mask, "seq-mean-token-mean", 4, 2, 4),
+        torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [0.5, 0, 0, 0]])
     )
-    assert aggregation_weights(mask, "constant", 4, 2, 4).tolist() == [[0.125, 0.125, 0.125, 0], [0.125, 0, 0, 0]]
+    assert aggregation_weights(mask, "constant", 4,
+                               2, 4).tolist() == [[0.125, 0.125, 0.125, 0], [0.125, 0, 0, 0]]
 
 
 def test_kl_k3():

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from vlrl.adapters.qwen3_vl import PromptError
-from vlrl.batch import plan_micro_batches
+from vlrl.batch import batch_logprobs, plan_micro_batches
 from vlrl.records import Rollout
-from vlrl.batch import batch_logprobs
 
 
 def image(w, h, rgb=(200, 10, 10)):
@@ -38,14 +37,16 @@ def test_single_turn_mask_and_alignment(adapter):
     assert (b.behavior_logprobs[0, :P] == 0).all()
     assert b.input_ids[0, P:].tolist() == comp
     assert b.advantages.tolist() == [1.5]
-    assert b.model_inputs["mm_token_type_ids"][0].tolist() == [int(t == adapter.image_token_id) for t in p.input_ids] + [0, 0]
+    assert b.model_inputs["mm_token_type_ids"][0].tolist() == [int(t == adapter.image_token_id)
+                                                               for t in p.input_ids] + [0, 0]
 
 
 def test_multi_turn_mask_covers_each_generated_turn_only(adapter):
     """Prompt history is never trained; in a multi-turn rollout, environment tokens between turns are not."""
     history = [
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},  # earlier turn: prompt, not trained
+        # earlier turn: prompt, not trained
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
     ]
     p = prompt(adapter, "What color?", [image(64, 64)], system="Be brief.", history=history)
     turn1 = ids(adapter, "blue") + [adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -151,9 +152,11 @@ def test_host_positions_equal_transformers_own(adapter, tiny_model):
 
 def test_logprobs_with_host_positions_equal_the_models_own(adapter, tiny_model):
     rs = [
-        Rollout(prompt=prompt(adapter, "Two", [image(96, 64), image(64, 128, (0, 0, 200))]), completion_ids=[5, 6, 7],
+        Rollout(prompt=prompt(adapter, "Two", [image(96, 64), image(64, 128, (0, 0, 200))]),
+                completion_ids=[5, 6, 7],
                 logprobs=[0.0] * 3, finish_reason="length"),
-        Rollout(prompt=prompt(adapter, "None"), completion_ids=[8, 9], logprobs=[0.0] * 2, finish_reason="length"),
+        Rollout(prompt=prompt(adapter, "None"), completion_ids=[8, 9], logprobs=[0.0] * 2,
+                finish_reason="length"),
     ]
     b = adapter.build_batch(rs)
     policy = adapter.policy(tiny_model, 1.0)
@@ -173,7 +176,8 @@ def test_positions_refuse_placeholders_that_do_not_match_the_grid():
     with pytest.raises(ValueError, match="more image placeholder runs"):
         mrope_positions(ids, torch.ones_like(ids), None, 9, 2)
     with pytest.raises(ValueError, match="2 image grids but 1"):
-        mrope_positions(torch.tensor([[1, 9, 9, 9, 9, 2]]), torch.ones(1, 6), torch.tensor([[1, 4, 4]] * 2), 9, 2)
+        mrope_positions(torch.tensor([[1, 9, 9, 9, 9, 2]]), torch.ones(1, 6), torch.tensor([[1, 4, 4]] * 2),
+                        9, 2)
 
 
 def test_placeholder_count_is_checked(adapter):

@@ -20,7 +20,8 @@ def test_help_lists_the_commands_and_imports_nothing_heavy():
     res = run("--help")
     assert res.returncode == 0
     assert "check-batch" in res.stdout and "build-tiny-model" in res.stdout
-    code = "import sys, vlrl.cli; print(sorted(m for m in ('torch', 'transformers', 'PIL') if m in sys.modules))"
+    code = ("import sys, vlrl.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'PIL') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
     assert time.perf_counter() - t0 < 10  # generous: a loaded CI box; the import check above is the real test
 
@@ -42,7 +43,8 @@ def test_check_batch_json_ok(tiny_model_dir):
 def test_check_batch_fails_when_the_token_budget_is_exceeded(tiny_model_dir, adapter):
     # a prompt of P tokens fits max_model_len P + 2, but not with max_new_tokens (16) more
     prompt = len(adapter.encode_prompt(adapter.build_messages(
-        "What color is the shape? Answer with one word: blue, green, red or yellow.", 1), [Image.new("RGB", (64, 64))]
+        "What color is the shape? Answer with one word: blue, green, red or yellow.", 1),
+        [Image.new("RGB", (64, 64))]
     ).input_ids)
     res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}",
               "--set", f"model.max_model_len={prompt + 2}")
@@ -60,7 +62,8 @@ def test_check_batch_warns_when_most_samples_are_cut_by_max_new_tokens(tiny_mode
     report = json.loads(res.stdout)
     warned = [c for c in report["checks"] if c["warning"]]
     assert report["ok"] and [c["name"] for c in warned] == ["truncation"], report["checks"]
-    assert "raise rollout.max_new_tokens" in warned[0]["detail"] and report["stats"]["truncated_fraction"] > 0.5
+    assert ("raise rollout.max_new_tokens" in warned[0]["detail"]
+            and report["stats"]["truncated_fraction"] > 0.5)
 
 
 def test_check_batch_human_output(tiny_model_dir):
@@ -72,9 +75,11 @@ def test_check_batch_human_output(tiny_model_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["check-batch", "configs/tiny-cpu.toml", "--set", "rollout.group_sise=3"], "rollout.group_sise: unknown key"),
+        (["check-batch", "configs/tiny-cpu.toml", "--set", "rollout.group_sise=3"],
+         "rollout.group_sise: unknown key"),
         (["check-batch", "missing.toml"], "config file missing.toml does not exist"),
-        (["check-batch", "configs/tiny-cpu.toml", "--set", "model.path=/no/such/model"], "model.path '/no/such/model'"),
+        (["check-batch", "configs/tiny-cpu.toml", "--set", "model.path=/no/such/model"],
+         "model.path '/no/such/model'"),
     ],
 )
 def test_user_errors_are_one_clear_message(args, message):

@@ -7,10 +7,10 @@ import copy
 import torch
 from PIL import Image
 
+from vlrl.batch import batch_logprobs
 from vlrl.check_batch import mismatch_stats
 from vlrl.config import RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.batch import batch_logprobs
 
 
 def prompts(adapter):
@@ -24,7 +24,8 @@ def prompts(adapter):
 
 def test_trainer_logprobs_equal_sampler_logprobs(adapter, tiny_model):
     for temperature in (1.0, 0.7):
-        sampler = EmbeddedSampler(tiny_model, adapter, RolloutConfig(max_new_tokens=16, temperature=temperature))
+        sampler = EmbeddedSampler(tiny_model, adapter,
+                                  RolloutConfig(max_new_tokens=16, temperature=temperature))
         rollouts = sampler.sample(prompts(adapter), n=4, seed=0)
         assert len(rollouts) == 12 and [r.group for r in rollouts] == [0] * 4 + [1] * 4 + [2] * 4
         batch = adapter.build_batch(rollouts)

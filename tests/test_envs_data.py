@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from vlrl.config import EnvConfig
-from vlrl.envs.builtin import BACKGROUND, COLORS, TASKS, builtin_split
-from vlrl.envs.dataset import encode_sample
-from vlrl.envs.files import DatasetError, held_out_indices, load_file_split
-from vlrl.envs.sources import load_samples
+from vlrl.data.builtin import BACKGROUND, COLORS, TASKS, builtin_split
+from vlrl.data.encode import encode_sample
+from vlrl.data.files import DatasetError, held_out_indices, load_file_split
+from vlrl.data.sources import load_samples
 from vlrl.errors import UserError
 
 # --- pixel inspection -----------------------------------------------------------------------------------
@@ -151,9 +151,11 @@ def test_builtin_dispatch_and_unknown_task():
     train, ev = load_samples(cfg, "train", 0), load_samples(cfg, "eval", 0)
     assert (len(train), len(ev)) == (7, 3)
     assert train[0].id == "count-train-0" and train[0].images[0].size == (40, 40)
-    assert set(TASKS) == {"colors", "shapes", "count", "position", "zoom", "motion"}  # (and calculator, text only)
+    # (and calculator, text only)
+    assert set(TASKS) == {"colors", "shapes", "count", "position", "zoom", "motion"}
     with pytest.raises(
-        UserError, match="unknown built-in task 'nope'; choose one of calculator, colors, count, motion, position, "
+        UserError,
+        match="unknown built-in task 'nope'; choose one of calculator, colors, count, motion, position, "
                          "shapes, zoom"
     ):
         load_samples(EnvConfig(dataset="builtin:nope"), "train")

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-
-from conftest import tiny_config
 from test_report import Dom, pixels_near, render
+
 from vlrl.checkpoint import latest_checkpoint
 from vlrl.errors import UserError
 from vlrl.evaluate import check_checkpoint, evaluate, pass_at_k, pass_ks, run_eval, summarize
 from vlrl.report import write_run_report
 from vlrl.train import train
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RED = (220, 30, 30)
@@ -78,7 +79,8 @@ def test_eval_of_the_base_model_is_complete_and_deterministic(tiny_model_dir, tm
     assert {"reward/mean", "reward/rewards_for_tests:parity/mean", "reward/choice/mean", "accuracy", "pass@1",
             "pass@2", "pass@4", "response_length/mean"} <= set(summary) and "pass@8" not in summary
     assert (summary["prompts"], summary["samples_per_prompt"], summary["samples"]) == (4, 4, 16)
-    assert json.loads((out / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
+    assert json.loads((out
+                       / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
     recs = lines(out / "samples.jsonl")
     assert [r["sample_id"] for r in recs] == [f"colors-eval-{i}" for i in range(4) for _ in range(4)]
     assert [(r["prompt"], r["index"]) for r in recs] == [(i, j) for i in range(4) for j in range(4)]
@@ -119,7 +121,7 @@ def test_a_reward_function_listed_twice_is_scored_under_two_keys(tiny_model_dir,
 
 def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(adapter, tiny_model, tmp_path,
                                                                                 tiny_model_dir):
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
     from vlrl.rollout.groups import RolloutGroups
 
@@ -135,7 +137,9 @@ def test_evaluate_reports_progress_per_batch_and_leaves_the_model_and_rng_alone(
     assert summary["step"] == 5 and summary["seed"] == 7 and summary["samples"] == 6
     assert tiny_model.training and torch.equal(torch.get_rng_state(), rng)
     tiny_model.eval()
-    assert {p.name for p in (tmp_path / "ev").iterdir()} == {"summary.json", "samples.jsonl", "report.html", "images"}
+    assert {p.name
+            for p in (tmp_path / "ev").iterdir()} == {"summary.json", "samples.jsonl",
+                                                      "report.html", "images"}
 
 
 def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_positions(adapter, tmp_path,
@@ -145,15 +149,17 @@ def test_eval_of_a_multi_turn_environment_reports_its_episodes_and_keeps_prompt_
     (it held none of them), and lengths count sampled tokens only (they counted the tool replies too)."""
     from test_environments import Scripted
 
-    from vlrl.envs.sources import load_samples
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.groups import RolloutGroups
 
-    cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards", "env.max_turns=2",
+    cfg = cfg_of(tiny_model_dir, tmp_path, "env.environment=envs_for_tests:SkipsOneAndRewards",
+                 "env.max_turns=2",
                  "rollout.prompts_per_step=4")
     summary = evaluate(cfg, RolloutGroups(cfg, adapter, Scripted(adapter, ["look"])),
                        load_samples(cfg.env, "eval")[:3], 2, 0, tmp_path / "ev")
     recs = lines(tmp_path / "ev" / "samples.jsonl")
-    assert [(r["sample_id"], r["prompt"]) for r in recs] == [("colors-eval-0", 0)] * 2 + [("colors-eval-2", 2)] * 2
+    assert [(r["sample_id"],
+             r["prompt"]) for r in recs] == [("colors-eval-0", 0)] * 2 + [("colors-eval-2", 2)] * 2
     said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1  # and <|im_end|>
     assert summary["bad_samples"] == 1 and summary["samples"] == 4
     assert summary["reward/env/mean"] == 0.5  # 0.25 a turn, two turns

@@ -24,7 +24,9 @@ def case(tiny_model):
     batch = adapter.build_batch(make_rollouts(adapter, 3, 120, 1, 64, 60, cfg.text_config.vocab_size))
     with torch.no_grad():  # behavior logprobs near the model's own, as a sampler's are
         own = naive_logprobs(tiny_model.eval(), batch, adapter.banned_token_ids)
-    batch.behavior_logprobs = (own + 0.05 * torch.randn(own.shape, generator=torch.Generator().manual_seed(0))) * batch.loss_mask
+    batch.behavior_logprobs = (own + 0.05
+                               * torch.randn(own.shape,
+                                             generator=torch.Generator().manual_seed(0))) * batch.loss_mask
     return adapter, batch
 
 
@@ -76,9 +78,9 @@ def test_compiled_layers_give_the_same_logprobs(tiny_model, case):
 
 
 def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
-    """A GRPO-like batch (a prompt's image repeated over its group, plus an image one pixel away from another):
-    with image sharing on, the vision tower sees each distinct image once, and the logprobs and every gradient
-    (vision tower trainable) equal those of encoding every copy."""
+    """A GRPO-like batch (a prompt's image repeated over its group, plus an image one pixel away from
+    another): with image sharing on, the vision tower sees each distinct image once, and the logprobs and
+    every gradient (vision tower trainable) equal those of encoding every copy."""
     from vlrl.adapters.shared_images import set_image_sharing
     from vlrl.records import EncodedPrompt, Rollout
 
@@ -93,7 +95,8 @@ def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
     rollouts = []
     for prompt in (base[0].prompt, base[0].prompt, base[1].prompt, base[0].prompt, twin):
         comp = torch.randint(2, 300, (60,), generator=g).tolist()
-        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=[-1.0] * 60, finish_reason="length",
+        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=[-1.0] * 60,
+                                finish_reason="length",
                                 advantage=float(torch.randn(1, generator=g))))
     batch = adapter.build_batch(rollouts)
     model = copy.deepcopy(tiny_model).train()  # every parameter trainable, the vision tower included
@@ -128,7 +131,8 @@ def test_vision_inputs_from_the_host_change_nothing(tiny_model_dir, adapter):
     from vlrl.adapters.fast_vision import supported
 
     if not supported():
-        pytest.skip("this transformers takes no precomputed vision inputs (vlrl leaves the vision tower as it is)")
+        pytest.skip("this transformers takes no precomputed vision inputs (vlrl leaves the vision tower as "
+                    "it is)")
     hooked = adapter.load_model(torch.float32)
     plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     visual = hooked.model.visual
@@ -136,7 +140,8 @@ def test_vision_inputs_from_the_host_change_nothing(tiny_model_dir, adapter):
     visual.register_forward_pre_hook(lambda m, a, k: given.append(dict(k)), with_kwargs=True)  # after vlrl's
     visual.blocks[0].register_forward_pre_hook(
         lambda m, a, k: seen.append((k["cu_seqlens"].device.type, sorted(k))), with_kwargs=True)
-    grid = torch.tensor([[1, 8, 8], [1, 4, 12], [1, 8, 8], [1, 6, 4]])  # a repeated size: served from the cache
+    # a repeated size: served from the cache
+    grid = torch.tensor([[1, 8, 8], [1, 4, 12], [1, 8, 8], [1, 6, 4]])
     pv = torch.randn(int(grid.prod(-1).sum()), 1536, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = visual(pv, grid_thw=grid, return_dict=True)
@@ -148,15 +153,18 @@ def test_vision_inputs_from_the_host_change_nothing(tiny_model_dir, adapter):
         grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
         align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
     assert torch.equal(given[0]["interp_indices"], idx) and torch.equal(given[0]["interp_weights"], w)
-    assert torch.equal(given[0]["position_ids"], vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size))
+    assert torch.equal(given[0]["position_ids"],
+                       vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size))
     assert torch.equal(given[0]["cu_seqlens"], vision_utils.get_vision_cu_seqlens(grid))
     assert len(visual._vlrl_fast_vision["inputs"]) == 3
     assert rel_err(embed, embed_ref) < 1e-6  # float32: a matmul sums in another order than the convolution
-    for a, b in zip([ours.pooler_output, *ours.deepstack_features], [ref.pooler_output, *ref.deepstack_features]):
+    for a, b in zip([ours.pooler_output, *ours.deepstack_features],
+                    [ref.pooler_output, *ref.deepstack_features]):
         assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("grids", [[[1, 8, 8]] * 3, [[1, 8, 8], [1, 4, 8], [1, 8, 4]]], ids=["equal", "unequal"])
+@pytest.mark.parametrize("grids", [[[1, 8, 8]] * 3, [[1, 8, 8], [1, 4, 8], [1, 8, 4]]],
+                         ids=["equal", "unequal"])
 def test_vision_attention_matches_transformers(tiny_model_dir, adapter, grids):
     """The vision tower's attention routed through `vision_attention` (equal-size images in one batched call;
     otherwise one call per image): features and the gradients of a trainable tower are transformers' own,
@@ -182,7 +190,8 @@ def test_vision_attention_matches_transformers(tiny_model_dir, adapter, grids):
         feats = model.model.visual(pixels, grid_thw=grid, return_dict=True)
         every = [feats.pooler_output, *feats.deepstack_features]
         if weights is None:
-            weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i)) for i, f in enumerate(every)]
+            weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i))
+                       for i, f in enumerate(every)]
         sum((f * w).sum() for f, w in zip(every, weights)).backward()
         out[name] = ([f.detach() for f in every],
                      {n: p.grad for n, p in model.model.visual.named_parameters() if p.grad is not None})

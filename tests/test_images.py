@@ -34,7 +34,8 @@ def header_only_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b"")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -145,13 +146,16 @@ def test_pillows_own_bomb_check_takes_the_guards_path(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # undo what a test may loosen
     bomb = header_only_png(20000, 10000)  # 200 Mpx in 69 bytes
     with pytest.raises(ImageError, match=r"^image <69 bytes>: 200000000 pixels is over the limit of 67108864 "
-                                         r"\(decompression-bomb guard\); downscale it or raise model\.image_max_decoded_pixels$"):
+                                         r"\(decompression-bomb guard\); downscale it or raise "
+                                         r"model\.image_max_decoded_pixels$"):
         decode_image(bomb)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ImageError, match=r": 100000000 pixels is over the limit of 67108864 \(decompression-bomb"):
+        with pytest.raises(ImageError,
+                           match=r": 100000000 pixels is over the limit of 67108864 \(decompression-bomb"):
             decode_image(header_only_png(10000, 10000))  # 100 Mpx: Pillow warns
-        with pytest.raises(ImageError, match=r": 8000x8000 pixels is over the limit of 1000000 \(decompression-bomb"):
+        with pytest.raises(ImageError,
+                           match=r": 8000x8000 pixels is over the limit of 1000000 \(decompression-bomb"):
             decode_image(header_only_png(8000, 8000), limits=ImageLimits(max_decoded_pixels=1_000_000))
     # a user who allows more than Pillow does is not overruled by Pillow: the file gets decoded (and is short)
     with pytest.raises(ImageError, match=r"corrupt or truncated"):
@@ -160,8 +164,8 @@ def test_pillows_own_bomb_check_takes_the_guards_path(monkeypatch):
 
 
 def fuzzed(seed: int, n: int) -> list[bytes]:
-    """`n` damaged copies of small valid images in nine formats (EXIF in the JPEG and TIFF): bytes overwritten,
-    some cut short."""
+    """`n` damaged copies of small valid images in nine formats (EXIF in the JPEG and TIFF): bytes
+    overwritten, some cut short."""
     rng = random.Random(seed)
     base = Image.effect_noise((48, 40), 60).convert("RGB")
     exif = Image.Exif()
@@ -189,7 +193,8 @@ def test_damaged_files_of_every_format_fail_as_image_errors():
                 kinds.add("decoded")
                 assert img.mode == "RGB"
             except ImageError as e:
-                kinds.update(k for k in ("corrupt or truncated", "not a recognised", "decompression-bomb") if k in str(e))
+                kinds.update(k for k in ("corrupt or truncated", "not a recognised", "decompression-bomb")
+                             if k in str(e))
     assert kinds == {"decoded", "corrupt or truncated", "not a recognised", "decompression-bomb"}
 
 
@@ -239,7 +244,8 @@ def test_pixel_policy_matches_the_processor(adapter):
         size = {"shortest_edge": adapter.cfg.min_pixels, "longest_edge": adapter.cfg.max_pixels}
         ours = adapter.processor.image_processor(images=[fitted], return_tensors="pt", size=size)
         theirs = adapter.processor.image_processor(images=[img], return_tensors="pt", size=size)
-        assert ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist() == [[1, th // 16, tw // 16]]
+        assert (ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
+                == [[1, th // 16, tw // 16]])
 
 
 def test_extreme_aspect_ratio_is_a_clear_error():

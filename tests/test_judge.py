@@ -1,5 +1,6 @@
-"""The LLM judge without a model: its parser on fixed replies, its prompt, its settings, and its requests against
-a scripted local endpoint (retries, refusals, concurrency). tests/test_vllm_serving.py judges with a real vLLM."""
+"""The LLM judge without a model: its parser on fixed replies, its prompt, its settings, and its requests
+against a scripted local endpoint (retries, refusals, concurrency). tests/test_vllm_serving.py judges with a
+real vLLM."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from vlrl.config import ConfigError, JudgeConfig, RewardSpec, load_config
-from vlrl.envs.dataset import Sample
-from vlrl.envs.judge import judge_prompt, parse_score
-from vlrl.envs.rewards import RewardSet
+from vlrl.rewards.judge import judge_prompt, parse_score
+from vlrl.rewards.reward_set import RewardSet
+from vlrl.sample import Sample
 
 PATTERN = JudgeConfig(base_url="x").score_pattern
 
@@ -46,22 +47,26 @@ def test_parse_score_detail_names_the_pattern_and_the_reply():
 
 
 def test_prompt_holds_question_answer_and_only_the_answer_part():
-    cfg = JudgeConfig(base_url="x", template="Q={question} A={answer} C={completion} {{literal}}", system_prompt="Be fair.")
+    cfg = JudgeConfig(base_url="x", template="Q={question} A={answer} C={completion} {{literal}}",
+                      system_prompt="Be fair.")
     s = Sample(id="1", question="2+2?", answer=["4", "four"])
     msgs = judge_prompt(cfg, "<think>maybe 5</think> 4", s)
     assert msgs == [{"role": "system", "content": "Be fair."},
                     {"role": "user", "content": "Q=2+2? A=4 or four C=4 {literal}"}]
-    whole = judge_prompt(cfg.model_copy(update={"answer_only": False, "system_prompt": None}), "<think>5</think>4", s)
+    whole = judge_prompt(cfg.model_copy(update={"answer_only": False, "system_prompt": None}),
+                         "<think>5</think>4", s)
     assert whole == [{"role": "user", "content": "Q=2+2? A=4 or four C=<think>5</think>4 {literal}"}]
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"template": "grade {reply}"}, r"template: .*uses \{reply\}: only \{question\}, \{answer\} and \{completion\}"),
+        ({"template": "grade {reply}"},
+         r"template: .*uses \{reply\}: only \{question\}, \{answer\} and \{completion\}"),
         ({"template": "grade {question}"}, r"template: must contain \{completion\}"),
         ({"template": "grade {completion"}, r"template: is not a valid template"),
-        ({"score_pattern": r"score (\d)/(\d)"}, r"score_pattern: must have exactly one group, the score \(it has 2\)"),
+        ({"score_pattern": r"score (\d)/(\d)"},
+         r"score_pattern: must have exactly one group, the score \(it has 2\)"),
         ({"score_pattern": r"score (\d"}, r"score_pattern: is not a regular expression"),
         ({"max_score": 0}, r"max_score"),
         ({"api_key": "sk-123"}, r"api_key: unknown key"),  # keys come from the environment only
@@ -70,7 +75,8 @@ def test_prompt_holds_question_answer_and_only_the_answer_part():
 def test_judge_settings_are_checked_when_the_config_loads(tmp_path, fields, message):
     lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
     p = tmp_path / "run.toml"
-    p.write_text(f'[[env.rewards]]\nfn = "judge"\n[env.rewards.judge]\nbase_url = "http://127.0.0.1:9/v1"\n{lines}')
+    p.write_text('[[env.rewards]]\nfn = "judge"\n[env.rewards.judge]\nbase_url = '
+                 f'"http://127.0.0.1:9/v1"\n{lines}')
     with pytest.raises(ConfigError, match=r"env\.rewards\.0\.judge\." + message):
         load_config(p)
 
@@ -78,20 +84,25 @@ def test_judge_settings_are_checked_when_the_config_loads(tmp_path, fields, mess
 def test_judge_settings_belong_to_the_judge(tmp_path):
     p = tmp_path / "run.toml"
     p.write_text('[[env.rewards]]\nfn = "judge"\n')
-    with pytest.raises(ConfigError, match=r'env\.rewards\.0: .*fn = "judge" needs its settings: add \[env\.rewards\.judge\]'):
+    with pytest.raises(ConfigError,
+                       match=r'env\.rewards\.0: .*fn = "judge" needs its settings: add '
+                             r'\[env\.rewards\.judge\]'):
         load_config(p)
     p.write_text('[[env.rewards]]\nfn = "math"\n[env.rewards.judge]\nbase_url = "http://x/v1"\n')
     with pytest.raises(ConfigError, match=r"judge settings given for fn = 'math'"):
         load_config(p)
-    p.write_text('[[env.rewards]]\nfn = "judge"\nweight = 0.5\n[env.rewards.judge]\nbase_url = "http://x/v1"\n'
-                 'extra_body = {structured_outputs = {regex = "Score: [0-9]"}}\n[[env.rewards]]\nfn = "format"\n')
+    p.write_text('[[env.rewards]]\nfn = "judge"\nweight = 0.5\n[env.rewards.judge]\nbase_url = '
+                 '"http://x/v1"\n'
+                 'extra_body = {structured_outputs = {regex = "Score: [0-9]"}}\n[[env.rewards]]\nfn = '
+                 '"format"\n')
     cfg = load_config(p)
     assert cfg.env.rewards[0].judge.extra_body == {"structured_outputs": {"regex": "Score: [0-9]"}}
     assert cfg.env.rewards[1].fn == "format" and cfg.env.rewards[1].judge is None
 
 
 class Scripted:
-    """A local OpenAI-compatible endpoint whose replies a test scripts: each POST takes the next (status, text)."""
+    """A local OpenAI-compatible endpoint whose replies a test scripts: each POST takes the next (status,
+    text)."""
 
     def __init__(self, replies, delay_s=0.0):
         self.replies, self.delay_s = list(replies), delay_s
@@ -124,7 +135,8 @@ class Scripted:
                 time.sleep(outer.delay_s)
                 with lock:
                     outer.in_flight -= 1
-                self._send(status, {"choices": [{"message": {"content": text}}]} if status == 200 else {"error": text})
+                self._send(status, {"choices": [{"message": {"content": text}}]} if status == 200
+                           else {"error": text})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
@@ -136,7 +148,8 @@ class Scripted:
 
 
 def judge_set(url, **kw):
-    return RewardSet([RewardSpec(fn="judge", judge=JudgeConfig(base_url=url, retry_backoff_s=0.05, **kw))], 5.0)
+    return RewardSet([RewardSpec(fn="judge",
+                                 judge=JudgeConfig(base_url=url, retry_backoff_s=0.05, **kw))], 5.0)
 
 
 def samples(n):
@@ -147,7 +160,8 @@ def test_judge_scores_retries_and_fails_samples_not_the_run(monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "s3cret")
     api = Scripted([(200, "Score: 6"), (200, "I refuse to grade."), (503, "busy"), (200, "score=9")])
     try:
-        res = judge_set(api.url, api_key_env="MY_JUDGE_KEY", max_concurrency=1).score(["x", "y", "z"], samples(3))
+        res = judge_set(api.url, api_key_env="MY_JUDGE_KEY",
+                        max_concurrency=1).score(["x", "y", "z"], samples(3))
     finally:
         api.close()
     # one at a time, so the script's order is the samples' order; the 503 was retried
@@ -171,7 +185,8 @@ def test_judge_refused_or_unreachable_is_a_counted_failure():
     res = judge_set("http://127.0.0.1:9/v1", model="m", max_retries=2).score(["x", "y"], samples(2))
     assert time.monotonic() - t0 < 5.0
     assert res.failures["judge_failed"] == 2
-    assert res.errors[0].startswith("reward judge on sample 0: the judge at http://127.0.0.1:9/v1 failed 3 times (")
+    assert res.errors[0].startswith("reward judge on sample 0: the judge at http://127.0.0.1:9/v1 failed 3 "
+                                    "times (")
 
 
 def test_judge_concurrency_is_bounded():

@@ -82,7 +82,8 @@ def test_entropy_gradient_matches_autograd_of_the_definition():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_eager(dtype):
     """train.compile's fused (compiled) softmax statistics and backward against the eager ones: values,
-    entropy, and gradients with a logprob and an entropy term, banned tokens, temperature, a ragged last chunk."""
+    entropy, and gradients with a logprob and an entropy term, banned tokens, temperature, a ragged last
+    chunk."""
     torch.manual_seed(3)
     h = torch.randn(11, 16, dtype=dtype)
     w = torch.randn(40, 16, dtype=dtype)

@@ -8,10 +8,16 @@ import torch
 from PIL import Image
 
 from vlrl.batch import batch_logprobs, plan_micro_batches
-from vlrl.config import TrainConfig
-from vlrl.planner import (StepPlan, balance_ranks, micro_batch_tokens, pack_micro_batches, packing_report, plan_step)
+from vlrl.config import AlgorithmConfig, TrainConfig
+from vlrl.planner import (
+    StepPlan,
+    balance_ranks,
+    micro_batch_tokens,
+    pack_micro_batches,
+    packing_report,
+    plan_step,
+)
 from vlrl.records import Rollout
-from vlrl.config import AlgorithmConfig
 from vlrl.update import accumulate_gradients
 
 IMAGES = [0, 1, 2, 0, 1, 0, 2, 1]  # image-less, single-image and two-image samples
@@ -23,7 +29,8 @@ def batch(adapter):
     g = torch.Generator().manual_seed(0)
     rollouts = []
     for i, (n_img, n_comp) in enumerate(zip(IMAGES, COMPLETIONS)):
-        imgs = [Image.new("RGB", (64 + 32 * ((i + k) % 2), 64 + 32 * (k % 2)), (40 * i, 90 * k, 200)) for k in range(n_img)]
+        imgs = [Image.new("RGB", (64 + 32 * ((i + k) % 2), 64 + 32 * (k % 2)), (40 * i, 90 * k, 200))
+                for k in range(n_img)]
         prompt = adapter.encode_prompt(adapter.build_messages(f"Question {i}?" + " more" * i, n_img), imgs)
         comp = torch.randint(0, 390, (n_comp,), generator=g).tolist()
         lps = (-torch.rand(n_comp, generator=g) * 3).tolist()
@@ -55,15 +62,16 @@ def test_packed_logprobs_equal_padded(adapter, tiny_model, batch, route):
             for g in groups:
                 got, ent = batch_logprobs(policy, batch.pack(g))
                 m = batch.loss_mask[g, : got.shape[1]].bool()
-                assert torch.equal(got != 0, m)  # a logprob exactly on the trained tokens, in the padded layout
+                # a logprob exactly on the trained tokens, in the padded layout
+                assert torch.equal(got != 0, m)
                 torch.testing.assert_close(got, want[g, : got.shape[1]], atol=2e-6, rtol=1e-6)
                 torch.testing.assert_close(ent, want_ent[g, : got.shape[1]], atol=2e-6, rtol=1e-6)
 
 
-# float32's rounding: the padded path split 4 ways differs from itself by up to 6e-7 (relative, per parameter);
-# in float64 packed and padded agree to 1e-15, so what float32 shows is rounding, not a difference. k3's
-# gradient, 1 - exp(ref - logp), is a difference of two logprobs that agree to ~1e-7: with a KL term float32
-# shows ~2e-6.
+# float32's rounding: the padded path split 4 ways differs from itself by up to 6e-7 (relative, per
+# parameter); in float64 packed and padded agree to 1e-15, so what float32 shows is rounding, not a
+# difference. k3's gradient, 1 - exp(ref - logp), is a difference of two logprobs that agree to ~1e-7: with a
+# KL term float32 shows ~2e-6.
 TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}
 KL_TOLERANCE = {torch.float32: 5e-6, torch.float64: 1e-12}
 
@@ -87,7 +95,8 @@ def test_packed_gradients_equal_padded_for_1_2_and_4_micro_batches(adapter, mode
         ref = adapter.policy(copy.deepcopy(models[dtype]).eval(), 1.0)
         with torch.no_grad():
             for p in ref.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype))
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(0.01 * noise.to(p.dtype))
     settings = AlgorithmConfig(policy_loss=loss[0], aggregation=loss[1], entropy_coef=0.01, kl_coef=loss[2])
     want, s0 = gradients(policy, batch, [list(range(batch.size))], settings, ref)
     assert any("visual" in n for n in want) and len(want) == sum(1 for p in model.parameters())
@@ -121,11 +130,11 @@ def test_packed_positions_are_each_samples_own(adapter, tiny_model, batch):
                                                     image_grid_thw=alone.model_inputs.get("image_grid_thw"))
         assert torch.equal(packed.model_inputs["position_ids"][:, 0, start : start + n], theirs[:, 0])
         start += n
-    assert packed.model_inputs["cu_seqlens"].tolist() == [0, batch.lengths[3], batch.lengths[3] + batch.lengths[1],
-                                                          start]
+    assert packed.model_inputs["cu_seqlens"].tolist() == [0, batch.lengths[3],
+                                                          batch.lengths[3] + batch.lengths[1], start]
 
 
-# --- the planner ----------------------------------------------------------------------------------------------
+# --- the planner --------------------------------------------------------------------------------------------
 def test_first_fit_decreasing_respects_budgets_in_length_order():
     lengths = [30, 70, 20, 50, 40, 10]
     # longest first: 70 opens bin 0; 50 opens bin 1 (70 + 50 > 100); 40 joins 50; 30 fills bin 0 (100);
@@ -170,7 +179,8 @@ def test_plan_step_packs_by_tokens_and_pads_with_a_reason(adapter, batch):
         warnings.simplefilter("always")
         _, padded = plan_step(rollouts, [], lambda rs: batch, train, unavailable="eager attention: padded")
     assert not padded.packed and padded.reason == "eager attention: padded"
-    assert padded.micro_batches == plan_micro_batches(b.lengths, 2, 200, b.patches_per_sample)  # today's, in order
+    # today's, in order
+    assert padded.micro_batches == plan_micro_batches(b.lengths, 2, 200, b.patches_per_sample)
     _, off = plan_step(rollouts, [], lambda rs: batch, train.model_copy(update={"packing": False}))
     assert not off.packed and off.reason is None and off.micro_batches == padded.micro_batches
     # ranks: counts summed, passes padded to the busiest rank's
@@ -184,7 +194,8 @@ def test_attention_routes():
     from vlrl.adapters.packing import resolve_route
 
     cpu = torch.device("cpu")
-    assert resolve_route("auto", cpu, torch.float32) == "sdpa" and resolve_route("flex", cpu, torch.float32) == "flex"
+    assert resolve_route("auto",
+                         cpu, torch.float32) == "sdpa" and resolve_route("flex", cpu, torch.float32) == "flex"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_route("varlen", cpu, torch.bfloat16)
 
@@ -217,7 +228,8 @@ def test_the_padded_path_is_transformers_sdpa_bit_for_bit(adapter, tiny_model, b
     assert torch.equal(patched[0], plain[0]) and torch.equal(patched[1], plain[1])
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None,
+                      enable_gqa=False):
     """What torch's varlen_attn computes (CUDA only), per sample with sdpa: [T, heads, dim] in and out."""
     assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = []
@@ -230,9 +242,11 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)
 
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["torch-2.11", "torch-2.14"])
-def test_the_varlen_route_glue_with_a_cpu_stand_in_for_the_kernel(adapter, tiny_model, batch, monkeypatch, gqa):
+def test_the_varlen_route_glue_with_a_cpu_stand_in_for_the_kernel(
+    adapter, tiny_model, batch, monkeypatch, gqa):
     """The varlen route's plumbing (keywords to every layer, layouts, GQA by repeated k/v or enable_gqa,
-    causality, scale) with the kernel replaced by a per-sample sdpa: the padded path's logprobs and gradients."""
+    causality, scale) with the kernel replaced by a per-sample sdpa: the padded path's logprobs and
+    gradients."""
     from vlrl.adapters import packing
 
     monkeypatch.setitem(packing._VARLEN, "fn", _reference_varlen)

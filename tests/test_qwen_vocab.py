@@ -1,7 +1,8 @@
-"""The token contract with Qwen's real vocabulary (151,643 BPE ranks, 151,936 ids): the tokenizer built offline
-equals tiktoken's encoding on the same ranks; tool calls are dozens of tokens; a reply appended to sampled ids is
-the whole chat tokenised; calls and answers are read from the sampled ids' text; and the in-process sampler's
-multi-turn episodes (the warm-started tiny model calls the built-in tools) agree with the trainer.
+"""The token contract with Qwen's real vocabulary (151,643 BPE ranks, 151,936 ids): the tokenizer built
+offline equals tiktoken's encoding on the same ranks; tool calls are dozens of tokens; a reply appended to
+sampled ids is the whole chat tokenised; calls and answers are read from the sampled ids' text; and the
+in-process sampler's multi-turn episodes (the warm-started tiny model calls the built-in tools) agree with the
+trainer.
 
 Tolerances are measured, not guessed: float32 trainer vs sampler on 151,936 logits differs by 1e-5..3e-4 per
 token (the toy vocabulary: ~1e-6), and mismatch KL stays below 1e-7.
@@ -17,8 +18,10 @@ from vlrl.envs.calculator import CalculatorEnv
 from vlrl.envs.tools import parse_tool_calls
 from vlrl.tiny_warm_start import tool_call_text
 
-TEXTS = ["Hello world", "你好，世界！这是一个测试。", "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", '{"a": [1, 2.5e-3], "b": {"c": null}}\n',
-         "   leading spaces\n\n\n\ttabs and  double  spaces  ", "def f(x):\n    return x ** 2  # 12345678\r\n",
+TEXTS = ["Hello world", "你好，世界！这是一个测试。", "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧",
+         '{"a": [1, 2.5e-3], "b": {"c": null}}\n',
+         "   leading spaces\n\n\n\ttabs and  double  spaces  ",
+         "def f(x):\n    return x ** 2  # 12345678\r\n",
          "Ünïcödé café naïve résumé", "I'm, you're, they'll, it's, we'd", "\\boxed{\\frac{3}{4}} and $x^2$"]
 
 
@@ -28,7 +31,8 @@ def test_the_tokenizer_is_qwens_token_for_token():
     from vlrl.qwen_vocab import QWEN2_PATTERN, build_qwen_tokenizer, qwen_ranks
 
     tok = build_qwen_tokenizer()
-    reference = tiktoken.Encoding("qwen", pat_str=QWEN2_PATTERN, mergeable_ranks=qwen_ranks(), special_tokens={})
+    reference = tiktoken.Encoding("qwen", pat_str=QWEN2_PATTERN, mergeable_ranks=qwen_ranks(),
+                                  special_tokens={})
     for text in TEXTS:
         assert tok.encode(text).ids == reference.encode(text), text
         assert tok.decode(tok.encode(text).ids) == text
@@ -39,7 +43,8 @@ def test_the_tiny_model_has_qwens_ids_and_vocabulary_size(qadapter, qwen_model_d
     import json
 
     tok = qadapter.tokenizer
-    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
+                                     "<tool_call>",
                                      "</tool_call>", "</think>"])
     assert ids == [151643, 151645, 151655, 151656, 151657, 151658, 151668]
     assert json.loads((qwen_model_dir / "config.json").read_text())["text_config"]["vocab_size"] == 151936
@@ -58,14 +63,15 @@ def test_a_tool_call_is_dozens_of_tokens_and_reads_back_from_its_ids(qadapter):
     text = qadapter.completion_text(ids)
     assert text == call  # the tags kept, <|im_end|> left out: what the environment reads
     (parsed,) = parse_tool_calls(text)
-    assert (parsed.name, parsed.arguments, parsed.error) == ("crop", {"x0": 0, "y0": 128, "x1": 128, "y1": 256}, None)
+    assert (parsed.name,
+            parsed.arguments, parsed.error) == ("crop", {"x0": 0, "y0": 128, "x1": 128, "y1": 256}, None)
     # a turn the sampler stopped at </tool_call> (no <|im_end|>) reads the same
     assert qadapter.completion_text(ids[:-1]) == call
 
 
 def test_rewards_read_answers_from_real_vocabulary_text(qadapter):
-    from vlrl.envs.builtin_rewards import BUILTIN_REWARDS
-    from vlrl.envs.dataset import Sample
+    from vlrl.rewards.builtin import BUILTIN_REWARDS
+    from vlrl.sample import Sample
 
     tok = qadapter.tokenizer
     cases = [("numeric", "The product is 23,088.\n\\boxed{23088}", 23088),
@@ -76,7 +82,7 @@ def test_rewards_read_answers_from_real_vocabulary_text(qadapter):
         text = qadapter.completion_text(ids)
         assert text == said
         if fn == "math":
-            from vlrl.envs.math_reward import math_reward as reward
+            from vlrl.rewards.math_reward import math_reward as reward
         else:
             reward = BUILTIN_REWARDS[fn]
         sample = Sample(id="s", question="q", answer=answer, meta={"options": ["red", "green", "blue"]})
@@ -96,7 +102,8 @@ def test_a_reply_appended_to_sampled_ids_is_the_whole_chat_tokenised_with_qwens_
                       {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "a picture"}]}]
         reply = qadapter.encode_reply(reply_msgs, [crop], close_turn=close_turn)
         whole = qadapter.processor.apply_chat_template(
-            question + [{"role": "assistant", "content": said}] + reply_msgs, tools=env.schemas(), tokenize=False,
+            question + [{"role": "assistant", "content": said}] + reply_msgs, tools=env.schemas(),
+            tokenize=False,
             add_generation_prompt=True)
         size = {"shortest_edge": qadapter.cfg.min_pixels, "longest_edge": qadapter.cfg.max_pixels}
         enc = qadapter.processor(text=[whole], images=[image, crop], size=size, return_tensors="pt")
@@ -106,15 +113,17 @@ def test_a_reply_appended_to_sampled_ids_is_the_whole_chat_tokenised_with_qwens_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_name", ["zoom", "calculator"])
-def test_in_process_tool_episodes_with_qwens_vocabulary_match_the_trainer(qadapter, qwen_model, qwen_model_dir,
+def test_in_process_tool_episodes_with_qwens_vocabulary_match_the_trainer(
+    qadapter, qwen_model, qwen_model_dir,
                                                                           tmp_path, env_name):
     """The warm-started model writes real tool calls (~45 tokens each): the episodes have several turns, the
-    environment runs the calls it reads from the sampled ids, and the trainer's logprobs of every sampled token
-    (151,936 logits each) agree with the in-process sampler's."""
-    from conftest import tiny_config
-    from vlrl.envs.sources import load_samples
+    environment runs the calls it reads from the sampled ids, and the trainer's logprobs of every sampled
+    token (151,936 logits each) agree with the in-process sampler's."""
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.embedded import EmbeddedSampler
     from vlrl.rollout.groups import RolloutGroups
+
+    from conftest import tiny_config
     from vllm_server import trainer_logprobs
 
     cfg = tiny_config(qwen_model_dir, tmp_path, f"env.dataset=builtin:{env_name}", "model.max_model_len=2048",

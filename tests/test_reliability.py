@@ -1,6 +1,7 @@
 """Reliability and security: every bad input is handled (and counted) or refused with a message that names
-the sample, file, field or URL; faults during checkpoints lose nothing. (Server faults: tests/test_vllm.py, tests/test_server_faults.py;
-reward faults: tests/test_rewards.py and tests/test_train.py; config values: tests/test_config.py.)"""
+the sample, file, field or URL; faults during checkpoints lose nothing. (Server faults: tests/test_vllm.py,
+tests/test_server_faults.py; reward faults: tests/test_rewards.py and tests/test_train.py; config values:
+tests/test_config.py.)"""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 from PIL import Image
 from test_images import header_only_png
 
-from conftest import tiny_config
 from vlrl.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
 from vlrl.summary import read_jsonl
 from vlrl.train import train
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +79,8 @@ def bad_dataset(tmp_path: Path, web: str) -> tuple[Path, dict[str, str], list[st
     (d / "empty.png").write_bytes(b"")
     (d / "big.png").write_bytes(png(Image.effect_noise((600, 600), 64).convert("RGB")))  # > 200 kB limit
     (d / "bomb.png").write_bytes(png(Image.new("L", (5000, 5000))))  # 25 Mpx > 16 Mpx limit, few bytes
-    (d / "pillow_bomb.png").write_bytes(header_only_png(20000, 10000))  # 200 Mpx: Pillow's own check fires first
+    # 200 Mpx: Pillow's own check fires first
+    (d / "pillow_bomb.png").write_bytes(header_only_png(20000, 10000))
     (d / "line.png").write_bytes(png(Image.new("RGB", (1, 4000), (9, 9, 9))))
     (d / "gray.png").write_bytes(png(Image.new("L", (64, 64), 90)))
     (d / "rgba.png").write_bytes(png(Image.new("RGBA", (64, 64), (255, 0, 0, 128))))
@@ -98,18 +101,22 @@ def bad_dataset(tmp_path: Path, web: str) -> tuple[Path, dict[str, str], list[st
         "stall": (f"{web}/stall.png", "stall.png: timed out after 1 s"),
         "big": ("big.png", "bytes is over the limit of 200000 bytes; raise model.image_max_bytes"),
         "bomb": ("bomb.png", "decompression-bomb guard"),
-        "pillow_bomb": ("pillow_bomb.png", "200000000 pixels is over the limit of 16000000 (decompression-bomb guard)"),
+        "pillow_bomb": ("pillow_bomb.png",
+                        "200000000 pixels is over the limit of 16000000 (decompression-bomb guard)"),
         "line": ("line.png", "1x4000 cannot be used"),
         "many": (["ok.png"] * 5, "5 images is over model.max_images_per_prompt (4)"),
         "long": (["ok.png"] * 4, "not below model.max_model_len"),
     }
     good = {
         "ok": "ok.png", "gray": "gray.png", "rgba": "rgba.png", "cmyk": "cmyk.jpg", "palette": "palette.png",
-        "rotated": "rotated.jpg", "datauri": f"data:image/png;base64,{b64}", "base64": b64, "url": f"{web}/ok.png",
+        "rotated": "rotated.jpg", "datauri": f"data:image/png;base64,{b64}", "base64": b64,
+        "url": f"{web}/ok.png",
         "noimage": [],
     }
-    rows = [{"id": k, "question": "What color is it?", "answer": "red", "images": v} for k, (v, _) in bad.items()]
-    rows += [{"id": k, "question": "What color is it?", "answer": "red", "images": v} for k, v in good.items()]
+    rows = [{"id": k, "question": "What color is it?", "answer": "red", "images": v}
+            for k, (v, _) in bad.items()]
+    rows += [{"id": k, "question": "What color is it?", "answer": "red", "images": v}
+             for k, v in good.items()]
     path = d / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, {k: msg for k, (_, msg) in bad.items()}, list(good)
@@ -127,7 +134,8 @@ def test_every_bad_sample_is_skipped_counted_and_named(tiny_model_dir, tmp_path,
     data, bad, good = bad_dataset(tmp_path, web)
     n = len(bad) + len(good)
     t0 = time.time()
-    res = train(cfg_for(tiny_model_dir, tmp_path, data, "name=bad", "train.steps=1", f"rollout.prompts_per_step={n}",
+    res = train(cfg_for(tiny_model_dir, tmp_path, data, "name=bad", "train.steps=1",
+                        f"rollout.prompts_per_step={n}",
                         "env.eval_size=1", "algorithm.max_refill_rounds=0"))
     assert time.time() - t0 < 120  # the stalled URL cost its timeout, not the run
     m = read_jsonl(res.run_dir / "metrics.jsonl")[0]
@@ -146,15 +154,18 @@ def test_on_bad_sample_error_stops_with_the_reason(tiny_model_dir, tmp_path, web
     data, bad, good = bad_dataset(tmp_path, web)
     res = subprocess.run(
         [sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--prompts", "30",
-         *[f"--set={o}" for o in ("env.on_bad_sample=error", f"model.path={tiny_model_dir}", f"env.dataset={data}",
-                                  "env.eval_size=1", "model.image_fetch_timeout_s=1", "rollout.max_new_tokens=4")]],
+         *[f"--set={o}"
+           for o in ("env.on_bad_sample=error", f"model.path={tiny_model_dir}", f"env.dataset={data}",
+                                  "env.eval_size=1", "model.image_fetch_timeout_s=1",
+                                  "rollout.max_new_tokens=4")]],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "sample " in res.stderr and 'env.on_bad_sample = "skip"' in res.stderr
 
 
 def test_check_batch_shows_each_skipped_sample_and_why(tiny_model_dir, tmp_path):
-    """The table view names every skipped sample with its reason and counts them (they were only in --json)."""
+    """The table view names every skipped sample with its reason and counts them (they were only in
+    --json)."""
     Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "ok.png")
     rows = [{"id": "good-1", "question": "Colour?", "answer": "red", "images": "ok.png"},
             {"id": "gone", "question": "Colour?", "answer": "red", "images": "missing.png"},
@@ -163,7 +174,8 @@ def test_check_batch_shows_each_skipped_sample_and_why(tiny_model_dir, tmp_path)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = subprocess.run(
         [sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--prompts", "3",
-         *[f"--set={o}" for o in (f"model.path={tiny_model_dir}", f"env.dataset={data}", f"env.eval_dataset={data}",
+         *[f"--set={o}"
+           for o in (f"model.path={tiny_model_dir}", f"env.dataset={data}", f"env.eval_dataset={data}",
                                   "rollout.max_new_tokens=4", "rollout.group_size=2")]],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
     assert res.returncode == 0, res.stdout + res.stderr
@@ -172,8 +184,9 @@ def test_check_batch_shows_each_skipped_sample_and_why(tiny_model_dir, tmp_path)
     assert "missing.png: file not found" in line
 
 
-def test_a_bad_sample_is_decoded_once_and_counted_each_time_it_is_drawn(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import vlrl.envs.dataset as dataset
+def test_a_bad_sample_is_decoded_once_and_counted_each_time_it_is_drawn(
+    tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import vlrl.data.encode as dataset
 
     Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "ok.png")
     rows = [{"id": "good", "question": "Colour?", "answer": "red", "images": "ok.png"},
@@ -182,9 +195,11 @@ def test_a_bad_sample_is_decoded_once_and_counted_each_time_it_is_drawn(tiny_mod
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tried = []
     real = dataset.encode_sample
-    monkeypatch.setattr(dataset, "encode_sample", lambda adapter, s, *a: tried.append(s.id) or real(adapter, s, *a))
+    monkeypatch.setattr(dataset, "encode_sample", lambda adapter, s, *a: tried.append(s.id)
+                        or real(adapter, s, *a))
     # every step draws both rows (2 prompts, a dataset of 2), for 3 steps
-    res = train(small(tiny_model_dir, tmp_path, "name=once", f"env.dataset={data}", f"env.eval_dataset={data}",
+    res = train(small(tiny_model_dir, tmp_path, "name=once", f"env.dataset={data}",
+                      f"env.eval_dataset={data}",
                       "train.steps=3", "algorithm.max_refill_rounds=0"))
     assert tried.count("gone") == 1 and tried.count("good") == 3
     ms = read_jsonl(res.run_dir / "metrics.jsonl")
@@ -203,13 +218,15 @@ def test_reward_failure_messages_reach_the_terminal_the_log_and_the_reports(tiny
     logged = [json.loads(x) for x in (res.run_dir / "reward_errors.jsonl").read_text().splitlines()]
     per_step = {m["step"]: m["reward_failures"] for m in read_jsonl(res.run_dir / "metrics.jsonl")}
     assert sum(per_step.values()) > 0  # the first few of each step's failures are logged, by step
-    assert {s: sum(e["step"] == s for e in logged) for s in per_step} == {s: min(n, 8) for s, n in per_step.items()}
+    assert {s: sum(e["step"] == s for e in logged)
+            for s in per_step} == {s: min(n, 8) for s, n in per_step.items()}
     what = "reward rewards_for_tests:odd_fails on sample colors-train-"
     assert all(what in e["message"] and "raised ValueError: odd length" in e["message"] for e in logged)
     assert said.count("reward failed: " + what) == min(len(logged), 5)
     assert "Reward failures" in (res.run_dir / "report.html").read_text()
     summary = run_eval(small(tiny_model_dir, tmp_path, "name=rf", fails), None, "eval", 4, 2, None)
-    assert summary["reward_failures"] > 0 and summary["reward_errors"][0].startswith(what.replace("train", "eval"))
+    assert (summary["reward_failures"] > 0
+            and summary["reward_errors"][0].startswith(what.replace("train", "eval")))
     assert "odd length" in (Path(summary["out_dir"]) / "report.html").read_text()
 
 
@@ -226,7 +243,7 @@ def test_empty_dataset_and_malformed_line_are_refused(tiny_model_dir, tmp_path):
         train(cfg_for(tiny_model_dir, tmp_path, broken, "name=b"))
 
 
-# --- checkpoints under faults ---------------------------------------------------------------------------------
+# --- checkpoints under faults -------------------------------------------------------------------------------
 
 def _write_then_die(run_dir: str) -> None:
     def save_model(d: Path) -> None:
@@ -261,7 +278,8 @@ def test_full_disk_at_checkpoint_time_is_a_clear_error(tiny_model_dir, tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Qwen3VLAdapter, "save_pretrained", no_space)
-    with pytest.raises(CheckpointError, match=r"step-2 \(No space left on device\); the previous checkpoint is intact"):
+    with pytest.raises(CheckpointError,
+                       match=r"step-2 \(No space left on device\); the previous checkpoint is intact"):
         train(small(tiny_model_dir, tmp_path, "name=d", "train.steps=2"), resume=True)
     monkeypatch.undo()
     assert latest_checkpoint(first.run_dir).name == "step-1"
@@ -288,16 +306,17 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_it_then_stops(tiny_model_dir,
     AutoModelForImageTextToText.from_pretrained(ckpt, use_safetensors=True)
 
 
-# --- security ---------------------------------------------------------------------------------------------------
+# --- security -----------------------------------------------------------------------------------------------
 
 def test_weights_load_from_safetensors_only(tiny_model_dir, tmp_path, adapter):
-    from transformers import AutoModelForImageTextToText
-
     import shutil
+
+    from transformers import AutoModelForImageTextToText
 
     pickled = tmp_path / "pickled"  # the same model, its weights as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
-    torch.save(AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
+    torch.save(AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict(), pickled
+               / "pytorch_model.bin")
     from vlrl.adapters.qwen3_vl import ModelError
 
     with pytest.raises(ModelError, match="cannot load the model"):

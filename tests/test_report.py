@@ -92,7 +92,8 @@ def shape_png(path: Path, rgb) -> Path:
 
 
 def sample(step, sid, images, reward, completion, advantage=0.0):
-    return {"step": step, "sample_id": sid, "group": 0, "question": "What color is the shape?", "answer": "red",
+    return {"step": step, "sample_id": sid, "group": 0, "question": "What color is the shape?",
+            "answer": "red",
             "images": images, "completion": completion, "reward": reward, "advantage": advantage,
             "finish_reason": "stop"}
 
@@ -108,7 +109,8 @@ def fake_run(tmp_path: Path) -> Path:
          "eval/accuracy": 0.3125},
         {"step": 3, "reward/mean": 0.789, "accuracy": 0.625, "loss": 0.3, "lr": 0.001},
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')  # live
+    # live
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rew')
     shape_png(run / "images" / "red.png", RED)
     blue = shape_png(tmp_path / "elsewhere" / "blue.png", BLUE)
     samples = [
@@ -159,7 +161,8 @@ def test_eval_report_in_a_browser(tmp_path):
     shape_png(out / "images" / "p0-0.png", RED)
     recs = [{"sample_id": "p0", "index": i, "question": "q?", "answer": "red", "images": ["images/p0-0.png"],
              "completion": c, "reward": r, "rewards": {"choice": r}, "correct": r >= 1, "length": 3,
-             "finish_reason": "stop"} for i, (c, r) in enumerate([("red", 1.0), ("blue", 0.0), ("red!", 1.0)])]
+             "finish_reason": "stop"}
+             for i, (c, r) in enumerate([("red", 1.0), ("blue", 0.0), ("red!", 1.0)])]
     summary = {"split": "eval", "prompts": 1, "samples_per_prompt": 3, "reward/mean": 2 / 3,
                "accuracy": 2 / 3, "pass@1": 2 / 3, "pass@2": 1.0}
     page = write_eval_report(out, summary, recs)
@@ -184,8 +187,8 @@ def test_without_matplotlib_the_report_renders_and_says_why(tmp_path, monkeypatc
 def test_gallery_shows_the_latest_steps_only(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.0, "accuracy": 0.0}) + "\n"
-                                               for s in range(1, 26)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward/mean": 0.0, "accuracy": 0.0}) + "\n" for s in range(1, 26)))
     (run / "samples.jsonl").write_text("".join(json.dumps(sample(s, f"id{s}", [], 0.0, "x")) + "\n"
                                                for s in range(1, 26)))
     text = Dom(write_run_report(run).read_text()).text
@@ -197,10 +200,12 @@ def test_gallery_shows_the_latest_steps_only(tmp_path):
 
 def test_report_command_and_its_errors(tmp_path):
     run = fake_run(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "vlrl", "report", str(run)], capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-m", "vlrl", "report", str(run)], capture_output=True,
+                         text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(run / "report.html") and (run / "report.html").is_file()
-    res = subprocess.run([sys.executable, "-m", "vlrl", "report", str(tmp_path / "nope")], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "vlrl", "report", str(tmp_path / "nope")],
+                         capture_output=True,
                          text=True, cwd=ROOT)
     err = " ".join(res.stderr.split())  # rich wraps long lines
     assert res.returncode == 2 and f"{tmp_path / 'nope'}: no such directory" in err and "Traceback" not in err

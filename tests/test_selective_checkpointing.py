@@ -1,6 +1,6 @@
-"""Selective activation checkpointing (`adapters/checkpointing.py`) on the tiny model: a packed ragged step's loss
-and gradients are bit-for-bit those of no checkpointing, and the backward recomputes elementwise ops but no matrix
-product (full checkpointing recomputes those too)."""
+"""Selective activation checkpointing (`adapters/checkpointing.py`) on the tiny model: a packed ragged step's
+loss and gradients are bit-for-bit those of no checkpointing, and the backward recomputes elementwise ops but
+no matrix product (full checkpointing recomputes those too)."""
 
 import sys
 from collections import Counter
@@ -44,9 +44,11 @@ def packed_step(tiny_model, adapter):
     cfg = model.config
     bench = bench_adapter(cfg.image_token_id, cfg.video_token_id, 0, 1, max_model_len=1 << 20)
     spec = ragged.RaggedSpec.tiny()
-    batch = bench.build_batch(ragged.ragged_rollouts(bench, spec, cfg.text_config.vocab_size, cfg.image_token_id - 2,
-                                                     cfg.image_token_id - 1))
-    plan = StepPlan(pack_micro_batches(batch.lengths, spec.micro_batch_tokens, batch.patches_per_sample), packed=True)
+    rollouts = ragged.ragged_rollouts(bench, spec, cfg.text_config.vocab_size, cfg.image_token_id - 2,
+                                      cfg.image_token_id - 1)
+    batch = bench.build_batch(rollouts)
+    packs = pack_micro_batches(batch.lengths, spec.micro_batch_tokens, batch.patches_per_sample)
+    plan = StepPlan(packs, packed=True)
     assert len(plan.micro_batches) > 1
     policy = bench.policy(model, 1.0)
     ragged.own_logprobs(policy, batch, plan, "cpu")
@@ -78,7 +80,8 @@ def test_selective_checkpointing_is_exact_and_recomputes_no_matmul(packed_step):
     matmuls = lambda c: sum(c[k] for k in MATMULS)  # noqa: E731
     assert matmuls(sel_ops) == matmuls(ops) < matmuls(full_ops)  # matrix products kept, not recomputed
     assert sum(sel_ops.values()) - matmuls(sel_ops) > sum(ops.values()) - matmuls(ops)  # the rest recomputed
-    assert sel_ops["rsqrt"] > ops["rsqrt"] and sel_ops["silu"] > ops["silu"]  # the norms and activation recomputed
+    # the norms and activation recomputed
+    assert sel_ops["rsqrt"] > ops["rsqrt"] and sel_ops["silu"] > ops["silu"]
     assert full_loss == loss
 
 
@@ -88,7 +91,8 @@ def test_layers_of_each_kind_are_spread_evenly():
 
 
 def test_kept_logits_give_the_same_logprobs_and_gradients():
-    """The logprob head with `keep_logits` (no recompute in its backward) against the recompute: equal bits."""
+    """The logprob head with `keep_logits` (no recompute in its backward) against the recompute: equal
+    bits."""
     from vlrl.algo.logprobs import token_logprobs
 
     g = torch.Generator().manual_seed(0)

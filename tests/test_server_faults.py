@@ -1,6 +1,6 @@
-"""Server faults, with the real vLLM CPU server started by `vlrl serve`: `vlrl serve` killed outright, a second one
-on a taken port, the engine killed behind the API during a run, the server restarted mid-run; and `vlrl serve`'s
-health watch of a server process that lives on without its engine."""
+"""Server faults, with the real vLLM CPU server started by `vlrl serve`: `vlrl serve` killed outright, a
+second one on a taken port, the engine killed behind the API during a run, the server restarted mid-run; and
+`vlrl serve`'s health watch of a server process that lives on without its engine."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 from rich.console import Console
-from vllm_server import Server, live_processes_in_group, port_is_open
 
-from conftest import tiny_config
 from vlrl.checkpoint import latest_checkpoint
 from vlrl.summary import read_jsonl
+
+from conftest import tiny_config
+from vllm_server import Server, live_processes_in_group, port_is_open
 
 
 def flat(text: str) -> str:
@@ -79,8 +80,9 @@ def test_a_taken_port_is_refused_and_kill_9_of_vlrl_serve_leaves_no_vllm_process
 
 @pytest.mark.vllm
 def test_engine_killed_behind_the_api_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path):
-    """The engine core dies under a live API server: its requests answer 500, then the server goes. The trainer
-    retries, then saves the last completed step and stops with exit code 1, the reason and `--resume`."""
+    """The engine core dies under a live API server: its requests answer 500, then the server goes. The
+    trainer retries, then saves the last completed step and stops with exit code 1, the reason and
+    `--resume`."""
     from vlrl.train import train
 
     srv = Server(tiny_model_dir, tmp_path / "serve.log").start()
@@ -102,11 +104,12 @@ def test_engine_killed_behind_the_api_stops_the_run_with_a_checkpoint(tiny_model
     steps = read_jsonl(res.run_dir / "metrics.jsonl")
     assert res.stopped and res.exit_code == 1 and res.step == len(steps) >= 2
     assert "failed" in res.reason and "4 times" in res.reason and "is it running?" in res.reason, res.reason
-    assert latest_checkpoint(res.run_dir).name == f"step-{res.step}"  # saved on failure (checkpoint.every=1000)
+    # saved on failure (checkpoint.every=1000)
+    assert latest_checkpoint(res.run_dir).name == f"step-{res.step}"
     text = flat(out.getvalue())
     assert f"stopped at step {res.step}" in text and "vlrl train CONFIG --resume" in text, text
-    # `vlrl serve` sees the server dead (exited, or alive but failing its health check), stops what is left of it
-    # and exits non-zero, so a supervisor can start a new one
+    # `vlrl serve` sees the server dead (exited, or alive but failing its health check), stops what is left of
+    # it and exits non-zero, so a supervisor can start a new one
     assert srv.proc.wait(120) == 1
     said = flat(srv.out.read_text())
     assert "the vLLM server exited" in said or "the vLLM server failed its health check" in said, said[-2000:]
@@ -115,16 +118,17 @@ def test_engine_killed_behind_the_api_stops_the_run_with_a_checkpoint(tiny_model
 
 @pytest.mark.vllm
 def test_server_restarted_mid_run_gets_the_weights_again(tiny_model_dir, tmp_path):
-    """The server is killed and a new one started on the same port during a run: the trainer's requests wait for
-    it, it reports the base weights' version, the trainer pushes its own and samples again; every trained step's
-    rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes."""
+    """The server is killed and a new one started on the same port during a run: the trainer's requests wait
+    for it, it reports the base weights' version, the trainer pushes its own and samples again; every trained
+    step's rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes."""
     from vlrl.rollout.vllm_client import VLLMClient
     from vlrl.train import train
 
     srv = Server(tiny_model_dir, tmp_path / "serve.log").start()
     cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={srv.url}", "rollout.max_new_tokens=6",
                       "train.steps=6", "rollout.max_retries=40", "rollout.retry_backoff_s=1.0",
-                      "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]', "name=restart")
+                      "train.learning_rate=0.01",
+                      'env.rewards=[{fn="rewards_for_tests:noise"}]', "name=restart")
     restarted = {}
 
     def restart():
@@ -145,15 +149,17 @@ def test_server_restarted_mid_run_gets_the_weights_again(tiny_model_dir, tmp_pat
         print("\n".join(line for line in out.getvalue().splitlines() if "restarted" in line))
         kls = [m["mismatch_kl"] for m in ms]
         print("mismatch KL per step:", kls)
-        assert all(kl < 1e-6 for kl in kls), kls  # ... yet every step trained on rollouts of the trainer's weights
-        assert VLLMClient(new.url, cfg.rollout).weight_version().startswith("vlrl-")  # pushed to the new server
+        # ... yet every step trained on rollouts of the trainer's weights
+        assert all(kl < 1e-6 for kl in kls), kls
+        # pushed to the new server
+        assert VLLMClient(new.url, cfg.rollout).weight_version().startswith("vlrl-")
     finally:
         assert new.stop() == 0
 
 
 def test_a_live_server_process_that_fails_its_health_check_is_reported_dead():
-    """vLLM's API server can outlive its engine (503 on /health, or hung in its shutdown): `vlrl serve` watches
-    the health check, not only the process, and gives up after `failures` misses in a row."""
+    """vLLM's API server can outlive its engine (503 on /health, or hung in its shutdown): `vlrl serve`
+    watches the health check, not only the process, and gives up after `failures` misses in a row."""
     from vlrl.serve import watch_health
 
     answer = {"status": 200}
@@ -171,12 +177,14 @@ def test_a_live_server_process_that_fails_its_health_check_is_reported_dead():
     url = f"http://127.0.0.1:{web.server_address[1]}"
     try:
         healthy = subprocess.Popen(["sleep", "1"])
-        assert watch_health(url, healthy, interval_s=0.05, failures=3) is None  # it exited: not a health failure
+        # it exited: not a health failure
+        assert watch_health(url, healthy, interval_s=0.05, failures=3) is None
         answer["status"] = 503
         dead = subprocess.Popen(["sleep", "60"])
         t0 = time.monotonic()
         reason = watch_health(url, dead, interval_s=0.05, failures=3)
-        assert reason == "the vLLM server failed its health check 3 times in a row (HTTP 503; its engine died?)"
+        assert reason == ("the vLLM server failed its health check 3 times in a row (HTTP 503; its engine "
+                          "died?)")
         assert dead.poll() is None and time.monotonic() - t0 < 5  # reported while the process still lives
         dead.kill()
     finally:

@@ -2,8 +2,16 @@ import hashlib
 
 from PIL import Image
 
-from vlrl.tiny_model import (ANSWER_WORDS, CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, TAG_TOKENS, TOOLS_AFTER, TOOLS_BEFORE,
-                             ZOOM_CALLS, build_tiny_qwen3_vl)
+from vlrl.tiny_model import (
+    ANSWER_WORDS,
+    CHAT_TEMPLATE,
+    CHAT_TEMPLATE_SHA256,
+    TAG_TOKENS,
+    TOOLS_AFTER,
+    TOOLS_BEFORE,
+    ZOOM_CALLS,
+    build_tiny_qwen3_vl,
+)
 
 
 def digest(path):
@@ -18,7 +26,8 @@ def test_deterministic_for_a_seed_and_loadable_offline(tmp_path):
     c = build_tiny_qwen3_vl(tmp_path / "c", seed=4)
     assert digest(a) == digest(b) != digest(c)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+                 "processor_config.json"):
         assert (a / name).is_file(), name
     proc = AutoProcessor.from_pretrained(a)
     model = AutoModelForImageTextToText.from_pretrained(a)
@@ -36,7 +45,8 @@ def test_deterministic_for_a_seed_and_loadable_offline(tmp_path):
 def test_chat_template_renders_qwen3_vl_instruct_structure(adapter):
     msgs = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+        {"role": "user",
+         "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
         {"role": "assistant", "content": "no"},
         {"role": "user", "content": [{"type": "text", "text": "Why?"}]},
     ]
@@ -59,25 +69,30 @@ def test_chat_template_is_qwen3_vl_8b_instructs_own(adapter):
     model sees them: tools in the system turn, a tool result (with its image) as a user turn."""
     assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest() == CHAT_TEMPLATE_SHA256
     assert adapter.processor.chat_template == CHAT_TEMPLATE == adapter.tokenizer.chat_template
-    tool = {"type": "function", "function": {"name": "crop", "description": "Crop.", "parameters": {"type": "object"}}}
+    tool = {"type": "function",
+            "function": {"name": "crop", "description": "Crop.", "parameters": {"type": "object"}}}
     msgs = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-        {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "crop", "arguments": {}}\n</tool_call>'},
+        {"role": "assistant",
+         "content": 'Let me look.\n<tool_call>\n{"name": "crop", "arguments": {}}\n</tool_call>'},
         {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "the crop"}]},
     ]
-    text = adapter.processor.apply_chat_template(msgs, tools=[tool], tokenize=False, add_generation_prompt=True)
+    text = adapter.processor.apply_chat_template(msgs, tools=[tool], tokenize=False,
+                                                 add_generation_prompt=True)
     assert TOOLS_BEFORE in text and TOOLS_AFTER in text  # the tiny tokenizer's two tool-instruction tokens
     assert text == (
         "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        '{"type": "function", "function": {"name": "crop", "description": "Crop.", "parameters": {"type": "object"}}}'
+        '{"type": "function", "function": {"name": "crop", "description": "Crop.", "parameters": {"type": '
+        '"object"}}}'
         "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
         "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
         "<args-json-object>}\n</tool_call><|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Colour?<|im_end|>\n"
-        '<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "crop", "arguments": {}}\n</tool_call><|im_end|>\n'
-        "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>the crop\n</tool_response>"
-        "<|im_end|>\n<|im_start|>assistant\n"
+        '<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "crop", "arguments": '
+        '{}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>the "
+        "crop\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     )
 
 

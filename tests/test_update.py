@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrl.config import RolloutConfig
+from vlrl.config import AlgorithmConfig, RolloutConfig
 from vlrl.rollout.embedded import EmbeddedSampler
-from vlrl.config import AlgorithmConfig
 from vlrl.update import accumulate_gradients
 
 
@@ -18,7 +17,8 @@ def batch(adapter, tiny_model):
     for i in range(4):
         imgs = [Image.new("RGB", (64 + 32 * (i % 2), 64), (50 * i, 20, 200))] * (i % 3)  # 0, 1, 2, 0 images
         prompts.append(adapter.encode_prompt(adapter.build_messages(f"Question {i}?", len(imgs)), imgs))
-    rollouts = EmbeddedSampler(tiny_model, adapter, RolloutConfig(max_new_tokens=6)).sample(prompts, 2, seed=0)
+    rollouts = EmbeddedSampler(tiny_model, adapter,
+                               RolloutConfig(max_new_tokens=6)).sample(prompts, 2, seed=0)
     g = torch.Generator().manual_seed(0)
     for r in rollouts:
         r.advantage = float(torch.randn(1, generator=g))
@@ -41,7 +41,8 @@ def test_gradient_is_the_same_for_1_2_and_4_micro_batches(adapter, tiny_model, b
     n = batch.size
     whole, s1 = grads(policy, batch, [list(range(n))], settings)
     assert len(whole) > 10 and s1["tokens"] == batch.num_loss_tokens
-    for groups in ([list(range(n // 2)), list(range(n // 2, n))], [list(range(i, i + 2)) for i in range(0, n, 2)],
+    for groups in ([list(range(n // 2)), list(range(n // 2, n))],
+                   [list(range(i, i + 2)) for i in range(0, n, 2)],
                    [[0], [1, 2, 3, 4, 5, 6], [7]]):
         split, s = grads(policy, batch, groups, settings)
         assert s["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)

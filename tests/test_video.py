@@ -13,20 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 
 from vlrl.adapters.qwen3_vl import PromptError, Qwen3VLAdapter
 from vlrl.adapters.video import VideoError, VideoLimits, load_video, processor_video_size
 from vlrl.batch import plan_micro_batches
 from vlrl.config import ConfigError, EnvConfig, ModelConfig, load_config
-from vlrl.envs.builtin import builtin_split
-from vlrl.envs.dataset import Sample, encode_samples
-from vlrl.envs.files import load_file_split
+from vlrl.data.builtin import builtin_split
+from vlrl.data.encode import encode_samples
+from vlrl.data.files import load_file_split
 from vlrl.errors import UserError
 from vlrl.records import Rollout
+from vlrl.sample import Sample
 from vlrl.summary import read_jsonl
 from vlrl.update import batch_logprobs
+
+from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_CPU = ROOT / "configs/tiny-cpu-video.toml"
@@ -78,7 +80,8 @@ def bar_position(frame: Image.Image) -> float:
 @pytest.fixture(scope="module")
 def vcfg(tiny_model_dir):
     return ModelConfig(path=str(tiny_model_dir), dtype="float32", min_pixels=64 * 64, max_pixels=128 * 128,
-                       max_model_len=1024, max_videos_per_prompt=2, video_min_pixels=4096, video_max_pixels=8192,
+                       max_model_len=1024, max_videos_per_prompt=2, video_min_pixels=4096,
+                       video_max_pixels=8192,
                        video_max_frames=8)
 
 
@@ -106,9 +109,11 @@ def test_decoded_frames_are_the_processors_own_sample(vad, vcfg, tmp_path, codec
 
     from transformers.video_utils import VideoMetadata
 
-    own = copy.copy(vad.processor.video_processor)  # Qwen3VLVideoProcessor's own sampling, with the config's limits
+    # Qwen3VLVideoProcessor's own sampling, with the config's limits
+    own = copy.copy(vad.processor.video_processor)
     own.min_frames, own.max_frames = vcfg.video_min_frames, vcfg.video_max_frames
-    assert own.sample_frames(VideoMetadata(total_num_frames=20, fps=10.0), fps=2.0).tolist() == v.frames_indices
+    assert (own.sample_frames(VideoMetadata(total_num_frames=20, fps=10.0), fps=2.0).tolist()
+            == v.frames_indices)
     assert v.timestamps == pytest.approx([0.0, 0.6, 1.3, 1.9])
     assert v.duration == pytest.approx(2.0)
     assert [f.size for f in v.frames] == [(96, 64)] * 4  # 6144 pixels: on the 32-grid, within [4096, 8192]
@@ -118,25 +123,30 @@ def test_decoded_frames_are_the_processors_own_sample(vad, vcfg, tmp_path, codec
 
 
 def test_frame_lists_caps_and_the_token_budget(tiny_model_dir):
-    base = dict(path=str(tiny_model_dir), video_min_pixels=1024, video_max_pixels=64 * 64 * 4, video_max_frames=8)
+    base = dict(path=str(tiny_model_dir), video_min_pixels=1024, video_max_pixels=64 * 64 * 4,
+                video_max_frames=8)
     frames = [Image.fromarray(f) for f in bar_frames(20, w=128, h=128)]
-    # a list of frames is a video at model.video_fps (2): 20 frames = 10 s -> 20 wanted, capped at 8, evenly spread
+    # a list of frames is a video at model.video_fps (2): 20 frames = 10 s -> 20 wanted, capped at 8, evenly
+    # spread
     v = Qwen3VLAdapter.from_config(ModelConfig(**base)).load_video(frames)
     assert v.frames_indices == np.linspace(0, 19, 8).round().astype(int).tolist() and v.fps == 2.0
     assert v.frames[0].size == (128, 128)
     # {"frames", "fps"}: 20 frames at 10 fps = 2 s -> 4 frames
-    assert Qwen3VLAdapter.from_config(ModelConfig(**base)).load_video({"frames": frames, "fps": 10}).frames_indices \
-        == [0, 6, 13, 19]
-    # video_max_tokens bounds the whole video: 8 frames = 4 pairs, 24 tokens -> 6 per pair -> frames of <= 6144 px
+    adapter = Qwen3VLAdapter.from_config(ModelConfig(**base))
+    assert adapter.load_video({"frames": frames, "fps": 10}).frames_indices == [0, 6, 13, 19]
+    # video_max_tokens bounds the whole video: 8 frames = 4 pairs, 24 tokens -> 6 per pair -> frames of <=
+    # 6144 px
     tight = Qwen3VLAdapter.from_config(ModelConfig(**base, video_max_tokens=24))
     v = tight.load_video(frames)
     w, h = v.frames[0].size
     assert w % 32 == 0 and h % 32 == 0 and math.ceil(8 / 2) * w * h // 1024 <= 24 and (w, h) == (64, 64)
     # and never more frames than two per token
-    assert len(Qwen3VLAdapter.from_config(ModelConfig(**base, video_max_tokens=2)).load_video(frames).frames) == 4
+    assert len(Qwen3VLAdapter.from_config(ModelConfig(**base,
+                                                      video_max_tokens=2)).load_video(frames).frames) == 4
     # frames of other sizes take the first sampled frame's size
     mixed = [frames[0], frames[1].resize((64, 64))]
-    assert {f.size for f in Qwen3VLAdapter.from_config(ModelConfig(**base)).load_video(mixed).frames} == {(128, 128)}
+    assert {f.size
+            for f in Qwen3VLAdapter.from_config(ModelConfig(**base)).load_video(mixed).frames} == {(128, 128)}
 
 
 # --- bad videos ------------------------------------------------------------------------------------------
@@ -169,7 +179,8 @@ def test_bad_video_files_are_one_clear_error(vad, tmp_path, case):
 
 
 @pytest.mark.parametrize("limits, message", [
-    (VideoLimits(max_decoded_pixels=1000), r"96x64 frames are over the limit of 1000 pixels.*video_max_decoded_pixels"),
+    (VideoLimits(max_decoded_pixels=1000),
+     r"96x64 frames are over the limit of 1000 pixels.*video_max_decoded_pixels"),
     (VideoLimits(max_duration_s=1.5), r"lasts 2 s .*video_max_duration_s"),
     (VideoLimits(decode_timeout_s=1e-9), r"decoding took longer than 1e-09 s.*video_decode_timeout_s"),
     (VideoLimits(max_bytes=100), r"bytes is over the limit of 100 bytes; raise model.video_max_bytes"),
@@ -192,7 +203,8 @@ def test_missing_file_and_bad_frame_lists(vad, tmp_path):
 
 def test_bad_videos_are_skipped_and_named_or_stop_the_run(vad, mp4, tmp_path):
     (tmp_path / "text.mp4").write_text("hello\n")
-    samples = [Sample(id="good", question="q", videos=[str(mp4)]), Sample(id="bad", question="q", videos=["text.mp4"],
+    samples = [Sample(id="good", question="q", videos=[str(mp4)]),
+               Sample(id="bad", question="q", videos=["text.mp4"],
                                                                            base_dir=tmp_path)]
     prompts, kept, bad = encode_samples(vad, samples, EnvConfig())
     assert [s.id for s in kept] == ["good"] and len(prompts) == 1
@@ -214,8 +226,8 @@ def test_prompt_with_an_image_and_two_videos(vad, mp4):
     assert p.image_grid_thw.tolist() == [[1, 4, 4]]
     assert p.input_ids.count(vad.video_token_id) == 2 * 6 + 3 * 4
     text = vad.tokenizer.decode(p.input_ids)
-    # each frame pair behind its timestamp, the mean of the pair's index / fps: the mp4's pairs (0, 6) and (13, 19)
-    # at 10 fps, then the list's (0, 1), (2, 3), (4, 5) at 2 fps
+    # each frame pair behind its timestamp, the mean of the pair's index / fps: the mp4's pairs (0, 6) and
+    # (13, 19) at 10 fps, then the list's (0, 1), (2, 3), (4, 5) at 2 fps
     assert re.findall(r"<([0-9.]+) seconds>", text) == ["0.3", "1.6", "0.2", "1.2", "2.2"]
     assert text.index("<|image_pad|>") < text.index("<0.3 seconds>")
     with pytest.raises(PromptError, match=r"3 videos is over model.max_videos_per_prompt \(2\).*video=N"):
@@ -229,7 +241,8 @@ def test_batch_packs_videos_by_patch_count_and_positions_equal_transformers(vad,
     ps = [
         vad.encode_prompt(vad.build_messages("both", 1, num_videos=1), [img], video_sources=[str(mp4)]),
         vad.encode_prompt(vad.build_messages("text only", 0), []),
-        vad.encode_prompt(vad.build_messages("two videos", 0, num_videos=2), [], video_sources=[frames, str(mp4)]),
+        vad.encode_prompt(vad.build_messages("two videos", 0, num_videos=2), [],
+                          video_sources=[frames, str(mp4)]),
         vad.encode_prompt(vad.build_messages("image", 1), [img]),
     ]
     torch.manual_seed(0)
@@ -266,18 +279,21 @@ def test_batch_packs_videos_by_patch_count_and_positions_equal_transformers(vad,
                 part, _ = batch_logprobs(policy, mb)
                 torch.testing.assert_close(part, whole[g, : mb.seq_len], atol=1e-5, rtol=1e-5)
     # the patch budget counts video patches: 100 patches per micro-batch splits [64, 0 | 96 | 16]
-    assert plan_micro_batches(b.attention_mask.sum(-1).tolist(), 8, None, b.vision_patches_per_sample, 100) == \
+    assert plan_micro_batches(b.attention_mask.sum(-1).tolist(), 8, None,
+                              b.vision_patches_per_sample, 100) == \
         [[0, 1], [2], [3]]
 
 
 def test_idle_tower_passes_keep_every_rank_at_two_calls(vad, mp4, tiny_model, tmp_path):
-    """Under data parallelism the model calls the vision tower once for images and once for videos; a micro-batch
-    lacking either runs it on a blank image instead, so every rank makes the same calls (FSDP all-gathers)."""
+    """Under data parallelism the model calls the vision tower once for images and once for videos; a
+    micro-batch lacking either runs it on a blank image instead, so every rank makes the same calls (FSDP
+    all-gathers)."""
     import torch.distributed as dist
 
     img = Image.new("RGB", (64, 64))
     kinds = {
-        "image + video": vad.encode_prompt(vad.build_messages("q", 1, num_videos=1), [img], video_sources=[str(mp4)]),
+        "image + video": vad.encode_prompt(vad.build_messages("q", 1, num_videos=1), [img],
+                                           video_sources=[str(mp4)]),
         "image": vad.encode_prompt(vad.build_messages("q", 1), [img]),
         "video": vad.encode_prompt(vad.build_messages("q", 0, num_videos=1), [], video_sources=[str(mp4)]),
         "text": vad.encode_prompt(vad.build_messages("q", 0), []),
@@ -289,7 +305,8 @@ def test_idle_tower_passes_keep_every_rank_at_two_calls(vad, mp4, tiny_model, tm
         policy = vad.policy(tiny_model, 1.0)
         for name, p in kinds.items():
             calls.clear()
-            b = vad.build_batch([Rollout(prompt=p, completion_ids=[5, 6], logprobs=[0.0, 0.0], finish_reason="stop")])
+            b = vad.build_batch([Rollout(prompt=p, completion_ids=[5, 6], logprobs=[0.0, 0.0],
+                                         finish_reason="stop")])
             with torch.no_grad():
                 batch_logprobs(policy, b)
             assert len(calls) == 2, name
@@ -306,26 +323,32 @@ def dot_centre(img: Image.Image) -> tuple[float, float]:
 
 
 def test_motion_answer_is_in_the_frame_order_only(vad):
-    train, ev = builtin_split("motion", "train", 200, 64, seed=3), builtin_split("motion", "eval", 50, 64, seed=3)
+    train, ev = builtin_split("motion", "train", 200,
+                              64, seed=3), builtin_split("motion", "eval", 50, 64, seed=3)
     assert [s.answer for s in builtin_split("motion", "train", 200, 64, seed=3)] == [s.answer for s in train]
     assert {s.id for s in train}.isdisjoint({s.id for s in ev})
     assert {s.answer for s in train} == {"left", "right", "top", "bottom"}
-    assert train[0].question.endswith("Answer with one word: left, right, top or bottom.") and not train[0].images
+    assert train[0].question.endswith("Answer with one word: left, right, top or "
+                                      "bottom.") and not train[0].images
     for s in train:
         (video,) = s.videos
         first, last = dot_centre(video["frames"][0]), dot_centre(video["frames"][-1])
         dx, dy = last[0] - first[0], last[1] - first[1]
         moved = {"right": dx, "left": -dx, "bottom": dy, "top": -dy}[s.answer]
         assert moved >= 10 and abs(dx if s.answer in ("top", "bottom") else dy) < 0.5
-    # left and right paths are the same segments run the other way: their start and end points share a distribution
+    # left and right paths are the same segments run the other way: their start and end points share a
+    # distribution
     def mean_x(answer: str, frame: int) -> float:
-        return float(np.mean([dot_centre(s.videos[0]["frames"][frame])[0] for s in train if s.answer == answer]))
+        return float(np.mean([dot_centre(s.videos[0]["frames"][frame])[0] for s in train
+                              if s.answer == answer]))
 
-    assert abs(mean_x("left", 0) - mean_x("right", -1)) < 6 and abs(mean_x("left", -1) - mean_x("right", 0)) < 6
+    assert abs(mean_x("left", 0)
+               - mean_x("right", -1)) < 6 and abs(mean_x("left", -1) - mean_x("right", 0)) < 6
     for word in ("left", "right", "top", "bottom"):  # one token of the tiny tokenizer, bare and after a space
         assert len(vad.tokenizer.encode(word, add_special_tokens=False)) == 1
         assert len(vad.tokenizer.encode(" " + word, add_special_tokens=False)) == 1
-    p = vad.encode_prompt(vad.build_messages(train[0].question, 0, num_videos=1), [], video_sources=train[0].videos)
+    p = vad.encode_prompt(vad.build_messages(train[0].question, 0, num_videos=1), [],
+                          video_sources=train[0].videos)
     assert p.video_grid_thw.tolist() == [[2, 4, 4]]  # 8 frames at 4 fps = 2 s -> 4 frames at 2 fps, 2 pairs
 
 
@@ -333,17 +356,20 @@ def test_motion_answer_is_in_the_frame_order_only(vad):
 def test_check_batch_on_the_video_demo_config(tiny_model_dir, tmp_path):
     from vlrl.check_batch import run_check_batch
 
-    cfg = load_config(VIDEO_CPU, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.group_size=4",
+    cfg = load_config(VIDEO_CPU,
+                      [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.group_size=4",
                                   "rollout.max_new_tokens=6"])
     report, _ = run_check_batch(cfg, num_prompts=2)
     d = report.to_dict()
     checks = {c["name"]: c["ok"] for c in d["checks"]}
     assert d["ok"] and checks["video tokens vs grid"] and checks["M-RoPE positions"], d["checks"]
-    # 2 prompts x 4 samples; each video 2 frames (the first and the last of 8 at 4 fps, sampled at 1 fps), one pair
+    # 2 prompts x 4 samples; each video 2 frames (the first and the last of 8 at 4 fps, sampled at 1 fps), one
+    # pair
     assert d["stats"]["videos"] == 8 and d["stats"]["video_frames"] == 8 * 2
     assert d["stats"]["mismatch_kl"] < 1e-6
     assert d["shapes"]["video_grid_thw"] == [8, 3] and d["shapes"]["pixel_values_videos"] == [8 * 16, 1536]
-    assert "<|video_pad|>x4" in d["sample"]["text"] and "<0.9 seconds>" in d["sample"]["text"]  # (0 + 7) / 2 / 4
+    # (0 + 7) / 2 / 4
+    assert "<|video_pad|>x4" in d["sample"]["text"] and "<0.9 seconds>" in d["sample"]["text"]
 
 
 def test_training_on_a_jsonl_of_videos_skips_bad_ones_and_shows_filmstrips(tiny_model_dir, tmp_path, mp4):
@@ -357,7 +383,8 @@ def test_training_on_a_jsonl_of_videos_skips_bad_ones_and_shows_filmstrips(tiny_
         Image.fromarray(bar_frames(3, w=64, h=64)[k]).save(data / f"f{k}.png")
     rows = [
         {"id": "file", "question": "Which way?", "answer": "right", "videos": "clip.mp4"},
-        {"id": "frames", "question": "Which way?", "answer": "right", "videos": [["f0.png", "f1.png", "f2.png"]]},
+        {"id": "frames", "question": "Which way?", "answer": "right",
+         "videos": [["f0.png", "f1.png", "f2.png"]]},
         {"id": "broken", "question": "Which way?", "answer": "left", "videos": ["broken.mp4"]},
         {"id": "both", "question": "Which way?", "answer": "left", "images": "f0.png",
          "videos": [{"frames": ["f0.png", "f1.png"], "fps": 1}]},
@@ -394,7 +421,8 @@ def test_eval_of_the_motion_task_shows_filmstrips(tiny_model_dir, tmp_path):
 
     from vlrl.evaluate import run_eval
 
-    cfg = load_config(VIDEO_CPU, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.max_new_tokens=4",
+    cfg = load_config(VIDEO_CPU,
+                      [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.max_new_tokens=4",
                                   "logging.progress=false"])
     summary = run_eval(cfg, None, "eval", n=2, limit=3, console=Console(quiet=True))
     out = Path(summary["out_dir"])
@@ -418,7 +446,8 @@ def test_config_rules_and_the_serve_command(tmp_path):
                         video_max_pixels=4096, video_max_frames=8)
     mm = json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1])
     assert mm["images_kwargs"] == {"size": {"shortest_edge": 100, "longest_edge": 200}}
-    assert mm["videos_kwargs"]["size"] == processor_video_size(4096, 8) == {"shortest_edge": 2048, "longest_edge": 40960}
+    assert mm["videos_kwargs"]["size"] == processor_video_size(4096, 8) == {"shortest_edge": 2048,
+                                                                            "longest_edge": 40960}
     assert json.loads(cmd[cmd.index("--media-io-kwargs") + 1]) == {"video": {"num_frames": -1}}
     assert "--trust-request-mm-kwargs" in cmd
     plain = build_command("M", limit_mm_per_prompt="image=4", min_pixels=100, max_pixels=200)

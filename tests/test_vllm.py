@@ -15,14 +15,15 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 
-from conftest import tiny_config
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import RolloutConfig
-from vlrl.rollout.vllm_client import ServerError, VLLMClient, VLLMSampler
+from vlrl.rollout.vllm_client import CHAT_ROUTE, ServerError, VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 from vlrl.serve import build_command, parse_limit_mm
+
+from conftest import tiny_config
+from vllm_server import Server, prompts, rollout_cfg, trainer_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,15 @@ def vadapter(tiny_model_dir):
 
 
 def test_serve_command_has_what_rl_needs():
-    cmd = build_command("M", max_model_len=8192, limit_mm_per_prompt="image=4", min_pixels=100, max_pixels=200)
+    cmd = build_command("M", max_model_len=8192, limit_mm_per_prompt="image=4",
+                        min_pixels=100, max_pixels=200)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
     assert cmd[cmd.index("--generation-config") + 1] == "vllm"
     assert "--enable-scale-out" in cmd  # the token-in/token-out route of multi-turn rollouts
     assert json.loads(cmd[cmd.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
-    assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {"size": {"shortest_edge": 100, "longest_edge": 200}}
+    assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {"size": {"shortest_edge": 100,
+                                                                                "longest_edge": 200}}
     assert parse_limit_mm('{"image": 2, "video": 0}') == {"image": 2, "video": 0}
     assert parse_limit_mm("image=3,video=1") == {"image": 3, "video": 1}
     nccl = build_command("M", weight_sync="nccl")
@@ -63,19 +66,22 @@ def test_serve_command_has_what_rl_needs():
 
 
 def test_video_rollouts_match_the_trainer(server, tiny_model_dir, tiny_model, tmp_path):
-    """Video prompts (a video file; an image and a list of frames; frames at their own fps): the server is sent the
-    trainer's sampled frames with their timestamps, and its prompt ids (timestamps included) equal the
-    processor's; the trainer's logprobs of its samples agree with its own."""
+    """Video prompts (a video file; an image and a list of frames; frames at their own fps): the server is
+    sent the trainer's sampled frames with their timestamps, and its prompt ids (timestamps included) equal
+    the processor's; the trainer's logprobs of its samples agree with its own."""
     from test_video import bar_frames, encode
+
     from vlrl.config import ModelConfig
 
-    cfg = dict(path=str(tiny_model_dir), dtype="float32", min_pixels=4096, max_pixels=16384, max_model_len=1024,
+    cfg = dict(path=str(tiny_model_dir), dtype="float32", min_pixels=4096, max_pixels=16384,
+               max_model_len=1024,
                video_min_pixels=4096, video_max_pixels=8192, video_max_frames=8)
     adapter = Qwen3VLAdapter.from_config(ModelConfig(**cfg, max_videos_per_prompt=1))
     (tmp_path / "bar.mp4").write_bytes(encode(bar_frames(20), fps=10))
     frames = [Image.fromarray(f) for f in bar_frames(7, w=64, h=64)]
     ps = [
-        adapter.encode_prompt(adapter.build_messages("Which way?", 0, num_videos=1), [], video_sources=["bar.mp4"],
+        adapter.encode_prompt(adapter.build_messages("Which way?", 0, num_videos=1), [],
+                              video_sources=["bar.mp4"],
                               base_dir=tmp_path),
         adapter.encode_prompt(adapter.build_messages("Which way?", 1, "Be brief.", num_videos=1),
                               [Image.new("RGB", (64, 96), (200, 30, 40))], video_sources=[frames]),
@@ -105,7 +111,8 @@ def test_multimodal_rollouts_match_the_trainer(server, vadapter, tiny_model):
     stats = trainer_logprobs(vadapter, tiny_model, rollouts)
     assert stats["tokens"] > 60 and stats["max_abs_diff"] < 1e-4, stats
     # file:// transport gives the same prompt ids
-    files = VLLMSampler(vadapter, rollout_cfg(server, image_transport="file"), media_dir=Path("/tmp/vlrl-test-media"))
+    files = VLLMSampler(vadapter, rollout_cfg(server, image_transport="file"),
+                        media_dir=Path("/tmp/vlrl-test-media"))
     assert len(files.sample(ps[:1], n=2)) == 2 and files.prompts_checked == 1
 
 
@@ -131,50 +138,58 @@ def test_weight_sync_makes_the_server_follow_the_trainer(server, vadapter, tiny_
 
 
 def small_cfg(server, tiny_model_dir, tmp_path, *extra):
-    return tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "rollout.max_new_tokens=6",
+    return tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}",
+                       "rollout.max_new_tokens=6",
                        "train.steps=3", *extra)
 
 
 def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny_model, tmp_path):
-    """Training with the asynchronous disk sync: the learner waits only for the copy to host buffers, the files and
-    the server's reload run in the background, and every step's rollouts still come from exactly the trainer's
-    weights (the vision tower, frozen, written once and kept by the server through partial reloads)."""
+    """Training with the asynchronous disk sync: the learner waits only for the copy to host buffers, the
+    files and the server's reload run in the background, and every step's rollouts still come from exactly the
+    trainer's weights (the vision tower, frozen, written once and kept by the server through partial
+    reloads)."""
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
     sync_dir = tmp_path / "sync"
-    res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv", "train.steps=4", f"rollout.sync_dir={sync_dir}"))
+    res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv", "train.steps=4",
+                          f"rollout.sync_dir={sync_dir}"))
     ms = read_jsonl(res.run_dir / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2, 3, 4]
     # after every sync the server samples from exactly the trainer's weights (images in every step's prompts)
     assert all(m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
     assert all(m["grad_norm"] > 0 for m in ms)  # ... and the weights moved each step
     assert all(0 < m["time/sync_blocking"] <= m["time/sync"] for m in ms), ms
-    # the frozen vision tower was written once, before the first trained step's files; the last reload read only
-    # the language model
+    # the frozen vision tower was written once, before the first trained step's files; the last reload read
+    # only the language model
     files = {f.name: f.stat().st_mtime_ns for f in sync_dir.glob("*.safetensors")}
-    frozen, trained = [t for f, t in files.items() if f.startswith("frozen")], [t for f, t in files.items() if f.startswith("trained")]
+    frozen, trained = [t for f, t in files.items()
+                       if f.startswith("frozen")], [t for f, t in files.items() if f.startswith("trained")]
     assert frozen and trained and max(frozen) < min(trained)
     index = json.loads((sync_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert index and not any(k.startswith("model.visual.") for k in index)
     assert all(v.startswith("trained") for v in index.values())
 
     try:
-        off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async", "rollout.one_step_off_policy=true",
+        off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async",
+                              "rollout.one_step_off_policy=true",
                               "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]'))
         ms = read_jsonl(off.run_dir / "metrics.jsonl")
         assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
         assert ms[0]["grad_norm"] > 0  # step 1 moved the policy (every group had signal) ...
-        assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]  # ... so step 2 trains on rollouts one step old
+        # ... so step 2 trains on rollouts one step old
+        assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]
         # the default sync dir: shared memory (the server is on this machine), removed when the run ended
         assert not (off.run_dir / "weights").exists() and not list(Path("/dev/shm").glob("vlrl-sync-async-*"))
     finally:  # leave the module's server serving the base weights, whatever happened here
-        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
+        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
+                       tmp_path / "base").push(tiny_model)
 
 
 def test_check_batch_against_the_server(server, tiny_model_dir):
     res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--json",
-                          "--set", f"model.path={tiny_model_dir}", "--set", f"rollout.server_url={server.url}"],
+                          "--set", f"model.path={tiny_model_dir}", "--set",
+                          f"rollout.server_url={server.url}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
@@ -184,12 +199,15 @@ def test_check_batch_against_the_server(server, tiny_model_dir):
 
 def test_check_batch_counts_requests_when_the_environment_drops_a_sample_after_its_prompt_was_checked(
         server, tiny_model_dir):
-    """envs_for_tests:RaisesInStepAtCall drops sample 1 after the server answered (and its prompt ids were checked):
-    2 requests checked, 1 group kept, no prompt differed, so the check passes (it failed "2/1 prompts")."""
+    """envs_for_tests:RaisesInStepAtCall drops sample 1 after the server answered (and its prompt ids were
+    checked): 2 requests checked, 1 group kept, no prompt differed, so the check passes (it failed "2/1
+    prompts")."""
     env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu.toml", "--json",
-                          "--set", f"model.path={tiny_model_dir}", "--set", f"rollout.server_url={server.url}",
-                          "--set", "env.environment=envs_for_tests:RaisesInStepAtCall", "--set", "rollout.max_new_tokens=48"],
+                          "--set", f"model.path={tiny_model_dir}", "--set",
+                          f"rollout.server_url={server.url}",
+                          "--set", "env.environment=envs_for_tests:RaisesInStepAtCall", "--set",
+                          "rollout.max_new_tokens=48"],
                          cwd=ROOT, capture_output=True, text=True, env=env)
     report = json.loads(res.stdout)
     check = {c["name"]: c for c in report["checks"]}["prompt ids: trainer == sampler"]
@@ -201,23 +219,30 @@ def test_check_batch_counts_requests_when_the_environment_drops_a_sample_after_i
 def test_a_max_model_len_above_the_servers_is_refused_at_start(server, tiny_model_dir, tmp_path):
     from vlrl.rollout import make_sampler
 
-    assert VLLMClient(server.url, rollout_cfg(server)).max_model_len() == 1024  # `vlrl serve --max-model-len 1024`
-    config = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=2048")
-    with pytest.raises(ServerError, match=r"model.max_model_len \(2048\) is above the vLLM server's max_model_len "
+    # `vlrl serve --max-model-len 1024`
+    assert VLLMClient(server.url, rollout_cfg(server)).max_model_len() == 1024
+    config = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}",
+                         "model.max_model_len=2048")
+    with pytest.raises(ServerError,
+                       match=r"model.max_model_len \(2048\) is above the vLLM server's max_model_len "
                                           r"\(1024\).*vlrl serve --max-model-len 2048"):
         make_sampler(config, None, None)
-    fits = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=1024")
+    fits = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}",
+                       "model.max_model_len=1024")
     VLLMSampler(None, fits.rollout).check_max_model_len(fits.model.max_model_len)  # equal: fine
 
 
-def test_multi_turn_rollouts_with_tool_images_match_the_trainer(server, vadapter, tiny_model, tiny_model_dir, tmp_path):
-    """Every later turn goes to the token-in/token-out route as the trajectory's own ids with all its images so
-    far: the server's expanded prompt ids equal the trainer's on every turn, its logprobs the trainer's."""
-    from vlrl.envs.sources import load_samples
+def test_multi_turn_rollouts_with_tool_images_match_the_trainer(
+    server, vadapter, tiny_model, tiny_model_dir, tmp_path):
+    """Every later turn goes to the token-in/token-out route as the trajectory's own ids with all its images
+    so far: the server's expanded prompt ids equal the trainer's on every turn, its logprobs the trainer's."""
+    from vlrl.data.sources import load_samples
     from vlrl.rollout.groups import RolloutGroups
 
-    cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "model.max_model_len=1024",
-                      "env.environment=envs_for_tests:ImageEveryCall", "env.max_turns=3", "rollout.max_new_tokens=48")
+    cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}",
+                      "model.max_model_len=1024",
+                      "env.environment=envs_for_tests:ImageEveryCall", "env.max_turns=3",
+                      "rollout.max_new_tokens=48")
     sampler = VLLMSampler(vadapter, cfg.rollout)
     got = RolloutGroups(cfg, vadapter, sampler).score_groups(load_samples(cfg.env, "train", 0)[:4], 3, 0)
     rollouts = got.rollouts
@@ -235,7 +260,8 @@ def test_too_many_images_and_mismatched_pixel_limits_are_clear_errors(server, va
     with pytest.raises(ServerError, match=r"refused prompt 0: HTTP 400.*image"):
         VLLMSampler(many, rollout_cfg(server)).sample([p], n=1)
     # the trainer allows bigger images than the server: the server downsizes them, the ids differ
-    big = Qwen3VLAdapter(vadapter.processor, ModelConfig(path=vadapter.cfg.path, min_pixels=4096, max_pixels=65536))
+    big = Qwen3VLAdapter(vadapter.processor,
+                         ModelConfig(path=vadapter.cfg.path, min_pixels=4096, max_pixels=65536))
     p = big.encode_prompt(big.build_messages("color", 1), [Image.new("RGB", (256, 256), (9, 9, 9))])
     with pytest.raises(ServerError, match="prompt ids differ.*pixel limits"):
         VLLMSampler(big, rollout_cfg(server)).sample([p], n=1)
@@ -258,17 +284,37 @@ def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_mode
     monkeypatch.setenv("VLRL_TEST_KEY", "s3cret")
     sampler = VLLMSampler(vadapter, rollout_cfg(srv, max_retries=40, retry_backoff_s=1.0, max_new_tokens=200,
                                                 api_key_env="VLRL_TEST_KEY"))
-    ps = [vadapter.encode_prompt(vadapter.build_messages("What color?", 1), [Image.new("RGB", (64, 64), (40 * i, 0, 0))])
+    ps = [vadapter.encode_prompt(vadapter.build_messages("What color?", 1),
+                                 [Image.new("RGB", (64, 64), (40 * i, 0, 0))])
           for i in range(6)]
+    # Every sampling POST and how it ended: the kill must land while requests wait for their answers.
+    sent, ended = threading.Event(), []
+    real_post = httpx.AsyncClient.post
+
+    async def post(self, url, *args, **kwargs):
+        if not url.endswith(CHAT_ROUTE):
+            return await real_post(self, url, *args, **kwargs)
+        sent.set()
+        try:
+            r = await real_post(self, url, *args, **kwargs)
+        except httpx.TransportError as e:
+            ended.append(type(e).__name__)
+            raise
+        ended.append(r.status_code)
+        return r
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", post)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(r=sampler.sample(ps, n=8)), daemon=True)
     worker.start()
-    time.sleep(1.0)
+    assert sent.wait(timeout=60)  # a request is on its way (it and its 5 siblings take seconds to answer)
+    time.sleep(0.2)
     srv.kill_hard()
     assert worker.is_alive()  # still waiting for the server
     srv = Server(tiny_model_dir, tmp_path / "serve2.log", port=srv.port, api_key="s3cret").start()
     worker.join(timeout=300)
     assert not worker.is_alive() and len(result["r"]) == 48
+    assert any(isinstance(e, str) for e in ended)  # requests in flight were cut by the kill, and retried
     assert trainer_logprobs(vadapter, tiny_model, result["r"])["max_abs_diff"] < 1e-4
     srv.kill_hard()
     quick = VLLMSampler.__new__(VLLMSampler)
@@ -287,7 +333,8 @@ def test_serve_without_vllm_says_how_to_install(monkeypatch, tmp_path):
     from vlrl.serve import ServerProcess
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm"
+                        else real(name, *a))
     with pytest.raises(UserError, match=r"vLLM is not installed.*pip install 'vlrl\[vllm\]'"):
         ServerProcess(["true"], tmp_path / "log", {})
 
@@ -313,7 +360,8 @@ class _FakeClient:
         return lambda *a, **kw: self.calls.append(name)
 
 
-def test_nccl_sync_is_wired_to_vllms_engine_with_checkpoint_names(tiny_model, vadapter, tmp_path, monkeypatch):
+def test_nccl_sync_is_wired_to_vllms_engine_with_checkpoint_names(
+    tiny_model, vadapter, tmp_path, monkeypatch):
     """What can be checked without NCCL: the trainer-side init info, the parameter names/dtypes/shapes sent
     (those vLLM loads from a checkpoint), and the order of the control calls around a push."""
     from safetensors import safe_open
@@ -334,7 +382,8 @@ def test_nccl_sync_is_wired_to_vllms_engine_with_checkpoint_names(tiny_model, va
 
     monkeypatch.setattr(NCCLTrainerWeightTransferEngine, "trainer_init", classmethod(fake_init))
     client = _FakeClient()
-    sync = NCCLWeightSync(client, RolloutConfig(nccl_master_address="10.0.0.5", nccl_master_port=29601), tiny_model)
+    sync = NCCLWeightSync(client,
+                          RolloutConfig(nccl_master_address="10.0.0.5", nccl_master_port=29601), tiny_model)
     info = seen["info"]
     assert (info.world_size, info.rank, info.master_address, info.master_port) == (3, 0, "10.0.0.5", 29601)
     sync.push(tiny_model)

@@ -1,5 +1,6 @@
-"""A second real vLLM server, serving a tiny model with tied embeddings (as Qwen3-VL-2B/4B): the disk weight sync
-keeps its output head in step with the trainer; `vlrl serve` stops its whole server on SIGTERM and SIGHUP."""
+"""A second real vLLM server, serving a tiny model with tied embeddings (as Qwen3-VL-2B/4B): the disk weight
+sync keeps its output head in step with the trainer; `vlrl serve` stops its whole server on SIGTERM and
+SIGHUP."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import signal
 import pytest
 import torch
 from safetensors import safe_open
-from vllm_server import Server, live_processes_in_group, port_is_open, prompts, rollout_cfg, trainer_logprobs
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
@@ -17,11 +17,14 @@ from vlrl.rollout import weight_sync
 from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
 
+from vllm_server import Server, live_processes_in_group, port_is_open, prompts, rollout_cfg, trainer_logprobs
+
 pytestmark = pytest.mark.vllm
 
 
 def assert_stops(srv: Server, sig: int, code: int) -> None:
-    """`sig` to `vlrl serve`: it exits with `code`, no process of the server's group is left, the port is free."""
+    """`sig` to `vlrl serve`: it exits with `code`, no process of the server's group is left, the port is
+    free."""
     group = srv.vllm_pid()
     assert srv.stop(sig) == code, srv.out.read_text()[-2000:]
     assert live_processes_in_group(group) == []
@@ -62,9 +65,11 @@ def test_the_sync_writes_a_tied_head_as_its_own_tensor(tied, tiny_model, tmp_pat
     head = dict(weight_sync.export_tensors(model, None, ["lm_head.weight"]))["lm_head.weight"]
     assert head is model.lm_head.weight
     frozen = copy.deepcopy(model)
-    frozen.model.language_model.embed_tokens.requires_grad_(False)  # a frozen embedding: the head is frozen too
+    # a frozen embedding: the head is frozen too
+    frozen.model.language_model.embed_tokens.requires_grad_(False)
     assert not weight_sync.export_plan(frozen)["lm_head.weight"]
-    assert "lm_head.weight" in weight_sync.export_plan(tiny_model) and not tiny_model.config.tie_word_embeddings
+    assert ("lm_head.weight" in weight_sync.export_plan(tiny_model)
+            and not tiny_model.config.tie_word_embeddings)
 
 
 def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkeypatch):
@@ -78,11 +83,13 @@ def test_disk_sync_keeps_a_tied_head_in_step(tied_server, tied, tmp_path, monkey
             if "language_model" in name:
                 p.add_(0.05 * torch.randn_like(p))
     assert new.lm_head.weight is new.model.language_model.embed_tokens.weight
-    sync = DiskWeightSync(VLLMClient(tied_server.url, rollout_cfg(tied_server)), adapter, tmp_path / "weights")
+    sync = DiskWeightSync(VLLMClient(tied_server.url, rollout_cfg(tied_server)), adapter,
+                          tmp_path / "weights")
     sampler = VLLMSampler(adapter, rollout_cfg(tied_server), weight_sync=sync)
     plan = weight_sync.export_plan
     with monkeypatch.context() as m:  # the sync as it was: the shared matrix once, as the embedding
-        m.setattr(weight_sync, "export_plan", lambda *a: {k: v for k, v in plan(*a).items() if k != "lm_head.weight"})
+        m.setattr(weight_sync, "export_plan", lambda
+                  *a: {k: v for k, v in plan(*a).items() if k != "lm_head.weight"})
         sampler.sync_weights(new)
         stale = trainer_logprobs(adapter, new, sampler.sample(prompts(adapter), n=4))
     assert stale["mismatch_kl"] > 1e-3, stale
@@ -115,8 +122,8 @@ def test_judge_with_a_real_vllm_server(tied_server):
     """The tiny model as judge: its free text holds no verdict (a counted `unparseable` failure, not a crash);
     constrained by vLLM's structured outputs to `Score: N`, every judgement parses into N / 9."""
     from vlrl.config import JudgeConfig, RewardSpec
-    from vlrl.envs.dataset import Sample
-    from vlrl.envs.rewards import RewardSet
+    from vlrl.rewards.reward_set import RewardSet
+    from vlrl.sample import Sample
 
     samples = [Sample(id=str(i), question="What is 2 + 2?", answer="4") for i in range(4)]
     completions = ["<think>easy</think> 4", "5", "four", "I do not know"]

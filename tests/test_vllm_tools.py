@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from vllm_server import Server, rollout_cfg, trainer_logprobs
 
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
 from vlrl.config import ModelConfig
 from vlrl.rollout.vllm_client import VLLMClient, VLLMSampler
 from vlrl.rollout.weight_sync import DiskWeightSync
+
+from vllm_server import Server, rollout_cfg, trainer_logprobs
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,8 @@ def vadapter(tiny_model_dir):
 
 def check_batch(config: str, *sets: str, prompts: int = 2) -> dict:
     args = [a for s in sets for a in ("--set", s)]
-    res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", config, "--json", "--prompts", str(prompts),
+    res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", config, "--json", "--prompts",
+                          str(prompts),
                           *args], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -54,15 +56,16 @@ def check_batch(config: str, *sets: str, prompts: int = 2) -> dict:
 
 @pytest.mark.parametrize("env", ["zoom", "calculator"])
 def test_every_builtin_environment_with_tools_samples_from_the_server(server, tiny_model_dir, env):
-    """check-batch of each built-in environment with tools through `vlrl serve`: the requests are accepted, the
-    server's prompt ids (tool schemas rendered in the system turn) equal the trainer's on every turn, and the
-    trainer agrees with the server's logprobs. The tiny vocabulary spells each zoom crop as one token, so a
-    random model calls `crop` often: those calls reach the environment through the server too (the server
+    """check-batch of each built-in environment with tools through `vlrl serve`: the requests are accepted,
+    the server's prompt ids (tool schemas rendered in the system turn) equal the trainer's on every turn, and
+    the trainer agrees with the server's logprobs. The tiny vocabulary spells each zoom crop as one token, so
+    a random model calls `crop` often: those calls reach the environment through the server too (the server
     dropped a stop token's text, the whole call, before)."""
     sets = [f"model.path={tiny_model_dir}", f"rollout.server_url={server.url}"]
     # 4 x 16 episodes of up to 16 tokens a turn: a random tiny model calls crop in ~1 turn in 7
     report = check_batch("configs/tiny-cpu-zoom.toml", *sets, *ZOOM_TURNS, prompts=4) if env == "zoom" else \
-        check_batch("configs/tiny-cpu.toml", *sets, *CALCULATOR, "rollout.max_new_tokens=24", "env.max_turns=2")
+        check_batch("configs/tiny-cpu.toml", *sets, *CALCULATOR, "rollout.max_new_tokens=24",
+                    "env.max_turns=2")
     checks = {c["name"]: c["ok"] for c in report["checks"]}
     assert report["ok"] and checks["prompt ids: trainer == sampler"], report["checks"]
     assert report["stats"]["mismatch_kl"] < 1e-5
@@ -76,14 +79,17 @@ def test_every_builtin_environment_with_tools_samples_from_the_server(server, ti
 @pytest.mark.parametrize("env", ["zoom", "calculator"])
 def test_three_training_steps_of_each_tool_environment_through_the_server(server, tiny_model_dir, vadapter,
                                                                           tiny_model, tmp_path, env):
-    from conftest import tiny_config
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
+    from conftest import tiny_config
+
     extra = ("env.dataset=builtin:zoom", "model.max_model_len=1024", "rollout.max_new_tokens=8",
-             "env.max_turns=3") if env == "zoom" else (*CALCULATOR, "rollout.max_new_tokens=16", "env.max_turns=2")
+             "env.max_turns=3") if env == "zoom" else (*CALCULATOR, "rollout.max_new_tokens=16",
+                                                       "env.max_turns=2")
     cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "train.steps=3",
-                      'env.rewards=[{fn="rewards_for_tests:noise"}]', *extra, step=("rollout.prompts_per_step=2",
+                      'env.rewards=[{fn="rewards_for_tests:noise"}]', *extra,
+                      step=("rollout.prompts_per_step=2",
                                                                                      "rollout.group_size=4"))
     try:
         res = train(cfg)
@@ -93,13 +99,15 @@ def test_three_training_steps_of_each_tool_environment_through_the_server(server
         if env == "zoom":
             assert sum(m["tool_calls"] for m in ms) > 0, ms
     finally:  # leave the module's server serving the base weights
-        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
+        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
+                       tmp_path / "base").push(tiny_model)
 
 
 def test_a_server_started_with_a_tool_parser_changes_nothing(tiny_model_dir, tmp_path):
     """`vlrl serve ... -- --enable-auto-tool-choice --tool-call-parser hermes`, what vLLM's error used to
     advise: vlrl asks for `tool_choice = "none"` and reads every call from the sampled ids, so the calls still
-    reach the environment (before, the server moved them out of the text and check-batch said OK with none)."""
+    reach the environment (before, the server moved them out of the text and check-batch said OK with
+    none)."""
     srv = Server(tiny_model_dir, tmp_path / "serve.log")
     srv.args += ["--", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     srv.start()
@@ -114,9 +122,9 @@ def test_a_server_started_with_a_tool_parser_changes_nothing(tiny_model_dir, tmp
 
 
 def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vadapter, tiny_model, tmp_path):
-    """With `model.freeze_vision = false` an image seen before the sync must be encoded again with the new tower.
-    vLLM 0.32's in-place reload clears the workers' encoder cache but not the scheduler's record of it: a
-    repeated image after a bare reload stopped the engine ("Encoder cache miss"), and a pause without its
+    """With `model.freeze_vision = false` an image seen before the sync must be encoded again with the new
+    tower. vLLM 0.32's in-place reload clears the workers' encoder cache but not the scheduler's record of it:
+    a repeated image after a bare reload stopped the engine ("Encoder cache miss"), and a pause without its
     (deprecated) cache clearing does not help. The sync pauses with `clear_cache=false` and resets the
     prefix, multi-modal and encoder caches itself, so this fails if those resets go."""
     client = VLLMClient(server.url, rollout_cfg(server))
@@ -135,7 +143,8 @@ def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vada
         first = sampler.sample([prompt], n=4)
         fresh = trainer_logprobs(vadapter, new, first)
         old = trainer_logprobs(vadapter, tiny_model, first)
-        again = trainer_logprobs(vadapter, new, sampler.sample([prompt], n=4))  # now cached from the new tower
+        # now cached from the new tower
+        again = trainer_logprobs(vadapter, new, sampler.sample([prompt], n=4))
     finally:
         DiskWeightSync(client, vadapter, tmp_path / "base").push(tiny_model)
     assert old["max_abs_diff"] > 1e-3, old  # the tower's change shows in the logprobs: an old embedding would
@@ -154,12 +163,14 @@ def qserver(qwen_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("sampler", ["embedded", "server"])
 def test_tool_episodes_with_qwens_vocabulary_through_both_samplers(qserver, qwen_model_dir, env, sampler):
     """The tiny model with Qwen's real vocabulary, warm-started to call the built-in tools: its calls are ~45
-    tokens and stop at `</tool_call>`, a token whose text the server leaves out of its own completion text. Through
-    either sampler the environment reads the same calls from the sampled ids, episodes go on for several turns
-    (zoom: with the crops' images), and every turn's prompt ids and logprobs agree with the trainer's. At
-    temperature 0.5 the warm-started model's first turn is a well-formed call in nearly every episode (measured
-    32 of 32 zoom episodes in process); its later turns are mostly malformed calls (tool errors, still turns)."""
-    sets = [f"model.path={qwen_model_dir}", "rollout.max_new_tokens=64", "env.max_turns=3", "rollout.temperature=0.5"]
+    tokens and stop at `</tool_call>`, a token whose text the server leaves out of its own completion text.
+    Through either sampler the environment reads the same calls from the sampled ids, episodes go on for
+    several turns (zoom: with the crops' images), and every turn's prompt ids and logprobs agree with the
+    trainer's. At temperature 0.5 the warm-started model's first turn is a well-formed call in nearly every
+    episode (measured 32 of 32 zoom episodes in process); its later turns are mostly malformed calls (tool
+    errors, still turns)."""
+    sets = [f"model.path={qwen_model_dir}", "rollout.max_new_tokens=64", "env.max_turns=3",
+            "rollout.temperature=0.5"]
     if env == "calculator":
         sets += ["env.dataset=builtin:calculator", 'env.rewards=[{fn="numeric"}]']
     if sampler == "server":

@@ -1,7 +1,7 @@
 """The disk weight sync's write path without a server: host buffers allocated once and copied as a snapshot,
 safetensors files written in parallel that load back exactly, only what changes written after the first push
-(a frozen vision tower once), whole layers for LoRA, the version-tagged background push, and where the files go.
-The real server's side is in test_vllm.py (`test_train_with_the_server_as_sampler`)."""
+(a frozen vision tower once), whole layers for LoRA, the version-tagged background push, and where the files
+go. The real server's side is in test_vllm.py (`test_train_with_the_server_as_sampler`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_host_shards_are_safetensors_files_written_in_place(tmp_path, monkeypatc
     tensors = {"a.w": torch.randn(7, 13), "a.b": torch.randn(13).to(torch.bfloat16), "n": torch.tensor(3),
                "b.w": torch.randn(300), "c.ids": torch.arange(5, dtype=torch.int64), "s": torch.randn(())}
     shards = HostShards({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, "trained", pin=False)
-    assert len(shards.shards) == 3 and shards.nbytes == sum(v.numel() * v.element_size() for v in tensors.values())
+    assert len(shards.shards) == 3 and shards.nbytes == sum(v.numel() * v.element_size()
+                                                            for v in tensors.values())
     buffer = shards.buffer.data_ptr()
     shards.copy_from(tensors.items())
     assert shards.write(tmp_path, threads=3) == sum(os.path.getsize(tmp_path / f) for f in shards.files)
@@ -102,7 +103,8 @@ def sampler_with(client, sync, adapter) -> VLLMSampler:
                        client=client)
 
 
-def test_frozen_vision_is_written_once_and_reloaded_only_by_a_server_that_lost_it(frozen_vision, adapter, tmp_path):
+def test_frozen_vision_is_written_once_and_reloaded_only_by_a_server_that_lost_it(
+    frozen_vision, adapter, tmp_path):
     model = frozen_vision
     client = FakeClient()
     sync = DiskWeightSync(client, adapter, tmp_path / "w")
@@ -131,9 +133,11 @@ def test_frozen_vision_is_written_once_and_reloaded_only_by_a_server_that_lost_i
     second = client.reloads[-1]
     assert set(second) == set(state) - vision  # only what changed is reloaded ...
     assert all(torch.equal(second[k], v.detach()) for k, v in model.state_dict().items() if k in second)
-    assert {f: os.stat(tmp_path / "w" / f).st_mtime_ns for f in frozen_files} == frozen_files  # ... or written
+    # ... or written
+    assert {f: os.stat(tmp_path / "w" / f).st_mtime_ns for f in frozen_files} == frozen_files
 
-    client.restart()  # a server back with the base weights: every tensor again, the frozen ones from their files
+    # a server back with the base weights: every tensor again, the frozen ones from their files
+    client.restart()
     sampler.sync_weights(model)
     sampler.sample([], 1)  # (waits for the push and checks its version)
     assert set(client.reloads[-1]) == set(state)
@@ -188,7 +192,8 @@ def test_lora_hands_over_whole_layers(adapter, tmp_path):
     for leaf in ("gate_proj", "up_proj", "down_proj"):
         assert f"{layer}mlp.{leaf}.weight" in changed
     assert f"{layer}input_layernorm.weight" not in changed
-    assert not any(n.startswith("model.visual.") or "embed_tokens" in n or n == "lm_head.weight" for n in changed)
+    assert not any(n.startswith("model.visual.") or "embed_tokens" in n or n == "lm_head.weight"
+                   for n in changed)
     assert set(plan) == set(merged_state(model))
     with torch.no_grad():  # a trained adapter: the merged weights differ from the base
         for n, p in model.named_parameters():
@@ -213,5 +218,6 @@ def test_sync_dir_defaults_to_shared_memory_when_the_server_is_local_and_it_has_
     assert local.parent == shm and local.name.startswith("vlrl-sync-r1-")
     assert default_sync_dir(run, "http://localhost:8000", free // 2) == local  # one directory per run
     assert default_sync_dir(tmp_path / "runs" / "r2", "http://127.0.0.1:8000", free // 2) != local
-    assert default_sync_dir(run, "http://127.0.0.1:8000", free) == run / "weights"  # no room for it + a quarter
+    # no room for it + a quarter
+    assert default_sync_dir(run, "http://127.0.0.1:8000", free) == run / "weights"
     assert default_sync_dir(run, "http://gpu-node-7:8000", 1) == run / "weights"  # a server elsewhere

@@ -1,5 +1,5 @@
-"""`vlrl serve` in a subprocess, as a user starts it, and helpers for the tests that need a real vLLM server on
-the CPU (prompts, trainer-side logprobs against the server's)."""
+"""`vlrl serve` in a subprocess, as a user starts it, and helpers for the tests that need a real vLLM server
+on the CPU (prompts, trainer-side logprobs against the server's)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ def port_is_open(port: int) -> bool:
 
 
 def live_processes_in_group(pgid: int) -> list[str]:
-    """`pid state command` of the group's processes that are not zombies (a zombie holds no port or memory)."""
-    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    """`pid state command` of the group's processes that are not zombies (a zombie holds no port or
+    memory)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)],
+                         capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
 
 
@@ -45,11 +47,14 @@ class Server:
         self.port = port or free_port()
         self.env = {**os.environ, **({"VLRL_TEST_KEY": api_key} if api_key else {})}
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port", str(self.port),
+        self.args = [sys.executable, "-m", "vlrl", "serve", "--model", str(model_dir), "--port",
+                     str(self.port),
                      "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
-                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt", "image=4,video=1",
+                     "--min-pixels", "4096", "--max-pixels", "16384", "--limit-mm-per-prompt",
+                     "image=4,video=1",
                      "--video-max-pixels", "8192", "--video-max-frames", "8",
-                     "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env", "VLRL_TEST_KEY"]
+                     "--allowed-local-media-path", "/tmp", "--log-file", str(log), "--api-key-env",
+                     "VLRL_TEST_KEY"]
         self.out = log.with_suffix(".out")
         self.log = log
 
@@ -61,10 +66,11 @@ class Server:
         """Start `vlrl serve` without waiting for it."""
         self.fh = open(self.out, "a")
         self.seen = self.out.stat().st_size  # a restarted server appends to the same file
-        # SIGINT at its default, as under a terminal: pytest started as a background job of a shell without job
-        # control inherits it ignored, and Ctrl-C (which `stop` sends) would then never reach `vlrl serve`
+        # SIGINT at its default, as under a terminal: pytest started as a background job of a shell without
+        # job control inherits it ignored, and Ctrl-C (which `stop` sends) would then never reach `vlrl serve`
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                     env=self.env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return self
 
     def start(self, timeout: float = 240) -> Server:
@@ -79,15 +85,17 @@ class Server:
         raise AssertionError("vlrl serve did not become ready:\n" + self.out.read_text()[-3000:])
 
     def vllm_pid(self) -> int:
-        """The pid of `vlrl serve`'s child (the guard, parent of the vLLM server): the leader of a session of its
-        own, so also the id of the group every process of the server is in."""
-        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        """The pid of `vlrl serve`'s child (the guard, parent of the vLLM server): the leader of a session of
+        its own, so also the id of the group every process of the server is in."""
+        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                  capture_output=True, text=True).stdout.split()
         assert len(children) == 1, children
         return int(children[0])
 
     def engine_pid(self) -> int:
         """The pid of vLLM's engine-core process (vLLM names it `VLLM::EngineCore`)."""
-        out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(self.vllm_pid())], capture_output=True, text=True)
+        out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(self.vllm_pid())],
+                             capture_output=True, text=True)
         pids = [int(line.split()[0]) for line in out.stdout.splitlines() if "VLLM::EngineCore" in line]
         assert len(pids) == 1, out.stdout
         return pids[0]

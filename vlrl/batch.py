@@ -28,11 +28,14 @@ class MultimodalBatch:
     loss_mask: torch.Tensor  # [B, L] float32, 1 exactly on tokens the policy sampled
     behavior_logprobs: torch.Tensor  # [B, L] float32, sampler logprob of token t stored at t, 0 elsewhere
     advantages: torch.Tensor  # [B] float32
-    model_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [P, D], image_grid_thw [N, 3], position_ids [3, B, L]
-    layout: dict[str, str]  # model_inputs key -> "token" | "positions" | "patch" | "image" | "video_patch" | "video"
+    # e.g. pixel_values [P, D], image_grid_thw [N, 3], position_ids [3, B, L]
+    model_inputs: dict[str, torch.Tensor]
+    # model_inputs key -> "token" | "positions" | "patch" | "image" | "video_patch" | "video"
+    layout: dict[str, str]
     patches_per_sample: list[int]  # image patches (rows of "patch" tensors)
     images_per_sample: list[int]
-    video_patches_per_sample: list[int] = field(default_factory=list)  # rows of "video_patch" tensors; [] = none
+    # rows of "video_patch" tensors; [] = none
+    video_patches_per_sample: list[int] = field(default_factory=list)
     videos_per_sample: list[int] = field(default_factory=list)
 
     @property
@@ -114,7 +117,8 @@ class MultimodalBatch:
         starts = sequence_starts(lengths)
         if bool(logprob_mask[0, starts[:-1].long()].any()):
             # its logprob would be predicted from the previous sample's last hidden state
-            raise ValueError("a sample's first token is marked for a logprob; it has none (loss_mask[:, 0] must be 0)")
+            raise ValueError("a sample's first token is marked for a logprob; it has none (loss_mask[:, 0] "
+                             "must be 0)")
         inputs: dict[str, torch.Tensor] = {}
         for key, value in self.model_inputs.items():
             kind = self.layout[key]
@@ -142,8 +146,8 @@ class MultimodalBatch:
         )
 
     def _add_rows(self, inputs: dict, key: str, value: torch.Tensor, indices: list[int]) -> None:
-        """inputs[key] = the "patch", "image", "video_patch" or "video" rows of the samples at `indices` (absent
-        when they have none)."""
+        """inputs[key] = the "patch", "image", "video_patch" or "video" rows of the samples at `indices`
+        (absent when they have none)."""
         kind = self.layout[key]
         if kind not in ("patch", "image", "video_patch", "video"):
             raise ValueError(f"unknown layout {kind!r} for model input {key!r}")
@@ -160,7 +164,8 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # [1, T] int64
     logprob_mask: torch.Tensor  # [1, T] float32: loss_mask, packed
-    model_inputs: dict[str, torch.Tensor]  # token [1, T], positions [K, 1, T], patch/image rows, cu_seqlens [b + 1]
+    # token [1, T], positions [K, 1, T], patch/image rows, cu_seqlens [b + 1]
+    model_inputs: dict[str, torch.Tensor]
     max_seqlen: int  # the longest sample
     lengths: list[int]  # [b] tokens of each sample, in order
     unpack_index: torch.Tensor  # [2, T] int64: (sample, position) of each packed token
@@ -200,13 +205,15 @@ def batch_logprobs(policy, mb: MultimodalBatch | PackedBatch) -> tuple[torch.Ten
     """(logprobs [b, l], entropy [b, l]) of a micro-batch's trained tokens under `policy`, padded or packed:
     a packed micro-batch's [1, T] outputs come back in the padded layout."""
     if isinstance(mb, PackedBatch):
-        lp, ent = policy(mb.input_ids, None, mb.logprob_mask, max_seqlen=mb.max_seqlen, **mb.model_inputs)  # [1, T]
+        lp, ent = policy(mb.input_ids, None, mb.logprob_mask, max_seqlen=mb.max_seqlen,
+                         **mb.model_inputs)  # [1, T]
         return mb.unpack(lp), mb.unpack(ent)
     return policy(mb.input_ids, mb.attention_mask, mb.loss_mask, **mb.model_inputs)
 
 
 def sequence_starts(lengths: list[int]) -> torch.Tensor:
-    """[n + 1] int32 cumulative starts of sequences of `lengths` laid end to end (flash attention's cu_seqlens)."""
+    """[n + 1] int32 cumulative starts of sequences of `lengths` laid end to end (flash attention's
+    cu_seqlens)."""
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return out
@@ -215,7 +222,8 @@ def sequence_starts(lengths: list[int]) -> torch.Tensor:
 def _moved(batch, device: torch.device | str):
     """A copy of a batch (dataclass) with its tensors, and the tensors of its `model_inputs`, on `device`."""
     mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    changes = {f.name: mv(getattr(batch, f.name)) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    changes = {f.name: mv(getattr(batch, f.name)) for f in fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
     return replace(batch, **changes, model_inputs={k: mv(v) for k, v in batch.model_inputs.items()})
 
 

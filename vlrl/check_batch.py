@@ -1,9 +1,9 @@
 """`vlrl check-batch`: build one real batch and prove it sound before any GPU hour is spent.
 
 It loads the config and the model, rolls out one group for each of a few prompts with the configured
-sampler, builds the training batch and checks: tensor shapes, image and video placeholders against their grids,
-the token budget, that the loss mask covers exactly the sampled tokens, the M-RoPE positions against the
-model's own, and that the trainer's logprobs of the sampled tokens agree with the sampler's (mismatch KL
+sampler, builds the training batch and checks: tensor shapes, image and video placeholders against their
+grids, the token budget, that the loss mask covers exactly the sampled tokens, the M-RoPE positions against
+the model's own, and that the trainer's logprobs of the sampled tokens agree with the sampler's (mismatch KL
 and max abs diff), the check that catches every alignment bug.
 """
 
@@ -53,22 +53,27 @@ class Report:
 
 
 def mismatch_stats(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Per-token agreement of two [B, L] logprob tensors on `mask`: k3 KL(sampler || trainer) and max |diff|."""
+    """Per-token agreement of two [B, L] logprob tensors on `mask`: k3 KL(sampler || trainer) and max
+    |diff|."""
     m = mask.bool()
     d = (trainer - sampler)[m].double()  # log(p_trainer / p_sampler) on sampled tokens
     if d.numel() == 0:
         return {"mismatch_kl": 0.0, "max_abs_diff": 0.0, "tokens": 0}
-    return {"mismatch_kl": k3(d).mean().item(), "max_abs_diff": d.abs().max().item(), "tokens": int(d.numel())}
+    return {"mismatch_kl": k3(d).mean().item(), "max_abs_diff": d.abs().max().item(),
+            "tokens": int(d.numel())}
 
 
 def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapter, report: Report) -> None:
     B, L = batch.input_ids.shape
-    shapes = {k: list(getattr(batch, k).shape) for k in ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs")}
+    shapes = {k: list(getattr(batch, k).shape)
+              for k in ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs")}
     shapes["advantages"] = list(batch.advantages.shape)
     shapes.update({k: list(v.shape) for k, v in batch.model_inputs.items()})
     report.shapes = shapes
-    same = all(getattr(batch, k).shape == (B, L) for k in ("attention_mask", "loss_mask", "behavior_logprobs"))
-    same = same and all(v.shape == (B, L) for k, v in batch.model_inputs.items() if batch.layout[k] == "token")
+    same = all(getattr(batch, k).shape == (B, L)
+               for k in ("attention_mask", "loss_mask", "behavior_logprobs"))
+    same = same and all(v.shape == (B, L) for k, v in batch.model_inputs.items()
+                        if batch.layout[k] == "token")
     rows = {}
     for pixels, grid_key, patch, item in (("pixel_values", "image_grid_thw", "patch", "image"),
                                           ("pixel_values_videos", "video_grid_thw", "video_patch", "video")):
@@ -77,8 +82,10 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
         same = same and rows[pixels] == sum(batch.rows_per_sample(patch))
         same = same and (0 if grid is None else grid.shape[0]) == sum(batch.rows_per_sample(item))
     videos = sum(batch.rows_per_sample("video"))
-    report.add("shapes", same, f"[B, L] = [{B}, {L}]; pixel_values rows {rows['pixel_values']} = sum of per-sample "
-               "patches" + (f"; pixel_values_videos rows {rows['pixel_values_videos']} likewise" if videos else ""))
+    report.add("shapes", same,
+               f"[B, L] = [{B}, {L}]; pixel_values rows {rows['pixel_values']} = sum of per-sample "
+               "patches"
+               + (f"; pixel_values_videos rows {rows['pixel_values_videos']} likewise" if videos else ""))
 
     placeholders = (batch.input_ids == adapter.image_token_id).sum(-1).tolist()
     expected = [sum(adapter.placeholders_per_image(r.image_grid_thw)) for r in rollouts]
@@ -116,7 +123,8 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     prompt_region = torch.zeros_like(batch.loss_mask)  # the prompt and every environment reply
     for i, (p, r) in enumerate(zip(prompt_lens, rollouts)):
         prompt_region[i, :p] = 1
-        prompt_region[i, p : p + len(r.completion_ids)] = 1 - torch.tensor(r.trained_mask, dtype=torch.float32)
+        prompt_region[i, p : p
+                      + len(r.completion_ids)] = 1 - torch.tensor(r.trained_mask, dtype=torch.float32)
     on_prompt = float((batch.loss_mask * prompt_region).sum())
     on_padding = float((batch.loss_mask * (1 - batch.attention_mask)).sum())
     placeholder = (batch.input_ids == adapter.image_token_id) | (batch.input_ids == adapter.video_token_id)
@@ -126,12 +134,14 @@ def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapt
     report.add(
         "loss mask",
         batch.num_loss_tokens == sampled and on_prompt == on_padding == on_images == stray_logprobs == 0,
-        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on prompt/environment/image/video/padding "
+        f"{batch.num_loss_tokens} trained tokens = {sampled} sampled; 0 on "
+        "prompt/environment/image/video/padding "
         f"({batch.num_loss_tokens / max(total, 1):.1%} of {total} tokens)",
     )
     banned = sum(1 for r in rollouts for t, m in zip(r.completion_ids, r.trained_mask)
                  if m and t in adapter.banned_token_ids)
-    report.add("no sampled placeholders", banned == 0, f"{banned} image/video placeholder tokens in completions")
+    report.add("no sampled placeholders", banned == 0,
+               f"{banned} image/video placeholder tokens in completions")
 
 
 def sum_counts(counts) -> dict[str, int]:
@@ -152,13 +162,13 @@ def check_truncation(rollouts: list[Rollout], cfg: Config, report: Report) -> No
     report.stats["truncated_fraction"] = cut / len(rollouts)
     if cut / len(rollouts) > TRUNCATION_WARNING:
         report.warn("truncation", f"{cut} of {len(rollouts)} samples were cut by rollout.max_new_tokens "
-                    f"({cfg.rollout.max_new_tokens}): rewards score unfinished answers and a cut tool call never "
-                    "runs; raise rollout.max_new_tokens")
+                    f"({cfg.rollout.max_new_tokens}): rewards score unfinished answers and a cut tool call "
+                    "never runs; raise rollout.max_new_tokens")
 
 
 def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> None:
-    """The M-RoPE positions vlrl builds with the batch against the model's own (`get_rope_index`, what it would
-    compute in the forward): a transformers whose position rules changed is caught here."""
+    """The M-RoPE positions vlrl builds with the batch against the model's own (`get_rope_index`, what it
+    would compute in the forward): a transformers whose position rules changed is caught here."""
     ours = batch.model_inputs.get("position_ids")
     if ours is None:
         return
@@ -166,7 +176,8 @@ def check_positions(batch: MultimodalBatch, adapter, model, report: Report) -> N
     real = batch.attention_mask.bool().expand_as(ours)
     differ = int((ours != theirs.to(ours.device))[real].sum())
     report.add("M-RoPE positions", differ == 0,
-               f"{differ} of {int(real.sum())} (token, axis) positions differ from the model's own get_rope_index")
+               f"{differ} of {int(real.sum())} (token, axis) positions differ from the model's own "
+               "get_rope_index")
 
 
 def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]]:
@@ -201,9 +212,9 @@ def render_sample(rollout: Rollout, adapter) -> tuple[str, list[tuple[str, str]]
 
 def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[Report, list[tuple[str, str]]]:
     from .adapters import load_adapter
-    from .envs.sources import load_samples
-    from .errors import UserError
     from .batch import batch_logprobs
+    from .data.sources import load_samples
+    from .errors import UserError
     from .rollout import make_sampler
     from .rollout.groups import RolloutGroups
     from .runtime import quiet_libraries, resolve_device, resolve_dtype
@@ -227,19 +238,22 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         rollout_groups.close()
     report.stats["bad_samples"] = [{"sample_id": s.id, "reason": r} for s, r in got.bad_samples]
     if not got.rollouts:
-        raise UserError(f"none of the first {num_prompts} samples could be used; first reason: {got.bad_samples[0][1]}")
+        raise UserError(f"none of the first {num_prompts} samples could be used; first reason: "
+                        f"{got.bad_samples[0][1]}")
     rollouts = got.rollouts
     batch = adapter.build_batch(rollouts)
     # every request the server answered (one per prompt, then one per later turn of every trajectory, those of
     # samples the environment dropped afterwards included) has its prompt ids checked
     checked = getattr(sampler, "prompts_checked", None)
     if checked is None:
-        report.add("prompt ids: trainer == sampler", True, "the embedded sampler generates from the processor's ids")
+        report.add("prompt ids: trainer == sampler", True,
+                   "the embedded sampler generates from the processor's ids")
     else:
         requests, differed = sampler.requests, sampler.prompt_mismatches
         report.add("prompt ids: trainer == sampler", differed == 0 and checked == requests,
                    f"{checked}/{requests} requests (every turn's) checked, {differed} differed: the server's "
-                   "prompt_token_ids " + ("equal the trainer's" if differed == 0 else "differ from the trainer's"))
+                   "prompt_token_ids "
+                   + ("equal the trainer's" if differed == 0 else "differ from the trainer's"))
     check_batch_structure(batch, rollouts, adapter, report)
     check_positions(batch, adapter, model, report)
 
@@ -251,9 +265,11 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
     report.add(
         "packing",
         True,
-        (f"packed: {packing['micro_batches']} micro-batches of {packing['tokens_per_micro_batch']} tokens; padding "
-         f"{packing['padding_before']:.0%} (padded, in order) -> {packing['padding_after']:.0%}") if plan.packed
-        else f"padded micro-batches ({plan.reason or 'train.packing = false'}); padding {packing['padding_after']:.0%}",
+        (f"packed: {packing['micro_batches']} micro-batches of {packing['tokens_per_micro_batch']} tokens; "
+         f"padding {packing['padding_before']:.0%} (padded, in order) -> {packing['padding_after']:.0%}")
+        if plan.packed
+        else f"padded micro-batches ({plan.reason or 'train.packing = false'}); padding "
+             f"{packing['padding_after']:.0%}",
     )
     trainer_lp = torch.zeros_like(batch.loss_mask)
     entropy = torch.zeros_like(batch.loss_mask)
@@ -286,21 +302,25 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         report.add("tools", True,
                    f"{report.stats['tool_calls']} tool calls ({sum(errors.values())} failed"
                    + "".join(f", {n} {reason}" for reason, n in sorted(errors.items()))
-                   + f"), {report.stats['env_images']} tool images, at most {report.stats['max_turns']} turns in "
+                   + f"), {report.stats['env_images']} tool images, at most {report.stats['max_turns']} "
+                     "turns in "
                    f"{len(rollouts)} episodes (sampler: {report.stats['sampler']})")
-    note = "" if cfg.rollout.top_p >= 1 and cfg.rollout.top_k < 0 else " (top_p/top_k renormalise the sampler)"
+    renormalised = cfg.rollout.top_p < 1 or cfg.rollout.top_k >= 0
+    note = " (top_p/top_k renormalise the sampler)" if renormalised else ""
     if cfg.rollout.server_url and stats["mismatch_kl"] > tol:
         note += "; does the server serve model.path's weights? (a training run leaves its own on the server)"
     report.add(
         "trainer vs sampler logprobs",
         stats["mismatch_kl"] <= tol,
-        f"mismatch KL {stats['mismatch_kl']:.2e} (tolerance {tol:.0e} for {str(dtype).removeprefix('torch.')}), "
+        f"mismatch KL {stats['mismatch_kl']:.2e} (tolerance {tol:.0e} for "
+        f"{str(dtype).removeprefix('torch.')}), "
         f"max |diff| {stats['max_abs_diff']:.2e} over {stats['tokens']} tokens{note}",
     )
     shown = max(rollouts, key=lambda r: r.turns)  # the longest trajectory (multi-turn): the most to see
     plain, spans = render_sample(shown, adapter)
     report.sample = {"text": plain, "images": shown.prompt.image_refs, "videos": shown.prompt.video_refs,
-                     "env_images": len(shown.env_images), "turns": shown.turns, "finish_reason": shown.finish_reason}
+                     "env_images": len(shown.env_images), "turns": shown.turns,
+                     "finish_reason": shown.finish_reason}
     return report, spans
 
 
@@ -320,13 +340,15 @@ def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
     checks.add_column("check")
     checks.add_column("detail")
     for c in report.checks:
-        checks.add_row("[yellow]warn[/]" if c.warning else "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", c.name,
+        checks.add_row("[yellow]warn[/]" if c.warning else "[green]ok[/]" if c.ok else "[bold red]FAIL[/]",
+                       c.name,
                        c.detail)
     console.print(checks)
 
     skipped = report.stats.get("bad_samples") or []
     if skipped:
-        bad = Table(title=f"skipped samples: {len(skipped)} (env.on_bad_sample = \"skip\")", header_style="bold")
+        bad = Table(title=f"skipped samples: {len(skipped)} (env.on_bad_sample = \"skip\")",
+                    header_style="bold")
         bad.add_column("sample")
         bad.add_column("reason")
         for b in skipped:
@@ -334,7 +356,8 @@ def print_report(console, report: Report, spans: list[tuple[str, str]]) -> None:
         console.print(bad)
 
     text = Text()
-    styles = {"sampled": "bold black on green", "image": "cyan", "video": "cyan", "env": "dim italic", "prompt": "dim"}
+    styles = {"sampled": "bold black on green", "image": "cyan", "video": "cyan", "env": "dim italic",
+              "prompt": "dim"}
     for piece, kind in spans:
         text.append(piece, style=styles[kind])
     sample = report.sample

@@ -100,7 +100,8 @@ def save_checkpoint(
 def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no {STATE_FILE}; it is incomplete or not a vlrl checkpoint")
+        raise CheckpointError(f"checkpoint {ckpt} has no {STATE_FILE}; it is incomplete or not a vlrl "
+                              "checkpoint")
     import pickle
 
     try:

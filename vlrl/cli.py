@@ -48,7 +48,8 @@ def check_batch(
     config: ConfigArg,
     overrides: SetOpt = None,
     prompts: Annotated[int, typer.Option(help="Prompts to roll out (one group each).", min=1)] = 2,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (top-level \"ok\").")] = False,
+    as_json: Annotated[bool,
+                       typer.Option("--json", help="Print the report as JSON (top-level \"ok\").")] = False,
 ) -> None:
     """Dry run: roll out one group per prompt, build the batch, and check it is sound.
 
@@ -81,7 +82,8 @@ def check_batch(
 def train(
     config: ConfigArg,
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
+    resume: Annotated[bool,
+                      typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
 ) -> None:
     """Train a policy with RL: rollouts, rewards, group advantages, policy update, checkpoints.
 
@@ -161,7 +163,8 @@ def eval_policy(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME), or an eval directory.")],
 ) -> None:
-    """(Re)write the self-contained HTML report of a run (curves, last metrics, samples) and print its path."""
+    """(Re)write the self-contained HTML report of a run (curves, last metrics, samples) and print its
+    path."""
     from .errors import UserError
     from .report import write_report
 
@@ -176,34 +179,46 @@ def report(
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Model directory or hub id to serve.")],
-    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the server private.")] = "127.0.0.1",
+    host: Annotated[str,
+                    typer.Option(help="Interface to bind; 127.0.0.1 keeps the server "
+                                      "private.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     gpu_memory_utilization: Annotated[float, typer.Option(help="Fraction of GPU memory vLLM may use.")] = 0.8,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Longest sequence, prompt + completion.")] = None,
-    limit_mm_per_prompt: Annotated[str, typer.Option(help="Most items per prompt: image=4, or JSON.")] = "image=4",
+    max_model_len: Annotated[Optional[int],
+                             typer.Option(help="Longest sequence, prompt + completion.")] = None,
+    limit_mm_per_prompt: Annotated[str,
+                                   typer.Option(help="Most items per prompt: image=4, or JSON.")] = "image=4",
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica.")] = 1,
     data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
-    min_pixels: Annotated[Optional[int], typer.Option(help="Smallest image area: the trainer's model.min_pixels.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image area: the trainer's model.max_pixels.")] = None,
+    min_pixels: Annotated[Optional[int],
+                          typer.Option(help="Smallest image area: the trainer's model.min_pixels.")] = None,
+    max_pixels: Annotated[Optional[int],
+                          typer.Option(help="Largest image area: the trainer's model.max_pixels.")] = None,
     video_max_pixels: Annotated[Optional[int], typer.Option(
         help="Largest video frame area: the trainer's model.video_max_pixels (with video=N).")] = None,
     video_max_frames: Annotated[Optional[int], typer.Option(
         help="Most frames per video: the trainer's model.video_max_frames (with video=N).")] = None,
     dtype: Annotated[str, typer.Option(help="Weights dtype (auto, bfloat16, float32...).")] = "auto",
-    weight_sync: Annotated[str, typer.Option(help="disk (default) or nccl (enables vLLM's NCCL weight transfer).")] = "disk",
-    allowed_local_media_path: Annotated[Optional[str], typer.Option(help="Directory file:// images may come from.")] = None,
+    weight_sync: Annotated[str,
+                           typer.Option(help="disk (default) or nccl (enables vLLM's NCCL weight "
+                                             "transfer).")] = "disk",
+    allowed_local_media_path: Annotated[Optional[str],
+                                        typer.Option(help="Directory file:// images may come from.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with the checkpoint.")] = False,
-    api_key_env: Annotated[str, typer.Option(help="Env var holding an API key clients must send.")] = "VLLM_API_KEY",
+    api_key_env: Annotated[str,
+                           typer.Option(help="Env var holding an API key clients must "
+                                             "send.")] = "VLLM_API_KEY",
     log_file: Annotated[Optional[Path], typer.Option(help="Where the server log goes.")] = None,
-    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to be healthy.")] = 900.0,
+    startup_timeout: Annotated[float,
+                               typer.Option(help="Seconds to wait for the server to be healthy.")] = 900.0,
 ) -> None:
     """Start a real vLLM server with what RL needs; arguments after `--` go to vLLM unchanged.
 
     Turns on the RL routes (weight reload/transfer, pause/resume), returns the logprobs of the distribution
     actually sampled from, ignores the checkpoint's generation defaults, and uses the trainer's pixel limits.
-    Refuses a port already in use. Waits until its own server is healthy, tees the log to a file, and stops the
-    server cleanly on Ctrl-C (exit 0), SIGTERM (exit 143) or SIGHUP (exit 129); killed outright, it takes the
-    server down with it.
+    Refuses a port already in use. Waits until its own server is healthy, tees the log to a file, and stops
+    the server cleanly on Ctrl-C (exit 0), SIGTERM (exit 143) or SIGHUP (exit 129); killed outright, it takes
+    the server down with it.
     """
     import os
 
@@ -230,7 +245,8 @@ def serve(
 
         on_cpu = not torch.cuda.is_available()
         cmd = build_command(
-            model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt, tensor_parallel_size,
+            model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt,
+            tensor_parallel_size,
             data_parallel_size, min_pixels, max_pixels, dtype, weight_sync, allowed_local_media_path,
             trust_remote_code, enforce_eager=on_cpu, extra=ctx.args, video_max_pixels=video_max_pixels,
             video_max_frames=video_max_frames,
@@ -245,7 +261,8 @@ def serve(
     try:
         with console.status(f"starting vLLM ({model}) at {url}; log: {log_path}") as status:
             wait_healthy(url, server.proc, startup_timeout,
-                         on_wait=lambda: status.update(f"starting vLLM at {url}: {(server.tail or [''])[-1][:100]}"),
+                         on_wait=lambda: status.update(f"starting vLLM at {url}: "
+                                                       f"{(server.tail or [''])[-1][:100]}"),
                          api_key=api_key, port=port)
         console.print(f"[bold green]vLLM ready[/] at {url} (log: {log_path}); Ctrl-C or SIGTERM stops it")
         failed = watch_health(url, server.proc, api_key)  # returns when it exits, or lives on but is dead
@@ -272,21 +289,25 @@ def serve(
 def build_tiny_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    tied: Annotated[bool, typer.Option(help="Tie the output head to the input embedding (as Qwen3-VL-2B/4B).")] = False,
+    tied: Annotated[bool,
+                    typer.Option(help="Tie the output head to the input embedding (as "
+                                      "Qwen3-VL-2B/4B).")] = False,
     vocab: Annotated[str, typer.Option(
-        help="toy: a few hundred tokens, answers and zoom calls one token each (the CPU demo); qwen: Qwen's real "
+        help="toy: a few hundred tokens, answers and zoom calls one token each (the CPU demo); qwen: Qwen's "
+             "real "
              "151,643-token BPE and vocab size 151,936 (token tests; needs the quicktok-v1 wheel).")] = "toy",
     warm_start_tools: Annotated[bool, typer.Option(
         help="Then train its first turns to call the built-in tools (zoom, calculator), so its episodes have "
              "several turns (vlrl/tiny_warm_start.py).")] = False,
+    family: Annotated[str, typer.Option(help="The model family (vlrl/adapters: FAMILIES).")] = "qwen3-vl",
 ) -> None:
     """Write a tiny random Qwen3-VL (for tests and the CPU demo) that transformers and vLLM load offline."""
+    from .adapters import build_tiny_model as build
     from .errors import UserError
-    from .tiny_model import build_tiny_qwen3_vl
 
     if vocab not in ("toy", "qwen"):
         raise UserError(f"--vocab {vocab!r}: expected toy or qwen")
-    path = build_tiny_qwen3_vl(out, seed=seed, tied=tied, vocab=vocab)
+    path = build(out, family, seed=seed, tied=tied, vocab=vocab)
     if warm_start_tools:
         from .tiny_warm_start import warm_start_tools as warm_start
 

@@ -35,12 +35,13 @@ class ModelConfig(Section):
     """Weights and compute dtype. `auto`: bfloat16 on GPU, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel of the trainer's model. Packed micro-batches (`train.packing`) need `sdpa` (their
-    attention is one of `packed_attention`'s routes); with `eager` or `flash_attention_2` the update is padded."""
+    attention is one of `packed_attention`'s routes); with `eager` or `flash_attention_2` the update is
+    padded."""
     packed_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
-    """How a packed micro-batch's attention stays within each sample: `varlen` (torch's varlen flash attention,
-    CUDA, bf16/fp16), `flex` (FlexAttention with a document mask; no backward on the CPU), `sdpa` (attention
-    re-padded per sample, causal within each sample's length; projections and MLPs stay packed: the CPU's
-    route). `auto`: varlen on CUDA in bf16/fp16, flex on CUDA in float32, sdpa on the CPU."""
+    """How a packed micro-batch's attention stays within each sample: `varlen` (torch's varlen flash
+    attention, CUDA, bf16/fp16), `flex` (FlexAttention with a document mask; no backward on the CPU), `sdpa`
+    (attention re-padded per sample, causal within each sample's length; projections and MLPs stay packed: the
+    CPU's route). `auto`: varlen on CUDA in bf16/fp16, flex on CUDA in float32, sdpa on the CPU."""
     trust_remote_code: bool = False
     """Allow code shipped with the checkpoint to run. Off unless you trust the checkpoint's source."""
     min_pixels: int = Field(64 * 32 * 32, gt=0)
@@ -51,7 +52,8 @@ class ModelConfig(Section):
     max_images_per_prompt: int = Field(4, ge=0)
     """Most images one prompt may hold; must not exceed the server's `--limit-mm-per-prompt image=N`."""
     max_model_len: int = Field(8192, gt=0)
-    """Longest sequence (prompt with image tokens + completion) in tokens, as the server's `--max-model-len`."""
+    """Longest sequence (prompt with image tokens + completion) in tokens, as the server's
+    `--max-model-len`."""
     image_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
     """Largest encoded image accepted (file, download or base64 payload), in bytes."""
     image_max_decoded_pixels: int = Field(64 * 1024 * 1024, gt=0)
@@ -91,7 +93,8 @@ class ModelConfig(Section):
     weights."""
     lora_alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"]
     """Module names LoRA adapts (the vision tower's layers have other names and stay untouched)."""
 
 
@@ -114,7 +117,8 @@ class JudgeConfig(Section):
     model: str | None = None
     """Model name sent with each request; unset: the first model the endpoint lists at `<base_url>/models`."""
     api_key_env: str = "JUDGE_API_KEY"
-    """Environment variable holding the API key (sent as a bearer token when set); keys never go in configs."""
+    """Environment variable holding the API key (sent as a bearer token when set); keys never go in
+    configs."""
     template: str = JUDGE_TEMPLATE
     """The judge's user message: `{completion}` (required), `{question}` and `{answer}` are filled in (write
     `{{` and `}}` for literal braces). The judge sees text only, not the images."""
@@ -152,10 +156,12 @@ class JudgeConfig(Section):
         try:
             names = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
         except ValueError as e:
-            raise ValueError(f"is not a valid template ({e}); write {{{{ and }}}} for literal braces") from None
+            raise ValueError(f"is not a valid template ({e}); write {{{{ and }}}} for literal "
+                             "braces") from None
         unknown = names - {"question", "answer", "completion"}
         if unknown:
-            raise ValueError(f"uses {{{', '.join(sorted(unknown))}}}: only {{question}}, {{answer}} and {{completion}} "
+            raise ValueError(f"uses {{{', '.join(sorted(unknown))}}}: only {{question}}, {{answer}} and "
+                             "{completion} "
                              "are filled in (write {{ and }} for literal braces)")
         if "completion" not in names:
             raise ValueError("must contain {completion}")
@@ -182,22 +188,26 @@ class RewardSpec(Section):
     weight: float = 1.0
     """Weight in the weighted sum that makes a sample's reward."""
     judge: JudgeConfig | None = None
-    """Settings of the `judge` reward (`[env.rewards.judge]` right after its `[[env.rewards]]`); only there."""
+    """Settings of the `judge` reward (`[env.rewards.judge]` right after its `[[env.rewards]]`); only
+    there."""
 
     @model_validator(mode="after")
     def _judge_settings(self) -> RewardSpec:
         if self.fn == "judge" and self.judge is None:
-            raise ValueError('fn = "judge" needs its settings: add [env.rewards.judge] with at least base_url')
+            raise ValueError('fn = "judge" needs its settings: add [env.rewards.judge] with at least '
+                             'base_url')
         if self.fn != "judge" and self.judge is not None:
-            raise ValueError(f"judge settings given for fn = {self.fn!r}; they belong to a fn = \"judge\" reward")
+            raise ValueError(f"judge settings given for fn = {self.fn!r}; they belong to a fn = \"judge\" "
+                             "reward")
         return self
 
 
 class EnvConfig(Section):
     dataset: str = "builtin:colors"
-    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position; motion,
-    a video task; with their environments: zoom, calculator), a `.jsonl` or `.parquet` file, a directory written
-    by `datasets.save_to_disk`, or `hf:NAME` (a Hugging Face hub dataset; needs hub access)."""
+    """Where prompts come from: `builtin:NAME` (synthetic visual tasks: colors, shapes, count, position;
+    motion, a video task; with their environments: zoom, calculator), a `.jsonl` or `.parquet` file, a
+    directory written by `datasets.save_to_disk`, or `hf:NAME` (a Hugging Face hub dataset; needs hub
+    access)."""
     eval_dataset: str | None = None
     """Eval split from a separate file/dir (same forms as `dataset`). Unset for files: `eval_size` rows are
     held out of `dataset` (deterministic by seed). Ignored by built-in tasks, which have their own split."""
@@ -238,8 +248,8 @@ class EnvConfig(Section):
     """A sample whose image is missing/corrupt/unreachable or whose prompt cannot fit: `skip` it (counted
     in the metrics as `bad_samples`, listed in `<run dir>/bad_samples.jsonl`), or stop with the `error`."""
     reward_timeout_s: float = Field(10.0, gt=0)
-    """A reward call running longer than this marks the sample as failed (the run goes on); `math` and your own
-    functions run in worker processes that are killed at this limit. The judge has its own timeouts."""
+    """A reward call running longer than this marks the sample as failed (the run goes on); `math` and your
+    own functions run in worker processes that are killed at this limit. The judge has its own timeouts."""
     environment: str | None = None
     """A multi-turn environment (tools, feedback): `builtin:zoom`, `builtin:calculator`, or your own
     `module:Class` (a subclass of vlrl.envs.environment.Environment). Unset: single-turn, one completion per
@@ -294,7 +304,8 @@ class RolloutConfig(Section):
     """Generate step n+1's rollouts while step n trains (server backend only). They come from weights one
     step old; the ratio against the sampler's logprobs keeps the update correct."""
     group_size: int = Field(8, ge=1)
-    """Completions sampled per prompt (the GRPO group); at least 2, since advantages are relative to the group."""
+    """Completions sampled per prompt (the GRPO group); at least 2, since advantages are relative to the
+    group."""
     prompts_per_step: int = Field(8, ge=1)
     """Prompts per optimizer step; a step trains on prompts_per_step * group_size samples."""
     max_new_tokens: int = Field(512, ge=1)
@@ -307,7 +318,8 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, ge=-1)
     """Top-k sampling; -1 disables it (the RL default)."""
     seed: int = 0
-    """Seed of the sampler."""
+    """Seed of the embedded sampler (with the same weights and prompts, the same rollouts); a vLLM server is
+    sent no seed, so its rollouts are not reproducible."""
     static_cache: bool = False
     """Embedded sampler only: a static KV cache, whose decoding step transformers compiles on CUDA (faster
     after a warm-up; see bench/README.md)."""
@@ -329,7 +341,8 @@ class AlgorithmConfig(Section):
     std_normalize: bool = True
     """Divide advantages by the group's reward std (GRPO). Off for Dr.GRPO (arXiv:2503.20783)."""
     policy_loss: Literal["token", "sequence"] = "token"
-    """`token`: per-token clipped ratio (PPO/GRPO/DAPO). `sequence`: length-normalised sequence ratio (GSPO)."""
+    """`token`: per-token clipped ratio (PPO/GRPO/DAPO). `sequence`: length-normalised sequence ratio
+    (GSPO)."""
     clip_low: float = Field(0.2, ge=0)
     """Lower clip range: the ratio is clipped at 1 - clip_low."""
     clip_high: float = Field(0.28, ge=0)
@@ -351,8 +364,8 @@ class AlgorithmConfig(Section):
     max_refill_rounds: int = Field(3, ge=0)
     """With dynamic sampling, most extra sampling rounds per step."""
     mask_truncated: bool = False
-    """Overlong masking: completions cut by max_new_tokens (finish `length`) get no loss; a trajectory that ran out
-    of model.max_model_len (`context`) is trained on."""
+    """Overlong masking: completions cut by max_new_tokens (finish `length`) get no loss; a trajectory that
+    ran out of model.max_model_len (`context`) is trained on."""
 
 
 class TrainConfig(Section):
@@ -360,8 +373,9 @@ class TrainConfig(Section):
     """Optimizer steps (one per batch of rollouts)."""
     max_steps_without_update: int = Field(5, ge=1)
     """Stop the run after this many steps in a row that trained nothing (under dynamic sampling, every group's
-    rewards agreed within algorithm.max_refill_rounds; or every reward failed): a reward that never varies gives
-    no signal, and each such step costs its sampling rounds for nothing. Each such step is also said as it happens."""
+    rewards agreed within algorithm.max_refill_rounds; or every reward failed): a reward that never varies
+    gives no signal, and each such step costs its sampling rounds for nothing. Each such step is also said as
+    it happens."""
     learning_rate: float = Field(1e-6, gt=0)
     """Peak AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -460,7 +474,8 @@ class Config(Section):
     def _cross_field_rules(self) -> Config:
         if self.model.min_pixels > self.model.max_pixels:
             raise ValueError(
-                f"model.min_pixels ({self.model.min_pixels}) is larger than model.max_pixels ({self.model.max_pixels})"
+                f"model.min_pixels ({self.model.min_pixels}) is larger than model.max_pixels "
+                f"({self.model.max_pixels})"
             )
         if self.model.video_min_frames > self.model.video_max_frames:
             raise ValueError(f"model.video_min_frames ({self.model.video_min_frames}) is larger than "
@@ -470,8 +485,8 @@ class Config(Section):
                              f"model.video_max_pixels ({self.model.video_max_pixels})")
         if self.rollout.server_url and self.model.max_videos_per_prompt > 1:
             raise ValueError(
-                f"model.max_videos_per_prompt ({self.model.max_videos_per_prompt}) must be at most 1 with a vLLM "
-                "server: vLLM 0.32 takes one list of frame timestamps per request (media_io_kwargs)"
+                f"model.max_videos_per_prompt ({self.model.max_videos_per_prompt}) must be at most 1 with a "
+                "vLLM server: vLLM 0.32 takes one list of frame timestamps per request (media_io_kwargs)"
             )
         if self.rollout.max_new_tokens >= self.model.max_model_len:
             raise ValueError(
@@ -482,7 +497,8 @@ class Config(Section):
             raise ValueError("rollout.one_step_off_policy needs rollout.server_url (a vLLM server)")
         if self.train.checkpoint_fraction == "auto" and not self.train.gradient_checkpointing:
             raise ValueError('train.checkpoint_fraction = "auto" needs train.gradient_checkpointing = true')
-        if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.model.max_model_len:
+        if (self.train.micro_batch_tokens is not None
+                and self.train.micro_batch_tokens < self.model.max_model_len):
             raise ValueError(
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is below model.max_model_len "
                 f"({self.model.max_model_len}): a full-length sample would not fit in any micro-batch"

@@ -2,11 +2,13 @@
 
 For every prompt the sampler draws `n` completions; the configured rewards score them. The summary holds the
 mean reward (total and per reward function), accuracy (the fraction of completions whose FIRST reward function
-scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et al.
-2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's environment
-replies are not counted). With a multi-turn environment it also holds the environment's reward (`reward/env/mean`),
-turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling is seeded per batch of prompts from one
-seed, so the same policy, config and seed give the same completions, line for line.
+scored >= 1, as training's `accuracy`), pass@k for k = 1, 2, 4, ... <= n (the unbiased estimator of Chen et
+al. 2021, averaged over prompts), and the mean response length (sampled tokens: a multi-turn trajectory's
+environment replies are not counted). With a multi-turn environment it also holds the environment's reward
+(`reward/env/mean`), turns, tool calls and their errors, and how episodes ended (`finish/<reason>`). Sampling
+is seeded per batch of prompts from one seed, so with the embedded sampler the same policy, config and seed
+give the same completions, line for line; a vLLM server takes no seed (rollout/__init__.py: `Sampler.sample`),
+so its completions vary.
 
 `evaluate` is the reusable part (training can call it with its live model and sampler); `run_eval` loads the
 policy for the command line and calls it. Results go to one directory: `summary.json`, `samples.jsonl` (every
@@ -29,7 +31,8 @@ ProgressFn = Callable[[int, int], None]  # (prompts done, prompts in all)
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k completions drawn without replacement from n (c of them correct) is
-    correct: 1 - C(n-c, k) / C(n, k). Unbiased, unlike 1 - (1 - c/n)^k (Chen et al. 2021, arXiv:2107.03374)."""
+    correct: 1 - C(n-c, k) / C(n, k). Unbiased, unlike 1 - (1 - c/n)^k (Chen et al. 2021,
+    arXiv:2107.03374)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
     if n - c < k:
@@ -70,7 +73,8 @@ def summarize(records: list[dict], reward_keys: list[str], n: int, multi_turn: b
         for key in ("tool_errors", "finish"):
             counts: dict[str, int] = {}
             for r in records:
-                for reason, c in (r["tool_errors"].items() if key == "tool_errors" else [(r["finish_reason"], 1)]):
+                for reason, c in (r["tool_errors"].items() if key == "tool_errors"
+                                  else [(r["finish_reason"], 1)]):
                     counts[reason] = counts.get(reason, 0) + c
             out.update({f"{key}/{reason}": c for reason, c in sorted(counts.items())})
     return out
@@ -87,9 +91,10 @@ def evaluate(
     so an eval does not change a training run. `info` adds fields to the summary (split, checkpoint,
     training step...). Returns the summary, also written to `out_dir/summary.json`.
     """
-    from .envs.sample_log import image_refs, rollout_record
     from .report import write_eval_report
+    from .rewards.base import MAX_ERRORS
     from .rollout.groups import EVAL_STREAM, sampler_seed
+    from .sample_log import image_refs, rollout_record
 
     if not samples:
         raise UserError("eval: the split holds no samples; check env.dataset / env.eval_dataset and --limit")
@@ -99,7 +104,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rollouts.keys[0]
     multi_turn = rollouts.env is not None
-    keys = rollouts.keys + (["env"] if multi_turn else [])  # the environment's own rewards, as training logs them
+    # the environment's own rewards, as training logs them
+    keys = rollouts.keys + (["env"] if multi_turn else [])
     per_batch = max(1, cfg.rollout.prompts_per_step)
     records: list[dict] = []
     errors: list[str] = []  # the first reward-failure messages
@@ -111,7 +117,7 @@ def evaluate(
         batch = samples[start : start + per_batch]
         got = rollouts.score_groups(batch, n, sampler_seed(seed, EVAL_STREAM + b))
         skipped.extend((s.id, reason) for s, reason in got.bad_samples)
-        errors.extend(got.errors[: max(0, 8 - len(errors))])
+        errors.extend(got.errors[: max(0, MAX_ERRORS - len(errors))])
         refs: dict[int, list[str]] = {}
         seen: dict[int, int] = {}
         position = {id(s): start + i for i, s in enumerate(batch)}  # (groups number only the samples kept)
@@ -167,13 +173,14 @@ def check_checkpoint(checkpoint: Path) -> Path:
 
     p = Path(checkpoint)
     if not p.is_dir():
-        raise UserError(f"--checkpoint {p}: no such directory; pass a checkpoint directory such as runs/NAME/step-N")
+        raise UserError(f"--checkpoint {p}: no such directory; pass a checkpoint directory such as "
+                        "runs/NAME/step-N")
     if not (p / "config.json").is_file():
         latest = latest_checkpoint(p)
         hint = f" (its newest checkpoint is {latest})" if latest is not None else ""
         raise UserError(
-            f"--checkpoint {p}: no config.json in it, so it is not a model checkpoint{hint}; pass a checkpoint "
-            "directory such as runs/NAME/step-N"
+            f"--checkpoint {p}: no config.json in it, so it is not a model checkpoint{hint}; pass a "
+            "checkpoint directory such as runs/NAME/step-N"
         )
     return p
 
@@ -184,7 +191,7 @@ def run_eval(cfg, checkpoint: Path | None, split: str, n: int | None, limit: int
     The summary it returns also names `out_dir`, where the results were written.
     """
     from .adapters import load_adapter
-    from .envs.sources import load_samples
+    from .data.sources import load_samples
     from .progress import eval_bar
     from .rollout import make_sampler
     from .rollout.groups import RolloutGroups
@@ -232,7 +239,8 @@ def summary_table(summary: dict):
     for key, value in summary.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated", "turns", "tool_", "finish")):
+        if key.startswith(("reward", "accuracy", "pass@", "response_length", "truncated", "turns",
+                           "tool_", "finish")):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("prompts x samples", f"{summary.get('prompts')} x {summary.get('samples_per_prompt')}")
     return table

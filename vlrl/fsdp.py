@@ -75,7 +75,8 @@ def fsdp2_plugin(units: tuple[str, ...]):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          reshard_after_forward=True, transformer_cls_names_to_wrap=list(units))
+                                          reshard_after_forward=True,
+                                          transformer_cls_names_to_wrap=list(units))
 
 
 def prepare_on_cpu(accelerator, policy: nn.Module, units: tuple[str, ...]) -> nn.Module:

@@ -49,8 +49,10 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
     from accelerate.utils import gather_object
 
     everyone = gather_object([(stats, sums)])
-    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "kept": 0, "trained": 0, "dropped": 0, "rounds": 0,
-           "failures": {}, "bad": 0, "turns": [], "tool_calls": 0, "tool_errors": {}, "env_images": 0, "finish": {}}
+    out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "kept": 0, "trained": 0, "dropped": 0,
+           "rounds": 0,
+           "failures": {}, "bad": 0, "turns": [], "tool_calls": 0, "tool_errors": {}, "env_images": 0,
+           "finish": {}}
     pooled: dict = {}
     for st, sm in everyone:
         for k in ("rewards", "lengths", "turns"):
@@ -64,8 +66,8 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
             out[k] = _added([out[k], st[k]])
         for k, v in sm.items():
             same = k in ("grad_norm", "checkpoint_fraction", "selective_fraction")  # already global: identical on every rank
-            pooled[k] = v if same else (max(pooled.get(k, v), v) if k in ("max_abs_diff", "micro_batches",
-                                                                           "peak_memory_gib") else pooled.get(k, 0.0) + v)
+            biggest = k in ("max_abs_diff", "micro_batches", "peak_memory_gib")
+            pooled[k] = v if same else (max(pooled.get(k, v), v) if biggest else pooled.get(k, 0.0) + v)
     return out, pooled
 
 
@@ -83,7 +85,8 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         "step": step,
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(valid) > 1 else 0.0,
-        "accuracy": sum(1 for v in st["per_fn"].get(accuracy_key, []) if v is not None and v >= 1.0) / max(n, 1),
+        "accuracy": sum(1 for v in st["per_fn"].get(accuracy_key, []) if v is not None and v >= 1.0)
+        / max(n, 1),
         "loss": sums.get("loss", 0.0),
         "response_length/mean": sum(lengths) / len(lengths),
         "response_length/max": max(lengths),
@@ -120,7 +123,8 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
             m[k] = sums[k]
     if multi_turn:
         turns = st["turns"] or [0]
-        m.update({"turns/mean": sum(turns) / len(turns), "turns/max": max(turns), "tool_calls": st["tool_calls"],
+        m.update({"turns/mean": sum(turns) / len(turns), "turns/max": max(turns),
+                  "tool_calls": st["tool_calls"],
                   "tool_errors": sum(st["tool_errors"].values()), "env_images": st["env_images"]})
         m.update({f"tool_errors/{k}": v for k, v in st["tool_errors"].items()})
         m.update({f"finish/{k}": v for k, v in st["finish"].items()})
@@ -134,7 +138,8 @@ LOGS = ("metrics.jsonl", "samples.jsonl", "bad_samples.jsonl", "reward_errors.js
 
 def forget_steps_after(run_dir, step: int) -> None:
     """Drop the lines of the run's step logs (`LOGS`) written after `step`: a resumed run restarts from the
-    checkpoint of `step` and logs the steps after it again (a run stopped between checkpoints had logged some)."""
+    checkpoint of `step` and logs the steps after it again (a run stopped between checkpoints had logged
+    some)."""
     from pathlib import Path
 
     from .atomic import write_atomic
@@ -158,8 +163,9 @@ def _step(line: str) -> float:
 
 
 def log_bad_samples(path, step: int, bad: list, new: list, console) -> None:
-    """Skipped samples go to `path` (bad_samples.jsonl), each time one was drawn; the first few of those skipped
-    for the first time (`new`) are also printed, so they are not missed (and not repeated every epoch)."""
+    """Skipped samples go to `path` (bad_samples.jsonl), each time one was drawn; the first few of those
+    skipped for the first time (`new`) are also printed, so they are not missed (and not repeated every
+    epoch)."""
     first = {id(s) for s, _ in new}
     with open(path, "a") as fh:
         for sample, reason in bad:
@@ -187,13 +193,14 @@ def log_reward_errors(path, step: int, errors: list[str], console, shown: int) -
 
 
 def log_samples(fh, step: int, rollouts: list, k: int, image_dir, run_dir) -> None:
-    """`k` rollouts of the step (best and worst first), with image (and video filmstrip) references, into `fh`;
-    in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
-    from .envs.sample_log import rollout_record
+    """`k` rollouts of the step (best and worst first), with image (and video filmstrip) references, into
+    `fh`; in-memory images are written under `image_dir`, referenced relative to `run_dir`."""
+    from .sample_log import rollout_record
 
     if k == 0 or not rollouts:
         return
-    ranked = sorted(rollouts, key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
+    ranked = sorted(rollouts,
+                    key=lambda r: (math.isnan(r.reward), -r.reward if not math.isnan(r.reward) else 0))
     chosen = ranked[: (k + 1) // 2] + ranked[::-1][: k // 2]
     seen = set()
     for r in chosen:

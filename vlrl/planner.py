@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .batch import MultimodalBatch, PackedBatch, plan_micro_batches
+from .config import TrainConfig
 from .records import Rollout
 
 
@@ -55,7 +56,8 @@ def pack_micro_batches(
     vision: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         for b in range(len(bins)):
-            if tokens[b] + lengths[i] <= max_tokens and (max_patches is None or vision[b] + patches[i] <= max_patches):
+            if tokens[b] + lengths[i] <= max_tokens and (max_patches is None
+                                                         or vision[b] + patches[i] <= max_patches):
                 break
         else:
             b = len(bins)
@@ -68,24 +70,22 @@ def pack_micro_batches(
     return [sorted(b) for b in bins]
 
 
-def micro_batches(batch: MultimodalBatch, train, packed: bool) -> list[list[int]]:
-    """The micro-batches of `batch` under `train`'s budgets (a `TrainConfig`)."""
+def micro_batches(batch: MultimodalBatch, train: TrainConfig, packed: bool) -> list[list[int]]:
+    """The micro-batches of `batch` under `train`'s budgets."""
     lengths = batch.lengths
     if packed:
         budget = train.micro_batch_tokens or train.micro_batch_size * max(lengths)
         return pack_micro_batches(lengths, budget, batch.vision_patches_per_sample, train.micro_batch_patches)
-    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens, batch.vision_patches_per_sample,
+    return plan_micro_batches(lengths, train.micro_batch_size, train.micro_batch_tokens,
+                              batch.vision_patches_per_sample,
                               train.micro_batch_patches)
-
-
-_WARNED: set[str] = set()
 
 
 def plan_step(
     trained: list[Rollout],
     fallback: list[Rollout],
     build_batch: Callable[[list[Rollout]], MultimodalBatch],
-    train,
+    train: TrainConfig,
     unavailable: str | None = None,
     world: int = 1,
     reduce: Callable[[list[float], str], list[float]] | None = None,
@@ -93,12 +93,14 @@ def plan_step(
     """This rank's batch and plan for one optimizer step.
 
     `trained`: this rank's rollouts that enter the loss; `fallback`: rollouts to run zero-weight passes over
-    when none do (a rank must still take part in the collectives); `train`: the `TrainConfig`; `unavailable`:
+    when none do (a rank must still take part in the collectives); `train`: the budgets; `unavailable`:
     why the model cannot pack (None: it can); `reduce(values, "sum" | "max")` over ranks (None: one rank).
-    With packing and several ranks, the rollouts are first balanced across ranks by tokens."""
+    With packing and several ranks, the rollouts are first balanced across ranks by tokens.
+
+    Packing asked for but unavailable: the plan is padded and says why (`StepPlan.reason`), and a warning is
+    issued at the caller's line, which Python's default filter shows once per line (no state kept here)."""
     packed = train.packing and unavailable is None
-    if train.packing and unavailable is not None and unavailable not in _WARNED:
-        _WARNED.add(unavailable)
+    if train.packing and unavailable is not None:
         warnings.warn(unavailable, stacklevel=2)
     if packed and world > 1:
         trained = exchange_rollouts(trained, world)
@@ -164,7 +166,8 @@ def exchange_rollouts(rollouts: list[Rollout], world: int, gather: Callable | No
 
 
 def _portable(r: Rollout) -> Rollout:
-    """What another rank needs to train on `r` (ids, logprobs, pixels, advantage), not what it was made from."""
+    """What another rank needs to train on `r` (ids, logprobs, pixels, advantage), not what it was made
+    from."""
     return replace(r, prompt=replace(r.prompt, images=[], videos=[], messages=[]), sample=None, env_images=[])
 
 
@@ -174,7 +177,7 @@ def micro_batch_tokens(lengths: list[int], groups: list[list[int]], packed: bool
     return [sum(lengths[i] for i in g) if packed else len(g) * max(lengths[i] for i in g) for g in groups]
 
 
-def packing_report(batch: MultimodalBatch, plan: StepPlan, train) -> dict:
+def packing_report(batch: MultimodalBatch, plan: StepPlan, train: TrainConfig) -> dict:
     """The packing of one batch, for `check-batch`: padding fraction of today's padded plan (in order, within
     `train`'s budgets) and of `plan`, and the tokens each of `plan`'s micro-batches computes."""
     lengths = batch.lengths

@@ -8,9 +8,9 @@
   in gathering them to rank 0's CPU (cast to the model's dtype: FSDP keeps float32 master weights). The other
   ranks wait, so no rank samples from a server that is mid-swap. Then every rank learns the version tag of the
   weights pushed (each rank's sampler checks it before and after sampling) or the push's error (every rank
-  raises it, so all stop together). With one process, the disk sync's push returns once the weights are in host
-  buffers; its files and the server's reload run beside the learner's next work (the next sampling waits for
-  them). With several, the push is waited for (every rank must learn its version).
+  raises it, so all stop together). With one process, the disk sync's push returns once the weights are in
+  host buffers; its files and the server's reload run beside the learner's next work (the next sampling waits
+  for them). With several, the push is waited for (every rank must learn its version).
 
 `times(seconds)`: the step's sync metrics from the seconds the learner spent in the call: `sync_blocking`
 (those seconds) and `sync` (a whole push, of the last one that finished: copy, files, reload, version check).
@@ -52,7 +52,8 @@ class ServerSync(NoSync):
         model = acc.unwrap_model(policy).model  # the HF model inside the policy wrapper
         weights = None
         if self.fsdp:
-            weights = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in full_state(policy).items()}
+            weights = {k: v.to(self.dtype) if v.is_floating_point() else v
+                       for k, v in full_state(policy).items()}
         error = None
         if acc.is_main_process:
             try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 class Bar:
     """`label  ━━━━  done/total  <columns>  ETA`; `columns` are rich format strings over the task's fields
-    (e.g. "reward {task.fields[reward]}"), whose initial values `fields` gives. Disabled: every call is a no-op."""
+    (e.g. "reward {task.fields[reward]}"), whose initial values `fields` gives. Disabled: every call is a
+    no-op."""
 
     def __init__(self, console, label: str, total: int | None = None, start: int = 0, enabled: bool = True,
                  columns: tuple[str, ...] = (), fields: dict | None = None):
@@ -22,7 +23,8 @@ class Bar:
                 *(TextColumn(c) for c in self.columns), TimeRemainingColumn(), console=self.console,
             )
             self.progress.__enter__()
-            self.task = self.progress.add_task(self.label, total=self.total, completed=self.start, **self.fields)
+            self.task = self.progress.add_task(self.label, total=self.total,
+                                               completed=self.start, **self.fields)
         return self
 
     def update(self, completed: int, total: int | None = None, **fields) -> None:
@@ -43,7 +45,8 @@ def train_bar(console, total: int, start: int, enabled: bool) -> Bar:
 
 def train_fields(m: dict) -> dict:
     """The bar's fields from one step's metrics."""
-    return {"reward": f"{m['reward/mean']:.3f}", "acc": f"{m['accuracy']:.2f}", "step_time": f"{m['time/step']:.1f}"}
+    return {"reward": f"{m['reward/mean']:.3f}", "acc": f"{m['accuracy']:.2f}",
+            "step_time": f"{m['time/step']:.1f}"}
 
 
 def eval_bar(console, enabled: bool) -> Bar:

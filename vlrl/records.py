@@ -22,8 +22,9 @@ class EncodedPrompt:
     input_ids: list[int]
     """Processor ids, image placeholders expanded, generation prompt included."""
     messages: list[dict] | None
-    """Chat messages; image parts are `{"type": "image"}` in order of `images`, video parts `{"type": "video"}`.
-    None for a continuation of a trajectory (a later turn), which a sampler takes by its token ids alone."""
+    """Chat messages; image parts are `{"type": "image"}` in order of `images`, video parts
+    `{"type": "video"}`. None for a continuation of a trajectory (a later turn), which a sampler takes by its
+    token ids alone."""
     images: list[Image.Image]
     """RGB images already resized to the pixel policy (what the sampler receives)."""
     pixel_values: torch.Tensor | None = None  # [P, D] float32, P = sum over images of t*h*w
@@ -35,7 +36,8 @@ class EncodedPrompt:
     max_new_tokens: int | None = None
     """Most tokens a sampler may add (a later turn of a trajectory: what is left of model.max_model_len)."""
     stop_token_ids: list[int] = field(default_factory=list)
-    """Tokens that end a sample besides the end-of-turn ones (an environment that stops a turn at its tool call)."""
+    """Tokens that end a sample besides the end-of-turn ones (an environment that stops a turn at its tool
+    call)."""
     videos: list[Any] = field(default_factory=list)
     """Videos after the frame policy (`adapters.video.Video`: sampled frames, resized, with their timestamps),
     in order of the messages' `{"type": "video"}` parts: what the sampler receives."""
@@ -57,9 +59,10 @@ class EncodedPrompt:
 
 @dataclass
 class EnvReply:
-    """An environment's reply to an assistant turn (tool results, feedback), rendered once by the chat template:
-    `input_ids` close the assistant turn's line, hold the reply's messages with their image placeholders
-    expanded, and open the next assistant turn; they are appended to the trajectory as they are."""
+    """An environment's reply to an assistant turn (tool results, feedback), rendered once by the chat
+    template: `input_ids` close the assistant turn's line, hold the reply's messages with their image
+    placeholders expanded, and open the next assistant turn; they are appended to the trajectory as they
+    are."""
 
     input_ids: list[int]
     images: list[Image.Image] = field(default_factory=list)
@@ -78,8 +81,8 @@ class Rollout:
     """Behavior logprob of each completion token under the distribution it was sampled from (0 where the
     token was not sampled)."""
     finish_reason: str
-    """`stop` (an end-of-turn token was sampled) or `length` (max_new_tokens reached); multi-turn also `context`
-    (model.max_model_len reached), `max_turns`, `images`."""
+    """`stop` (an end-of-turn token was sampled) or `length` (max_new_tokens reached); multi-turn also
+    `context` (model.max_model_len reached), `max_turns`, `images`."""
     text: str = ""
     """Decoded completion, for rewards and logs (multi-turn: the last assistant turn, the answer)."""
     completion_mask: list[int] | None = None
@@ -96,8 +99,8 @@ class Rollout:
     env_reward: float | None = None
     """The sum of the rewards the environment gave along the trajectory (None: it gave none)."""
     env_reward_error: tuple[str, str] | None = None
-    """(reason, detail) when a `Reply.reward` was not a finite number (the rollout's reward then fails, as a reward
-    function's would: `not_a_number`, `nan`)."""
+    """(reason, detail) when a `Reply.reward` was not a finite number (the rollout's reward then fails, as a
+    reward function's would: `not_a_number`, `nan`)."""
     transcript: str = ""
     """The whole completion decoded, environment turns included (multi-turn), for logs and reports."""
     sample: Any = None

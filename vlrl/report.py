@@ -1,4 +1,5 @@
-"""Self-contained HTML reports of a run (`runs/NAME/report.html`) and of an eval (`.../eval-SPLIT/report.html`).
+"""Self-contained HTML reports of a run (`runs/NAME/report.html`) and of an eval
+(`.../eval-SPLIT/report.html`).
 
 One file that opens from disk with no server and no network: the curves are PNGs drawn by matplotlib (Agg,
 no display) and the sample images are read from the files `samples.jsonl` references, both embedded as
@@ -27,7 +28,8 @@ MAX_ERRORS = 10  # reward-failure messages shown
 INLINE_BYTES = 96 * 1024  # image files up to this size are embedded as they are; larger ones are shrunk
 THUMB = 384  # longest side of a shrunk image (shown at 192 px: sharp on a high-density screen)
 MAIN_METRICS = [
-    "reward/mean", "reward/std", "accuracy", "loss", "response_length/mean", "truncated_fraction", "clip_fraction",
+    "reward/mean", "reward/std", "accuracy", "loss", "response_length/mean", "truncated_fraction",
+    "clip_fraction",
     "ratio_masked_fraction", "mismatch_kl", "kl", "entropy", "grad_norm", "lr", "samples", "samples_trained",
     "groups_dropped", "reward_failures", "tokens_per_s", "time/step",
 ]
@@ -84,7 +86,8 @@ class ImageEmbedder:
             with Image.open(io.BytesIO(data)) as img:
                 side = max(img.size)
                 mime = mimetypes.guess_type(path.name)[0]
-                if len(data) > INLINE_BYTES or mime not in ("image/png", "image/jpeg", "image/gif", "image/webp"):
+                if len(data) > INLINE_BYTES or mime not in ("image/png", "image/jpeg",
+                                                            "image/gif", "image/webp"):
                     alpha = "A" in img.getbands()
                     small = img.convert("RGBA" if alpha else "RGB")
                     small.thumbnail((THUMB, THUMB))
@@ -102,11 +105,12 @@ class ImageEmbedder:
         if ref.startswith("<image"):
             return f'<span class="noimg">{esc(ref)} (in memory, not saved)</span>'
         if ref not in self.cache:
-            # relative to the run (images the run wrote), else to the working directory (a data file given by a
-            # relative path: its images are logged as the sampler found them)
+            # relative to the run (images the run wrote), else to the working directory (a data file given by
+            # a relative path: its images are logged as the sampler found them)
             from .adapters.images import resolve_source
 
-            path = next((Path(c) for c in (resolve_source(ref, self.base_dir), ref) if Path(c).is_file()), None)
+            path = next((Path(c) for c in (resolve_source(ref, self.base_dir), ref)
+                         if Path(c).is_file()), None)
             self.cache[ref] = None if path is None else self._data_uri(path)
         got = self.cache[ref]
         if got is None:
@@ -118,7 +122,8 @@ class ImageEmbedder:
 
 # --- curves -----------------------------------------------------------------------------------------------
 def line_chart(
-    title: str, lines: list[tuple[str, list, list]], ylabel: str, xlabel: str = "step", fraction: bool = False,
+    title: str, lines: list[tuple[str, list, list]], ylabel: str, xlabel: str = "step",
+    fraction: bool = False,
     xticks: list | None = None,
 ) -> str:
     """An <img> of a line chart (one line per (label, xs, ys)); raises ImportError without matplotlib.
@@ -191,7 +196,8 @@ def last_step_rows(metrics: list[dict]) -> list[tuple[str, object]]:
     with a training reward."""
     last = next((m for m in reversed(metrics) if "reward/mean" in m), metrics[-1])
     rows = [(k, last[k]) for k in MAIN_METRICS if k in last]
-    rows += [(k, v) for k, v in last.items() if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean"]
+    rows += [(k, v) for k, v in last.items() if k.startswith("reward/") and k.endswith("/mean")
+             and k != "reward/mean"]
     with_eval = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     if with_eval:
         m = with_eval[-1]
@@ -203,7 +209,8 @@ def last_step_rows(metrics: list[dict]) -> list[tuple[str, object]]:
 def media_html(s: dict, images: ImageEmbedder) -> str:
     """A sample's images, then a filmstrip of each of its videos' sampled frames (in order, left to right)."""
     imgs = "".join(images.html(ref) for ref in s.get("images") or [])
-    imgs += "".join(f'<div class="film"><span class="label">video {k + 1}: sampled frames</span>{images.html(ref)}</div>'
+    imgs += "".join(f'<div class="film"><span class="label">video {k + 1}: sampled '
+                    f'frames</span>{images.html(ref)}</div>'
                     for k, ref in enumerate(s.get("videos") or []))
     return imgs or '<span class="noimg">no image</span>'
 
@@ -219,8 +226,8 @@ def tool_images(s: dict, images: ImageEmbedder) -> str:
 
 
 def card(s: dict, images: ImageEmbedder, tag: str = "") -> str:
-    """One sample: its images and video filmstrips, question, answer, completion (a multi-turn trajectory whole,
-    with the images its environment returned) and scores."""
+    """One sample: its images and video filmstrips, question, answer, completion (a multi-turn trajectory
+    whole, with the images its environment returned) and scores."""
     imgs = media_html(s, images)
     meta = [f'<span class="tag">{esc(tag)}</span>'] if tag else []
     meta.append(f"reward <b>{fmt(s.get('reward'))}</b>")
@@ -243,7 +250,8 @@ def ranked_cards(group: list[dict], images: ImageEmbedder) -> str:
     """Samples by reward, best first, the first tagged best and the last worst (when rewards differ)."""
     group = sorted(group, key=lambda s: (s.get("reward") is None, -(s.get("reward") or 0.0)))
     rewards = {s.get("reward") for s in group}
-    tags = ["best"] + [""] * (len(group) - 2) + ["worst"] if len(group) > 1 and len(rewards) > 1 else [""] * len(group)
+    tags = (["best"] + [""] * (len(group) - 2) + ["worst"] if len(group) > 1 and len(rewards) > 1
+            else [""] * len(group))
     return '<div class="cards">' + "".join(card(s, images, t) for s, t in zip(group, tags)) + "</div>"
 
 
@@ -272,7 +280,8 @@ def prompt_card(group: list[dict], images: ImageEmbedder) -> str:
 
 
 def error_list(messages: list[str]) -> str:
-    """The first reward-failure messages (function, sample, what it did), so a failing reward is seen at once."""
+    """The first reward-failure messages (function, sample, what it did), so a failing reward is seen at
+    once."""
     return "<ul>" + "".join(f"<li><code>{esc(m)}</code></li>" for m in messages) + "</ul>"
 
 
@@ -321,10 +330,12 @@ def evals_table(evals: list[tuple[str, dict]], run_dir: Path) -> str:
 
 
 def write_run_report(run_dir) -> Path:
-    """Write `run_dir/report.html` from metrics.jsonl, samples.jsonl and any eval summaries; return its path."""
+    """Write `run_dir/report.html` from metrics.jsonl, samples.jsonl and any eval summaries; return its
+    path."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl in it; pass a run directory written by `vlrl train` (runs/NAME)")
+        raise UserError(f"{run_dir}: no metrics.jsonl in it; pass a run directory written by `vlrl train` "
+                        "(runs/NAME)")
     metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if isinstance(m, dict)]
     samples = [s for s in read_jsonl(run_dir / "samples.jsonl") if isinstance(s, dict)]
     images = ImageEmbedder(run_dir)
@@ -382,7 +393,8 @@ def write_eval_report(out_dir, summary: dict, samples: list[dict]) -> Path:
     shown = list(by_prompt)[:MAX_PROMPTS]
     note = f" (the first {len(shown)} of {len(by_prompt)} prompts)" if len(by_prompt) > len(shown) else ""
     sections.append(f"<h2>Samples: best and worst completion per prompt{note}</h2>")
-    sections.append('<div class="cards">' + "".join(prompt_card(by_prompt[sid], images) for sid in shown) + "</div>")
+    sections.append('<div class="cards">'
+                    + "".join(prompt_card(by_prompt[sid], images) for sid in shown) + "</div>")
     who = summary.get("checkpoint") or summary.get("model") or "policy"
     subtitle = (f"{who} · split {summary.get('split', '?')} · {summary.get('prompts')} prompts x "
                 f"{summary.get('samples_per_prompt')} samples · seed {summary.get('seed')}")
@@ -390,7 +402,8 @@ def write_eval_report(out_dir, summary: dict, samples: list[dict]) -> Path:
 
 
 def write_report(path) -> Path:
-    """`vlrl report`: a run directory gets its run report; an eval directory (summary.json) its eval report."""
+    """`vlrl report`: a run directory gets its run report; an eval directory (summary.json) its eval
+    report."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such directory; pass a run directory (runs/NAME) or an eval directory")

@@ -14,11 +14,12 @@
 - bound to 127.0.0.1 unless `--host` says otherwise.
 The server's output is teed to a log file. Ctrl-C, SIGTERM (what Slurm, Kubernetes and most schedulers send
 on preemption or time-out) and SIGHUP (a closed terminal or SSH session) all shut the server's whole process
-group down and wait for it, so no orphaned vLLM keeps its port and its GPU memory; when `vlrl serve` dies without
-a chance to do so (kill -KILL, the OOM killer), the guard between it and vLLM takes the group down
+group down and wait for it, so no orphaned vLLM keeps its port and its GPU memory; when `vlrl serve` dies
+without a chance to do so (kill -KILL, the OOM killer), the guard between it and vLLM takes the group down
 (`serve_guard.py`).
-A port already bound is refused before vLLM starts (an orphaned server from an earlier run would otherwise answer
-the health check of a new one whose vLLM died on the taken port), and "ready" means vLLM's own process answers.
+A port already bound is refused before vLLM starts (an orphaned server from an earlier run would otherwise
+answer the health check of a new one whose vLLM died on the taken port), and "ready" means vLLM's own process
+answers.
 """
 
 from __future__ import annotations
@@ -124,25 +125,20 @@ def build_command(
 
 def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None) -> list[str]:
     """vLLM arguments for video prompts. The image and video processors get their sizes apart (a plain `size`
-    would also bound each whole video); the video size is the one under which the processor keeps the trainer's
-    frames as they are (`adapters.video.processor_video_size`; defaults: the config's); a request's frames are
-    all kept (vLLM's frame-list loader keeps 32 by default); per-request media kwargs are trusted, since each
-    video's frame indices and rate come with its request (the server stays private and keyed: see README)."""
-    from .adapters.video import processor_video_size
+    would also bound each whole video); the video size is the one under which the processor keeps the
+    trainer's frames as they are (`adapters.video.processor_video_size`; defaults: the config's); a request's
+    frames are all kept (vLLM's frame-list loader keeps 32 by default); per-request media kwargs are trusted,
+    since each video's frame indices and rate come with its request (the server stays private and keyed: see
+    README)."""
+    from .adapters.video import processor_video_kwargs
     from .config import ModelConfig
 
     fields = ModelConfig.model_fields
-    videos_kwargs: dict = {"size": processor_video_size(max_pixels or fields["video_max_pixels"].default,
-                                                        max_frames or fields["video_max_frames"].default)}
-    try:
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-        if hasattr(Qwen3VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.19
-            videos_kwargs["cap_pixels_per_frame"] = False  # as the trainer: its cap could shrink the frames
-    except ImportError:
-        pass
+    videos_kwargs = processor_video_kwargs(max_pixels or fields["video_max_pixels"].default,
+                                           max_frames or fields["video_max_frames"].default)
     mm = {"videos_kwargs": videos_kwargs, **({"images_kwargs": {"size": image_size}} if image_size else {})}
-    return ["--mm-processor-kwargs", json.dumps(mm), "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}),
+    return ["--mm-processor-kwargs", json.dumps(mm), "--media-io-kwargs",
+            json.dumps({"video": {"num_frames": -1}}),
             "--trust-request-mm-kwargs"]
 
 
@@ -159,8 +155,8 @@ def server_env(on_cpu: bool, api_key: str | None = None) -> dict[str, str]:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Refuse a port something already listens on (before vLLM starts), naming what holds it where the OS says.
-    SO_REUSEADDR as vLLM binds, so a port left in TIME_WAIT by a stopped server counts as free."""
+    """Refuse a port something already listens on (before vLLM starts), naming what holds it where the OS
+    says. SO_REUSEADDR as vLLM binds, so a port left in TIME_WAIT by a stopped server counts as free."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -171,16 +167,17 @@ def check_port_free(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
-                raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another --host or --port") from None
+                raise UserError(f"cannot bind {host}:{port} ({e.strerror}); choose another --host or "
+                                "--port") from None
             holders = port_holders(port)
             held = "; held by " + ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders) if holders else ""
-            raise UserError(f"port {port} is already in use{held}. Stop what holds it (an earlier `vlrl serve` "
-                            "or vLLM server?) or choose another --port") from None
+            raise UserError(f"port {port} is already in use{held}. Stop what holds it (an earlier `vlrl "
+                            "serve` or vLLM server?) or choose another --port") from None
 
 
 def port_holders(port: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes listening on TCP `port`, as far as /proc shows them (Linux; only the
-    processes this user may inspect); [] where the OS does not say."""
+    """(pid, command line) of the processes listening on TCP `port`, as far as /proc shows them (Linux; only
+    the processes this user may inspect); [] where the OS does not say."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -217,8 +214,8 @@ def _readlink(path: str) -> str:
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=None, api_key: str | None = None,
                  port: int | None = None) -> None:
     """Poll `url/health` until the server answers 200, the process dies, or the timeout passes. Healthy means
-    our own server answered: the process is alive after the answer, and (where /proc says who listens on `port`)
-    a process of its group holds the port."""
+    our own server answered: the process is alive after the answer, and (where /proc says who listens on
+    `port`) a process of its group holds the port."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -227,10 +224,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, on_wait=Non
         if proc.poll() is not None:
             raise UserError(f"the vLLM server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0, headers=headers).status_code == 200 and proc.poll() is None:
+            if httpx.get(f"{url}/health", timeout=2.0,
+                         headers=headers).status_code == 200 and proc.poll() is None:
                 holders = port_holders(port) if port else []
                 if holders and not any(_in_group(pid, proc.pid) for pid, _ in holders):
-                    raise UserError(f"{url} answers, but from another process than the vLLM server started here: "
+                    raise UserError(f"{url} answers, but from another process than the vLLM server started "
+                                    "here: "
                                     + ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders))
                 return
         except httpx.HTTPError:
@@ -274,7 +273,8 @@ def _in_group(pid: int, pgid: int) -> bool:
 
 
 class StopSignal(BaseException):
-    """SIGTERM or SIGHUP arrived. A BaseException like KeyboardInterrupt, so no `except Exception` stops it."""
+    """SIGTERM or SIGHUP arrived. A BaseException like KeyboardInterrupt, so no `except Exception` stops
+    it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -37,8 +37,8 @@ def _die_with_parent() -> None:
 
 
 def _end_group(child: subprocess.Popen) -> None:
-    """SIGTERM to the group, up to GRACE_S for vLLM to stop its engine, then SIGKILL to whatever is left (and to
-    the guard itself, which is in the group)."""
+    """SIGTERM to the group, up to GRACE_S for vLLM to stop its engine, then SIGKILL to whatever is left (and
+    to the guard itself, which is in the group)."""
     try:
         os.killpg(0, signal.SIGTERM)
         child.wait(GRACE_S)

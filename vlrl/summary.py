@@ -34,5 +34,6 @@ def reward_curve(metrics: list[dict], rows: int = 10, width: int = 40):
         reward = sum(m["reward/mean"] for m in chunk) / len(chunk)
         acc = sum(m["accuracy"] for m in chunk) / len(chunk)
         bar = "█" * round(max(0.0, min(1.0, reward)) * width)
-        table.add_row(f"{chunk[0]['step']}-{chunk[-1]['step']}", f"{reward:.3f}", f"{acc:.2f}", f"[green]{bar}[/]")
+        table.add_row(f"{chunk[0]['step']}-{chunk[-1]['step']}", f"{reward:.3f}", f"{acc:.2f}",
+                      f"[green]{bar}[/]")
     return table

@@ -24,10 +24,10 @@ SPECIAL_TOKENS = [
 ]
 
 # Qwen3-VL-8B-Instruct's own chat template, verbatim (5292 bytes, SHA-256 3636d0f0bd6b...; the hub's
-# `chat_template` of Qwen/Qwen3-VL-8B-Instruct): system prompt, tools (`<tools>` in the system turn), images and
-# videos as `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands the pad), assistant tool calls
-# as `<tool_call>` JSON, tool results as `<tool_response>` in a user turn. What the tests prove on the tiny model
-# is then what the 8B model sees.
+# `chat_template` of Qwen/Qwen3-VL-8B-Instruct): system prompt, tools (`<tools>` in the system turn), images
+# and videos as `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands the pad), assistant tool
+# calls as `<tool_call>` JSON, tool results as `<tool_response>` in a user turn. What the tests prove on the
+# tiny model is then what the 8B model sees.
 CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
@@ -148,23 +148,23 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501 - the template verbatim
 CHAT_TEMPLATE_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
 
 # Qwen's tool and reasoning tags: single (added, not special) tokens, as in Qwen3-VL's tokenizer.
 TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
-# `builtin:zoom`'s crop calls of the four quadrants of its 256 x 256 images (vlrl/envs/zoom.py), each one token
-# of the tiny vocabulary: like the answer words below, so that a random policy calls the tool by chance often
-# enough for RL to learn from. The text is Qwen3-VL's tool-call format to the character; the 8B tokenizer
-# spells the same call in ~40 tokens.
+# `builtin:zoom`'s crop calls of the four quadrants of its 256 x 256 images (vlrl/envs/zoom.py), each one
+# token of the tiny vocabulary: like the answer words below, so that a random policy calls the tool by chance
+# often enough for RL to learn from. The text is Qwen3-VL's tool-call format to the character; the 8B
+# tokenizer spells the same call in ~40 tokens.
 # The template's fixed words around the tool schemas, one token each (the template writes them verbatim), and
 # BPE merges learned from the built-in tools' schemas: a tool prompt stays ~280 tokens instead of ~800 for the
 # tiny model on the CPU. `tests/test_tiny_model.py` checks both strings against the template's rendering.
-TOOLS_BEFORE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
-                "with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_BEFORE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
+                "provided with function signatures within <tools></tools> XML tags:\n<tools>")
 TOOLS_AFTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-               "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-               "<args-json-object>}\n</tool_call>")
+               "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+               "\"arguments\": <args-json-object>}\n</tool_call>")
 ZOOM_CALLS = [
     '<tool_call>\n{"name": "crop", "arguments": {"x0": %d, "y0": %d, "x1": %d, "y1": %d}}\n</tool_call>'
     % (x, y, x + 128, y + 128)
@@ -203,7 +203,8 @@ def build_tokenizer(vocab_size: int = 400):
 
     # Answer words dominate the counts, so their merges come first and each ends as one token.
     schemas = " ".join(json.dumps(t.schema) for t in (CROP, CALCULATE))
-    # (the frequent words before the schemas: a single-turn prompt keeps the length it had before tools existed)
+    # (the frequent words before the schemas: a single-turn prompt keeps the length it had before tools
+    # existed)
     corpus = [" " + " ".join(ANSWER_WORDS), "\n".join(ANSWER_WORDS)] * 100 + [" ".join(OTHER_WORDS)] * 100
     corpus += [schemas] * 20
     trainer = trainers.BpeTrainer(
@@ -319,7 +320,8 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
         image_std=[0.5, 0.5, 0.5],
     )
     video_processor = Qwen3VLVideoProcessor(
-        patch_size=16, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
+        patch_size=16, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
     )
     processor = Qwen3VLProcessor(
         image_processor=image_processor,

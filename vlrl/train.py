@@ -33,7 +33,15 @@ import torch
 from .config import Config, save_config
 from .errors import UserError
 from .fsdp import full_state, is_fsdp, load_optimizer_state, optimizer_state
-from .metrics import forget_steps_after, log_bad_samples, log_reward_errors, log_samples, pool, step_metrics, step_stats
+from .metrics import (
+    forget_steps_after,
+    log_bad_samples,
+    log_reward_errors,
+    log_samples,
+    pool,
+    step_metrics,
+    step_stats,
+)
 from .planner import micro_batch_tokens, plan_step
 from .records import Rollout
 from .rollout.vllm_client import ServerError, ServerRestarted
@@ -391,8 +399,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     """Run (or resume) training."""
     from rich.console import Console
 
-    from .envs.sources import load_samples
-    from .envs.stream import PromptStream
+    from .data.sources import load_samples
+    from .data.stream import PromptStream
     from .policy_sync import choose_sync
     from .progress import train_bar, train_fields
     from .rollout import make_sampler
@@ -429,7 +437,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         with StopFlag() as stop, train_bar(console, cfg.train.steps, run.step, main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
-                got = take_prefetched(pending, stream, data_state, stop) if pending is not None else None
+                got = take_prefetched(pending, stream, data_state, stop) if pending is not None else None  # noqa: F821 - bound by the iteration that set `pending`
                 stale, pending = got is not None, None
                 if got is None and not stop.requested:
                     got = sample_step(rollouts, stream, run.step, local_prompts, run, sync, stop)
@@ -537,7 +545,7 @@ class TrainingEval:
     training run's own sampler and rewards, into `<run dir>/eval-step-N/`; returns `eval/...` metrics."""
 
     def __init__(self, cfg: Config, rollouts):
-        from .envs.sources import load_samples
+        from .data.sources import load_samples
 
         samples = load_samples(cfg.env, "eval", cfg.train.seed)
         self.cfg, self.rollouts = cfg, rollouts

@@ -2,23 +2,29 @@
 
 Everything specific to a family (its processor and chat format, image tokens, the batch layout its forward
 wants, its FSDP units, its position rules, its layer names) stays in its adapter; train, eval, check-batch,
-the rollout layer and the samplers hold an `Adapter` and never import model classes. One family today:
-Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`).
+the rollout layer and the samplers hold an `Adapter` and never import model classes. Which family a checkpoint
+is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`). One
+family today: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`).
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from ..batch import MultimodalBatch
+from ..config import ModelConfig
 from ..records import EncodedPrompt, EnvReply, Rollout
+from .hub import ModelError, load_local_first
 
 
 class Adapter(Protocol):
-    cfg: Any  # config.ModelConfig
+    cfg: ModelConfig
     tokenizer: Any
     image_token_id: int
     video_token_id: int
@@ -37,7 +43,8 @@ class Adapter(Protocol):
 
     # prompts
     def build_messages(self, question: str, num_images: int, system_prompt: str | None = None,
-                       history: list[dict] | None = None, num_videos: int = 0) -> list[dict]: ...
+                       history: list[dict] | None = None, image_marker: str | None = None,
+                       num_videos: int = 0) -> list[dict]: ...
     def encode_prompt(self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None,
                       name: str = "prompt", video_sources: list[Any] = (), tools: list[dict] | None = None
                       ) -> EncodedPrompt: ...
@@ -74,8 +81,72 @@ class Adapter(Protocol):
     def save_pretrained(self, model, out_dir: Path, state_dict: dict | None = None) -> None: ...
 
 
-def load_adapter(model_cfg) -> Adapter:
-    """The adapter of `model.path`'s family (its processor loaded); a ModelError names the path on failure."""
-    from .qwen3_vl import Qwen3VLAdapter
+# --- model families ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """A model family: the adapter that loads its checkpoints and the builder of its tiny test model."""
 
-    return Qwen3VLAdapter.from_config(model_cfg)
+    name: str
+    """As `vlrl build-tiny-model --family` spells it."""
+    adapter: str
+    """`module:Class` of its adapter (imported only when a checkpoint of the family is loaded)."""
+    tiny_model: str
+    """`module:function` writing a tiny random checkpoint of the family (tests and the CPU demo)."""
+
+
+# The config.json `model_type` of a checkpoint -> its family. Qwen3.5 (`qwen3_5`, issue 23) and the MoE
+# Qwen3-VL (`qwen3_vl_moe`, issue 24) land here as further entries, each with its adapter module beside
+# qwen3_vl.py and its tiny-model builder; nothing outside vlrl/adapters/ changes to admit a family.
+FAMILIES: dict[str, Family] = {
+    "qwen3_vl": Family("qwen3-vl", adapter="vlrl.adapters.qwen3_vl:Qwen3VLAdapter",
+                       tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
+}
+
+
+def _attribute(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_type(path: str) -> str:
+    """The `model_type` of the checkpoint at `path` (a local directory, or a hub id: local cache first)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        try:
+            config = json.loads(local.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelError(f"model.path {path!r}: its config.json is not JSON ({e})") from None
+    else:
+        from transformers import PretrainedConfig
+
+        try:
+            config = load_local_first(lambda p, **kw: PretrainedConfig.get_config_dict(p, **kw)[0], path,
+                                      "config", ModelError)
+        except OSError as e:
+            raise ModelError(f"model.path {path!r}: cannot read its config ({e})") from None
+    return str(config.get("model_type", ""))
+
+
+def family_of(path: str) -> Family:
+    """The family of the checkpoint at `path`, by its config's `model_type` (a ModelError names the known)."""
+    kind = model_type(path)
+    if kind not in FAMILIES:
+        known = ", ".join(f"{f.name} ({t})" for t, f in FAMILIES.items())
+        raise ModelError(f"model.path {path!r} is a {kind or 'model without a model_type'} checkpoint; "
+                         f"vlrl trains these families: {known}")
+    return FAMILIES[kind]
+
+
+def load_adapter(model_cfg: ModelConfig) -> Adapter:
+    """The adapter of `model.path`'s family (its processor loaded); a ModelError names the path on failure."""
+    return _attribute(family_of(model_cfg.path).adapter).from_config(model_cfg)
+
+
+def build_tiny_model(out_dir: str | Path, family: str = "qwen3-vl", **kwargs) -> Path:
+    """Write a tiny random checkpoint of `family` (a `Family.name`) to `out_dir`; `kwargs`: its builder's."""
+    by_name = {f.name: f for f in FAMILIES.values()}
+    if family not in by_name:
+        from ..errors import UserError
+
+        raise UserError(f"--family {family!r}: expected one of {', '.join(by_name)}")
+    return _attribute(by_name[family].tiny_model)(out_dir, **kwargs)

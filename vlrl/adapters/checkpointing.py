@@ -1,12 +1,14 @@
 """Activation checkpointing per decoder layer: `full`, `selective` or `none`, as any mix over the layers.
 
-- `full`: the layer keeps only its input and recomputes its whole forward in the backward pass (transformers'
-  `GradientCheckpointingLayer`, non-reentrant; with compiled layers the recompute calls the compiled graph).
-- `selective`: the layer keeps the outputs of its matrix products and of attention and recomputes the rest (the
-  norms, rotary embedding, activation function, residual adds): torch's selective activation checkpointing
-  (`torch.utils.checkpoint.create_selective_checkpoint_contexts`), the policy torchtitan uses. Recomputing
-  elementwise ops costs memory bandwidth, not matrix work: a few percent of a layer's time, where `full` costs
-  a third of it (one more forward). It is exact: the recomputed ops are the same ops on the same inputs.
+- `full`: the layer keeps only its input and recomputes its whole forward in the backward pass
+  (transformers' `GradientCheckpointingLayer`, non-reentrant; with compiled layers the recompute calls the
+  compiled graph).
+- `selective`: the layer keeps the outputs of its matrix products and of attention and recomputes the rest
+  (the norms, rotary embedding, activation function, residual adds): torch's selective activation
+  checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`), the policy torchtitan uses.
+  Recomputing elementwise ops costs memory bandwidth, not matrix work: a few percent of a layer's time, where
+  `full` costs a third of it (one more forward). It is exact: the recomputed ops are the same ops on the same
+  inputs.
   The checkpoint is taken inside the layer's `forward`, so a compiled layer traces it and hands the policy to
   the partitioner (which then saves exactly the tensors the policy names), rather than wrapping the compiled
   graph from outside, where the policy would see one opaque call.
@@ -29,9 +31,10 @@ _aten = torch.ops.aten
 
 
 def _saved_ops() -> set:
-    """Ops whose outputs a selective layer keeps: matrix products and attention (what is costly to recompute)."""
+    """Ops whose outputs a selective layer keeps: matrix products and attention (costly to recompute)."""
     ops = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten._scaled_mm.default,
-           _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+           _aten._scaled_dot_product_flash_attention.default,
+           _aten._scaled_dot_product_efficient_attention.default,
            _aten._flash_attention_forward.default, _aten._efficient_attention_forward.default}
     for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
                  "_cudnn_attention_forward"):
@@ -89,14 +92,15 @@ def set_layer_checkpointing(layers: nn.ModuleList, full: int, selective: int) ->
 
 def layer_modes(layers: nn.ModuleList) -> list[str]:
     """Each layer's kind: 'full', 'selective' or 'none' (for tests and messages)."""
-    return ["full" if layer.gradient_checkpointing else "selective" if getattr(layer, "_vlrl_selective", False)
+    return ["full" if layer.gradient_checkpointing
+            else "selective" if getattr(layer, "_vlrl_selective", False)
             else "none" for layer in layers]
 
 
 def _install(layer: nn.Module) -> None:
-    """Route the layer's forward through a selective checkpoint when `layer._vlrl_selective` (read at each call,
-    so a compiled layer holds one graph per kind, guarded on it). A bound method: a deep copy of the layer
-    gets its own."""
+    """Route the layer's forward through a selective checkpoint when `layer._vlrl_selective` (read at each
+    call, so a compiled layer holds one graph per kind, guarded on it). A bound method: a deep copy of the
+    layer gets its own."""
     layer._vlrl_selective = False
     layer.forward = types.MethodType(_forward, layer)
 

@@ -23,8 +23,9 @@ splitting. `fast_vision` uses both:
 - the patch embedding, a Conv3d whose kernel is its stride, runs as the matmul it is (`_patchify`).
 
 The same mathematics (only the patch embedding sums in another order): `tests/test_fast_path.py` checks the
-inputs bit for bit against transformers' helpers, and features and gradients against transformers' own path. Flash-attention models keep their own attention (their varlen kernel wants the
-boundaries on the GPU) and transformers versions without the keywords are left alone.
+inputs bit for bit against transformers' helpers, and features and gradients against transformers' own path.
+Flash-attention models keep their own attention (their varlen kernel wants the boundaries on the GPU) and
+transformers versions without the keywords are left alone.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def supported() -> bool:
     except ImportError:
         return False
     return all(hasattr(modeling_qwen3_vl, f) for f in (
-        "get_vision_attention_seqlens", "get_vision_position_ids", "get_vision_interpolation_indices_and_weights"))
+        "get_vision_attention_seqlens", "get_vision_position_ids",
+        "get_vision_interpolation_indices_and_weights"))
 
 
 def fast_vision(visual: nn.Module) -> bool:
@@ -59,7 +61,8 @@ def fast_vision(visual: nn.Module) -> bool:
     whether anything changed."""
     if hasattr(visual, "_vlrl_fast_vision") or not supported():
         return False
-    state = {"enabled": True, "patchify": True, "impl": visual.config._attn_implementation, "inputs": OrderedDict()}
+    state = {"enabled": True, "patchify": True, "impl": visual.config._attn_implementation,
+             "inputs": OrderedDict()}
     visual._vlrl_fast_vision = state
     visual.register_forward_pre_hook(_before, with_kwargs=True)
     proj = getattr(visual.patch_embed, "proj", None)
@@ -142,7 +145,8 @@ def _patchify(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if not self._vlrl_fast_vision["patchify"]:
         return type(self).forward(self, hidden_states)
     weight = self.proj.weight  # [embed, channels, temporal_patch, patch, patch]
-    return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight[0].numel()), weight.flatten(1), self.proj.bias)
+    return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight[0].numel()),
+                    weight.flatten(1), self.proj.bias)
 
 
 def vision_attention(
@@ -164,7 +168,8 @@ def vision_attention(
     images = cu_seq_lens_q.shape[0] - 1
     if max_length_q is not None and images * max_length_q == total:  # every image max_length_q patches long
         q, k, v = (t.reshape(heads, images, max_length_q, dim).transpose(0, 1) for t in (query, key, value))
-        out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=False)
+        out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                        is_causal=False)
         return out.reshape(1, total, heads, dim), None  # [images, length, heads, dim] -> packed
     lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     outs = [

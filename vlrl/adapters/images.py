@@ -58,7 +58,8 @@ def describe_source(source: Any) -> str:
     return s
 
 
-def _decode_base64(payload: str, source: Any, kind: str = "image", error: type[MediaError] = ImageError) -> bytes:
+def _decode_base64(payload: str, source: Any, kind: str = "image",
+                   error: type[MediaError] = ImageError) -> bytes:
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:
@@ -79,7 +80,8 @@ def _fetch_url(url: str, limits, kind: str = "image", error: type[MediaError] = 
                 raise error(f"{kind} {url}: HTTP {r.status_code}; check the URL")
             ctype = r.headers.get("content-type", "")
             if ctype and not (ctype.startswith(f"{kind}/") or ctype.startswith("application/octet-stream")):
-                raise error(f"{kind} {url}: the server sent {ctype.split(';')[0]}, not {_a(kind)}; check the URL")
+                raise error(f"{kind} {url}: the server sent {ctype.split(';')[0]}, not {_a(kind)}; check the "
+                            "URL")
             declared = int(r.headers.get("content-length") or 0)
             if declared > limits.max_bytes:
                 raise error(f"{kind} {url}: {declared} bytes is over the limit of {limits.max_bytes} bytes; "
@@ -92,7 +94,8 @@ def _fetch_url(url: str, limits, kind: str = "image", error: type[MediaError] = 
                                 f"raise model.{kind}_max_bytes or shrink the file")
             return bytes(buf)
     except httpx.TimeoutException:
-        raise error(f"{kind} {url}: timed out after {limits.timeout_s:g} s; check the URL or the network") from None
+        raise error(f"{kind} {url}: timed out after {limits.timeout_s:g} s; check the URL or the "
+                    "network") from None
     except httpx.HTTPError as e:
         raise error(f"{kind} {url}: could not be fetched ({type(e).__name__}: {e})") from None
 
@@ -114,7 +117,8 @@ def read_bytes(source: Any, base_dir: Path | None, limits, kind: str = "image",
             data = _decode_base64(payload, s, kind, error)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) and not s.startswith("file://"):
             scheme = s.split("://", 1)[0]
-            raise error(f"{kind} {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data URI")
+            raise error(f"{kind} {s}: the {scheme}:// scheme is not allowed; use a path, http(s), or data "
+                        "URI")
         else:
             path = Path(resolve_source(s.removeprefix("file://"), base_dir))
             if path.is_file():
@@ -131,8 +135,8 @@ def read_bytes(source: Any, base_dir: Path | None, limits, kind: str = "image",
     else:
         raise error(f"{kind} {describe_source(source)}: unsupported source type {type(source).__name__}")
     if len(data) > limits.max_bytes:
-        raise error(f"{kind} {describe_source(resolve_source(source, base_dir))}: {len(data)} bytes is over the limit "
-                    f"of {limits.max_bytes} bytes; raise model.{kind}_max_bytes or shrink the file")
+        raise error(f"{kind} {describe_source(resolve_source(source, base_dir))}: {len(data)} bytes is over "
+                    f"the limit of {limits.max_bytes} bytes; raise model.{kind}_max_bytes or shrink the file")
     if not data:
         raise error(f"{kind} {describe_source(resolve_source(source, base_dir))}: empty (0 bytes)")
     return data
@@ -170,9 +174,10 @@ def resolve_source(source: Any, base_dir: Path | None) -> Any:
     return source
 
 
-# What decoding an untrusted file can raise, beyond Pillow's documented OSError: found by fuzzing PNG, JPEG, GIF,
-# TIFF, BMP, WebP, ICO, TGA and PPM files (tests/test_images.py). A `Warning` is an exception only when warnings
-# are errors (`python -W error`, pytest's filterwarnings), e.g. "Tag data larger than file" from a broken EXIF.
+# What decoding an untrusted file can raise, beyond Pillow's documented OSError: found by fuzzing PNG, JPEG,
+# GIF, TIFF, BMP, WebP, ICO, TGA and PPM files (tests/test_images.py). A `Warning` is an exception only when
+# warnings are errors (`python -W error`, pytest's filterwarnings), e.g. "Tag data larger than file" from a
+# broken EXIF.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, struct.error,
                   ZeroDivisionError, Warning)
 
@@ -190,7 +195,8 @@ def _pillow_allows(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(source: Any, base_dir: Path | None = None,
+                 limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Load any supported source into an upright RGB PIL image (not resized).
 
     Every failure of the image library (open, EXIF, decode, mode conversion; Pillow's own decompression-bomb
@@ -215,7 +221,8 @@ def decode_image(source: Any, base_dir: Path | None = None, limits: ImageLimits 
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise _bomb(shown, m.group(1) if m else "too many", limits) from None
     except _DECODE_ERRORS as e:
-        raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({type(e).__name__}: {e})") from None
+        raise ImageError(f"image {describe_source(shown)}: corrupt or truncated ({type(e).__name__}: "
+                         f"{e})") from None
 
 
 def target_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
@@ -226,7 +233,8 @@ def target_size(width: int, height: int, min_pixels: int, max_pixels: int, facto
     return w, h
 
 
-def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, factor: int, source: Any = None) -> Image.Image:
+def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, factor: int,
+              source: Any = None) -> Image.Image:
     """Resize to the pixel policy; an image already on the policy's grid is returned unchanged."""
     try:
         w, h = target_size(img.width, img.height, min_pixels, max_pixels, factor)
@@ -238,5 +246,5 @@ def fit_image(img: Image.Image, min_pixels: int, max_pixels: int, factor: int, s
     try:
         return img.resize((w, h), Image.Resampling.BICUBIC)
     except _DECODE_ERRORS as e:  # a PIL image given as is may still be lazily decoded
-        raise ImageError(f"image {describe_source(source if source is not None else img)}: could not be resized "
-                         f"to {w}x{h} ({type(e).__name__}: {e})") from None
+        raise ImageError(f"image {describe_source(source if source is not None else img)}: could not be "
+                         f"resized to {w}x{h} ({type(e).__name__}: {e})") from None

@@ -29,8 +29,10 @@ def mrope_positions(
     B, L = input_ids.shape
     out = torch.zeros(3, B, L, dtype=torch.long)
     # Qwen3-VL writes a timestamp (text) before every frame pair of a video, so each pair's placeholders are a
-    # run of their own, positioned as an image of t = 1 (transformers' get_rope_index splits the grid the same way)
-    frames = [] if video_grid_thw is None else [[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
+    # run of their own, positioned as an image of t = 1 (transformers' get_rope_index splits the grid the same
+    # way)
+    frames = [] if video_grid_thw is None else [[1, h, w] for t, h, w in video_grid_thw.tolist()
+                                                for _ in range(t)]
     grids = {1: [] if image_grid_thw is None else image_grid_thw.tolist(), 2: frames}
     names = {1: "image", 2: "video frame"}
     used = {1: 0, 2: 0}
@@ -52,16 +54,19 @@ def mrope_positions(
             else:
                 if used[k] >= len(grids[k]):
                     raise ValueError(
-                        f"sample {b}: more {names[k]} placeholder runs than {names[k]} grids ({len(grids[k])})"
+                        f"sample {b}: more {names[k]} placeholder runs than {names[k]} grids "
+                        f"({len(grids[k])})"
                     )
                 t, h, w = grids[k][used[k]]
                 used[k] += 1
                 gh, gw = h // merge_size, w // merge_size
                 if t * gh * gw != n:
                     raise ValueError(
-                        f"sample {b}: a run of {n} {names[k]} placeholders, but its grid {t}x{h}x{w} needs {t * gh * gw}"
+                        f"sample {b}: a run of {n} {names[k]} placeholders, but its grid {t}x{h}x{w} needs "
+                        f"{t * gh * gw}"
                     )
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh),
+                                            torch.arange(gw), indexing="ij")
                 parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
                 pos += max(h, w) // merge_size
         if parts:

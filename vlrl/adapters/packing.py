@@ -36,8 +36,10 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-PADDED_SDPA = "vlrl_padded_sdpa"  # the sdpa route's keyword: (sample [T], position in it [T], mask [n, 1, L, L])
-NAME = "vlrl_packed_sdpa"  # the language model's attention once patched (no "flash" in it: that name routes differently)
+# the sdpa route's keyword: (sample [T], position in it [T], mask [n, 1, L, L])
+PADDED_SDPA = "vlrl_padded_sdpa"
+# the language model's attention once patched (no "flash" in it: that name routes differently)
+NAME = "vlrl_packed_sdpa"
 ROUTES = ("varlen", "flex", "sdpa")
 
 
@@ -68,12 +70,14 @@ def packing_unavailable(model: nn.Module) -> str | None:
     if getattr(lm, "_vlrl_packing", None) is not None:
         return None
     impl = lm.config._attn_implementation
-    return (f"model.attn_implementation = {impl!r}: packed micro-batches route attention through sdpa/varlen/flex "
-            "kernels of their own, so this model trains on padded micro-batches (use 'sdpa' to pack)")
+    return (f"model.attn_implementation = {impl!r}: packed micro-batches route attention through "
+            "sdpa/varlen/flex kernels of their own, so this model trains on padded micro-batches (use 'sdpa' "
+            "to pack)")
 
 
 def resolve_route(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The attention route for packed sequences: `requested`, or the best one for `device`/`dtype` (`auto`)."""
+    """The attention route for packed sequences: `requested`, or the best one for `device`/`dtype`
+    (`auto`)."""
     if requested != "auto":
         if requested == "varlen" and (device.type != "cuda" or _varlen_attn() is None):
             raise ValueError("model.packed_attention = 'varlen' needs a CUDA device and torch >= 2.10 "
@@ -103,15 +107,18 @@ def attention_kwargs(route: str, cu_seqlens: torch.Tensor, max_seqlen: int, tota
         return {"attention_mask": mask}
     if route == "sdpa":
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [n]
-        within = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[doc]  # [T] place in its sample
+        within = (torch.arange(total, device=cu_seqlens.device)
+                  - cu_seqlens[:-1].long()[doc])  # [T] place in its sample
         width = torch.arange(max_seqlen, device=cu_seqlens.device)
-        mask = (width[None, :] <= width[:, None])[None] & (width[None, None, :] < lengths[:, None, None])  # [n, L, L]
+        mask = ((width[None, :] <= width[:, None])[None]
+                & (width[None, None, :] < lengths[:, None, None]))  # [n, L, L]
         return {PADDED_SDPA: (doc, within, mask[:, None])}
     raise ValueError(f"unknown packed attention route {route!r} (one of {', '.join(ROUTES)})")
 
 
 @contextmanager
-def packed_sequences(language_model: nn.Module, route: str, cu_seqlens: torch.Tensor | None, max_seqlen: int | None):
+def packed_sequences(language_model: nn.Module, route: str, cu_seqlens: torch.Tensor | None,
+                     max_seqlen: int | None):
     """Within the block, every call of `language_model` attends within the samples that `cu_seqlens` [n + 1]
     (int32, on the model's device) delimits in its [1, T] input, by `route` (`auto`: chosen by the device and
     dtype of the input embeddings, i.e. the compute dtype, bf16 under FSDP2's mixed precision too). No
@@ -144,7 +151,8 @@ def _add_packing_kwargs(module, args, kwargs):
 def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[T] index of the sample each packed token belongs to (no host read: `output_size` is known)."""
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts, output_size=total)
+    return torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts,
+                                   output_size=total)
 
 
 _SDPA: dict = {}
@@ -209,7 +217,8 @@ def packed_attention(
             extra["scale"] = scaling
         elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
             raise ValueError("this torch's varlen_attn takes no scale; use model.packed_attention = 'flex'")
-        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **_VARLEN["causal"], **extra)
+        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                     **_VARLEN["causal"], **extra)
         return out[None], None  # [1, T, heads, dim]
     if PADDED_SDPA in kwargs:
         doc, within, mask = kwargs.pop(PADDED_SDPA)
@@ -226,4 +235,5 @@ def packed_attention(
         flex = _flex_attention(query.device)
         out = flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=heads != kv_heads)
         return out.transpose(1, 2).contiguous(), None
-    return _SDPA["forward"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _SDPA["forward"](module, query, key, value, attention_mask, dropout=dropout,
+                            scaling=scaling, **kwargs)

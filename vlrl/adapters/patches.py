@@ -3,7 +3,8 @@
 1. `share_repeated_images` (shared_images.py): hooks on the vision tower encode each distinct image once.
    First, so the hooks after it see the images actually encoded.
 2. `fast_vision` (fast_vision.py): the vision tower's grid-derived inputs from the host, its attention
-   registered as `vlrl_flash_vision_sdpa` (equal-size images in one sdpa call), the patch embedding as a matmul.
+   registered as `vlrl_flash_vision_sdpa` (equal-size images in one sdpa call), the patch embedding as a
+   matmul.
 3. `patch_language_model` (packing.py): the language model's attention registered as `vlrl_packed_sdpa`:
    transformers' sdpa for padded batches, varlen/flex/per-sample sdpa for packed ones; a pre-hook hands
    the packing keywords to the language model only.

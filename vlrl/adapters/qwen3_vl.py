@@ -4,8 +4,9 @@
 Image tokens: an image resized to (H, W) pixels becomes a grid of t*h*w patches (t = 1 for an image,
 h = H / patch, w = W / patch), i.e. t*h*w rows of `pixel_values` (3 * temporal_patch * patch^2 columns: 1536
 for patch 16), and t*h*w / merge^2 `<|image_pad|>` placeholders in the token sequence. A video of F sampled
-frames is a grid of t = ceil(F / 2) frame pairs (`pixel_values_videos`, `video_grid_thw`); the processor writes
-each pair as `<T seconds><|vision_start|>` + h*w / merge^2 `<|video_pad|>` + `<|vision_end|>` (video.py).
+frames is a grid of t = ceil(F / 2) frame pairs (`pixel_values_videos`, `video_grid_thw`); the processor
+writes each pair as `<T seconds><|vision_start|>` + h*w / merge^2 `<|video_pad|>` + `<|vision_end|>`
+(video.py).
 """
 
 from __future__ import annotations
@@ -21,24 +22,20 @@ from ..batch import MultimodalBatch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..records import EncodedPrompt, EnvReply, Rollout
+from .hub import ModelError
 from .images import ImageLimits, decode_image, describe_source, fit_image, resolve_source, to_rgb
 from .mrope import mrope_positions
 from .packing import packed_sequences, packing_unavailable
 from .patches import patch_model
 from .video import FramePolicy, Video, VideoLimits, load_video
 
-
-# The modules FSDP2 shards as units (every decoder layer and vision block); = fsdp_transformer_layer_cls_to_wrap
-# in configs/accelerate/fsdp2-*.yaml.
+# The modules FSDP2 shards as units (every decoder layer and vision block); =
+# fsdp_transformer_layer_cls_to_wrap in configs/accelerate/fsdp2-*.yaml.
 FSDP_UNITS = ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")
 
 
 class PromptError(UserError):
     """A prompt that cannot be trained on (too many images, too long); the message names the sample."""
-
-
-class ModelError(UserError):
-    """model.path does not hold a loadable Qwen3-VL (processor or weights); the message names the path."""
 
 
 class Qwen3VLAdapter:
@@ -51,8 +48,10 @@ class Qwen3VLAdapter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cfg = cfg
-        self.limits = ImageLimits(cfg.image_max_bytes, cfg.image_max_decoded_pixels, cfg.image_fetch_timeout_s)
-        self.video_limits = VideoLimits(cfg.video_max_bytes, cfg.video_max_decoded_pixels, cfg.video_max_duration_s,
+        self.limits = ImageLimits(cfg.image_max_bytes, cfg.image_max_decoded_pixels,
+                                  cfg.image_fetch_timeout_s)
+        self.video_limits = VideoLimits(cfg.video_max_bytes, cfg.video_max_decoded_pixels,
+                                        cfg.video_max_duration_s,
                                         cfg.image_fetch_timeout_s, cfg.video_decode_timeout_s)
         vp = getattr(processor, "video_processor", None)
         self.frame_policy = None if vp is None else FramePolicy.from_config(cfg, vp)
@@ -63,7 +62,8 @@ class Qwen3VLAdapter:
         tok = self.tokenizer
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
         self.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        self.pad_token_id = (tok.pad_token_id if tok.pad_token_id is not None
+                             else tok.convert_tokens_to_ids("<|endoftext|>"))
         self.eos_token_ids = sorted(
             {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id}
         )
@@ -76,7 +76,8 @@ class Qwen3VLAdapter:
 
         try:
             processor = load_local_first(
-                lambda p, **kw: AutoProcessor.from_pretrained(p, trust_remote_code=cfg.trust_remote_code, **kw),
+                lambda p, **kw: AutoProcessor.from_pretrained(
+                    p, trust_remote_code=cfg.trust_remote_code, **kw),
                 cfg.path, "processor", ModelError)
         except OSError as e:
             raise ModelError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
@@ -94,7 +95,8 @@ class Qwen3VLAdapter:
     def load_image(self, source: Any, base_dir: Path | None = None):
         """Any supported source -> RGB PIL image resized to the pixel policy."""
         img = decode_image(source, base_dir, self.limits)
-        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor, resolve_source(source, base_dir))
+        return fit_image(img, self.cfg.min_pixels, self.cfg.max_pixels, self.factor,
+                         resolve_source(source, base_dir))
 
     def load_video(self, source: Any, base_dir: Path | None = None) -> Video:
         """A video file or a list of frames -> its frames under the frame policy (sampled, resized)."""
@@ -110,8 +112,9 @@ class Qwen3VLAdapter:
         """A chat: optional system prompt, earlier turns, then a user turn with its images first, then its
         videos, then text.
 
-        A question holding `image_marker`s (LLaVA / EasyR1 style: geometry3k's "<image>Find x.") gets its images
-        where the markers are, in order, the markers removed; a leading marker gives the usual images-first turn.
+        A question holding `image_marker`s (LLaVA / EasyR1 style: geometry3k's "<image>Find x.") gets its
+        images where the markers are, in order, the markers removed; a leading marker gives the usual
+        images-first turn.
         """
         messages: list[dict] = []
         if system_prompt:
@@ -123,7 +126,8 @@ class Qwen3VLAdapter:
             if len(pieces) - 1 != num_images:
                 raise PromptError(
                     f"the question holds {len(pieces) - 1} {image_marker} image marker(s) but the sample has "
-                    f"{num_images} image(s); fix the row, or set env.image_marker = \"\" to keep markers as text"
+                    f"{num_images} image(s); fix the row, or set env.image_marker = \"\" to keep markers as "
+                    "text"
                 )
             content = []
             for k, piece in enumerate(pieces):
@@ -133,16 +137,19 @@ class Qwen3VLAdapter:
                     content.append({"type": "image"})
             content = videos + content  # (videos have no markers: they open the turn)
         else:
-            content = [{"type": "image"} for _ in range(num_images)] + videos + [{"type": "text", "text": question}]
+            content = [{"type": "image"}
+                       for _ in range(num_images)] + videos + [{"type": "text", "text": question}]
         messages.append({"role": "user", "content": content})
         return messages
 
     def encode_prompt(
-        self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None, name: str = "prompt",
+        self, messages: list[dict], image_sources: list[Any], base_dir: Path | None = None,
+        name: str = "prompt",
         video_sources: list[Any] = (),
         tools: list[dict] | None = None,
     ) -> EncodedPrompt:
-        """Tokenise a chat with its images and videos through the processor; check placeholders against the grids.
+        """Tokenise a chat with its images and videos through the processor; check placeholders against the
+        grids.
 
         `messages` mark each image with an `{"type": "image"}` part, in the order of `image_sources`, and each
         video with a `{"type": "video"}` part, in the order of `video_sources`; `tools` (function schemas) go
@@ -151,14 +158,16 @@ class Qwen3VLAdapter:
         for kind, sources, limit in (("image", image_sources, "max_images_per_prompt"),
                                      ("video", video_sources, "max_videos_per_prompt")):
             n_parts = sum(
-                1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == kind
+                1 for m in messages if isinstance(m["content"], list) for p in m["content"]
+                if p.get("type") == kind
             )
             if n_parts != len(sources):
-                raise PromptError(f"{name}: the messages hold {n_parts} {kind} parts but {len(sources)} {kind}s")
+                raise PromptError(f"{name}: the messages hold {n_parts} {kind} parts but {len(sources)} "
+                                  f"{kind}s")
             if len(sources) > getattr(self.cfg, limit):
                 raise PromptError(
-                    f"{name}: {len(sources)} {kind}s is over model.{limit} ({getattr(self.cfg, limit)}); raise it "
-                    f"(and the server's --limit-mm-per-prompt {kind}=N) or drop {kind}s"
+                    f"{name}: {len(sources)} {kind}s is over model.{limit} ({getattr(self.cfg, limit)}); "
+                    f"raise it (and the server's --limit-mm-per-prompt {kind}=N) or drop {kind}s"
                 )
         images = [self.load_image(s, base_dir) for s in image_sources]
         videos = [self.load_video(s, base_dir) for s in video_sources]
@@ -180,20 +189,23 @@ class Qwen3VLAdapter:
             video_refs=[v.source for v in videos],
             tools=tools or None,
         )
-        if videos and (video_grid[:, 1:] * self.patch_size).tolist() != [list(v.frames[0].size[::-1]) for v in videos]:
-            raise RuntimeError(f"{name}: the video processor resized the frame policy's frames (processor_video_size)")
+        if videos and (video_grid[:, 1:]
+                       * self.patch_size).tolist() != [list(v.frames[0].size[::-1]) for v in videos]:
+            raise RuntimeError(f"{name}: the video processor resized the frame policy's frames "
+                               "(processor_video_size)")
         self.check_placeholders(ids, grid, name, video_grid)
         if len(ids) >= self.cfg.max_model_len:
             raise PromptError(
-                f"{name}: the prompt is {len(ids)} tokens (images and videos included), not below model.max_model_len "
-                f"({self.cfg.max_model_len}); lower model.max_pixels or model.video_max_tokens, use fewer images or "
-                "videos, or raise max_model_len"
+                f"{name}: the prompt is {len(ids)} tokens (images and videos included), not below "
+                "model.max_model_len "
+                f"({self.cfg.max_model_len}); lower model.max_pixels or model.video_max_tokens, use fewer "
+                "images or videos, or raise max_model_len"
             )
         return prompt
 
     def _tokenize(self, text: str, images: list, videos: list[Video] = ()):
-        """The processor on rendered text: ids with placeholders expanded, pixel values and grids (a BatchFeature),
-        images at the pixel policy, videos as the frame policy left them."""
+        """The processor on rendered text: ids with placeholders expanded, pixel values and grids (a
+        BatchFeature), images at the pixel policy, videos as the frame policy left them."""
         kwargs: dict[str, Any] = {"images_kwargs": {"size": {"shortest_edge": self.cfg.min_pixels,
                                                               "longest_edge": self.cfg.max_pixels}}}
         if videos:
@@ -202,7 +214,8 @@ class Qwen3VLAdapter:
 
     def _videos_kwargs(self, videos: list[Video]) -> dict[str, Any]:
         """The video processor's settings: the frames are already sampled (`do_sample_frames` off, their
-        indices and rate in the metadata write the timestamps) and already resized (its own resize keeps them)."""
+        indices and rate in the metadata write the timestamps) and already resized (its own resize keeps
+        them)."""
         from transformers.video_utils import VideoMetadata
 
         out = {"video_metadata": [VideoMetadata(**v.metadata()) for v in videos], "do_sample_frames": False,
@@ -221,28 +234,32 @@ class Qwen3VLAdapter:
 
     @property
     def tool_call_end_ids(self) -> list[int]:
-        """Tokens whose text ends a tool call (`</tool_call>`; a tokenizer may hold whole calls as one token)."""
+        """Tokens whose text ends a tool call (`</tool_call>`; a tokenizer may hold whole calls as one
+        token)."""
         return sorted(i for t, i in self.tokenizer.get_added_vocab().items() if t.endswith("</tool_call>"))
 
     def encode_reply(self, messages: list[dict], images: list, name: str = "reply", close_turn: bool = False
                      ) -> EnvReply:
-        """An environment's reply (tool/user messages; image parts in the order of `images`) rendered once by the
-        chat template, as the ids that follow a sampled assistant turn: the line break after its `<|im_end|>`,
-        the messages, and the next `<|im_start|>assistant\n` (`close_turn`: the `<|im_end|>` too, for a turn the
-        sampler stopped at its tool call). Rendered after a stand-in assistant turn and cut after it, so the
-        earlier turns are never rendered (or tokenised) again; the template's own rules (tool results grouped
-        into one user turn) apply as they would to the whole chat."""
-        images = [fit_image(to_rgb(img), self.cfg.min_pixels, self.cfg.max_pixels, self.factor, f"{name} image")
+        """An environment's reply (tool/user messages; image parts in the order of `images`) rendered once by
+        the chat template, as the ids that follow a sampled assistant turn: the line break after its
+        `<|im_end|>`, the messages, and the next `<|im_start|>assistant\n` (`close_turn`: the `<|im_end|>`
+        too, for a turn the sampler stopped at its tool call). Rendered after a stand-in assistant turn and
+        cut after it, so the earlier turns are never rendered (or tokenised) again; the template's own rules
+        (tool results grouped into one user turn) apply as they would to the whole chat."""
+        images = [fit_image(to_rgb(img), self.cfg.min_pixels, self.cfg.max_pixels, self.factor,
+                            f"{name} image")
                   for img in images]
         before = [{"role": "assistant", "content": "."}]
         head = self.processor.apply_chat_template(before, tokenize=False, add_generation_prompt=False)
-        whole = self.processor.apply_chat_template(before + messages, tokenize=False, add_generation_prompt=True)
+        whole = self.processor.apply_chat_template(before + messages, tokenize=False,
+                                                   add_generation_prompt=True)
         end = head.rfind(self.END_OF_TURN)
         if end < 0 or not whole.startswith(head):
-            raise PromptError(f"{name}: the chat template does not end an assistant turn with {self.END_OF_TURN}; "
-                              "multi-turn rollouts need Qwen3-VL's template")
+            raise PromptError(f"{name}: the chat template does not end an assistant turn with "
+                              f"{self.END_OF_TURN}; multi-turn rollouts need Qwen3-VL's template")
         enc = self._tokenize(whole[end if close_turn else end + len(self.END_OF_TURN) :], images)
-        ids, pixel_values, grid = enc["input_ids"][0].tolist(), enc.get("pixel_values"), enc.get("image_grid_thw")
+        ids = enc["input_ids"][0].tolist()
+        pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
         self.check_placeholders(ids, grid, name)
         return EnvReply(input_ids=ids, images=images, pixel_values=pixel_values, image_grid_thw=grid)
 
@@ -265,13 +282,15 @@ class Qwen3VLAdapter:
                 )
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] int64: 0 text, 1 image placeholder, 2 video placeholder (transformers needs it for M-RoPE)."""
+        """[B, L] int64: 0 text, 1 image placeholder, 2 video placeholder (transformers needs it for
+        M-RoPE)."""
         out = torch.zeros_like(input_ids)
         out[input_ids == self.image_token_id] = 1
         out[input_ids == self.video_token_id] = 2
         return out
 
-    def generation_inputs(self, prompts: list[EncodedPrompt], device: torch.device | str) -> dict[str, torch.Tensor]:
+    def generation_inputs(self, prompts: list[EncodedPrompt],
+                          device: torch.device | str) -> dict[str, torch.Tensor]:
         """Model inputs of several prompts for `generate`: left-padded, images packed in prompt order."""
         width = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # [P, W]
@@ -286,20 +305,23 @@ class Qwen3VLAdapter:
             inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])  # [n_images, 3]
         with_videos = [p for p in prompts if p.video_grid_thw is not None]
         if with_videos:
-            inputs["pixel_values_videos"] = torch.cat([p.pixel_values_videos for p in with_videos])  # [P_vid, D]
+            inputs["pixel_values_videos"] = torch.cat([p.pixel_values_videos
+                                                       for p in with_videos])  # [P_vid, D]
             inputs["video_grid_thw"] = torch.cat([p.video_grid_thw for p in with_videos])  # [n_videos, 3]
         return {k: v.to(device) for k, v in inputs.items()}
 
     def empty_rollout(self) -> Rollout:
         """A two-token text rollout with nothing to train: it keeps a rank with no rollouts in step."""
         prompt = EncodedPrompt(input_ids=[self.pad_token_id] * 2, messages=[], images=[])
-        return Rollout(prompt=prompt, completion_ids=[self.pad_token_id], logprobs=[0.0], finish_reason="stop",
+        return Rollout(prompt=prompt, completion_ids=[self.pad_token_id], logprobs=[0.0],
+                       finish_reason="stop",
                        completion_mask=[0])
 
     # --- the training batch --------------------------------------------------------------------------------
     def build_batch(self, rollouts: list[Rollout]) -> MultimodalBatch:
         """Rollouts -> one right-padded batch. loss_mask is 1 exactly on sampled completion tokens (never on
-        an environment's reply); each sample's images are its prompt's, then those its environment returned."""
+        an environment's reply); each sample's images are its prompt's, then those its environment
+        returned."""
         if not rollouts:
             raise ValueError("build_batch needs at least one rollout")
         lengths = [len(r.prompt.input_ids) + len(r.completion_ids) for r in rollouts]
@@ -337,7 +359,8 @@ class Qwen3VLAdapter:
                 layout.update({pixels_key: patch_layout, grid_key: item_layout})
         # M-RoPE positions built here, on the host, so the model does not walk the batch on the GPU every pass
         model_inputs["position_ids"] = mrope_positions(
-            input_ids, attention_mask, model_inputs.get("image_grid_thw"), self.image_token_id, self.merge_size,
+            input_ids, attention_mask, model_inputs.get("image_grid_thw"), self.image_token_id,
+            self.merge_size,
             model_inputs.get("video_grid_thw"), self.video_token_id,
         )  # [3, B, L]
         layout["position_ids"] = "positions"
@@ -356,8 +379,10 @@ class Qwen3VLAdapter:
         )
 
     # --- the model --------------------------------------------------------------------------------------
-    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu", weights_from: str | None = None):
-        """The HF model, from safetensors only (`weights_from`: a checkpoint directory instead of model.path)."""
+    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   weights_from: str | None = None):
+        """The HF model, from safetensors only (`weights_from`: a checkpoint directory instead of
+        model.path)."""
         from transformers import AutoModelForImageTextToText
 
         from .hub import load_local_first
@@ -402,7 +427,8 @@ class Qwen3VLAdapter:
         model.train()
         if cfg.model.freeze_vision:
             model.model.visual.requires_grad_(False)
-        if cfg.train.gradient_checkpointing:  # ("auto" is decided at the first update: every layer until then)
+        # ("auto" is decided at the first update: every layer until then)
+        if cfg.train.gradient_checkpointing:
             fraction = cfg.train.checkpoint_fraction
             set_checkpointing(model, 1.0 if fraction == "auto" else fraction)
         if cfg.model.lora_rank > 0:
@@ -414,7 +440,8 @@ class Qwen3VLAdapter:
 
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLPolicy:
         return Qwen3VLPolicy(model, self.banned_token_ids, temperature, fused_head=fused_head,
-                             packed_attention=self.cfg.packed_attention, videos=self.cfg.max_videos_per_prompt > 0)
+                             packed_attention=self.cfg.packed_attention,
+                             videos=self.cfg.max_videos_per_prompt > 0)
 
     @staticmethod
     def reference_positions(model, batch: MultimodalBatch) -> torch.Tensor:
@@ -489,13 +516,15 @@ class Qwen3VLPolicy(nn.Module):
         super().__init__()
         self.model = model
         self.temperature = temperature
-        self.videos = videos  # the run may hold videos: a micro-batch without them runs the tower once for them
+        # the run may hold videos: a micro-batch without them runs the tower once for them
+        self.videos = videos
         self.chunk_size = chunk_size
         self.fused_head = fused_head  # compiled softmax statistics over each chunk's logits (train.compile)
         self.packed_attention = packed_attention  # the attention route of packed micro-batches (packing.py)
         self.keep_logits = False  # the logprob head keeps its logits for the backward (auto checkpointing's choice)
         device = next(model.parameters()).device
-        self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("banned_ids", torch.tensor(banned_ids, dtype=torch.long, device=device),
+                             persistent=False)
 
     def _idle_vision_pass(self, backbone) -> torch.Tensor:
         """A micro-batch without images (or, in a run with videos, without videos) still runs the vision tower
@@ -516,7 +545,8 @@ class Qwen3VLPolicy(nn.Module):
         input_ids: torch.Tensor,  # [B, L] int64 (packed: [1, T])
         attention_mask: torch.Tensor | None,  # [B, L] int64 (packed: None)
         logprob_mask: torch.Tensor,  # [B, L]: positions whose token logprob is returned
-        cu_seqlens: torch.Tensor | None = None,  # packed: [n + 1] int32 sample boundaries in the [1, T] sequence
+        # packed: [n + 1] int32 sample boundaries in the [1, T] sequence
+        cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,  # packed: the longest sample
         **model_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,7 +558,8 @@ class Qwen3VLPolicy(nn.Module):
         backbone = self.model.model  # Qwen3VLModel: vision tower + language model, no lm_head
         hidden_bias = None
         if _distributed():
-            # the model calls the tower once for the images and once for the videos: every rank makes the same calls
+            # the model calls the tower once for the images and once for the videos: every rank makes the same
+            # calls
             missing = ["pixel_values"] + (["pixel_values_videos"] if self.videos else [])
             for key in missing:
                 if key not in model_inputs:
@@ -537,14 +568,15 @@ class Qwen3VLPolicy(nn.Module):
         # use_cache=False: no KV cache is ever read here; building one costs memory and makes compiled layers
         # recompile on its state.
         with packed_sequences(backbone.language_model, self.packed_attention, cu_seqlens, max_seqlen):
-            out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False, **model_inputs)
         hidden = out.last_hidden_state
         if hidden_bias is not None:
             hidden = hidden + hidden_bias
         weight = self.model.get_output_embeddings().weight  # [V, H]
         return sequence_logprobs(
-            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size, self.fused_head,
-            self.keep_logits,
+            hidden, weight, input_ids, logprob_mask, self.temperature, self.banned_ids, self.chunk_size,
+            self.fused_head, self.keep_logits,
         )
 
 

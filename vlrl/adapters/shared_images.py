@@ -43,7 +43,8 @@ def set_image_sharing(visual: nn.Module, enabled: bool) -> None:
 
 def _before(state, args, kwargs):
     state["plan"] = None
-    if not state["enabled"] or kwargs.get("return_dict") is False:  # (transformers returns outputs by default)
+    # (transformers returns outputs by default)
+    if not state["enabled"] or kwargs.get("return_dict") is False:
         return None
     pixels = args[0] if args else kwargs.get("hidden_states")
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -68,8 +69,8 @@ def _after(state, out):
     if plan is None:
         return None
     if not hasattr(out, "pooler_output"):
-        raise RuntimeError("shared_images: the vision tower returned no pooler_output; this transformers version is "
-                           "not supported by vlrl's image sharing")
+        raise RuntimeError("shared_images: the vision tower returned no pooler_output; this transformers "
+                           "version is not supported by vlrl's image sharing")
     out.pooler_output = out.pooler_output.index_select(0, plan.merged_index)
     if getattr(out, "deepstack_features", None):
         out.deepstack_features = [f.index_select(0, plan.merged_index) for f in out.deepstack_features]
@@ -87,7 +88,8 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     device = pixels.device
     # Fingerprints: two weighted sums per image, each image reduced on its own (same-size reductions are
     # deterministic; a scatter-add over all rows is not on CUDA, and equal images must get equal sums).
-    # (in the pixels' own dtype: no float copy of all the pixels; a coarse fingerprint only costs an extra compare)
+    # (in the pixels' own dtype: no float copy of all the pixels; a coarse fingerprint only costs an extra
+    # compare)
     cols = torch.linspace(-1.0, 1.0, pixels.shape[1], device=device).sin() + 1.5
     row_fp = (pixels @ cols.to(pixels.dtype)).double()  # [P]
     fp = torch.stack([torch.stack([r.sum(), (r * torch.arange(1, len(r) + 1, device=device).sqrt()).sum()])
@@ -114,6 +116,7 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     pixel_rows = torch.cat([torch.arange(starts_l[u], starts_l[u] + sizes_l[u]) for u in unique])
     patch_index = torch.cat([torch.arange(u_starts[slot[s]], u_starts[slot[s]] + sizes_l[s]) for s in source])
     m = merge * merge
-    merged_index = torch.cat([torch.arange(u_starts[slot[s]] // m, (u_starts[slot[s]] + sizes_l[s]) // m) for s in source])
+    merged_index = torch.cat([torch.arange(u_starts[slot[s]] // m, (u_starts[slot[s]] + sizes_l[s]) // m)
+                              for s in source])
     return _Plan(pixel_rows.to(device), torch.tensor(unique, device=grid.device), merged_index.to(device),
                  patch_index.to(device), sum(u_sizes))

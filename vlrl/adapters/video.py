@@ -19,14 +19,15 @@ The frame policy (`FramePolicy`), applied once, by the trainer:
 - what size: one size for every frame of a video, by the image processor's `smart_resize` (multiples of 32),
   in [video_min_pixels, video_max_pixels] per frame, lowered until the video's tokens (ceil(frames / 2) x
   h x w / 32^2: two frames share each token grid) fit video_max_tokens.
-The processor then keeps the frames as they are (its own resize is the identity on them: `processor_video_size`),
-and the vLLM server is sent the same frames as lossless PNGs with their source indices and frame rate, so both
-write the same timestamps (`<1.5 seconds>`: the mean of each frame pair's index / fps) and the same tokens.
+The processor then keeps the frames as they are (its own resize is the identity on them:
+`processor_video_size`), and the vLLM server is sent the same frames as lossless PNGs with their source
+indices and frame rate, so both write the same timestamps (`<1.5 seconds>`: the mean of each frame pair's
+index / fps) and the same tokens.
 
-Limits: encoded bytes (`video_max_bytes`), frame area before resizing (`video_max_decoded_pixels`, checked on the
-stream header and on every decoded frame), duration (`video_max_duration_s`, by the header and by the frame
-count), and time (`video_decode_timeout_s`, checked between packets and frames; a single FFmpeg call is not
-interrupted, so the bound holds for any file whose packets each decode in finite time).
+Limits: encoded bytes (`video_max_bytes`), frame area before resizing (`video_max_decoded_pixels`, checked on
+the stream header and on every decoded frame), duration (`video_max_duration_s`, by the header and by the
+frame count), and time (`video_decode_timeout_s`, checked between packets and frames; a single FFmpeg call is
+not interrupted, so the bound holds for any file whose packets each decode in finite time).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class Video:
         fw = max(1, round(w * height / h))
         strip = Image.new("RGB", (len(self.frames) * (fw + 2) - 2, height), (255, 255, 255))
         for k, f in enumerate(self.frames):
-            strip.paste(f.resize((fw, height), Image.Resampling.NEAREST if h < height else Image.Resampling.BICUBIC),
+            strip.paste(f.resize((fw, height), Image.Resampling.NEAREST if h < height
+                                 else Image.Resampling.BICUBIC),
                         (k * (fw + 2), 0))
         return strip
 
@@ -139,13 +141,15 @@ class FramePolicy:
         max_frames = min(cfg.video_max_frames, TEMPORAL_PATCH * cfg.video_max_tokens)
         sampler = copy.copy(video_processor)  # the model's processor (saved with checkpoints) stays as it is
         sampler.min_frames, sampler.max_frames = min(cfg.video_min_frames, max_frames), max_frames
-        return cls(cfg.video_fps, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_max_tokens, max_frames, sampler)
+        return cls(cfg.video_fps, cfg.video_min_pixels, cfg.video_max_pixels, cfg.video_max_tokens,
+                   max_frames, sampler)
 
     def indices(self, total: int, source_fps: float) -> list[int]:
         """Source indices of the frames sampled from a video of `total` frames at `source_fps`."""
         from transformers.video_utils import VideoMetadata
 
-        picked = self.sampler.sample_frames(VideoMetadata(total_num_frames=total, fps=source_fps), fps=self.fps)
+        picked = self.sampler.sample_frames(VideoMetadata(total_num_frames=total, fps=source_fps),
+                                            fps=self.fps)
         return [int(i) for i in picked]
 
     def frame_size(self, frames: int, width: int, height: int) -> tuple[int, int]:
@@ -163,7 +167,22 @@ def processor_video_size(max_pixels: int, max_frames: int) -> dict[str, int]:
     """The video processor's `size` (its budget over a whole video) under which its own resize leaves every
     frame the policy makes unchanged: the trainer passes it, and `vlrl serve` gives it to the server. The
     processor rounds the frame count to an even number (at most one more frame) before comparing."""
-    return {"shortest_edge": TEMPORAL_PATCH * FACTOR * FACTOR, "longest_edge": max_pixels * (max_frames + TEMPORAL_PATCH)}
+    return {"shortest_edge": TEMPORAL_PATCH * FACTOR * FACTOR, "longest_edge": max_pixels
+            * (max_frames + TEMPORAL_PATCH)}
+
+
+def processor_video_kwargs(max_pixels: int, max_frames: int) -> dict:
+    """The video processor's settings under which it keeps the frame policy's frames as they are (the server's
+    `videos_kwargs`): the size above, and no per-frame pixel cap where the processor has one."""
+    kwargs: dict = {"size": processor_video_size(max_pixels, max_frames)}
+    try:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        if hasattr(Qwen3VLVideoProcessor, "cap_pixels_per_frame"):  # transformers >= 5.19
+            kwargs["cap_pixels_per_frame"] = False  # as the trainer: its cap could shrink the frames
+    except ImportError:
+        pass
+    return kwargs
 
 
 def load_video(source: Any, base_dir: Path | None, limits: VideoLimits, policy: FramePolicy,
@@ -178,7 +197,8 @@ def load_video(source: Any, base_dir: Path | None, limits: VideoLimits, policy: 
     return _decode(data, shown, limits, policy)
 
 
-def _from_frames(frames: list, fps: float | None, base_dir, policy: FramePolicy, limits: ImageLimits) -> Video:
+def _from_frames(frames: list, fps: float | None, base_dir, policy: FramePolicy,
+                 limits: ImageLimits) -> Video:
     shown = f"<{len(frames)} frames: {describe_source(frames[0]) if frames else 'none'}, ...>"
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
         raise VideoError(f"video {shown}: fps {fps!r} is not a positive number")
@@ -199,7 +219,8 @@ def _size(policy: FramePolicy, frames: int, width: int, height: int, shown: str)
     try:
         return policy.frame_size(frames, width, height)
     except ValueError as e:  # smart_resize refuses aspect ratios above 200
-        raise VideoError(f"video {shown}: {width}x{height} frames cannot be used ({e}); crop or pad them") from None
+        raise VideoError(f"video {shown}: {width}x{height} frames cannot be used ({e}); crop or pad "
+                         "them") from None
 
 
 def _fit(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -216,12 +237,13 @@ def _decode(data: bytes, shown: str, limits: VideoLimits, policy: FramePolicy) -
 
     def in_time() -> None:
         if time.monotonic() > deadline:
-            raise VideoError(f"video {shown}: decoding took longer than {limits.decode_timeout_s:g} s; shorten the "
-                             "video or raise model.video_decode_timeout_s")
+            raise VideoError(f"video {shown}: decoding took longer than {limits.decode_timeout_s:g} s; "
+                             "shorten the video or raise model.video_decode_timeout_s")
 
     def area_ok(width: int, height: int) -> None:
         if width * height > limits.max_decoded_pixels:
-            raise VideoError(f"video {shown}: {width}x{height} frames are over the limit of {limits.max_decoded_pixels} "
+            raise VideoError(f"video {shown}: {width}x{height} frames are over the limit of "
+                             f"{limits.max_decoded_pixels} "
                              "pixels; downscale it or raise model.video_max_decoded_pixels")
 
     def too_long(seconds: float, how: str) -> None:
@@ -232,7 +254,8 @@ def _decode(data: bytes, shown: str, limits: VideoLimits, policy: FramePolicy) -
     try:
         container = av.open(io.BytesIO(data), metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"video {shown}: not a readable video file ({_reason(e)}; {len(data)} bytes)") from None
+        raise VideoError(f"video {shown}: not a readable video file ({_reason(e)}; {len(data)} "
+                         "bytes)") from None
     try:
         with container:
             if not container.streams.video:
@@ -250,8 +273,8 @@ def _decode(data: bytes, shown: str, limits: VideoLimits, policy: FramePolicy) -
                     in_time()
         fps = _frame_rate(stream, total, duration)
         if total < TEMPORAL_PATCH:
-            raise VideoError(f"video {shown}: {total} decodable frame(s) (truncated, or not a video?); a video "
-                             f"needs at least {TEMPORAL_PATCH}")
+            raise VideoError(f"video {shown}: {total} decodable frame(s) (truncated, or not a video?); a "
+                             f"video needs at least {TEMPORAL_PATCH}")
         too_long(total / fps, f"{total} frames at {fps:g} fps")
         indices = policy.indices(total, fps)
         wanted = set(indices)
@@ -273,8 +296,8 @@ def _decode(data: bytes, shown: str, limits: VideoLimits, policy: FramePolicy) -
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:  # (FFmpeg's errors are OSErrors/ValueErrors)
         raise VideoError(f"video {shown}: corrupt or truncated ({_reason(e)})") from None
     if len(kept) < len(indices):
-        raise VideoError(f"video {shown}: corrupt or truncated: {len(kept)} of the {len(indices)} sampled frames "
-                         f"decode (the container lists {total})")
+        raise VideoError(f"video {shown}: corrupt or truncated: {len(kept)} of the {len(indices)} sampled "
+                         f"frames decode (the container lists {total})")
     return Video([kept[i] for i in indices], fps, indices, total, duration or total / fps, shown)
 
 

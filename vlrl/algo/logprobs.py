@@ -113,8 +113,8 @@ def token_logprobs(
     outs, ents = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         lp, ent = _LinearLogprob.apply(
-            hidden[start : start + chunk_size], weight, targets[start : start + chunk_size], inv_t, bias, fused,
-            keep_logits,
+            hidden[start : start + chunk_size], weight, targets[start : start + chunk_size], inv_t, bias,
+            fused, keep_logits,
         )
         outs.append(lp)
         ents.append(ent)

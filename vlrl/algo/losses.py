@@ -24,7 +24,8 @@ def policy_loss(
     behavior: torch.Tensor,  # [B, L] float32, sampler
     advantages: torch.Tensor,  # [B] float32
     mask: torch.Tensor,  # [B, L] float32, trained tokens
-    settings,  # the algorithm's settings (config.AlgorithmConfig): policy_loss, clip_low/high, ratio_cap, mask_ratio
+    # the algorithm's settings (config.AlgorithmConfig): policy_loss, clip_low/high, ratio_cap, mask_ratio
+    settings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [B, L] (0 off the mask) and detached statistics (sums over tokens, for logging)."""
     kind, clip_low, clip_high = settings.policy_loss, settings.clip_low, settings.clip_high
@@ -50,7 +51,8 @@ def policy_loss(
     m = mask * in_range
     loss = -objective * m
     with torch.no_grad():
-        clip_active = ((clipped < unclipped) | ((A < 0) & (ratio_cap * A > torch.minimum(unclipped, clipped))))
+        clip_active = ((clipped < unclipped)
+                       | ((A < 0) & (ratio_cap * A > torch.minimum(unclipped, clipped))))
         stats = {
             "clipped_tokens": (clip_active.float() * m).sum(),
             "masked_tokens": (mask * (1 - in_range)).sum(),

@@ -1,10 +1,11 @@
 """`builtin:calculator`: arithmetic questions and a text tool, `calculate(expression)`.
 
 The tool evaluates + - * / ** and parentheses over numbers, by walking Python's own parse tree of the
-expression (never `eval`). Every intermediate result is bounded (|x| < 1e100) and a power is refused before it is
-computed when its result would pass the bound: a big-integer power holds the GIL, so a thread's timeout cannot
-stop it (`(((10**64)**64)**64)**64` froze the whole process for 12.5 s under a 2 s tool timeout). Its answers
-are text: the example of a tool whose results hold no image. The `numeric` reward scores the last assistant turn.
+expression (never `eval`). Every intermediate result is bounded (|x| < 1e100) and a power is refused before it
+is computed when its result would pass the bound: a big-integer power holds the GIL, so a thread's timeout
+cannot stop it (`(((10**64)**64)**64)**64` froze the whole process for 12.5 s under a 2 s tool timeout). Its
+answers are text: the example of a tool whose results hold no image. The `numeric` reward scores the last
+assistant turn.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import operator
 import random
 
-from .dataset import Sample
+from ..sample import Sample
 from .environment import Environment
 from .tools import Tool
 
@@ -22,7 +23,8 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
-LIMIT = 1e100  # every value, the expression's own numbers and each intermediate result, stays below this in size
+# every value, the expression's own numbers and each intermediate result, stays below this in size
+LIMIT = 1e100
 
 
 def _bounded(value):
@@ -39,17 +41,20 @@ def _power(base, exponent):
     """base ** exponent, refused before it is computed when its size would pass LIMIT."""
     if abs(exponent) > 1e6:  # (the bound below also refuses these, except for |base| near 1: still no hang)
         raise ValueError("the exponent is too large")
-    if base != 0 and abs(base) != 1 and exponent > 0 and exponent * math.log10(abs(base)) >= math.log10(LIMIT):
+    if (base != 0 and abs(base) != 1 and exponent > 0
+            and exponent * math.log10(abs(base)) >= math.log10(LIMIT)):
         raise ValueError(f"a result is too large (the calculator works below {LIMIT:g})")
     return operator.pow(base, exponent)
 
 
 def evaluate(expression: str) -> float:
-    """The value of an arithmetic expression; ValueError for anything else (or for a value of LIMIT or more)."""
+    """The value of an arithmetic expression; ValueError for anything else (or for a value of LIMIT or
+    more)."""
     def walk(node):
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
+                and not isinstance(node.value, bool)):
             return _bounded(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = walk(node.left), walk(node.right)
@@ -70,7 +75,8 @@ def evaluate(expression: str) -> float:
 
 def calculate(sample, state, expression: str) -> str:
     value = evaluate(expression)
-    if isinstance(value, int) or (value.is_integer() and abs(value) < 2**53):  # (a float's digits past 2**53 are noise)
+    # (a float's digits past 2**53 are noise)
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 2**53):
         return str(int(value))
     return f"{value:.10g}"
 
@@ -78,8 +84,8 @@ def calculate(sample, state, expression: str) -> str:
 CALCULATE = Tool(
     name="calculate",
     description="Evaluate an arithmetic expression (+ - * / ** and parentheses).",
-    parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"],
-                "additionalProperties": False},
+    parameters={"type": "object", "properties": {"expression": {"type": "string"}},
+                "required": ["expression"], "additionalProperties": False},
     fn=calculate,
 )
 

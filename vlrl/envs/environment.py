@@ -15,8 +15,9 @@ environment is a class named by `module:Class` (env.environment), constructed wi
     from vlrl.envs.tools import Tool
 
     class Lookup(Environment):
-        tools = [Tool("lookup", "Look a word up.", {"type": "object", "properties": {"word": {"type": "string"}},
-                                                    "required": ["word"]}, lambda sample, state, word: WORDS[word])]
+        tools = [Tool("lookup", "Look a word up.",
+                      {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
+                      lambda sample, state, word: WORDS[word])]
 
 An environment that raises in `reset` or `step`, or returns something other than a `Reply`, makes its sample a
 bad sample (skipped and named, or the run stops, as `env.on_bad_sample` says). At the turn budget `last_step`
@@ -26,12 +27,15 @@ answers instead of `step`: by default it runs no tool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..errors import UserError
 from .tools import Tool, parse_tool_calls, run_tool_calls
+
+if TYPE_CHECKING:
+    from ..config import EnvConfig
 
 
 @dataclass
@@ -39,13 +43,14 @@ class Reply:
     """An environment's answer to one assistant turn."""
 
     messages: list[dict] = field(default_factory=list)
-    """Messages to append (role `tool` or `user`); image parts are `{"type": "image"}` in the order of `images`."""
+    """Messages to append (role `tool` or `user`); image parts are `{"type": "image"}`, in the order of
+    `images`."""
     images: list[Image.Image] = field(default_factory=list)
     done: bool = False
     """The episode is over (the turn was the answer)."""
     reward: float | None = None
-    """A reward for this turn (added to the trajectory's total as the reward `env`). Anything but a finite number
-    fails the rollout's reward (`not_a_number`, `nan`), as a reward function returning it would."""
+    """A reward for this turn (added to the trajectory's total as the reward `env`). Anything but a finite
+    number fails the rollout's reward (`not_a_number`, `nan`), as a reward function returning it would."""
     tool_calls: int = 0
     tool_errors: dict[str, int] = field(default_factory=dict)
 
@@ -68,7 +73,8 @@ class Environment:
         return {}
 
     def step(self, sample, state, completion: str) -> Reply:
-        """Reply to the assistant turn `completion`: run its tool calls, or end the episode if it made none."""
+        """Reply to the assistant turn `completion`: run its tool calls, or end the episode if it made
+        none."""
         calls = parse_tool_calls(completion)
         if not calls:
             return Reply(done=True)
@@ -77,9 +83,9 @@ class Environment:
         return Reply(messages=messages, images=images, tool_calls=len(calls), tool_errors=errors)
 
     def last_step(self, sample, state, completion: str) -> Reply:
-        """Reply to the turn at env.max_turns: the episode ends whatever comes back, so a turn with tool calls gets
-        nothing (no tool runs, none is counted: nothing would read the result) and ends at `max_turns`; a turn
-        without one goes to `step` as any other (an answer, which `step` may score with a `Reply.reward`)."""
+        """Reply to the turn at env.max_turns: the episode ends whatever comes back, so a turn with tool calls
+        gets nothing (no tool runs, none is counted: nothing would read the result) and ends at `max_turns`; a
+        turn without one goes to `step` as any other (an answer, which `step` may score: `Reply.reward`)."""
         if parse_tool_calls(completion):
             return Reply()
         return self.step(sample, state, completion)
@@ -88,7 +94,7 @@ class Environment:
 BUILTIN_ENVIRONMENTS = {"zoom": "vlrl.envs.zoom:ZoomEnv", "calculator": "vlrl.envs.calculator:CalculatorEnv"}
 
 
-def load_environment(cfg) -> Environment | None:
+def load_environment(cfg: EnvConfig) -> Environment | None:
     """The environment `env.environment` names (`builtin:NAME` or `module:Class`); for a built-in task that is
     an environment's (`env.dataset = "builtin:zoom"`), that environment; else None (single-turn)."""
     import importlib
@@ -110,8 +116,8 @@ def load_environment(cfg) -> Environment | None:
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"env.environment {name!r}: cannot load it ({type(e).__name__}: {e}); check the name and "
-                        "that its directory is on PYTHONPATH") from None
+        raise UserError(f"env.environment {name!r}: cannot load it ({type(e).__name__}: {e}); check the name "
+                        "and that its directory is on PYTHONPATH") from None
     env = cls()
     if not isinstance(env, Environment):
         raise UserError(f"env.environment {name!r}: {attr} is not a vlrl.envs.environment.Environment")

@@ -1,10 +1,10 @@
-"""Tools in Qwen3-VL's own format: schemas for the chat template, calls parsed from `<tool_call>` JSON, results
-back as tool messages that may hold images.
+"""Tools in Qwen3-VL's own format: schemas for the chat template, calls parsed from `<tool_call>` JSON,
+results back as tool messages that may hold images.
 
-The model writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (its chat template's words); a
-last call left unclosed at the end of the turn counts, as in vLLM's Hermes/Qwen tool parser. Whatever goes wrong
-with a call (JSON that does not parse, an unknown tool, arguments its schema refuses, a tool that raises or
-runs past `env.tool_timeout_s`) becomes an error message the model reads as that call's result, counted by
+The model writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (its chat template's words);
+a last call left unclosed at the end of the turn counts, as in vLLM's Hermes/Qwen tool parser. Whatever goes
+wrong with a call (JSON that does not parse, an unknown tool, arguments its schema refuses, a tool that raises
+or runs past `env.tool_timeout_s`) becomes an error message the model reads as that call's result, counted by
 reason; the episode goes on. Arguments are checked with `jsonschema` against the tool's own schema.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from .rewards import run_bounded
+from ..bounded import run_bounded
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 ERROR_REASONS = ("malformed", "unknown_tool", "bad_arguments", "raised", "timeout")
@@ -38,7 +38,8 @@ class Tool:
     def schema(self) -> dict:
         """The function schema the chat template renders (OpenAI's form)."""
         return {"type": "function",
-                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+                "function": {"name": self.name, "description": self.description,
+                             "parameters": self.parameters}}
 
 
 @dataclass
@@ -58,10 +59,12 @@ def parse_tool_calls(text: str) -> list[Call]:
         try:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
-            calls.append(Call(error=("malformed", f"the tool call is not valid JSON ({e.msg} at column {e.colno})")))
+            calls.append(Call(error=("malformed",
+                                     f"the tool call is not valid JSON ({e.msg} at column {e.colno})")))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            calls.append(Call(error=("malformed", 'a tool call must be {"name": <tool name>, "arguments": {...}}')))
+            calls.append(Call(error=("malformed",
+                                     'a tool call must be {"name": <tool name>, "arguments": {...}}')))
             continue
         args = obj.get("arguments", {})
         if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -70,7 +73,8 @@ def parse_tool_calls(text: str) -> list[Call]:
             except json.JSONDecodeError:
                 pass
         if not isinstance(args, dict):
-            calls.append(Call(name=obj["name"], error=("bad_arguments", "the arguments must be a JSON object")))
+            calls.append(Call(name=obj["name"],
+                              error=("bad_arguments", "the arguments must be a JSON object")))
             continue
         calls.append(Call(name=obj["name"], arguments=args))
     return calls
@@ -91,8 +95,8 @@ def result_parts(result: Any) -> tuple[list[dict], list[Image.Image]]:
 
 def run_tool_calls(calls: list[Call], tools: dict[str, Tool], sample, state, timeout_s: float
                    ) -> tuple[list[dict], list[Image.Image], dict[str, int]]:
-    """Run the calls (each bounded by `timeout_s`; a hung tool is abandoned on a daemon thread). Returns the tool
-    messages (one per call, in order), the images they hold, and the failed calls by reason."""
+    """Run the calls (each bounded by `timeout_s`; a hung tool is abandoned on a daemon thread). Returns the
+    tool messages (one per call, in order), the images they hold, and the failed calls by reason."""
     errors: dict[str, int] = {}
     results: list[Any] = [None] * len(calls)
     runnable = []
@@ -109,8 +113,8 @@ def run_tool_calls(calls: list[Call], tools: dict[str, Tool], sample, state, tim
                 call.error = ("bad_arguments", f"bad arguments for {call.name}: {e.message}")
         if call.error is None:
             runnable.append(i)
-    outcomes = run_bounded([lambda c=calls[i]: tools[c.name].fn(sample, state, **c.arguments) for i in runnable],
-                           timeout_s)
+    outcomes = run_bounded(
+        [lambda c=calls[i]: tools[c.name].fn(sample, state, **c.arguments) for i in runnable], timeout_s)
     for i, (status, value) in zip(runnable, outcomes):
         if status == "ok":
             results[i] = value

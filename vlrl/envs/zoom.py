@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from .environment import Environment, Reply
 from .tools import Tool, parse_tool_calls
 
-SIZE = 256  # the image side (env.image_size does not apply: the tiny tokenizer knows this task's quadrant calls)
+SIZE = 256  # the image side (not env.image_size: the tiny tokenizer knows this task's quadrant calls)
 COLORS = {"red": ((255, 0, 0), (0, 255, 255)), "green": ((0, 255, 0), (255, 0, 255)),
           "blue": ((0, 0, 255), (255, 255, 0))}
 QUESTION = "What colour is the checkered square? Crop the image to see it."

@@ -9,7 +9,11 @@ from ..records import EncodedPrompt, Rollout
 
 class Sampler(Protocol):
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
-        """`n` rollouts per prompt, prompt-major, each with the sampler's token ids and logprobs."""
+        """`n` rollouts per prompt, prompt-major, each with the sampler's token ids and logprobs.
+
+        `seed`: the embedded sampler draws from it, so the same seed, weights and prompts give the same
+        rollouts; the vLLM sampler ignores it (per-request seeds crash vLLM's CPU backend, and batched GPU
+        sampling is not bit-reproducible anyway): its rollouts differ from run to run."""
         ...
 
 
@@ -19,9 +23,10 @@ def make_sampler(cfg, model, adapter, rank: int = 0) -> Sampler:
         from pathlib import Path
 
         from .vllm_client import VLLMSampler
-        from .weight_sync import DiskWeightSync, NCCLWeightSync, SHM, default_sync_dir, state_bytes
+        from .weight_sync import SHM, DiskWeightSync, NCCLWeightSync, default_sync_dir, state_bytes
 
-        sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")  # fails clearly if unreachable
+        # fails clearly if unreachable
+        sampler = VLLMSampler(adapter, cfg.rollout, media_dir=cfg.run_dir / "media")
         sampler.check_max_model_len(cfg.model.max_model_len)
         if cfg.rollout.weight_sync == "nccl":
             sampler.weight_sync = NCCLWeightSync(sampler.client, cfg.rollout, model, rank=rank)

@@ -18,7 +18,8 @@ from ..records import EncodedPrompt, Rollout
 class EmbeddedSampler:
     """Samples `n` completions per prompt with the policy model itself."""
 
-    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16, static_cache: bool | None = None):
+    def __init__(self, model, adapter, cfg: RolloutConfig, max_prompts_per_call: int = 16,
+                 static_cache: bool | None = None):
         self.model = model
         self.adapter = adapter
         self.tokenizer = adapter.tokenizer
@@ -58,7 +59,8 @@ class EmbeddedSampler:
 
     @torch.no_grad()
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
-        """`n` rollouts per prompt, prompt-major (group g holds rollouts g*n ... g*n+n-1)."""
+        """`n` rollouts per prompt, prompt-major (group g holds rollouts g*n ... g*n+n-1). With a `seed` the
+        same seed, weights and prompts give the same rollouts (the global RNG is restored afterwards)."""
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()

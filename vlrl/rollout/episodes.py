@@ -9,15 +9,15 @@ every image of the trajectory so far) each turn. Sampled tokens carry their beha
 the environment's tokens (and its images' placeholders) are prompt: mask 0, logprob 0.
 
 An episode ends when the environment says so (`stop`: a turn without a tool call is the answer), when a turn
-hits rollout.max_new_tokens (`length`), after env.max_turns assistant turns (`max_turns`: the last turn's reply
-comes from `env.last_step`, which runs no tool, since nothing would read its result), when the trajectory
-reaches model.max_model_len (`context`: a turn the sampler cut at what was left of the context, or a reply that
-would not leave room to sample; a reply is never cut, so never inside an image), or when a reply would bring the
-trajectory over model.max_images_per_prompt images (`images`). An environment that raises (in reset or step) or
-answers with something other than a `Reply` makes its sample a bad sample: its whole group is dropped and
-named. A `Reply.reward` that is not a finite number fails the rollout's reward, as a reward function's would
-(counted by reason, named, out of its group's baseline). A tool image the pixel policy cannot use (a 1x4000
-strip) becomes an error the model reads, counted as `tool_errors/bad_image`.
+hits rollout.max_new_tokens (`length`), after env.max_turns assistant turns (`max_turns`: the last turn's
+reply comes from `env.last_step`, which runs no tool, since nothing would read its result), when the
+trajectory reaches model.max_model_len (`context`: a turn the sampler cut at what was left of the context, or
+a reply that would not leave room to sample; a reply is never cut, so never inside an image), or when a reply
+would bring the trajectory over model.max_images_per_prompt images (`images`). An environment that raises (in
+reset or step) or answers with something other than a `Reply` makes its sample a bad sample: its whole group
+is dropped and named. A `Reply.reward` that is not a finite number fails the rollout's reward, as a reward
+function's would (counted by reason, named, out of its group's baseline). A tool image the pixel policy cannot
+use (a 1x4000 strip) becomes an error the model reads, counted as `tool_errors/bad_image`.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ class _Episode:
         pv = [t for t in [p.pixel_values, *self.pixel_values] if t is not None]
         grids = [t for t in [p.image_grid_thw, *self.grids] if t is not None]
         return EncodedPrompt(input_ids=ids, messages=None, images=p.images + self.images,
-                             pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids) if grids else None,
-                             videos=p.videos, pixel_values_videos=p.pixel_values_videos, video_grid_thw=p.video_grid_thw,
+                             pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids)
+                             if grids else None,
+                             videos=p.videos, pixel_values_videos=p.pixel_values_videos,
+                             video_grid_thw=p.video_grid_thw,
                              max_new_tokens=max_model_len - len(ids), stop_token_ids=p.stop_token_ids)
 
     def rollout(self, tokenizer, image_token_id: int) -> Rollout:
@@ -100,7 +102,8 @@ def transcript(tokenizer, ids: list[int], image_token_id: int) -> str:
         same = ids[i] == image_token_id
         while j < len(ids) and (ids[j] == image_token_id) == same:
             j += 1
-        out.append(f"<|image_pad|>x{j - i}" if same else tokenizer.decode(ids[i:j], skip_special_tokens=False))
+        out.append(f"<|image_pad|>x{j - i}" if same
+                   else tokenizer.decode(ids[i:j], skip_special_tokens=False))
         i = j
     return "".join(out)
 
@@ -112,17 +115,21 @@ def turn_seed(seed: int, turn: int) -> int:
 
 def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: list, n: int, seed: int, cfg
                  ) -> tuple[list[Rollout], list[tuple[Any, str]]]:
-    """`n` trajectories of every prompt (`samples[g]` is prompt g's sample). Returns the rollouts (prompt-major,
-    `group` = the prompt's index; the groups of bad samples left out) and the bad samples with their reasons."""
+    """`n` trajectories of every prompt (`samples[g]` is prompt g's sample). Returns the rollouts
+    (prompt-major, `group` = the prompt's index; the groups of bad samples left out) and the bad samples with
+    their reasons."""
+    from ..bounded import run_bounded
     from ..envs.environment import Reply
-    from ..envs.rewards import check_value, run_bounded
+    from ..rewards.base import check_value
 
     bad: dict[int, str] = {}
-    # an environment that stops each turn at its tool call: those tokens end a sample; its reply closes the turn
+    # an environment that stops each turn at its tool call: those tokens end a sample; its reply closes the
+    # turn
     call_ends = set(adapter.tool_call_end_ids) if env.stop_at_tool_call else set()
     for p in prompts:
         p.stop_token_ids = sorted(call_ends)
-        if cfg.model.max_model_len - len(p.input_ids) < cfg.rollout.max_new_tokens:  # the first turn's room too
+        # the first turn's room too
+        if cfg.model.max_model_len - len(p.input_ids) < cfg.rollout.max_new_tokens:
             p.max_new_tokens = cfg.model.max_model_len - len(p.input_ids)
 
     def fail(group: int, where: str, error: BaseException | str) -> None:
@@ -148,7 +155,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
         asked = []
         for ep in active:
             if ep.last.finish_reason == "length":  # cut below max_new_tokens: by what was left of the context
-                ep.finish = "length" if len(ep.last.completion_ids) >= cfg.rollout.max_new_tokens else "context"
+                cut = len(ep.last.completion_ids) >= cfg.rollout.max_new_tokens
+                ep.finish = "length" if cut else "context"
             else:
                 asked.append(ep)
 
@@ -187,7 +195,8 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
                 try:
                     if images is reply.images:  # every image usable: the reply itself cannot be rendered
                         raise e
-                    encoded = adapter.encode_reply(messages, images, name=name, close_turn=ep.ids[-1] in call_ends)
+                    encoded = adapter.encode_reply(messages, images, name=name,
+                                                   close_turn=ep.ids[-1] in call_ends)
                 except UserError as again:
                     fail(ep.group, "step (its reply cannot be rendered)", again)
                     continue
@@ -207,12 +216,13 @@ def run_episodes(env, adapter, sampler, prompts: list[EncodedPrompt], samples: l
 
 
 def _usable_images(adapter, reply, name: str, errors: dict[str, int]) -> tuple[list[dict], list]:
-    """The reply's messages and images, each image the pixel policy cannot use (a 1x4000 strip) replaced by the
-    text of its error, which the model reads as the tool's result and `errors["bad_image"]` counts."""
+    """The reply's messages and images, each image the pixel policy cannot use (a 1x4000 strip) replaced by
+    the text of its error, which the model reads as the tool's result and `errors["bad_image"]` counts."""
     bad: dict[int, str] = {}
     for k, img in enumerate(reply.images):
         try:
-            adapter.encode_reply([{"role": "tool", "content": [{"type": "image"}]}], [img], name=f"{name}, image {k + 1}")
+            adapter.encode_reply([{"role": "tool", "content": [{"type": "image"}]}], [img],
+                                 name=f"{name}, image {k + 1}")
         except UserError as e:  # "image <name>: 1x4000 cannot be used (...); crop or pad it"
             bad[k] = f"the tool returned an image that cannot be used: {str(e).split(': ', 1)[-1]}"
     if not bad:

@@ -1,11 +1,13 @@
-"""Prompts in, scored groups out: the one rollout pipeline of `vlrl train`, `vlrl eval` and `vlrl check-batch`.
+"""Prompts in, scored groups out: the one rollout pipeline of `vlrl train`, `vlrl eval` and
+`vlrl check-batch`.
 
 encode (samples -> prompts; a sample the data makes unusable is skipped and named, or stops the run, as
 `env.on_bad_sample` says) -> sample (`n` completions per prompt, the configured sampler; with a multi-turn
-environment, `n` trajectories it drives turn by turn: rollout/episodes.py) -> score (the reward set) -> group advantages -> for training, dynamic sampling (groups whose rewards all agree are dropped and
-refilled from the prompt stream, within `algorithm.max_refill_rounds`). Out come plain records, `Rollout`s
-carrying their rewards and advantages, and counts: the learner never sees a sample source, a sampler or a
-reward function, and train, eval and check-batch share every line of it.
+environment, `n` trajectories it drives turn by turn: rollout/episodes.py) -> score (the reward set) -> group
+advantages -> for training, dynamic sampling (groups whose rewards all agree are dropped and refilled from the
+prompt stream, within `algorithm.max_refill_rounds`). Out come plain records, `Rollout`s carrying their
+rewards and advantages, and counts: the learner never sees a sample source, a sampler or a reward function,
+and train, eval and check-batch share every line of it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..algo.advantages import group_advantages, zero_variance_groups
-from ..envs.dataset import Sample, encode_samples
+from ..data.encode import encode_samples
 from ..envs.environment import load_environment
-from ..envs.rewards import RewardSet
 from ..records import Rollout
+from ..rewards.base import MAX_ERRORS
+from ..rewards.reward_set import RewardSet
+from ..sample import Sample
 from .episodes import run_episodes
 
 EVAL_STREAM = 500_009  # eval's sampler seeds: a stream apart from training's (step * 101 + round)
@@ -43,7 +47,8 @@ class Groups:
     trained: list[Rollout] = field(default_factory=list)
     """The rollouts that enter the loss (a reward, and not cut by max_new_tokens under overlong masking)."""
     bad_samples: list[tuple[Sample, str]] = field(default_factory=list)
-    """Samples skipped by env.on_bad_sample, with the reason: each time one was drawn (the count stays honest)."""
+    """Samples skipped by env.on_bad_sample, with the reason: each time one was drawn (the count stays
+    honest)."""
     new_bad_samples: list[tuple[Sample, str]] = field(default_factory=list)
     """Those skipped for the first time in the run (the ones worth telling a person about)."""
     failures: dict[str, int] = field(default_factory=dict)
@@ -129,9 +134,11 @@ class RolloutGroups:
             r.group = group
         out.rollouts.extend(members)
 
-    def _round(self, samples: list[Sample], n: int, seed: int, out: Groups, drop_uniform: bool) -> list[list[Rollout]]:
+    def _round(self, samples: list[Sample], n: int, seed: int, out: Groups,
+               drop_uniform: bool) -> list[list[Rollout]]:
         """Encode, sample, score and compute advantages for one batch of samples; returns its groups (those
-        with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in `out`."""
+        with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in
+        `out`."""
         out.bad_samples.extend(self.known_bad[id(s)] for s in samples if id(s) in self.known_bad)
         tools = self.env.schemas() if self.env is not None else None
         prompts, kept, bad = encode_samples(self.adapter, [s for s in samples if id(s) not in self.known_bad],
@@ -144,7 +151,8 @@ class RolloutGroups:
         if self.env is None:
             rollouts = self.sampler.sample(prompts, n, seed=seed)
         else:  # the environment drives the sampler turn by turn; one that raises makes its sample bad
-            rollouts, failed = run_episodes(self.env, self.adapter, self.sampler, prompts, kept, n, seed, self.cfg)
+            rollouts, failed = run_episodes(self.env, self.adapter, self.sampler, prompts, kept, n,
+                                            seed, self.cfg)
             out.bad_samples.extend(failed)
             out.new_bad_samples.extend(failed)
             if not rollouts:
@@ -152,19 +160,22 @@ class RolloutGroups:
         for r in rollouts:
             r.sample = kept[r.group]
         result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
-        for i, r in enumerate(rollouts):  # rewards the environment gave along the way count as the reward `env`
-            if r.env_reward_error is not None:  # not a number: the rollout's reward fails, as a function's would
+        # rewards the environment gave along the way count as the reward `env`
+        for i, r in enumerate(rollouts):
+            # not a number: the rollout's reward fails, as a function's would
+            if r.env_reward_error is not None:
                 reason, detail = r.env_reward_error
                 result.total[i] = None
                 result.failures[reason] = result.failures.get(reason, 0) + 1
-                result.errors.append(f"environment {self.cfg.env.environment or self.cfg.env.dataset} on sample "
-                                     f"{r.sample.id}: {detail} ({reason})")
+                result.errors.append(f"environment {self.cfg.env.environment or self.cfg.env.dataset} on "
+                                     f"sample {r.sample.id}: {detail} ({reason})")
             elif r.env_reward is not None and result.total[i] is not None:
                 result.total[i] += r.env_reward
         for reason, count in result.failures.items():
             out.failures[reason] = out.failures.get(reason, 0) + count
-        out.errors.extend(result.errors[: max(0, 8 - len(out.errors))])
-        rewards = torch.tensor([math.nan if t is None else t for t in result.total], dtype=torch.float64)  # [N]
+        out.errors.extend(result.errors[: max(0, MAX_ERRORS - len(out.errors))])
+        rewards = torch.tensor([math.nan if t is None else t for t in result.total],
+                               dtype=torch.float64)  # [N]
         groups = torch.tensor([r.group for r in rollouts])  # [N]
         algo = self.cfg.algorithm
         adv = group_advantages(rewards, groups, algo.advantage, algo.std_normalize)  # [N]

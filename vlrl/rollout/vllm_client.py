@@ -5,17 +5,17 @@ concurrency. Token in, token out: the completion ids are the server's own sample
 `prompt_token_ids` must equal the adapter's (they differ when the two sides disagree on pixel limits or on
 the chat template: that is an error, never silently trained on). Images travel already resized to the
 pixel policy (lossless PNG), so the server's processor keeps their size. A video travels as its sampled
-frames (the frame policy's, lossless PNGs in vLLM's `data:video/jpeg` frame list: vLLM's image loader reads the
-format from the bytes) with their source indices and frame rate in `media_io_kwargs`, so the server writes
+frames (the frame policy's, lossless PNGs in vLLM's `data:video/jpeg` frame list: vLLM's image loader reads
+the format from the bytes) with their source indices and frame rate in `media_io_kwargs`, so the server writes
 the same timestamps and tokens as the processor (`vlrl serve` trusts per-request media kwargs when videos are
 allowed). Placeholder tokens are banned with
 `bad_words`, applied before the processed logprobs, as the trainer bans them in its softmax.
-Transient failures (connection lost, 5xx, 429, timeouts: a server restarting) are retried with backoff, for the
-sampling and the control routes alike; 4xx answers are errors at once.
+Transient failures (connection lost, 5xx, 429, timeouts: a server restarting) are retried with backoff, for
+the sampling and the control routes alike; 4xx answers are errors at once.
 
 A restarted server holds the base weights. Every push tags the server's weights with a fresh version
-(`/update_weight_version`, read back by `/weight_info`; a fresh vLLM reports "default"), and the sampler checks
-the tag before and after sampling: rollouts from a server whose weights the trainer did not send raise
+(`/update_weight_version`, read back by `/weight_info`; a fresh vLLM reports "default"), and the sampler
+checks the tag before and after sampling: rollouts from a server whose weights the trainer did not send raise
 `ServerRestarted`, and the trainer pushes its weights and samples again (train.py).
 """
 
@@ -39,7 +39,8 @@ class ServerError(UserError):
 
 
 class ServerRestarted(ServerError):
-    """The server's weights are not the ones this trainer last sent (it restarted, or another trainer synced)."""
+    """The server's weights are not the ones this trainer last sent (it restarted, or another trainer
+    synced)."""
 
 
 def transient(status: int) -> bool:
@@ -79,9 +80,11 @@ class VLLMClient:
         routes, whose transfer cannot be repeated against a server that lost its process group)."""
         import httpx
 
-        r = self._request(lambda: httpx.post(f"{self.base_url}{path}", json=json, params=params, headers=self.headers,
+        r = self._request(lambda: httpx.post(f"{self.base_url}{path}", json=json, params=params,
+                                             headers=self.headers,
                                              timeout=timeout), path, retry)
-        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
+        is_json = r.headers.get("content-type", "").startswith("application/json")
+        return r.json() if r.content and is_json else None
 
     def _request(self, send, path: str, retry: bool = True):
         """`send()` until it answers 200: transient failures retried with exponential backoff
@@ -95,13 +98,14 @@ class VLLMClient:
                 if r.status_code == 200:
                     return r
                 if not transient(r.status_code):
-                    raise ServerError(f"vLLM server {self.base_url}: {path} answered {r.status_code}: {_error_text(r)}")
+                    raise ServerError(f"vLLM server {self.base_url}: {path} answered {r.status_code}: "
+                                      f"{_error_text(r)}")
                 reason = f"HTTP {r.status_code}: {_error_text(r)}"
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 reason = f"{type(e).__name__}: {e}"
             if attempt == tries - 1:
-                raise ServerError(f"vLLM server {self.base_url}: {path} failed {attempt + 1} times ({reason}); is it "
-                                  "running?")
+                raise ServerError(f"vLLM server {self.base_url}: {path} failed {attempt + 1} times "
+                                  f"({reason}); is it running?")
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
@@ -110,7 +114,8 @@ class VLLMClient:
         """The version tag of the weights the server holds ("default" on a fresh server)."""
         import httpx
 
-        r = self._request(lambda: httpx.get(f"{self.base_url}/weight_info", headers=self.headers, timeout=30.0),
+        r = self._request(lambda: httpx.get(f"{self.base_url}/weight_info",
+                                            headers=self.headers, timeout=30.0),
                           "/weight_info")
         return str(r.json()["weight_version"])
 
@@ -130,9 +135,11 @@ class VLLMClient:
                     "`vlrl serve --model ...` or fix rollout.server_url"
                 ) from None
             if r.status_code == 401:
-                raise ServerError(f"vLLM server {self.base_url} wants an API key: set ${self.cfg.api_key_env}")
+                raise ServerError(f"vLLM server {self.base_url} wants an API key: set "
+                                  f"${self.cfg.api_key_env}")
             if r.status_code != 200:
-                raise ServerError(f"vLLM server {self.base_url}: /v1/models answered {r.status_code}: {r.text[:300]}")
+                raise ServerError(f"vLLM server {self.base_url}: /v1/models answered {r.status_code}: "
+                                  f"{r.text[:300]}")
             self._model = r.json()["data"][0]["id"]
         return self._model
 
@@ -173,7 +180,8 @@ class VLLMClient:
         self._post("/update_weights", {"update_info": update_info}, retry=False)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version},
+        self._post("/finish_weight_update", None if weight_version is None
+                   else {"weight_version": weight_version},
                    retry=False)
 
     def world_size(self) -> int:
@@ -193,8 +201,8 @@ class VLLMClient:
 
     # --- sampling -----------------------------------------------------------------------------------------
     async def sample(self, client, path: str, body: dict, name: str) -> dict:
-        """One sampling request (`path`: the chat route, or the token-in/token-out route), retried on transient
-        failures with exponential backoff."""
+        """One sampling request (`path`: the chat route, or the token-in/token-out route), retried on
+        transient failures with exponential backoff."""
         import httpx
 
         delay = self.cfg.retry_backoff_s
@@ -206,7 +214,8 @@ class VLLMClient:
                 if r.status_code == 404 and path == TOKENS_ROUTE:
                     raise ServerError(
                         f"vLLM server {self.base_url} has no {TOKENS_ROUTE} route, which multi-turn rollouts "
-                        "need (token in, token out); start it with `vlrl serve` (or vLLM's --enable-scale-out)")
+                        "need (token in, token out); start it with `vlrl serve` (or vLLM's "
+                        "--enable-scale-out)")
                 if not transient(r.status_code):
                     raise ServerError(f"vLLM server refused {name}: HTTP {r.status_code}: {_error_text(r)}")
                 reason = f"HTTP {r.status_code}: {_error_text(r)}"
@@ -214,7 +223,8 @@ class VLLMClient:
                 reason = f"{type(e).__name__}: {e}"
             if attempt == self.cfg.max_retries:
                 raise ServerError(
-                    f"vLLM server {self.base_url} failed {name} {attempt + 1} times ({reason}); is it running?"
+                    f"vLLM server {self.base_url} failed {name} {attempt + 1} times ({reason}); is it "
+                    "running?"
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -242,7 +252,8 @@ class VLLMSampler:
     server's processor expands it, as it would in a chat) with the trajectory's images in order; the server's
     expanded prompt ids are checked against ours every turn."""
 
-    def __init__(self, adapter, cfg: RolloutConfig, media_dir: Path | None = None, weight_sync=None, client=None):
+    def __init__(self, adapter, cfg: RolloutConfig, media_dir: Path | None = None,
+                 weight_sync=None, client=None):
         self.adapter = adapter
         self.cfg = cfg
         self.client = client or VLLMClient(cfg.server_url, cfg)
@@ -251,10 +262,12 @@ class VLLMSampler:
         self.prompts_checked = 0  # prompts whose server prompt ids were compared with the processor's
         self.requests = 0  # requests sent (one per prompt of a call): each is checked, or raises
         self.prompt_mismatches = 0  # requests whose server prompt ids differed from ours
-        self.weights_version: str | None = None  # the tag of our last push; None: no push yet, nothing checked
+        # the tag of our last push; None: no push yet, nothing checked
+        self.weights_version: str | None = None
         self._push = None  # the push running in the background (a Future), if any
         self._pusher = None  # its thread
-        self.push_s = 0.0  # seconds of the last push that finished, from the learner's copy to the server's check
+        # seconds of the last push that finished, from the learner's copy to the server's check
+        self.push_s = 0.0
         self.push_blocking_s = 0.0  # of which the learner waited for
         self.push_wait_s = 0.0  # seconds sampling waited for pushes (summed)
         self.client.model_name()  # fail early and clearly when the server is unreachable
@@ -281,21 +294,27 @@ class VLLMSampler:
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
             "stop_token_ids": sorted(set(self.adapter.eos_token_ids) | set(prompt.stop_token_ids)),
-            "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t) for t in self.adapter.banned_token_ids],
+            "bad_words": [self.adapter.tokenizer.convert_ids_to_tokens(t)
+                          for t in self.adapter.banned_token_ids],
         }
 
     def tokens_body(self, prompt: EncodedPrompt, n: int, prompt_id: int = 0) -> dict:
         """The token-in/token-out request of a continuation: its ids with each image's run of placeholders
         as one placeholder, and the images in order."""
         if prompt.videos:
-            raise ServerError(f"prompt {prompt_id}: a multi-turn trajectory with a video; the token-in/token-out "
-                              "route vlrl uses for later turns takes images only (use the in-process sampler)")
+            raise ServerError(f"prompt {prompt_id}: a multi-turn trajectory with a video; the "
+                              "token-in/token-out "
+                              "route vlrl uses for later turns takes images only (use the in-process "
+                              "sampler)")
         pad = self.adapter.image_token_id
-        ids = [t for i, t in enumerate(prompt.input_ids) if not (t == pad and i and prompt.input_ids[i - 1] == pad)]
+        ids = [t for i, t in enumerate(prompt.input_ids)
+               if not (t == pad and i and prompt.input_ids[i - 1] == pad)]
         runs = sum(1 for t in ids if t == pad)
         if runs != len(prompt.images):
-            raise ValueError(f"prompt {prompt_id}: {runs} image placeholder runs but {len(prompt.images)} images")
-        parts = [{"type": "image_url", "url": self._image_url(img, prompt_id, k)} for k, img in enumerate(prompt.images)]
+            raise ValueError(f"prompt {prompt_id}: {runs} image placeholder runs but {len(prompt.images)} "
+                             "images")
+        parts = [{"type": "image_url", "url": self._image_url(img, prompt_id, k)}
+                 for k, img in enumerate(prompt.images)]
         return {"token_ids": ids, "content_parts": parts, "return_token_ids": True,
                 "sampling_params": {**self.sampling_params(prompt, n), "logprobs": 0}}
 
@@ -308,10 +327,12 @@ class VLLMSampler:
                 parts = []
                 for part in content:
                     if part.get("type") == "image":
-                        parts.append({"type": "image_url", "image_url": {"url": self._image_url(next(images), prompt_id, k)}})
+                        parts.append({"type": "image_url",
+                                      "image_url": {"url": self._image_url(next(images), prompt_id, k)}})
                         k += 1
                     elif part.get("type") == "video":
-                        parts.append({"type": "video_url", "video_url": {"url": video_data_uri(next(videos))}})
+                        parts.append({"type": "video_url",
+                                      "video_url": {"url": video_data_uri(next(videos))}})
                     else:
                         parts.append(part)
                 content = parts
@@ -327,14 +348,15 @@ class VLLMSampler:
         }
         if prompt.tools:
             # rendered into the system turn by the server's chat template; `tool_choice = "none"`: the server
-            # parses nothing out of the reply whatever parser it was started with (vLLM 0.32 takes tools without
-            # a tool_choice as "auto", which it refuses unless started with --enable-auto-tool-choice, and then
-            # moves the calls out of the text). vlrl reads the calls from the sampled ids itself.
+            # parses nothing out of the reply whatever parser it was started with (vLLM 0.32 takes tools
+            # without a tool_choice as "auto", which it refuses unless started with --enable-auto-tool-choice,
+            # and then moves the calls out of the text). vlrl reads the calls from the sampled ids itself.
             body["tools"] = prompt.tools
             body["tool_choice"] = "none"
         if prompt.videos:
             if len(prompt.videos) > 1:
-                raise ServerError(f"prompt {prompt_id}: {len(prompt.videos)} videos; a vLLM server takes one per prompt")
+                raise ServerError(f"prompt {prompt_id}: {len(prompt.videos)} videos; a vLLM server takes one "
+                                  "per prompt")
             # the frames are already sampled: all of them (num_frames -1), at the timestamps of their source
             body["media_io_kwargs"] = {"video": {**prompt.videos[0].metadata(), "num_frames": -1}}
         return body
@@ -355,8 +377,8 @@ class VLLMSampler:
                 + (f" --video-max-pixels {self.adapter.cfg.video_max_pixels} --video-max-frames "
                    f"{self.adapter.cfg.video_max_frames}" if prompt.videos else "")
                 + "` on the same model"
-                + ("; a server started with --exclude-tools-when-tool-choice-none leaves the tools out of the "
-                   "prompt: start it without that flag" if prompt.tools else "")
+                + ("; a server started with --exclude-tools-when-tool-choice-none leaves the tools out of "
+                   "the prompt: start it without that flag" if prompt.tools else "")
             )
         self.prompts_checked += 1
         out = []
@@ -374,8 +396,10 @@ class VLLMSampler:
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:
         """Once the trainer has pushed weights, only from a server that holds them: checked before and after,
-        so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted. A push still
-        running in the background is waited for first."""
+        so a server restarted meanwhile (its requests retried to the new one) raises ServerRestarted. A push
+        still running in the background is waited for first. `seed` is not used: no request is seeded (see
+        `_sample`), so server rollouts are not reproducible; a resumed run repeats its prompts, not its
+        completions."""
         self.wait_for_push()
         self.check_weights()
         out = asyncio.run(self._sample(prompts, n, seed))
@@ -387,8 +411,8 @@ class VLLMSampler:
             return
         now = self.client.weight_version()
         if now != self.weights_version:
-            raise ServerRestarted(f"vLLM server {self.client.base_url} holds weights {now!r}, not the trainer's "
-                                  f"{self.weights_version!r} (restarted?)")
+            raise ServerRestarted(f"vLLM server {self.client.base_url} holds weights {now!r}, not the "
+                                  f"trainer's {self.weights_version!r} (restarted?)")
 
     async def _sample(self, prompts, n, seed) -> list[Rollout]:
         import httpx
@@ -408,27 +432,30 @@ class VLLMSampler:
                     path, body = CHAT_ROUTE, self.request_body(prompt, n, g)
                 return self.to_rollouts(prompt, await self.client.sample(client, path, body, name), g, name)
 
-        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
+        async with httpx.AsyncClient(timeout=timeout,
+                                     limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
             groups = await asyncio.gather(*(one(c, g, p) for g, p in enumerate(prompts)))
         return [r for group in groups for r in group]
 
     def check_max_model_len(self, max_model_len: int) -> None:
-        """Refuse a model.max_model_len above the server's: a trajectory longer than the server's context would
-        otherwise surface mid-run as an HTTP 400."""
+        """Refuse a model.max_model_len above the server's: a trajectory longer than the server's context
+        would otherwise surface mid-run as an HTTP 400."""
         served = self.client.max_model_len()
         if served is not None and max_model_len > served:
             raise ServerError(
-                f"model.max_model_len ({max_model_len}) is above the vLLM server's max_model_len ({served}) at "
-                f"{self.client.base_url}; lower model.max_model_len to {served} or less, or restart the server with "
-                f"`vlrl serve --max-model-len {max_model_len}`"
+                f"model.max_model_len ({max_model_len}) is above the vLLM server's max_model_len ({served}) "
+                "at "
+                f"{self.client.base_url}; lower model.max_model_len to {served} or less, or restart the "
+                f"server with `vlrl serve --max-model-len {max_model_len}`"
             )
 
     def sync_weights(self, model, state: dict | None = None, background: bool = True) -> None:
-        """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server, tagged
-        with a fresh version. With the disk sync this returns once the weights are copied to host buffers (the
-        learner may change them then); the files, the server's reload and the version check run in the background
-        (`background=False`: here), and the next `sample` waits for them, so nothing is sampled from weights
-        other than the pushed ones. Errors of a background push are raised by the next `sample` or sync."""
+        """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server,
+        tagged with a fresh version. With the disk sync this returns once the weights are copied to host
+        buffers (the learner may change them then); the files, the server's reload and the version check run
+        in the background (`background=False`: here), and the next `sample` waits for them, so nothing is
+        sampled from weights other than the pushed ones. Errors of a background push are raised by the next
+        `sample` or sync."""
         if self.weight_sync is None:
             return
         self.wait_for_push()
@@ -454,11 +481,11 @@ class VLLMSampler:
         self.push_s = time.perf_counter() - t0
 
     def _tagged(self, load) -> None:
-        """`load(full)` under a fresh version tag. The tag goes first and is read back last: a server restarted
-        in between reports "default", and the push is made again. `full` (every tensor reloaded, not only the
-        ones a step changes) when the server does not hold our last push: read just before the tag is set, which
-        is sent once (not retried), so a server that restarts between the two (its start takes tens of seconds)
-        makes the tag fail and the push start over."""
+        """`load(full)` under a fresh version tag. The tag goes first and is read back last: a server
+        restarted in between reports "default", and the push is made again. `full` (every tensor reloaded, not
+        only the ones a step changes) when the server does not hold our last push: read just before the tag is
+        set, which is sent once (not retried), so a server that restarts between the two (its start takes tens
+        of seconds) makes the tag fail and the push start over."""
         delay = self.cfg.retry_backoff_s
         for _ in range(self.cfg.max_retries + 1):
             full = self.client.weight_version() != self.weights_version
@@ -487,7 +514,8 @@ class VLLMSampler:
                 self.push_wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Wait for the last push (its error raised), then free the sync's buffers (and a shared-memory sync dir)."""
+        """Wait for the last push (its error raised), then free the sync's buffers (and a shared-memory sync
+        dir)."""
         try:
             self.wait_for_push()
         finally:

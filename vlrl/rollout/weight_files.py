@@ -1,13 +1,15 @@
-"""The disk weight sync's write path: host copies of the weights, laid out as safetensors shards, written in parallel.
+"""The disk weight sync's write path: host copies of the weights, laid out as safetensors shards, written in
+parallel.
 
 Measured on one H200 (Qwen3-VL-8B architecture, bf16, 16.3 GiB; ENVIRONMENT.md): `export_state` +
-`save_pretrained` took 16-25 s per sync, all of it while the learner waited, and a single-threaded `save_file` of
-host tensors 7-10 s; a GPU -> pinned host copy of every tensor 0.32 s. So the learner waits only for that copy:
-`HostShards` holds one flat host buffer per set of tensors (allocated once, pinned with `cudaHostRegister`, which
-pins exactly its size where torch's pinned allocator rounds up to a power of two), each tensor a view into it, laid
-out as the data sections of safetensors shards. A file is then its header and one slice of the buffer, written
-with `os.pwrite` in 256 MiB chunks by a thread pool (the GIL is released in the write): no serialisation, no copy.
-Files are overwritten in place (no truncation), so a sync into tmpfs reuses the pages of the last one.
+`save_pretrained` took 16-25 s per sync, all of it while the learner waited, and a single-threaded `save_file`
+of host tensors 7-10 s; a GPU -> pinned host copy of every tensor 0.32 s. So the learner waits only for that
+copy: `HostShards` holds one flat host buffer per set of tensors (allocated once, pinned with
+`cudaHostRegister`, which pins exactly its size where torch's pinned allocator rounds up to a power of two),
+each tensor a view into it, laid out as the data sections of safetensors shards. A file is then its header and
+one slice of the buffer, written with `os.pwrite` in 256 MiB chunks by a thread pool (the GIL is released in
+the write): no serialisation, no copy. Files are overwritten in place (no truncation), so a sync into tmpfs
+reuses the pages of the last one.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class HostShards:
         self.offsets: dict[str, int] = {}
         start = 0
         for k, names in enumerate(groups):
-            # wider elements first: every tensor's offset is then a multiple of its element size (a typed view)
+            # wider elements first: every tensor's offset is then a multiple of its element size (a typed
+            # view)
             names = sorted(names, key=lambda n: -specs[n][0].itemsize)
             shard = Shard(f"{prefix}-{k + 1:05d}-of-{len(groups):05d}.safetensors", start, 0, names=names)
             header = {"__metadata__": {"format": "pt"}}
@@ -101,7 +104,8 @@ class HostShards:
             torch.cuda.synchronize()
 
     def write(self, directory: Path, threads: int | None = None) -> int:
-        """Write every shard into `directory` (in place: same names, same sizes each time); returns bytes written."""
+        """Write every shard into `directory` (in place: same names, same sizes each time); returns bytes
+        written."""
         data = self.buffer.numpy()  # [bytes], shares the buffer's memory
         fds, jobs = [], []
         try:

@@ -3,11 +3,12 @@
 - `DiskWeightSync` (default; one node, no set-up): safetensors files the server reloads in place
   (`reload_weights` through its collective-RPC route, generation paused across the swap, then its prefix,
   multi-modal and encoder caches reset). In three parts, so the learner waits only for the first
-  (`VLLMSampler.sync_weights` runs the others in the background; the next sampling waits for them): `copy` (GPU -> pinned host buffers allocated once,
-  `weight_files.py`), `write` (the files, in parallel) and `load` (the server's reload). Only tensors an optimizer
-  step can change are copied, written and reloaded each time (`export_plan`): a frozen vision tower and a LoRA
-  model's base weights are written once, and reloaded only by a server that lost our last push (restarted).
-  The files go to shared memory (`/dev/shm`) when the server is on this machine and it has room (`default_sync_dir`).
+  (`VLLMSampler.sync_weights` runs the others in the background; the next sampling waits for them): `copy`
+  (GPU -> pinned host buffers allocated once, `weight_files.py`), `write` (the files, in parallel) and `load`
+  (the server's reload). Only tensors an optimizer step can change are copied, written and reloaded each time
+  (`export_plan`): a frozen vision tower and a LoRA model's base weights are written once, and reloaded only
+  by a server that lost our last push (restarted). The files go to shared memory (`/dev/shm`) when the server
+  is on this machine and it has room (`default_sync_dir`).
 - `NCCLWeightSync` (GPU clusters): vLLM's own NCCL weight-transfer engine (trainer rank 0 broadcasts every
   tensor to the server's workers, which joined the group through `/init_weight_transfer_engine`). Needs vLLM
   importable in the trainer and a server started with `vlrl serve --weight-sync nccl`. Synchronous, as before;
@@ -50,20 +51,25 @@ def ties_embeddings(config) -> bool:
 
 
 def export_plan(model, state: dict | None = None) -> dict[str, bool]:
-    """Every tensor the server loads, by checkpoint name (model order), and whether an optimizer step can change it.
+    """Every tensor the server loads, by checkpoint name (model order), and whether an optimizer step can
+    change it.
 
     A tensor changes when it is trained or is a LoRA-merged weight (W + B @ A), and when a sibling does (the
     tensors of one parent module, `self_attn.q_proj/k_proj/v_proj`): vLLM fuses siblings into one layer
-    (`qkv_proj`, `gate_up_proj`), and its in-place reload (vLLM 0.32 `model_loader/reload/layerwise.py`) builds a
-    layer it was given part of from that part alone, the rest left uninitialised; a layer given nothing is put
-    back as it was. So a partial reload hands over whole layers. `state`: weights gathered from FSDP shards."""
+    (`qkv_proj`, `gate_up_proj`), and its in-place reload (vLLM 0.32 `model_loader/reload/layerwise.py`)
+    builds a layer it was given part of from that part alone, the rest left uninitialised; a layer given
+    nothing is put back as it was. So a partial reload hands over whole layers. `state`: weights gathered from
+    FSDP shards."""
     from ..adapters.lora import lora_layers
 
-    own = model.state_dict(keep_vars=True)  # parameters themselves: requires_grad readable; tied names both there
-    names = list(state) if state is not None else [k.replace(".base_layer", "") for k in own if "lora_" not in k]
+    # parameters themselves: requires_grad readable; tied names both there
+    own = model.state_dict(keep_vars=True)
+    names = list(state) if state is not None else [k.replace(".base_layer", "") for k in own
+                                                   if "lora_" not in k]
     trained = {k.replace(".base_layer", "") for k, v in own.items()
                if "lora_" not in k and getattr(v, "requires_grad", False)}
-    trained |= {n for n, layer in lora_layers(model).items() if any(p.requires_grad for p in layer.parameters())}
+    trained |= {n for n, layer in lora_layers(model).items()
+                if any(p.requires_grad for p in layer.parameters())}
     if ties_embeddings(model.config) and "lm_head.weight" not in names:
         names.append("lm_head.weight")  # (see the module docstring)
         if _embed_name(model) in trained:
@@ -73,7 +79,8 @@ def export_plan(model, state: dict | None = None) -> dict[str, bool]:
 
 
 def _parent(name: str) -> str:
-    """`a.b.layers.3.self_attn.q_proj.weight` -> `a.b.layers.3.self_attn` (the module above the tensor's own)."""
+    """`a.b.layers.3.self_attn.q_proj.weight` -> `a.b.layers.3.self_attn` (the module above the tensor's
+    own)."""
     return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
 
 
@@ -100,8 +107,9 @@ def export_tensors(model, state: dict | None, names):
 
 
 def default_sync_dir(run_dir: Path, server_url: str | None, nbytes: int) -> Path:
-    """`rollout.sync_dir` unset: shared memory (`/dev/shm/vlrl-sync-<run>`) when the server is on this machine and
-    /dev/shm has room for the weights plus a quarter, else `<run dir>/weights` (a server elsewhere reads it there)."""
+    """`rollout.sync_dir` unset: shared memory (`/dev/shm/vlrl-sync-<run>`) when the server is on this machine
+    and /dev/shm has room for the weights plus a quarter, else `<run dir>/weights` (a server elsewhere reads
+    it there)."""
     import hashlib
     import shutil
     from urllib.parse import urlparse
@@ -129,9 +137,10 @@ def state_bytes(model) -> int:
 class DiskWeightSync:
     """Weights through files the server reads (`reload_weights`), in three parts the sampler runs apart:
     `copy` (the learner waits: GPU -> pinned host buffers), `write` (files, in parallel) and `load` (the
-    server's reload, paused, and its prefix cache reset). Only tensors a step can change are copied and written
-    each time (`export_plan`); the others (a frozen vision tower, a LoRA model's base) are written once, and a
-    reload reads them again only when `load(full=True)` (a server that does not hold our last push)."""
+    server's reload, paused, and its prefix cache reset). Only tensors a step can change are copied and
+    written each time (`export_plan`); the others (a frozen vision tower, a LoRA model's base) are written
+    once, and a reload reads them again only when `load(full=True)` (a server that does not hold our last
+    push)."""
 
     def __init__(self, client, adapter, sync_dir: Path, remove_at_close: bool = False):
         self.client = client
@@ -183,7 +192,8 @@ class DiskWeightSync:
         return written
 
     def load(self, full: bool) -> None:
-        """The server reloads the changing tensors (`full`: every tensor), paused so no request mixes two policies."""
+        """The server reloads the changing tensors (`full`: every tensor), paused so no request mixes two
+        policies."""
         from .weight_files import write_index
 
         t0 = time.perf_counter()
@@ -253,7 +263,8 @@ class NCCLWeightSync:
             world_size=1 + client.world_size(),  # trainer rank 0 + every server worker
             rank=rank,
         )
-        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(self.init_info, client=client, source=self.source)
+        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
+            self.init_info, client=client, source=self.source)
 
     def push(self, model, state: dict | None = None) -> None:
         self.source.module, self.source.state = model, state

@@ -1,14 +1,14 @@
-"""The `math` reward: math-verify (the checker TRL's accuracy reward, verl and prime-rl use) on the answer part.
+"""The `math` reward: math-verify (the checker of TRL's accuracy reward, verl, prime-rl) on the answer part.
 
 It reads LaTeX and `\\boxed{}` answers, fractions, decimals, percentages, intervals, sets and equations, and
 compares them symbolically (sympy): `\\boxed{0.5}` matches `\\frac{1}{2}`, `\\boxed{\\sqrt{12}}` matches
-`2\\sqrt{3}`, `\\boxed{(1,2]}` matches the interval `(1, 2]`. The gold answer may be LaTeX or plain text: it is
-read as the content of a `\\boxed{}` first (as verl does, so `(1, 2]` is an interval and `2\\sqrt{3}` is not
-"2"), else as free text.
+`2\\sqrt{3}`, `\\boxed{(1,2]}` matches the interval `(1, 2]`. The gold answer may be LaTeX or plain text: it
+is read as the content of a `\\boxed{}` first (as verl does, so `(1, 2]` is an interval and `2\\sqrt{3}` is
+not "2"), else as free text.
 
 Bounded by killing, not by signals. math-verify's own timeout uses SIGALRM, which works only in a main thread
 and cannot interrupt C code anyway: `\\boxed{10^{10^{10}}}` spends its time inside one big-integer power. So
-its timeouts are off here, and the reward set runs this function in a worker process (reward_pool.py) that is
+its timeouts are off here, and the reward set runs this function in a worker process (pool.py) that is
 killed and replaced when a call passes `env.reward_timeout_s`; the sample's reward is then a failure
 ("timeout"), never a hung step.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 
-from .builtin_rewards import answer_part
-from .dataset import Sample
+from ..sample import Sample
+from .builtin import answer_part
 
 
 def _quiet() -> None:

@@ -10,10 +10,11 @@ Set up per reward, in the run's config (every field in `vlrl/config.py`'s `Judge
     max_score = 10
 
 Each completion becomes one chat request (the template filled with the question, the reference answer and the
-completion), all of a batch in flight together up to `max_concurrency`, each under `timeout_s` with retries and
-backoff on transient failures. The reply's last match of `score_pattern` divided by `max_score` is the reward.
-A reply without a score is the reward failure `unparseable`; a request that never succeeded is `judge_failed`:
-both are counted, named in the step's errors and left out of the group baseline, and never stop the run.
+completion), all of a batch in flight together up to `max_concurrency`, each under `timeout_s` with retries
+and backoff on transient failures. The reply's last match of `score_pattern` divided by `max_score` is the
+reward. A reply without a score is the reward failure `unparseable`; a request that never succeeded is
+`judge_failed`: both are counted, named in the step's errors and left out of the group baseline, and never
+stop the run.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import os
 import re
 
 from ..config import JudgeConfig
-from .builtin_rewards import answer_part
-from .dataset import Sample
-from .rewards import Outcome
+from ..sample import Sample
+from .base import Outcome
+from .builtin import answer_part
 
 
 class JudgeFailed(Exception):
@@ -36,7 +37,8 @@ def parse_score(reply: str | None, pattern: str, max_score: float) -> Outcome:
     """The reward in a judge's reply: the last match of `pattern`'s group, divided by `max_score`."""
     found = re.findall(pattern, reply or "")
     if not found:
-        return None, "unparseable", f"the judge's reply has no score matching {pattern!r}: {(reply or '')[-160:]!r}"
+        return (None, "unparseable",
+                f"the judge's reply has no score matching {pattern!r}: {(reply or '')[-160:]!r}")
     score = float(found[-1])
     if not 0.0 <= score <= max_score:
         return None, "unparseable", f"the judge's score {found[-1]} is outside [0, {max_score:g}]"
@@ -73,7 +75,8 @@ class Judge:
 
         limit = asyncio.Semaphore(self.cfg.max_concurrency)
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
-        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)) as c:
+        limits = httpx.Limits(max_connections=self.cfg.max_concurrency)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
             try:
                 model = self.model or await self._first_model(c)
             except JudgeFailed as e:
@@ -81,7 +84,8 @@ class Judge:
 
             async def one(completion: str, sample: Sample) -> Outcome:
                 body = {"model": model, "messages": judge_prompt(self.cfg, completion, sample),
-                        "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature, **self.cfg.extra_body}
+                        "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
+                        **self.cfg.extra_body}
                 async with limit:
                     try:
                         reply = await self._post(c, body)
@@ -102,8 +106,8 @@ class Judge:
             reason = f"HTTP {r.status_code}: {r.text[:200]}"
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
             reason = f"{type(e).__name__}: {e}"
-        raise JudgeFailed(f"the judge at {self.url} did not list its models ({reason}); check base_url, or set "
-                          "model in [env.rewards.judge]")
+        raise JudgeFailed(f"the judge at {self.url} did not list its models ({reason}); check base_url, or "
+                          "set model in [env.rewards.judge]")
 
     async def _post(self, client, body: dict) -> str | None:
         """The reply text, retrying transient failures with exponential backoff."""
@@ -116,12 +120,14 @@ class Judge:
                 if r.status_code == 200:
                     return r.json()["choices"][0]["message"].get("content")
                 reason = f"HTTP {r.status_code}: {r.text[:200]}"
-                if r.status_code < 500 and r.status_code != 429:  # the request itself is wrong: no retry helps
+                # the request itself is wrong: no retry helps
+                if r.status_code < 500 and r.status_code != 429:
                     raise JudgeFailed(f"the judge at {self.url} refused the request ({reason})")
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise JudgeFailed(f"the judge at {self.url} sent an answer that is not a chat completion ({e})") from None
+                raise JudgeFailed(f"the judge at {self.url} sent an answer that is not a chat completion "
+                                  f"({e})") from None
             if attempt == self.cfg.max_retries:
                 raise JudgeFailed(f"the judge at {self.url} failed {attempt + 1} times ({reason})")
             await asyncio.sleep(delay)

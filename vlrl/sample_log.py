@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..adapters.images import resolve_source
+from .adapters.images import resolve_source
 
 
 def image_refs(rollout, image_dir: Path, run_dir: Path) -> list[str]:

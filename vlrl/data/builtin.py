@@ -6,8 +6,9 @@ The answers are single tokens of the tiny model's tokenizer, so a random policy 
 `count`: one to four identical small shapes in distinct cells of a 3x3 grid; answer the number as a word.
 `position`: one shape wholly inside the left or the right half; answer left or right.
 `zoom` (with the `builtin:zoom` environment): a checkered square whose colour shows only once cropped
-(vlrl/envs/zoom.py). `calculator` (with `builtin:calculator`): arithmetic, text only (vlrl/envs/calculator.py).
-`motion` (a video task, motion.py): a dot moves towards one edge of the frame; answer left, right, top or bottom.
+(vlrl/envs/zoom.py). `calculator` (with `builtin:calculator`): arithmetic, text only
+(vlrl/envs/calculator.py). `motion` (a video task, motion.py): a dot moves towards one edge of the frame;
+answer left, right, top or bottom.
 
 Every sample is drawn from its own RNG seeded by (task, seed, split, index), so a split is reproducible
 sample by sample and train and eval never share an RNG stream. The colour, size and kind of shape vary
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ..envs.calculator import calculator_split
+from ..envs.zoom import COLORS as ZOOM_COLORS
+from ..envs.zoom import QUESTION as ZOOM_QUESTION
+from ..envs.zoom import zoom_image
 from ..errors import UserError
-from .calculator import calculator_split
-from .dataset import Sample
-from .zoom import COLORS as ZOOM_COLORS
-from .zoom import QUESTION as ZOOM_QUESTION
-from .zoom import zoom_image
+from ..sample import Sample
 from .motion import EDGES, FPS, QUESTION, motion_frames
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 30)}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..config import EnvConfig
+from ..sample import Sample
 from .builtin import builtin_split
-from .dataset import Sample
 from .files import load_file_split
 
 

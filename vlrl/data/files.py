@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..config import EnvConfig
 from ..errors import UserError
-from .dataset import Sample
+from ..sample import Sample
 
 
 class DatasetError(UserError):
@@ -196,7 +196,8 @@ def _image_source(value: Any, where: str, kind: str = "image") -> Any:
     article = "an" if kind == "image" else "a"
     if isinstance(value, (str, bytes, bytearray, Image.Image, Path)):
         if isinstance(value, (str, bytes, bytearray)) and not value:
-            raise DatasetError(f"{where}: {article} {kind} entry is empty; remove it or give a path, URL or data URI")
+            raise DatasetError(f"{where}: {article} {kind} entry is empty; remove it or give a path, URL or "
+                               "data URI")
         return value
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
@@ -205,8 +206,10 @@ def _image_source(value: Any, where: str, kind: str = "image") -> Any:
             return value["path"]
         raise DatasetError(f"{where}: {article} {kind} entry has neither bytes nor a path")
     raise DatasetError(
-        f"{where}: {article} {kind} entry is a {type(value).__name__}; use a path, URL, data URI, base64 string, "
-        + ("or a Hugging Face Image value" if kind == "image" else 'a list of frame images or {"frames": [...], "fps": F}')
+        f"{where}: {article} {kind} entry is a {type(value).__name__}; use a path, URL, data URI, base64 "
+        "string, "
+        + ("or a Hugging Face Image value" if kind == "image"
+           else 'a list of frame images or {"frames": [...], "fps": F}')
     )
 
 
@@ -219,8 +222,8 @@ def _image_sources(cell: Any, where: str) -> list[Any]:
 
 
 def _video_sources(cell: Any, where: str) -> list[Any]:
-    """A video column cell: None, "" or [] is a sample without video; a list holds several videos, each a video
-    file (as an image cell's forms), a list of frame images, or `{"frames": [...], "fps": F}`."""
+    """A video column cell: None, "" or [] is a sample without video; a list holds several videos, each a
+    video file (as an image cell's forms), a list of frame images, or `{"frames": [...], "fps": F}`."""
     if cell is None or (isinstance(cell, str) and not cell.strip()):
         return []
     cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]

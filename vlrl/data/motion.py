@@ -1,12 +1,12 @@
 """`builtin:motion`: a dot crosses the frame towards one edge; which edge is known only from the frame order.
 
 Each video is FRAMES frames at FPS frames per second (2 s) of one dot, on a grey canvas, moving in a straight
-line along one axis across (nearly) the whole frame. The path is a random segment [a, b] of that axis: towards `right`/`bottom` the dot goes
-from a to b, towards `left`/`top` from b to a. So a left and a right video (or a top and a bottom one) draw their
-frames from the same distribution: any single frame, or the frames as an unordered set, says only the axis,
-and telling the two directions of an axis apart takes the order of the frames (which the model sees through
-the timestamps and positions between frame pairs, and inside a pair through the temporal patch). A random
-policy is right 25% of the time it names an edge.
+line along one axis across (nearly) the whole frame. The path is a random segment [a, b] of that axis: towards
+`right`/`bottom` the dot goes from a to b, towards `left`/`top` from b to a. So a left and a right video (or a
+top and a bottom one) draw their frames from the same distribution: any single frame, or the frames as an
+unordered set, says only the axis, and telling the two directions of an axis apart takes the order of the
+frames (which the model sees through the timestamps and positions between frame pairs, and inside a pair
+through the temporal patch). A random policy is right 25% of the time it names an edge.
 
 The answers are single tokens of the tiny model's tokenizer (`left`, `right`, `top`, `bottom` are in its
 ANSWER_WORDS), so the tiny model is rewarded by chance from the first step (`configs/tiny-cpu-video.toml`; the

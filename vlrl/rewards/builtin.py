@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .dataset import Sample
+from ..sample import Sample
 
 RewardFn = Callable[[str, Sample], float]
 THINK_END = "</think>"
@@ -130,10 +130,10 @@ def numeric(completion: str, sample: Sample) -> float:
     """1.0 when the number in the last `\\boxed{}` (else the last number of the answer part) equals the
     numeric answer within a relative tolerance of 1e-6.
 
-    Kept beside `math` (math-verify) for what that one gets wrong: scientific notation, which math-verify reads
-    with `e` as Euler's number (`1.2e-9` becomes -9 + 1.2e), and small magnitudes, which it compares after
-    rounding to 6 decimals (so 1.2e-6 equals 1.3e-6 there). It is also pure Python on a thread (~20 us a call,
-    no sympy, no worker process). For anything symbolic (fractions, radicals, sets...) use `math`."""
+    Kept beside `math` (math-verify) for what that one gets wrong: scientific notation, which math-verify
+    reads with `e` as Euler's number (`1.2e-9` becomes -9 + 1.2e), and small magnitudes, which it compares
+    after rounding to 6 decimals (so 1.2e-6 equals 1.3e-6 there). It is also pure Python on a thread (~20 us a
+    call, no sympy, no worker process). For anything symbolic (fractions, radicals, sets...) use `math`."""
     gold = _gold_number(sample)
     text = answer_part(completion)
     boxed = boxed_contents(text)
@@ -197,7 +197,8 @@ def choice(completion: str, sample: Sample) -> float:
         m = re.search(rf"(?<!\w){re.escape(normalize(str(opt)))}(?!\w)", text)
         if m and m.start() < where:
             first, where = opt, m.start()
-    return float(first is not None and any(normalize(str(first)) == normalize(str(a)) for a in _answers(sample)))
+    return float(first is not None
+                 and any(normalize(str(first)) == normalize(str(a)) for a in _answers(sample)))
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {

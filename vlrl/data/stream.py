@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from .dataset import Sample
+from ..sample import Sample
 
 
 class PromptStream:

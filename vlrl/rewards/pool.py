@@ -1,15 +1,15 @@
 """Worker processes for reward calls that may hang: user functions (`module:function`) and `math`.
 
-A thread cannot be stopped: a hung function on a thread is only abandoned, and runs on (holding the GIL, memory,
-maybe a lock). A process can be killed. Each worker runs one call at a time in its main thread; a call that
-passes its deadline gets its worker killed (SIGKILL) and replaced, and the calls queued behind it go on.
+A thread cannot be stopped: a hung function on a thread is only abandoned, and runs on (holding the GIL,
+memory, maybe a lock). A process can be killed. Each worker runs one call at a time in its main thread; a call
+that passes its deadline gets its worker killed (SIGKILL) and replaced, and the calls queued behind it go on.
 
 Start method: `forkserver`. By the time rewards run, the trainer has torch loaded with its OpenMP threads (and
-CUDA, on a GPU), and `fork` from a threaded process copies locks that no thread will ever release in the child,
-and CUDA cannot be used again in a forked child. `spawn` is safe but starts a fresh interpreter for every worker,
-again for each killed one (and re-imports the parent's main module). `forkserver` spawns one clean server once
-(no torch, no threads) with this module and the reward modules preloaded, then forks each worker from it: safe
-like spawn, and a replacement costs a fork (bench/rewards.py measures both).
+CUDA, on a GPU), and `fork` from a threaded process copies locks that no thread will ever release in the
+child, and CUDA cannot be used again in a forked child. `spawn` is safe but starts a fresh interpreter for
+every worker, again for each killed one (and re-imports the parent's main module). `forkserver` spawns one
+clean server once (no torch, no threads) with this module and the reward modules preloaded, then forks each
+worker from it: safe like spawn, and a replacement costs a fork (bench/rewards.py measures both).
 
 What crosses the pipe: the function's name, the completion, and the sample, pickled once per batch and sent
 to a worker only the first time it needs it (a GRPO group holds `group_size` completions of one sample, and a
@@ -29,7 +29,7 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .rewards import Outcome, call_outcome, resolve_reward
+from .base import Outcome, call_outcome, resolve_reward
 
 
 def _context():
@@ -39,9 +39,9 @@ def _context():
     import importlib.util
 
     ctx = mp.get_context("forkserver")
-    preload = ["vlrl.envs.reward_pool", "vlrl.envs.rewards"]
+    preload = ["vlrl.rewards.pool", "vlrl.rewards.base"]
     if importlib.util.find_spec("math_verify") is not None:
-        preload += ["vlrl.envs.math_reward", "math_verify"]
+        preload += ["vlrl.rewards.math_reward", "math_verify"]
     ctx.set_forkserver_preload(preload)
     return ctx
 
@@ -103,8 +103,8 @@ class RewardPool:
         self.alive: list[_Worker] = []  # every worker not yet killed, idle or busy
         self.idle: list[_Worker] = [self._start() for _ in range(self.size)]
         self.batch = 0
-        # Workers are daemons (multiprocessing ends them when the trainer exits); a pool dropped earlier ends its
-        # own when it is collected.
+        # Workers are daemons (multiprocessing ends them when the trainer exits); a pool dropped earlier ends
+        # its own when it is collected.
         self._finalizer = weakref.finalize(self, _kill_all, self.alive)
 
     def _start(self) -> _Worker:
@@ -144,7 +144,8 @@ class RewardPool:
                 try:
                     w.conn.send((name, completion, key, None if key in w.known else blobs[key[1]]))
                 except (OSError, ValueError) as e:  # the worker died while idle
-                    results[w.task] = (None, "crashed", f"its reward process was gone ({type(e).__name__}: {e})")
+                    results[w.task] = (None, "crashed",
+                                       f"its reward process was gone ({type(e).__name__}: {e})")
                     self._kill(w)
                     continue
                 w.known.add(key)
