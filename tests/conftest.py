@@ -16,10 +16,11 @@ SMALL_STEP = ("rollout.prompts_per_step=2", "rollout.group_size=4")
 
 def tiny_overrides(tiny_model_dir, out_dir, *extra: str, step: tuple[str, ...] = SMALL_STEP) -> list[str]:
     """`--set` overrides of configs/tiny-cpu.toml for a small run of the tiny model: outputs under `out_dir`,
-    `step` (2 prompts x 4 rollouts), 4 new tokens, no progress bar, the parity reward; then `extra`, which
-    may override any of them (later overrides win)."""
+    `step` (2 prompts x 4 rollouts), 4 new tokens, no progress bar, the parity reward, a constant learning
+    rate (the demo's cosine schedule depends on `train.steps`, which the resume tests change between the
+    runs they compare); then `extra`, which may override any of them (later overrides win)."""
     return [f"model.path={tiny_model_dir}", f"output_dir={out_dir}", *step, "rollout.max_new_tokens=4",
-            "logging.progress=false", PARITY, *extra]
+            "logging.progress=false", PARITY, 'train.lr_schedule="constant"', *extra]
 
 
 def tiny_config(tiny_model_dir, out_dir, *extra: str, step: tuple[str, ...] = SMALL_STEP):
