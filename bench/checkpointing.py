@@ -123,12 +123,7 @@ def auto_label(auto) -> str:
 
 def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0) -> dict:
     """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync."""
-    spec = ragged.RaggedSpec.tiny() if args.tiny else ragged.RaggedSpec(args.ragged[0], args.ragged[1],
-                                                                        seed=args.ragged_seed)
-    if not args.tiny:
-        spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
-        spec.shortest, spec.longest = args.ragged_clip
-        spec.micro_batch_tokens = args.ragged_tokens
+    spec = ragged.spec_from_args(args)
     vocab, v_start, v_end = ids
     batch = adapter.build_batch(ragged.ragged_rollouts(adapter, spec, vocab, v_start, v_end))
     useful = sum(batch.lengths)

@@ -133,16 +133,22 @@ def compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def spec_from_args(args) -> RaggedSpec:
+    """The ragged batch `bench/update_step.py`'s `--ragged*` flags describe (`--tiny`: the CPU one)."""
+    if args.tiny:
+        return RaggedSpec.tiny()
+    spec = RaggedSpec(args.ragged[0], args.ragged[1], seed=args.ragged_seed)
+    spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
+    spec.shortest, spec.longest = args.ragged_clip
+    spec.micro_batch_tokens = args.ragged_tokens
+    return spec
+
+
 def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tflops, ids, sync, set_mode,
                grads_of,
                rel_err) -> dict:
     """Times every path on one ragged batch; returns rows, exactness and compile counts (and prints them)."""
-    spec = RaggedSpec.tiny() if args.tiny else RaggedSpec(args.ragged[0], args.ragged[1],
-                                                          seed=args.ragged_seed)
-    if not args.tiny:
-        spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
-        spec.shortest, spec.longest = args.ragged_clip
-        spec.micro_batch_tokens = args.ragged_tokens
+    spec = spec_from_args(args)
     vocab, v_start, v_end = ids
     make = lambda seed=None, prompts=None: adapter.build_batch(  # noqa: E731
         ragged_rollouts(adapter, spec, vocab, v_start, v_end, seed, prompts))

@@ -159,9 +159,9 @@ class VLLMClient:
     def reset_caches(self) -> None:
         """After new weights, while paused: the prefix cache holds KV of the old weights and the encoder cache
         vision embeddings of images seen before (a trained vision tower changes them). Reset as vLLM's own
-        paused reset does it (prefix, multi-modal inputs, encoder): the encoder cache alone, without the
-        multi-modal cache, left the scheduler and the renderer out of step, and the next request with a
-        repeated image killed the CPU engine ("Encoder cache miss")."""
+        paused reset does it (prefix, multi-modal inputs, encoder). Not optional: vLLM 0.32's in-place reload
+        clears its workers' encoder cache but not the scheduler's record of it, so without these resets the
+        next request with a repeated image stopped the engine ("Encoder cache miss")."""
         self._post("/reset_prefix_cache")
         self._post("/reset_mm_cache")
         self._post("/reset_encoder_cache")

@@ -137,7 +137,7 @@ def state_bytes(model) -> int:
 class DiskWeightSync:
     """Weights through files the server reads (`reload_weights`), in three parts the sampler runs apart:
     `copy` (the learner waits: GPU -> pinned host buffers), `write` (files, in parallel) and `load` (the
-    server's reload, paused, and its prefix cache reset). Only tensors a step can change are copied and
+    server's reload, paused, then its caches reset). Only tensors a step can change are copied and
     written each time (`export_plan`); the others (a frozen vision tower, a LoRA model's base) are written
     once, and a reload reads them again only when `load(full=True)` (a server that does not hold our last
     push)."""
