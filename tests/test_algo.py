@@ -99,6 +99,40 @@ def test_sequence_level_ratio_gspo():
     assert loss == pytest.approx([-1.28, -1.28]) and grad == [0.0, 0.0]
 
 
+def test_truncated_importance_sampling_token_level():
+    # decoupled: the PPO ratio is against the trainer itself (value 1), each token weighted by w = pi / mu
+    # truncated at tis_cap 2. log ratios [log 5, log 1.5], A = +1: w = [2 (5 truncated), 1.5]
+    loss, grad, stats = loss_of([math.log(5.0), math.log(1.5)], 1.0, is_correction="tis", tis_cap=2.0)
+    assert loss == pytest.approx([-2.0, -1.5]) and grad == pytest.approx([-2.0, -1.5])
+    assert stats["truncated_tokens"] == 1 and stats["is_weight_sum"] == pytest.approx(3.5)
+    # the clip never bites (ratio 1): a ratio of e with clip_high 0.2 still has its gradient, weight 2
+    loss, grad, stats = loss_of([1.0], 1.0, is_correction="tis", clip_high=0.2)
+    assert grad == pytest.approx([-2.0]) and stats["clipped_tokens"] == 0
+
+
+def test_truncated_importance_sampling_sequence_level():
+    # product of the token ratios: 1.2 * 1.5 = 1.8 < cap 2, every token weighted 1.8; A = -1
+    loss, grad, stats = loss_of([math.log(1.2), math.log(1.5)], -1.0, is_correction="tis", is_level="sequence")
+    assert loss == pytest.approx([1.8, 1.8]) and grad == pytest.approx([1.8, 1.8])
+    assert stats["truncated_tokens"] == 0
+    # 1.5 * 1.5 = 2.25 > 2: truncated to 2 on both tokens
+    loss, _, stats = loss_of([math.log(1.5), math.log(1.5)], 1.0, is_correction="tis", is_level="sequence")
+    assert loss == pytest.approx([-2.0, -2.0]) and stats["truncated_tokens"] == 2
+
+
+def test_icepop_masks_tokens_outside_the_band():
+    # band [0.5, 2]: ratio 5 masked (no loss, no gradient), 1.5 weighted 1.5, 0.25 masked
+    loss, grad, stats = loss_of([math.log(5.0), math.log(1.5), math.log(0.25)], 1.0, is_correction="icepop")
+    assert loss == pytest.approx([0.0, -1.5, 0.0]) and grad == pytest.approx([0.0, -1.5, 0.0])
+    assert stats["masked_tokens"] == 2
+    # sequence level: geometric mean of 3 and 1/3 is 1, inside the band: both tokens kept, weight 1
+    loss, _, stats = loss_of([math.log(3.0), math.log(1 / 3)], 1.0, is_correction="icepop", is_level="sequence")
+    assert loss == pytest.approx([-1.0, -1.0]) and stats["masked_tokens"] == 0
+    # geometric mean of 3 and 3: outside, the whole sequence masked
+    loss, _, stats = loss_of([math.log(3.0), math.log(3.0)], 1.0, is_correction="icepop", is_level="sequence")
+    assert loss == pytest.approx([0.0, 0.0]) and stats["masked_tokens"] == 2
+
+
 def test_aggregation_weights():
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
     assert aggregation_weights(mask, "token-mean", 4,

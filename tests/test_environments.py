@@ -485,6 +485,6 @@ def test_response_length_counts_sampled_tokens_not_the_environments_replies(
         load_samples(config.env, "train", 0)[:2], 2, 0)
     said = len(adapter.tokenizer.encode("look", add_special_tokens=False)) + 1
     assert all(len(r.completion_ids) > 3 * said for r in got.rollouts)  # tool replies and images in between
-    times = dict.fromkeys(("rollout", "rollout_wait", "prefetch_wait", "update", "sync", "step"), 1.0)
+    times = dict.fromkeys(("rollout", "rollout_wait", "update", "sync", "step"), 1.0)
     m = step_metrics(1, step_stats(got), {}, times, 0.0, got.keys[0], False, multi_turn=True)
     assert (m["response_length/mean"], m["response_length/max"]) == (3 * said, 3 * said)

@@ -137,6 +137,55 @@ def test_weight_sync_makes_the_server_follow_the_trainer(server, vadapter, tiny_
     assert trainer_logprobs(vadapter, old, rollouts)["max_abs_diff"] < 1e-4
 
 
+def test_a_sync_lands_while_requests_run(server, vadapter, tiny_model, tmp_path):
+    """Asynchronous rollouts sync while the server generates: the swap freezes the running requests (pause mode
+    `keep`), not drains them, and they continue under the new weights with their KV recomputed. Every token
+    keeps the logprob of the weights that sampled it: a rollout spanning the swap matches the old weights up
+    to some token and the new ones from there on; the engine survives (images seen before included)."""
+    from vlrl.batch import batch_logprobs
+
+    client = VLLMClient(server.url, rollout_cfg(server))
+    sampler = VLLMSampler(vadapter, rollout_cfg(server, max_new_tokens=160),
+                          weight_sync=DiskWeightSync(client, vadapter, tmp_path / "weights"))
+    new = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if "language_model" in name or "lm_head" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    out: list = []
+    try:
+        sampler.sync_weights(tiny_model, version=0, background=False)
+        t = threading.Thread(target=lambda: out.extend(sampler.sample(prompts(vadapter), n=4)))
+        t.start()
+        time.sleep(2.0)  # requests under way
+        assert t.is_alive(), "the sampling finished before the sync: nothing tested"
+        sampler.sync_weights(new, version=1, background=False)
+        t.join()
+        assert len(out) == 12 and all(len(r.completion_ids) > 0 for r in out)
+        spanning = [r for r in out if (r.version, r.version_end) == (0, 1)]
+        assert spanning, [(r.version, r.version_end) for r in out]
+        batch = vadapter.build_batch(spanning)
+        with torch.no_grad():
+            lp_old, _ = batch_logprobs(vadapter.policy(tiny_model, 1.0), batch)
+            lp_new, _ = batch_logprobs(vadapter.policy(new, 1.0), batch)
+        switched = 0
+        for i in range(len(spanning)):
+            m = batch.loss_mask[i].bool()
+            d_old = (lp_old[i][m] - batch.behavior_logprobs[i][m]).abs()
+            d_new = (lp_new[i][m] - batch.behavior_logprobs[i][m]).abs()
+            # a prefix of old tokens, then new ones (where the swap fell in this request)
+            split = next((j for j in range(len(d_old) + 1)
+                          if bool((d_old[:j] < 1e-4).all()) and bool((d_new[j:] < 1e-4).all())), None)
+            assert split is not None, (d_old, d_new)
+            switched += 0 < split < len(d_old)
+        assert switched, "no request was frozen mid-generation by the swap"
+        again = sampler.sample(prompts(vadapter), n=2)  # the same images again, after the encoder cache reset
+        assert trainer_logprobs(vadapter, new, again)["max_abs_diff"] < 1e-4
+        assert {(r.version, r.version_end) for r in again} == {(1, 1)}
+    finally:
+        sampler.sync_weights(tiny_model, background=False)  # leave the module's server serving the base weights
+
+
 def small_cfg(server, tiny_model_dir, tmp_path, *extra):
     return tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}",
                        "rollout.max_new_tokens=6",
@@ -172,15 +221,67 @@ def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny
 
     try:
         off = train(small_cfg(server, tiny_model_dir, tmp_path, "name=async",
-                              "rollout.one_step_off_policy=true",
+                              "rollout.max_off_policy_steps=1",
                               "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]'))
         ms = read_jsonl(off.run_dir / "metrics.jsonl")
-        assert [m["off_policy_steps"] for m in ms] == [0, 1, 1]
+        # batches 1 and 2 both start from the first weights; batch 3 once step 1's weights are published
+        assert [m["staleness/max"] for m in ms] == [0, 1, 1], ms
+        assert all(m["staleness/dropped_groups"] == 0 for m in ms)
         assert ms[0]["grad_norm"] > 0  # step 1 moved the policy (every group had signal) ...
         # ... so step 2 trains on rollouts one step old
         assert ms[0]["mismatch_kl"] < 1e-6 < ms[1]["mismatch_kl"]
         # the default sync dir: shared memory (the server is on this machine), removed when the run ended
         assert not (off.run_dir / "weights").exists() and not list(Path("/dev/shm").glob("vlrl-sync-async-*"))
+    finally:  # leave the module's server serving the base weights, whatever happened here
+        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
+                       tmp_path / "base").push(tiny_model)
+
+
+def test_async_rollouts_record_the_weights_that_sampled_them(server, tiny_model_dir, vadapter, tiny_model,
+                                                             tmp_path, monkeypatch):
+    """rollout.max_off_policy_steps = 2 against the real server: steps train rollouts up to two versions old,
+    never older, and each rollout's recorded version is the one whose weights sampled it: its logprobs are
+    recomputed to float32 noise by that version's checkpoint and not by the next one's."""
+    import torch
+
+    from vlrl import train as train_module
+    from vlrl.summary import read_jsonl
+    from vlrl.train import train
+
+    trained: dict[int, list] = {}
+    update = train_module.Run.update
+
+    def spy(self, rollouts, fallback):
+        trained[self.step] = list(rollouts)
+        return update(self, rollouts, fallback)
+
+    monkeypatch.setattr(train_module.Run, "update", spy)
+    try:
+        res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=k2", "train.steps=4",
+                              "rollout.max_off_policy_steps=2", "checkpoint.every=1", "checkpoint.keep_last=4",
+                              "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]'))
+        ms = read_jsonl(res.run_dir / "metrics.jsonl")
+        assert [m["step"] for m in ms] == [1, 2, 3, 4]
+        assert max(m["staleness/max"] for m in ms) == 2  # the third batch began from the first weights
+        assert all(m["staleness/dropped_groups"] == 0 for m in ms)
+        for step, rollouts in trained.items():
+            assert all(0 <= step - r.version <= 2 for r in rollouts), (step, [r.version for r in rollouts])
+        # versions recorded == the weights that sampled them, for rollouts one version sampled whole
+
+        def weights_of(v: int):
+            return tiny_model if v == 0 else vadapter.load_model(
+                torch.float32, weights_from=str(res.run_dir / f"step-{v}")).eval()
+
+        checked = 0
+        for v in range(3):
+            pure = [r for rs in trained.values() for r in rs if r.version == r.version_end == v]
+            if not pure:
+                continue
+            own, nxt = weights_of(v), weights_of(v + 1)
+            assert trainer_logprobs(vadapter, own, pure)["mismatch_kl"] < 1e-6
+            assert trainer_logprobs(vadapter, nxt, pure)["max_abs_diff"] > 1e-3
+            checked += len(pure)
+        assert checked >= 8, "too few rollouts sampled by one version to check"
     finally:  # leave the module's server serving the base weights, whatever happened here
         DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
                        tmp_path / "base").push(tiny_model)

@@ -300,9 +300,21 @@ class RolloutConfig(Section):
     """Address of the NCCL rendezvous between the trainer (rank 0) and the server's workers."""
     nccl_master_port: int = Field(29555, gt=0, lt=65536)
     """Port of the NCCL rendezvous."""
-    one_step_off_policy: bool = False
-    """Generate step n+1's rollouts while step n trains (server backend only). They come from weights one
-    step old; the ratio against the sampler's logprobs keeps the update correct."""
+    max_off_policy_steps: int = Field(0, ge=0)
+    """Asynchronous rollouts (server backend only): a producer keeps the server generating the next steps'
+    groups while the learner trains, and a step trains groups sampled by weights up to this many optimizer
+    steps old (older ones are dropped and counted, never trained). 0: synchronous (each step samples, then
+    trains); 1: one-step-off-policy; 2-4 hide most generation time when it exceeds the update's
+    (bench/async_rollouts.py). The importance ratio against the sampler's logprobs corrects the staleness
+    (`algorithm.is_correction`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "one_step_off_policy" in values:
+            raise ValueError("rollout.one_step_off_policy is now rollout.max_off_policy_steps: set it to 1 for "
+                             "one-step-off-policy rollouts (or 2-4 for more overlap), 0 for none")
+        return values
     group_size: int = Field(8, ge=1)
     """Completions sampled per prompt (the GRPO group); at least 2, since advantages are relative to the
     group."""
@@ -355,6 +367,24 @@ class AlgorithmConfig(Section):
     arXiv:1912.09729). With the PPO clip it truncates every importance weight of the loss."""
     mask_ratio: float = Field(10.0, gt=1)
     """Tokens whose trainer/sampler probability ratio is above this (or below its inverse) get no loss."""
+    is_correction: Literal["ratio", "tis", "icepop"] = "ratio"
+    """How the loss corrects for rollouts the trainer's weights did not sample (sampler/trainer mismatch,
+    stale asynchronous rollouts). `ratio`: the PPO ratio is taken against the sampler's logprobs, clipped,
+    dual-clipped at `ratio_cap`, masked beyond `mask_ratio`. `tis` (truncated importance sampling, Yao et
+    al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"): decoupled, the PPO
+    ratio against the trainer's own logprobs and each token weighted by the trainer/sampler ratio truncated
+    at `tis_cap`. `icepop` (Ling team 2025, "IcePop": masked importance sampling): decoupled, the weight is
+    the ratio inside [`icepop_low`, `icepop_high`] and 0 outside (a token there gets no gradient)."""
+    is_level: Literal["token", "sequence"] = "token"
+    """Where `tis`/`icepop` take the trainer/sampler ratio: per token, or per sequence (Liu et al. 2025,
+    "When speed kills stability": sequence-level IS; `tis` truncates the product of the sequence's token
+    ratios, `icepop` masks whole sequences whose geometric-mean ratio leaves the band)."""
+    tis_cap: float = Field(2.0, gt=1)
+    """The truncation of `tis` weights."""
+    icepop_low: float = Field(0.5, gt=0, lt=1)
+    """The low end of `icepop`'s band of kept ratios."""
+    icepop_high: float = Field(2.0, gt=1)
+    """The high end of `icepop`'s band of kept ratios."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the k3 KL penalty to a frozen reference model (0: no reference model is loaded)."""
     entropy_coef: float = Field(0.0, ge=0)
@@ -493,8 +523,9 @@ class Config(Section):
                 f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for the prompt in "
                 f"model.max_model_len ({self.model.max_model_len})"
             )
-        if self.rollout.one_step_off_policy and not self.rollout.server_url:
-            raise ValueError("rollout.one_step_off_policy needs rollout.server_url (a vLLM server)")
+        if self.rollout.max_off_policy_steps and not self.rollout.server_url:
+            raise ValueError("rollout.max_off_policy_steps > 0 needs rollout.server_url (a vLLM server): the "
+                             "in-process sampler generates with the model the learner is updating")
         if self.train.checkpoint_fraction == "auto" and not self.train.gradient_checkpointing:
             raise ValueError('train.checkpoint_fraction = "auto" needs train.gradient_checkpointing = true')
         if (self.train.micro_batch_tokens is not None

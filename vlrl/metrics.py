@@ -8,13 +8,17 @@ import math
 import torch
 
 
-def step_stats(got) -> dict:
+def step_stats(got, step: int | None = None) -> dict:
     """What the metrics need from one rank's `rollout.groups.Groups` (plain data, so ranks can pool it). They
     describe every rollout the step sampled and scored, the groups dynamic sampling dropped included (a step
     whose groups were all dropped still shows its rewards); `trained` and `dropped` say what was learned from.
-    Lengths count sampled tokens only (not the environment's replies between turns)."""
+    Lengths count sampled tokens only (not the environment's replies between turns). `step` (0-based, the step
+    that trains them): the staleness of each trained rollout, in policy versions (0: sampled by the weights
+    being trained)."""
     sampled = got.sampled
     return {
+        "staleness": [step - r.version for r in got.trained] if step is not None else [],
+        "stale_dropped": getattr(got, "stale_dropped", 0),
         "rewards": [r.reward for r in sampled],
         "lengths": [r.sampled_tokens for r in sampled],
         "truncated": sum(r.finish_reason == "length" for r in sampled),
@@ -52,12 +56,12 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
     out = {"rewards": [], "lengths": [], "truncated": 0, "per_fn": {}, "kept": 0, "trained": 0, "dropped": 0,
            "rounds": 0,
            "failures": {}, "bad": 0, "turns": [], "tool_calls": 0, "tool_errors": {}, "env_images": 0,
-           "finish": {}}
+           "finish": {}, "staleness": [], "stale_dropped": 0}
     pooled: dict = {}
     for st, sm in everyone:
-        for k in ("rewards", "lengths", "turns"):
+        for k in ("rewards", "lengths", "turns", "staleness"):
             out[k] += st[k]
-        for k in ("truncated", "kept", "trained", "dropped", "bad", "tool_calls", "env_images"):
+        for k in ("truncated", "kept", "trained", "dropped", "bad", "tool_calls", "env_images", "stale_dropped"):
             out[k] += st[k]
         out["rounds"] = max(out["rounds"], st["rounds"])
         for name, values in st["per_fn"].items():
@@ -66,7 +70,10 @@ def pool(stats: dict, sums: dict, world: int) -> tuple[dict, dict]:
             out[k] = _added([out[k], st[k]])
         for k, v in sm.items():
             same = k in ("grad_norm", "checkpoint_fraction", "selective_fraction")  # already global: identical on every rank
-            biggest = k in ("max_abs_diff", "micro_batches", "peak_memory_gib")
+            biggest = k in ("max_abs_diff", "micro_batches", "peak_memory_gib", "log_ratio_max")
+            if k == "log_ratio_min":
+                pooled[k] = min(pooled.get(k, v), v)
+                continue
             pooled[k] = v if same else (max(pooled.get(k, v), v) if biggest else pooled.get(k, 0.0) + v)
     return out, pooled
 
@@ -107,7 +114,6 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         "bad_samples": st["bad"],
         "time/rollout": times["rollout"],
         "time/rollout_wait": times["rollout_wait"],
-        "time/prefetch_wait": times["prefetch_wait"],
         "time/update": times["update"],
         "time/sync": times["sync"],  # a whole weight push (the last that finished; see policy_sync.py)
         "time/sync_blocking": times.get("sync_blocking", times["sync"]),  # of it, what the learner waited for
@@ -130,6 +136,20 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         m.update({f"finish/{k}": v for k, v in st["finish"].items()})
     if kl:
         m["kl"] = sums.get("kl_sum", 0.0) / tokens
+    # the trainer/sampler log-ratio's spread over trained tokens (sampler mismatch plus staleness)
+    if "log_ratio_sum" in sums:
+        mean = sums["log_ratio_sum"] / tokens
+        m["is/log_ratio_std"] = math.sqrt(max(sums["log_ratio_sq_sum"] / tokens - mean * mean, 0.0))
+        m["is/ratio_min"], m["is/ratio_max"] = math.exp(sums["log_ratio_min"]), math.exp(sums["log_ratio_max"])
+    if "truncated_tokens" in sums:  # tis / icepop
+        m["is/truncated_fraction"] = sums["truncated_tokens"] / tokens
+        m["is/weight_mean"] = sums["is_weight_sum"] / tokens
+    stale = st.get("staleness") or []
+    if stale or st.get("stale_dropped"):
+        m["staleness/mean"] = sum(stale) / len(stale) if stale else 0.0
+        m["staleness/max"] = max(stale) if stale else 0
+        m.update({f"staleness/{v}": stale.count(v) for v in sorted(set(stale))})  # a histogram, in rollouts
+        m["staleness/dropped_groups"] = st.get("stale_dropped", 0)
     return m
 
 

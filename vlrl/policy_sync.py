@@ -25,7 +25,7 @@ from .rollout.vllm_client import ServerError
 
 
 class NoSync:
-    def __call__(self, policy) -> None:
+    def __call__(self, policy, version: int | None = None) -> None:
         return None
 
     def times(self, seconds: float) -> dict[str, float]:
@@ -39,7 +39,7 @@ class ReplicaRefresh(NoSync):
     def __init__(self, replica):
         self.replica = replica
 
-    def __call__(self, policy) -> None:
+    def __call__(self, policy, version: int | None = None) -> None:
         copy_full_weights(policy, self.replica)
 
 
@@ -47,7 +47,8 @@ class ServerSync(NoSync):
     def __init__(self, sampler, accelerator, fsdp: bool, dtype: torch.dtype):
         self.sampler, self.accelerator, self.fsdp, self.dtype = sampler, accelerator, fsdp, dtype
 
-    def __call__(self, policy) -> None:
+    def __call__(self, policy, version: int | None = None) -> None:
+        """`version`: the learner's step count of these weights, which the rollouts sampled from them record."""
         acc = self.accelerator
         model = acc.unwrap_model(policy).model  # the HF model inside the policy wrapper
         weights = None
@@ -57,14 +58,15 @@ class ServerSync(NoSync):
         error = None
         if acc.is_main_process:
             try:
-                self.sampler.sync_weights(model, weights, background=acc.num_processes == 1)
+                self.sampler.sync_weights(model, weights, background=acc.num_processes == 1, version=version)
             except ServerError as e:
                 error = str(e)
         if acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            shared = broadcast_object_list([self.sampler.weights_version, error])
-            self.sampler.weights_version, error = shared
+            shared = broadcast_object_list([self.sampler.weights_version, self.sampler.served_version, error])
+            self.sampler.weights_version, self.sampler.served_version, error = shared
+            self.sampler.pushing_version = self.sampler.served_version
         else:
             acc.wait_for_everyone()
         if error is not None:

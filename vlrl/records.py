@@ -112,6 +112,12 @@ class Rollout:
     rewards: dict[str, float | None] = field(default_factory=dict)
     """Each reward function's value (None: it failed), by the reward set's keys (`fn`, `fn#2`...)."""
     advantage: float = 0.0
+    version: int = 0
+    """The policy version (the learner's step count of the weights) that began sampling it."""
+    version_end: int = 0
+    """The newest version whose weights may have sampled some of its tokens: a weight sync that lands while
+    a request is running (asynchronous rollouts) swaps the weights under it. Equal to `version` when one
+    policy sampled all of it; a multi-turn episode spans its turns' versions."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.completion_ids):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +128,6 @@ class Run:
                 raise UserError("LoRA with FSDP is not supported: LoRA weights fit every GPU, so use DDP "
                                 "(configs/accelerate/ddp-*.yaml), or set model.lora_rank = 0 for full-parameter FSDP")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        if self.world > 1 and cfg.rollout.one_step_off_policy:
-            raise UserError("rollout.one_step_off_policy runs with one training process only (for now)")
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
 
@@ -383,15 +380,38 @@ def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop:
     return None
 
 
-def take_prefetched(pending: Future, stream, before: dict, stop: StopFlag):
-    """One-step-off-policy: the rollouts sampled during the last update, or None when they must be sampled
-    again (the server restarted meanwhile: `stream` goes back to `before`) or cannot be (`stop.fail`)."""
-    try:
-        return pending.result()
-    except ServerRestarted:
-        stream.restore(before)
-    except ServerError as e:
-        stop.fail(str(e))
+def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
+    """Asynchronous rollouts (`rollout.max_off_policy_steps`): step `step`'s groups from the producer. A server
+    that restarted meanwhile (on any rank: the ranks agree) costs the batches generated ahead: dropped, the
+    trainer's weights pushed again, production restarted at this step. A server that failed for good calls
+    `stop.fail` and gives None (as does a stop requested while waiting)."""
+    for _ in range(RESAMPLES):
+        status, error, got = 0, None, None
+        try:
+            got = producer.take(step, stop)
+        except ServerRestarted as e:
+            status, error = 1, str(e)
+        except ServerError as e:
+            status, error = 2, str(e)
+        status = run.agree(status)
+        if status == 2:
+            stop.fail(error or "a vLLM request of another rank failed")
+            return None
+        if status == 0:
+            return got
+        before = producer.resume_state()  # (the failed batch's own position included)
+        dropped = producer.close()
+        producer.stream.restore(before)
+        run.messages.append(f"step {step + 1}: the vLLM server restarted ({error or 'on another rank'}); "
+                            f"{dropped} batch(es) generated ahead dropped, the trainer's weights pushed again and "
+                            "production restarted at this step")
+        try:
+            sync(run.policy, version=step)
+        except ServerError as e:
+            stop.fail(str(e))
+            return None
+        producer.start(step)
+    stop.fail(f"the vLLM server restarted {RESAMPLES} times while one step was sampled")
     return None
 
 
@@ -411,14 +431,20 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     main = run.accelerator.is_main_process
     sampler = make_sampler(cfg, run.sampling_model, run.adapter, rank=run.rank)
     sync = choose_sync(bool(cfg.rollout.server_url), run.fsdp, sampler, run.accelerator, run.replica, run.dtype)
-    sync(run.policy)  # a server may hold other weights (another run, an older step): start from the trainer's
+    # a server may hold other weights (another run, an older step): start from the trainer's
+    sync(run.policy, version=run.step)
     rollouts = RolloutGroups(cfg, run.adapter, sampler, run.rank, run.world)
+    position = dict(run.data_state)
+    ahead = position.pop("ahead", 0)  # batches an asynchronous run had generated ahead when it was saved
     stream = PromptStream(load_samples(cfg.env, "train", cfg.train.seed), cfg.train.seed, run.rank, run.world,
-                          **run.data_state)
+                          **position)
     local_prompts = len(range(run.rank, cfg.rollout.prompts_per_step, run.world))  # prompts r, r + world, ...
     evaluator = TrainingEval(cfg, rollouts) if cfg.eval.every else None
     if main and resume:
         forget_steps_after(run.run_dir, run.step)
+        if ahead:
+            console.print(f"--resume: the {ahead} batch(es) of rollouts generated ahead at step {run.step} were not "
+                          "saved; their prompts are sampled again", highlight=False, markup=False)
         if run.restarted:
             console.print(f"--resume: {run.run_dir} holds no checkpoint (the run stopped before its first); starting "
                           "over at step 0, its logged steps dropped", highlight=False, markup=False)
@@ -428,46 +454,49 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     last_data_state = stream.state()
     shown_errors = 0  # reward-failure messages printed so far
     idle = 0  # steps in a row that trained nothing
-    # One-step-off-policy: step n+1's rollouts are sampled (by the server, with the weights of step n-1)
-    # while step n trains. The checkpoint records the data position before that prefetch, so a resumed run
-    # samples those prompts again rather than skipping them.
-    prefetch = ThreadPoolExecutor(max_workers=1) if cfg.rollout.one_step_off_policy else None
-    pending: Future | None = None
+    # Asynchronous rollouts (rollout.max_off_policy_steps = k > 0): a producer generates the next k steps'
+    # groups while a step trains (rollout/producer.py). A checkpoint records the data position of the oldest
+    # batch not yet trained, so a resumed run samples those prompts again rather than skipping them.
+    k = cfg.rollout.max_off_policy_steps
+    producer = None
+    if k:
+        from .rollout.producer import RolloutProducer
+
+        producer = RolloutProducer(rollouts, stream, local_prompts, k, run.step, cfg.train.steps)
     try:
         with StopFlag() as stop, train_bar(console, cfg.train.steps, run.step, main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
-                got = take_prefetched(pending, stream, data_state, stop) if pending is not None else None  # noqa: F821 - bound by the iteration that set `pending`
-                stale, pending = got is not None, None
-                if got is None and not stop.requested:
+                if producer is not None:
+                    got = take_async(producer, run.step, run, sync, stop)
+                else:
                     got = sample_step(rollouts, stream, run.step, local_prompts, run, sync, stop)
                 t1 = time.perf_counter()
                 if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
                     break
                 data_state = stream.state()
-                if prefetch is not None and run.step + 1 < cfg.train.steps:
-                    pending = prefetch.submit(rollouts.step, stream, run.step + 1, local_prompts)
+                if producer is not None:  # the oldest batch not trained yet, and how many are ahead
+                    data_state = {**producer.resume_state(), "ahead": producer.pending()}
                 sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
                 for message in run.messages:
                     if main:
                         console.print(message, highlight=False, markup=False)
                 run.messages.clear()
-                if pending is not None:
-                    wait([pending])  # its rollouts all come from the old weights: none mixes two policies
                 t3 = time.perf_counter()
                 try:
-                    sync(run.policy)
+                    sync(run.policy, version=run.step + 1)
                 except ServerError as e:  # the step is trained: it is logged and saved, then the run stops
                     stop.fail(str(e))
+                if producer is not None:
+                    producer.publish(run.step + 1)  # the producer may start the batch k steps ahead
                 t4 = time.perf_counter()
-                run.step += 1
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
-                         "prefetch_wait": t3 - t2, **sync.times(t4 - t3), "step": t4 - t0}
-                stats, sums = pool(step_stats(got), sums, run.world)
+                         **sync.times(t4 - t3), "step": t4 - t0}
+                stats, sums = pool(step_stats(got, run.step if k else None), sums, run.world)
+                run.step += 1
                 m = step_metrics(run.step, stats, sums, times, run.scheduler.get_last_lr()[0], rollouts.keys[0],
                                  cfg.algorithm.kl_coef > 0, multi_turn=rollouts.env is not None)
-                m["off_policy_steps"] = int(stale)
                 idle = idle + 1 if stats["trained"] == 0 else 0
                 if idle and main:
                     console.print(f"step {run.step}: no update, {untrained_reason(stats['kept'], m)}", highlight=False, markup=False)
@@ -529,11 +558,11 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         note = sync.close()  # the last weight push finished (in the background), the sync's buffers freed
         if note and main:
             console.print(note, highlight=False, markup=False)
+        if producer is not None:  # batches generated ahead finish (their requests are not aborted), then dropped
+            producer.close()
         rollouts.close()
         if cfg.logging.trackers:
             run.accelerator.end_training()
-        if prefetch is not None:
-            prefetch.shutdown(wait=True, cancel_futures=True)
         for fh in (metrics_fh, samples_fh):
             if fh is not None:
                 fh.close()

@@ -52,9 +52,10 @@ def accumulate_gradients(
         total_sequences = float((batch.loss_mask.sum(-1) > 0).sum())
     sums = dict.fromkeys(
         ["loss", "tokens", "clipped_tokens", "masked_tokens", "ratio_sum", "mismatch_kl_sum", "entropy_sum", "kl_sum",
-         "max_abs_diff", "padded_tokens", "attended_tokens"],
+         "max_abs_diff", "padded_tokens", "attended_tokens", "log_ratio_sum", "log_ratio_sq_sum"],
         0.0,
     )
+    sums["log_ratio_min"], sums["log_ratio_max"] = 0.0, 0.0
     passes = plan.passes
     for i, (g, weight) in enumerate(passes):
         mb = plan.micro_batch(batch, g).to(device)  # padded [b, l] or packed [1, T]; loss tensors [b, l] either way
@@ -90,9 +91,15 @@ def accumulate_gradients(
             sums["tokens"] += float(mask.sum())
             sums["mismatch_kl_sum"] += float((k3(d) * mask).sum())
             sums["max_abs_diff"] = max(sums["max_abs_diff"], float(d.abs().max()) if d.numel() else 0.0)
+            sums["log_ratio_sum"] += float(d.sum())
+            sums["log_ratio_sq_sum"] += float((d * d).sum())
+            on = mask > 0
+            if bool(on.any()):
+                sums["log_ratio_min"] = min(sums["log_ratio_min"], float(d[on].min()))
+                sums["log_ratio_max"] = max(sums["log_ratio_max"], float(d[on].max()))
             sums["entropy_sum"] += float((entropy * mask).sum())
             sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
             sums["attended_tokens"] += float(mb.real_tokens)
             for k, v in st.items():
-                sums[k] += float(v)
+                sums[k] = sums.get(k, 0.0) + float(v)
     return sums

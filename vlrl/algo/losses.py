@@ -10,6 +10,13 @@ on both sides of the objective: PPO's clip (1 - clip_low, 1 + clip_high; DAPO's 
 clip_high > clip_low, arXiv:2503.14476) and, for negative advantages, dual clip at `ratio_cap`
 (arXiv:1912.09729), so a token the trainer finds far likelier than the sampler did cannot blow up the loss.
 Tokens whose ratio is far out of range (above `mask_ratio` or below its inverse) are masked out entirely.
+
+Decoupled corrections (`is_correction` = `tis` or `icepop`), for rollouts far from the trainer's weights
+(stale asynchronous rollouts): the PPO ratio is taken against the trainer's own detached logprobs (the
+"proximal" policy of decoupled PPO, arXiv:2110.00641; its value is 1 on vlrl's one update per batch, so the
+objective's gradient is w * A * grad logp), and the sampler/trainer gap moves into a weight w = pi_theta / mu
+with no gradient: truncated at `tis_cap` (TIS) or zeroed outside [`icepop_low`, `icepop_high`] (IcePop), per
+token or per sequence (`is_level`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ def policy_loss(
     """Per-token loss [B, L] (0 off the mask) and detached statistics (sums over tokens, for logging)."""
     kind, clip_low, clip_high = settings.policy_loss, settings.clip_low, settings.clip_high
     ratio_cap, mask_ratio = settings.ratio_cap, settings.mask_ratio
+    correction = getattr(settings, "is_correction", "ratio")
+    weight = None
+    if correction != "ratio":
+        weight, kept, truncated = importance_weights(logprobs.detach(), behavior, mask, settings)  # [B, L] each
+        behavior = logprobs.detach()  # decoupled: the ratio against the trainer itself
     log_r = (logprobs - behavior) * mask  # [B, L]
     A = advantages[:, None]  # [B, 1]
     if kind == "token":
@@ -48,6 +60,9 @@ def policy_loss(
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
     objective = torch.minimum(unclipped, clipped)
     objective = torch.where(A < 0, torch.maximum(objective, ratio_cap * A), objective)  # dual clip
+    if weight is not None:
+        objective = objective * weight
+        in_range = in_range * kept
     m = mask * in_range
     loss = -objective * m
     with torch.no_grad():
@@ -58,7 +73,37 @@ def policy_loss(
             "masked_tokens": (mask * (1 - in_range)).sum(),
             "ratio_sum": (ratio.detach() * m).sum(),
         }
+        if weight is not None:
+            stats["truncated_tokens"] = (truncated * m).sum()
+            stats["is_weight_sum"] = (weight * m).sum()
     return loss, stats
+
+
+def importance_weights(
+    logprobs: torch.Tensor,  # [B, L] trainer, detached
+    behavior: torch.Tensor,  # [B, L] sampler
+    mask: torch.Tensor,  # [B, L] trained tokens
+    settings,  # is_correction ("tis" | "icepop"), is_level, tis_cap, icepop_low, icepop_high
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoupled corrections' weights w = pi_theta / mu, no gradient: (w [B, L], kept [B, L] 1/0, truncated
+    [B, L] 1/0). TIS: w truncated at `tis_cap` (token ratio, or the product of the sequence's ratios). IcePop:
+    w as it is inside [icepop_low, icepop_high] and kept = 0 outside (token ratio, or the sequence's geometric
+    mean, which masks the whole sequence)."""
+    log_w = (logprobs - behavior) * mask  # [B, L]
+    ones = torch.ones_like(log_w)
+    if settings.is_level == "sequence":
+        total = log_w.sum(-1, keepdim=True)  # [B, 1]: log of the product of the token ratios
+        n = mask.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+        log_w = (total if settings.is_correction == "tis" else total / n).expand_as(log_w)
+    if settings.is_correction == "tis":
+        cap = math.log(settings.tis_cap)
+        truncated = (log_w > cap).float()
+        return torch.exp(log_w.clamp(max=cap)), ones, truncated
+    if settings.is_correction == "icepop":
+        kept = ((log_w >= math.log(settings.icepop_low)) & (log_w <= math.log(settings.icepop_high))).float()
+        w = torch.exp(log_w.clamp(math.log(settings.icepop_low), math.log(settings.icepop_high))) * kept
+        return w, kept, torch.zeros_like(log_w)
+    raise ValueError(f"unknown importance correction {settings.is_correction!r}")
 
 
 def k3(log_ratio: torch.Tensor) -> torch.Tensor:

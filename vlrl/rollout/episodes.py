@@ -52,8 +52,11 @@ class _Episode:
     env_reward_error: tuple[str, str] | None = None
     last: Rollout | None = None  # the latest sampled turn
     finish: str | None = None
+    versions: tuple[int, int] | None = None  # the policy versions of its turns: oldest start, newest end
 
     def add_turn(self, out: Rollout) -> None:
+        self.versions = ((out.version, out.version_end) if self.versions is None
+                         else (min(self.versions[0], out.version), max(self.versions[1], out.version_end)))
         self.ids += out.completion_ids
         self.mask += [1] * len(out.completion_ids)
         self.logprobs += out.logprobs
@@ -91,6 +94,7 @@ class _Episode:
             tool_calls=self.tool_calls, tool_errors=self.tool_errors, env_reward=self.env_reward,
             env_reward_error=self.env_reward_error,
             transcript=transcript(tokenizer, self.ids, image_token_id),
+            version=self.versions[0] if self.versions else 0, version_end=self.versions[1] if self.versions else 0,
         )
 
 

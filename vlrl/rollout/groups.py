@@ -13,6 +13,7 @@ and train, eval and check-batch share every line of it.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -58,6 +59,8 @@ class Groups:
     dropped: list[Rollout] = field(default_factory=list)
     """The scored rollouts of the groups dynamic sampling dropped (their rewards all agreed)."""
     groups_dropped: int = 0
+    stale_dropped: int = 0
+    """Groups asynchronous rollouts dropped: sampled by weights more than max_off_policy_steps old."""
     rounds: int = 0
     seconds: float = 0.0
     """Time spent encoding, sampling and scoring."""
@@ -87,6 +90,9 @@ class RolloutGroups:
         # Samples found bad once stay bad for the run: when the data order brings one back it is counted again
         # but not decoded (fetched, resized...) again. Keyed by the sample object, which lives the whole run.
         self.known_bad: dict[int, tuple[Sample, str]] = {}
+        # Asynchronous rollouts run several steps' rounds at once (rollout/producer.py): encoding and scoring
+        # take turns; the sampling, where the time goes, runs side by side.
+        self.lock = threading.Lock()
 
     @property
     def keys(self) -> list[str]:
@@ -139,11 +145,12 @@ class RolloutGroups:
         """Encode, sample, score and compute advantages for one batch of samples; returns its groups (those
         with rewards that all agree left out under `drop_uniform`), counting bad samples and failures in
         `out`."""
-        out.bad_samples.extend(self.known_bad[id(s)] for s in samples if id(s) in self.known_bad)
-        tools = self.env.schemas() if self.env is not None else None
-        prompts, kept, bad = encode_samples(self.adapter, [s for s in samples if id(s) not in self.known_bad],
-                                            self.cfg.env, tools)
-        self.known_bad.update((id(s), (s, reason)) for s, reason in bad)
+        with self.lock:
+            out.bad_samples.extend(self.known_bad[id(s)] for s in samples if id(s) in self.known_bad)
+            tools = self.env.schemas() if self.env is not None else None
+            prompts, kept, bad = encode_samples(self.adapter, [s for s in samples if id(s) not in self.known_bad],
+                                                self.cfg.env, tools)
+            self.known_bad.update((id(s), (s, reason)) for s, reason in bad)
         out.bad_samples.extend(bad)
         out.new_bad_samples.extend(bad)
         if not prompts:
@@ -159,7 +166,8 @@ class RolloutGroups:
                 return []
         for r in rollouts:
             r.sample = kept[r.group]
-        result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
+        with self.lock:
+            result = self.rewards.score([r.text for r in rollouts], [r.sample for r in rollouts])
         # rewards the environment gave along the way count as the reward `env`
         for i, r in enumerate(rollouts):
             # not a number: the rollout's reward fails, as a function's would

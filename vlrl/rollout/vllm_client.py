@@ -144,10 +144,14 @@ class VLLMClient:
         return self._model
 
     def pause(self) -> None:
-        """Hold new requests and let running ones finish. The caches are reset explicitly after the swap
-        (`reset_caches`), not by the pause: its `clear_cache` is deprecated in vLLM 0.32 and ignored by the
-        `keep` mode."""
-        self._post("/pause", params={"mode": "wait", "clear_cache": "false"})
+        """Freeze every request where it is (vLLM's `keep` mode) for the swap: nothing is drained or aborted,
+        so a weight sync costs generation only the swap itself (`wait` would let the longest running
+        completion finish first; `abort` would lose them). The requests frozen mid-generation continue after
+        `resume` under the new weights (their KV recomputed: `reset_caches`); each token keeps the logprob of
+        the weights that sampled it, which is what the loss's importance ratio needs. The caches are reset
+        explicitly after the swap, not by the pause: its `clear_cache` is deprecated in vLLM 0.32 and ignored
+        by `keep`."""
+        self._post("/pause", params={"mode": "keep", "clear_cache": "false"})
 
     def resume(self) -> None:
         self._post("/resume")
@@ -162,7 +166,12 @@ class VLLMClient:
         paused reset does it (prefix, multi-modal inputs, encoder). Not optional: vLLM 0.32's in-place reload
         clears its workers' encoder cache but not the scheduler's record of it, so without these resets the
         next request with a repeated image stopped the engine ("Encoder cache miss")."""
-        self._post("/reset_prefix_cache")
+        # requests frozen mid-generation hold KV blocks of the old weights: preempted, so vLLM recomputes
+        # their KV (prompt and tokens so far) with the new weights when they resume
+        answer = self._post("/reset_prefix_cache", params={"reset_running_requests": "true"})
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise ServerError(f"vLLM server {self.base_url}: /reset_prefix_cache failed after a weight swap; "
+                              "the KV cache would mix two policies")
         self._post("/reset_mm_cache")
         self._post("/reset_encoder_cache")
 
@@ -270,6 +279,12 @@ class VLLMSampler:
         self.push_s = 0.0
         self.push_blocking_s = 0.0  # of which the learner waited for
         self.push_wait_s = 0.0  # seconds sampling waited for pushes (summed)
+        # Policy versions (the learner's step count of the weights) for asynchronous rollouts: the version on
+        # the server once a push has landed, and the newest one a push has started to send. A request that
+        # began under `served_version` and ended while `pushing_version` was newer may hold tokens of both.
+        self.served_version = 0
+        self.pushing_version = 0
+        self._pushing_tag: str | None = None  # the tag a push running now sets on the server
         self.client.model_name()  # fail early and clearly when the server is unreachable
 
     def _image_url(self, img, prompt_id: int, k: int) -> str:
@@ -402,15 +417,19 @@ class VLLMSampler:
         completions."""
         self.wait_for_push()
         self.check_weights()
+        start = self.served_version
         out = asyncio.run(self._sample(prompts, n, seed))
         self.check_weights()
+        end = max(self.pushing_version, self.served_version)
+        for r in out:
+            r.version, r.version_end = start, end
         return out
 
     def check_weights(self) -> None:
         if self.weights_version is None:
             return
         now = self.client.weight_version()
-        if now != self.weights_version:
+        if now not in (self.weights_version, self._pushing_tag):  # (a push of ours may be landing now)
             raise ServerRestarted(f"vLLM server {self.client.base_url} holds weights {now!r}, not the "
                                   f"trainer's {self.weights_version!r} (restarted?)")
 
@@ -449,16 +468,20 @@ class VLLMSampler:
                 f"server with `vlrl serve --max-model-len {max_model_len}`"
             )
 
-    def sync_weights(self, model, state: dict | None = None, background: bool = True) -> None:
+    def sync_weights(self, model, state: dict | None = None, background: bool = True,
+                     version: int | None = None) -> None:
         """Send `model`'s weights (or `state`, weights gathered from an FSDP-sharded model) to the server,
         tagged with a fresh version. With the disk sync this returns once the weights are copied to host
         buffers (the learner may change them then); the files, the server's reload and the version check run
         in the background (`background=False`: here), and the next `sample` waits for them, so nothing is
         sampled from weights other than the pushed ones. Errors of a background push are raised by the next
-        `sample` or sync."""
+        `sample` or sync. `version`: the learner's step count of these weights (what rollouts record)."""
         if self.weight_sync is None:
             return
         self.wait_for_push()
+        self._push = None
+        version = self.pushing_version if version is None else version
+        self.pushing_version = version
         t0 = time.perf_counter()
         if not hasattr(self.weight_sync, "copy"):  # the NCCL route: one synchronous push
             self._tagged(lambda full: self.weight_sync.push(model, state))
@@ -490,6 +513,7 @@ class VLLMSampler:
         for _ in range(self.cfg.max_retries + 1):
             full = self.client.weight_version() != self.weights_version
             version = f"vlrl-{uuid.uuid4().hex[:16]}"
+            self._pushing_tag = version  # before the server shows it: a concurrent check accepts it
             try:
                 self.client.set_weight_version(version, retry=False)
             except ServerError:
@@ -499,13 +523,16 @@ class VLLMSampler:
             load(full)
             if self.client.weight_version() == version:
                 self.weights_version = version
+                self.served_version = self.pushing_version
+                self._pushing_tag = None
                 return
         raise ServerError(f"vLLM server {self.client.base_url} lost the weights pushed to it "
                           f"{self.cfg.max_retries + 1} times in a row (restarting over and over?)")
 
     def wait_for_push(self) -> None:
-        """Until the last push is on the server (its error raised here, once)."""
-        push, self._push = self._push, None
+        """Until the last push is on the server (its error raised here). Asynchronous rollouts call it from the
+        producer's threads while the learner may start the next push: only `sync_weights` forgets a push."""
+        push = self._push
         if push is not None:
             t0 = time.perf_counter()
             try:
