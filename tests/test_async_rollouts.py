@@ -11,7 +11,7 @@ from vlrl.config import load_config
 from vlrl.data.stream import PromptStream
 from vlrl.records import EncodedPrompt, Rollout
 from vlrl.rollout.groups import Groups
-from vlrl.rollout.producer import RolloutProducer, drop_stale
+from vlrl.rollout.producer import RolloutProducer
 from vlrl.rollout.vllm_client import ServerRestarted
 from vlrl.sample import Sample
 
@@ -24,84 +24,102 @@ def rollout(group: int, version: int) -> Rollout:
 
 
 class Scripted:
-    """A rollout layer whose steps take `seconds` and record the published version they began under."""
+    """A rollout layer whose groups take `seconds(index)` and record the version they began under."""
 
-    def __init__(self, seconds: float = 0.05, fail_at: int | None = None):
+    def __init__(self, seconds=lambda i: 0.05, fail_at: int | None = None):
         self.seconds, self.fail_at = seconds, fail_at
         self.version = 0  # what the 'server' holds
-        self.started: list[tuple[int, int]] = []  # (step, version at start)
+        self.started: dict[int, int] = {}  # group index -> version at its start
         self.running, self.most_running = 0, 0
         self.lock = threading.Lock()
 
-    def step(self, stream, step: int, prompts: int) -> Groups:
+    def step(self, stream, index: int, prompts: int) -> Groups:
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
-            self.started.append((step, self.version))
-            v = self.version
-        stream.take(prompts)
-        time.sleep(self.seconds)
+            self.started[index] = v = self.version
+        taken = stream.take(prompts)
+        time.sleep(self.seconds(index))
         with self.lock:
             self.running -= 1
-        if self.fail_at == step:
+        if self.fail_at == index:
             self.fail_at = None
             raise ServerRestarted("scripted restart")
         out = Groups(["r"])
-        out.rollouts = [rollout(g, v) for g in range(prompts)]
+        out.rollouts = [rollout(0, v) for _ in range(2)]
+        for r in out.rollouts:
+            r.sample = taken[0]
         out.trained = list(out.rollouts)
         return out
 
 
-def stream(n: int = 100) -> PromptStream:
+def stream(n: int = 200) -> PromptStream:
     return PromptStream([Sample(id=str(i), question="q", images=[]) for i in range(n)], seed=0)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_batches_start_at_most_k_versions_ahead_and_come_in_order(k):
-    layer = Scripted()
-    producer = RolloutProducer(layer, stream(), prompts=2, k=k, first_step=0, steps=8)
+def learn(producer, layer, steps: int, first: int = 0, update_s: float = 0.02) -> list:
+    """The learner's loop: take, 'update', sync, publish. Returns each step's groups."""
+    out = []
+    for step in range(first, steps):
+        out.append(producer.take(step))
+        time.sleep(update_s)
+        layer.version = step + 1  # the sync ...
+        producer.publish(step + 1)  # ... then the producer learns of it
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_groups_start_at_most_k_versions_ahead(k):
+    layer, prompts = Scripted(), 3
+    producer = RolloutProducer(layer, stream(), prompts=prompts, k=k, first_step=0, steps=6)
     try:
-        for step in range(8):
-            got = producer.take(step)
-            assert {r.version for r in got.trained} <= set(range(step - k, step + 1))
-            time.sleep(0.02)  # the update
-            layer.version = step + 1  # the sync ...
-            producer.publish(step + 1)  # ... then the producer learns of it
+        got = learn(producer, layer, 6)
     finally:
         producer.close()
-    # batch s began under a version >= s - k, and never more than k + 1 ran together
-    assert all(v >= s - k for s, v in layer.started), layer.started
-    assert [s for s, _ in layer.started] == list(range(8))
-    assert 1 < layer.most_running <= k + 1
+    for step, groups in enumerate(got):
+        assert len({r.group for r in groups.trained}) == prompts and groups.stale_dropped == 0
+        versions = [r.version for r in groups.trained]
+        assert all(step - k <= v <= step for v in versions), (step, versions)
+    # slot j (group index j, none dropped) began under a version >= j // prompts - k; at most
+    # (k + 1) * prompts ran together, and with k > 0 more than one step's worth did
+    assert all(v >= i // prompts - k for i, v in layer.started.items()), layer.started
+    assert sorted(layer.started) == list(range(6 * prompts))
+    assert layer.most_running <= (k + 1) * prompts
+    assert k == 0 or layer.most_running > prompts
 
 
-def test_stale_groups_are_dropped_and_counted():
-    groups = Groups(["r"])
-    groups.rollouts = [rollout(0, 3), rollout(0, 3), rollout(1, 1), rollout(2, 2)]
-    groups.trained = list(groups.rollouts)
-    out = drop_stale(groups, step=4, k=2)  # versions below 2 are too old
-    assert out.stale_dropped == 1 and {r.group for r in out.trained} == {0, 2}
+def test_a_straggler_is_trained_later_or_dropped_never_holds_its_step_back():
+    # group 0 takes 1.5 s, the others 0.05: steps go on without it; when it ends (k = 1) it is too old
+    layer = Scripted(seconds=lambda i: 1.5 if i == 0 else 0.05)
+    producer = RolloutProducer(layer, stream(), prompts=2, k=1, first_step=0, steps=12)
+    t0 = time.perf_counter()
+    try:
+        got = learn(producer, layer, 12, update_s=0.1)
+    finally:
+        producer.close()
+    assert time.perf_counter() - t0 < 1.5 + 12 * 0.1  # the first step did not wait for it
+    assert sum(g.stale_dropped for g in got) == 1  # dropped, counted
+    assert all(len(g.trained) == 4 for g in got)  # every step still trains two groups
 
 
-def test_checkpoint_position_is_the_oldest_untrained_batch_and_a_restart_rewinds_to_it():
-    layer = Scripted(seconds=0.05, fail_at=2)
+def test_checkpoint_position_is_the_oldest_untrained_group_and_a_restart_rewinds_to_it():
+    layer = Scripted(seconds=lambda i: 0.05 + 0.02 * i, fail_at=4)
     s = stream()
     producer = RolloutProducer(layer, s, prompts=3, k=2, first_step=0, steps=6)
     try:
-        producer.take(0)
-        # batches 1 and 2 began from positions 3 and 6 (each takes 3 prompts, in order)
-        assert producer.resume_state() == {"index": 3} and producer.pending() == 2
-        producer.take(1)
+        first = producer.take(0)
+        assert [r.sample.id for r in first.trained[::2]] == [x.id for x in PromptStream(s.samples, 0).take(3)]
+        assert producer.resume_state() == {"index": 3}  # groups 3.. began from position 3, one prompt each
         with pytest.raises(ServerRestarted):
-            producer.take(2)
+            producer.take(1)
         before = producer.resume_state()
-        assert before == {"index": 6}  # the failed batch's own position
-        assert producer.close() >= 1
+        assert before == {"index": 3}  # the failed group's step, from its first prompt
+        assert producer.close() >= 3
         s.restore(before)
-        producer.start(2)
-        again = producer.take(2)
-        assert len(again.trained) == 3
-        assert layer.started[-1][0] >= 2 and [st for st, _ in layer.started].count(2) == 2
+        layer.fail_at = None
+        producer.start(1)
+        again = producer.take(1)
+        assert len(again.trained) == 6 and producer.resume_state()["index"] >= 6
     finally:
         producer.close()
 

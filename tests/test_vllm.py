@@ -264,6 +264,12 @@ def test_async_rollouts_record_the_weights_that_sampled_them(server, tiny_model_
         assert [m["step"] for m in ms] == [1, 2, 3, 4]
         assert max(m["staleness/max"] for m in ms) == 2  # the third batch began from the first weights
         assert all(m["staleness/dropped_groups"] == 0 for m in ms)
+        # the checkpoint of step 2: the data position of the oldest group not trained (step 3's first, after
+        # 2 steps x 2 prompts), and how many groups were generated ahead (not saved: sampled again on resume)
+        from vlrl.checkpoint import load_trainer_state
+
+        data = load_trainer_state(res.run_dir / "step-2")["data"][0]
+        assert data["index"] == 4 and data["ahead"] >= 2, data
         for step, rollouts in trained.items():
             assert all(0 <= step - r.version <= 2 for r in rollouts), (step, [r.version for r in rollouts])
         # versions recorded == the weights that sampled them, for rollouts one version sampled whole
@@ -285,6 +291,30 @@ def test_async_rollouts_record_the_weights_that_sampled_them(server, tiny_model_
     finally:  # leave the module's server serving the base weights, whatever happened here
         DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
                        tmp_path / "base").push(tiny_model)
+
+
+def test_async_rollouts_with_two_processes(server, tiny_model_dir, vadapter, tiny_model, tmp_path):
+    """Two ranks (gloo), each with its own producer against the server, one weight push per step from rank 0:
+    both train every step within the staleness bound, and the checkpoint holds each rank's data position."""
+    from test_distributed import torchrun, train_args
+
+    from vlrl.checkpoint import latest_checkpoint, load_trainer_state
+
+    res = torchrun(2, *train_args("-m vlrl", tiny_model_dir, tmp_path, "name=ddp-async", "train.steps=3",
+                                  f"rollout.server_url={server.url}", "rollout.max_off_policy_steps=2",
+                                  "rollout.max_new_tokens=6"))
+    try:
+        assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+        ms = [json.loads(line) for line in (tmp_path / "ddp-async" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in ms] == [1, 2, 3]
+        assert all(m["samples_trained"] == 12 for m in ms)  # 3 groups of 4: rank 0's two and rank 1's one
+        staleness = [m["staleness/max"] for m in ms]
+        assert staleness[:2] == [0, 1] and staleness[2] in (1, 2), staleness  # step 3's groups began early
+        state = load_trainer_state(latest_checkpoint(tmp_path / "ddp-async"))
+        # the last step left nothing to generate ahead: each rank's position is after its 3 steps' prompts
+        assert state["data"] == [{"index": 6, "ahead": 0}, {"index": 3, "ahead": 0}]
+    finally:  # leave the module's server serving the base weights
+        DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter, tmp_path / "base").push(tiny_model)
 
 
 def test_check_batch_against_the_server(server, tiny_model_dir):

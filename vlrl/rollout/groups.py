@@ -80,6 +80,30 @@ class Groups:
         return {k: [r.rewards.get(k) for r in rollouts] for k in keys}
 
 
+def merge_groups(parts: list[Groups]) -> Groups:
+    """One step's groups from several sampled apart (asynchronous rollouts take them one group at a time):
+    the kept groups renumbered 0, 1, ... in order, counts added, the slowest part's time."""
+    out = Groups(parts[0].keys if parts else [])
+    for part in parts:
+        offset = len({r.group for r in out.rollouts})
+        numbers = {g: offset + i for i, g in enumerate(sorted({r.group for r in part.rollouts}))}
+        for r in part.rollouts:
+            r.group = numbers[r.group]
+        out.rollouts += part.rollouts
+        out.trained += part.trained
+        out.bad_samples += part.bad_samples
+        out.new_bad_samples += part.new_bad_samples
+        for reason, count in part.failures.items():
+            out.failures[reason] = out.failures.get(reason, 0) + count
+        out.errors += part.errors[: max(0, MAX_ERRORS - len(out.errors))]
+        out.dropped += part.dropped
+        out.groups_dropped += part.groups_dropped
+        out.stale_dropped += part.stale_dropped
+        out.rounds = max(out.rounds, part.rounds)
+        out.seconds = max(out.seconds, part.seconds)
+    return out
+
+
 class RolloutGroups:
     """Turns samples into scored groups with one sampler and the configured rewards."""
 

@@ -1,21 +1,26 @@
-"""Asynchronous rollouts: a producer keeps the vLLM server generating the next steps' groups while the learner
-trains, up to `rollout.max_off_policy_steps` (k) policy versions ahead.
+"""Asynchronous rollouts: a producer keeps the vLLM server generating groups continuously while the learner
+trains, with rollouts at most `rollout.max_off_policy_steps` (k) policy versions behind the weights they
+train.
 
-Versions: the learner's step count of the weights (0 at the start, n after n optimizer steps). Batch s, the
-groups step s (0-based) trains, may start once weights of version s - k are published (`publish`), so at most
-k + 1 batches are generated at once, each in a thread of its own: the server's continuous batching takes
-requests from several steps together, and a step's stragglers no longer leave it idle (a synchronous step
-waits for its longest completion with the server mostly empty). Weight syncs land while requests run (the
+Versions: the learner's step count of the weights (0 at the start, n after n optimizer steps). The unit of
+work is one group (a prompt's `group_size` rollouts, refilled by dynamic sampling as in a synchronous step),
+sampled in a thread of its own. Group slots are numbered in order, `prompts` per step; slot j's group starts
+once weights of version j // prompts - k are published (`publish`), so about (k + 1) * prompts groups are
+generated at once and the server's continuous batching always has work: no step waits for its longest
+completion with the server mostly empty, as a synchronous step does. Weight syncs land while requests run (the
 server freezes them for the swap only: `VLLMClient.pause`), so a rollout records the versions it began and
 ended under (`Rollout.version`, `version_end`; every token keeps the logprob of the weights that sampled it).
-The learner takes batch s when it is complete (`take`); groups with a rollout begun before version s - k are
-dropped and counted, never trained (by the gating above that happens only when the server outran a restart).
 
-What is not kept: batches generated ahead are not checkpointed (rollouts are cheap to regenerate). The
-checkpoint's data position is that of the oldest batch not yet trained (`resume_state`), so a resumed run
-samples those prompts again (a prompt another in-flight batch had taken may come twice; none is skipped).
-A server that restarted (its weights are the base ones again) costs the same: every batch not yet trained is
-dropped, the trainer's weights are pushed again and production restarts at the learner's step (`restart`).
+The learner's step s takes the `prompts` oldest finished groups (`take`), whichever step's slot they had: a
+straggler is trained a step later rather than holding its step back. A group begun under a version older than
+s - k is dropped and counted (`Groups.stale_dropped`), never trained; its slot is given back, so production
+never runs short.
+
+What is not kept: groups generated ahead are not checkpointed (rollouts are cheap to regenerate). The
+checkpoint's data position is that of the oldest group not yet trained (`resume_state`), so a resumed run
+samples those prompts again (a later group's prompt may come twice; none is skipped). A server that restarted
+(its weights are the base ones again) costs the same: every group not yet trained is dropped, the trainer's
+weights are pushed again and production restarts (`close`, then `start`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from .groups import Groups, merge_groups
+
 
 class LockedStream:
-    """A prompt stream several batch threads take from: one take at a time, in order."""
+    """A prompt stream several group threads take from: one take at a time, in order."""
 
-    def __init__(self, stream, lock: threading.Lock):
-        self.stream, self.lock = stream, lock
+    def __init__(self, stream):
+        self.stream, self.lock = stream, threading.Lock()
 
     def take(self, n: int):
         with self.lock:
@@ -42,101 +49,146 @@ class LockedStream:
         with self.lock:
             self.stream.restore(state)
 
+    def state_and_take(self, n: int) -> tuple[dict, list]:
+        """The position, then the `n` prompts from it, with no other take between."""
+        with self.lock:
+            return self.stream.state(), self.stream.take(n)
+
+
+class TaskStream:
+    """One group's view of the stream: its first prompt, taken when the group was given its slot (so the
+    stream's order is the slots' order), then the shared stream for dynamic sampling's refills."""
+
+    def __init__(self, first: list, shared: LockedStream):
+        self.first, self.shared = list(first), shared
+
+    def take(self, n: int):
+        out, self.first = self.first[:n], self.first[n:]
+        return out + (self.shared.take(n - len(out)) if n > len(out) else [])
+
 
 @dataclass
-class Batch:
-    step: int
+class Task:
+    index: int
+    """The group's number in the run (its sampler seed stream)."""
     before: dict
-    """The stream's position when the batch began: a resume or a restart samples again from the oldest one."""
-    groups: object = None  # rollout.groups.Groups once done
+    """The stream's position when it began: a resume or a restart samples again from the oldest one."""
+    stream: TaskStream | None = None
+    groups: Groups | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def version(self) -> int:
+        """The oldest version any of its rollouts began under (kept no rollout: none, so fresh)."""
+        return min((r.version for r in self.groups.rollouts), default=1 << 62)
 
 
 class RolloutProducer:
     def __init__(self, rollouts, stream, prompts: int, k: int, first_step: int, steps: int):
         self.rollouts, self.prompts, self.k, self.steps = rollouts, prompts, k, steps
-        self.lock = threading.Lock()
-        self.stream = LockedStream(stream, threading.Lock())
-        self.cond = threading.Condition(self.lock)
-        self.version = first_step
-        self.batches: dict[int, Batch] = {}
-        self.next_step = first_step
-        self.closed = False
+        self.stream = LockedStream(stream)
+        self.cond = threading.Condition()
+        self.tasks: dict[int, Task] = {}
         self.threads: list[threading.Thread] = []
         self.dispatcher: threading.Thread | None = None
         self.start(first_step)
 
     # --- the producer's side ------------------------------------------------------------------------------
     def start(self, step: int) -> None:
-        with self.lock:
-            self.next_step, self.version, self.closed = step, step, False
+        """Produce the groups of steps `step`, `step` + 1, ... (weights of version `step` published)."""
+        with self.cond:
+            self.version, self.closed = step, False
+            self.slots = step * self.prompts  # slots given out: started groups, less the dropped ones
+            self.next_index = step * self.prompts
         self.dispatcher = threading.Thread(target=self._dispatch, name="vlrl-rollout-producer", daemon=True)
         self.dispatcher.start()
+
+    def _ready(self) -> bool:
+        return self.slots < self.steps * self.prompts and self.slots // self.prompts - self.k <= self.version
 
     def _dispatch(self) -> None:
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or self.next_step >= self.steps
-                                   or self.next_step - self.k <= self.version)
-                if self.closed or self.next_step >= self.steps:
+                self.cond.wait_for(lambda: self.closed or self._ready())
+                if self.closed:
                     return
-                s = self.next_step
-                self.next_step += 1
-                batch = self.batches[s] = Batch(s, self.stream.state())
-            t = threading.Thread(target=self._produce, args=(batch,), name=f"vlrl-rollouts-step-{s + 1}",
+                before, first = self.stream.state_and_take(1)
+                task = Task(self.next_index, before, TaskStream(first, self.stream))
+                self.tasks[task.index] = task
+                self.next_index += 1
+                self.slots += 1
+            t = threading.Thread(target=self._produce, args=(task,), name=f"vlrl-group-{task.index}",
                                  daemon=True)
             self.threads.append(t)
             t.start()
 
-    def _produce(self, batch: Batch) -> None:
+    def _produce(self, task: Task) -> None:
         try:
-            batch.groups = self.rollouts.step(self.stream, batch.step, self.prompts)
+            task.groups = self.rollouts.step(task.stream, task.index, 1)
         except BaseException as e:  # handed to the learner, which decides (restart, stop)
-            batch.error = e
+            task.error = e
         finally:
-            batch.done.set()
             with self.cond:
+                task.done.set()
                 self.cond.notify_all()
 
     # --- the learner's side -------------------------------------------------------------------------------
     def publish(self, version: int) -> None:
-        """Weights of `version` are on their way to the server (its sampling waits for them): batches up to
-        version + k may start."""
+        """Weights of `version` are on their way to the server (its sampling waits for them): groups of steps
+        up to version + k may start."""
         with self.cond:
             self.version = max(self.version, version)
             self.cond.notify_all()
 
-    def take(self, step: int, stop=None):
-        """Step `step`'s groups once complete, the stale ones dropped (`Groups.stale_dropped` counts them).
-        Raises what the batch's sampling raised (ServerRestarted, ServerError...)."""
-        with self.lock:
-            batch = self.batches.get(step)
-        if batch is None:
-            raise RuntimeError(f"step {step + 1}'s rollouts were never started (producer at step "
-                               f"{self.next_step + 1})")
-        while not batch.done.wait(0.2):
-            if stop is not None and stop.requested:
-                return None
-        if batch.error is not None:  # kept: a restart rewinds the stream to it
-            raise batch.error
-        with self.lock:
-            del self.batches[step]
-        return drop_stale(batch.groups, step, self.k)
+    def take(self, step: int, stop=None) -> Groups | None:
+        """Step `step`'s groups: the `prompts` oldest finished ones begun under version step - k or later
+        (older ones dropped and counted). None when `stop` is requested meanwhile. Raises what a group's
+        sampling raised (ServerRestarted, ServerError...), the group kept so that a restart rewinds to it."""
+        taken: list[Task] = []
+        stale = 0
+        with self.cond:
+            while len(taken) < self.prompts:
+                finished = sorted((t for t in self.tasks.values() if t.done.is_set()), key=lambda t: t.index)
+                for t in finished:
+                    if t.error is not None:
+                        for done in taken:  # back where they were: a restart rewinds to the oldest
+                            self.tasks[done.index] = done
+                        raise t.error
+                for t in finished:
+                    if len(taken) == self.prompts:
+                        break
+                    del self.tasks[t.index]
+                    if t.version < step - self.k:
+                        stale += len({r.group for r in t.groups.rollouts})
+                        self.slots -= 1  # its slot is given back: another group starts in its place
+                        self.cond.notify_all()
+                    else:
+                        taken.append(t)
+                if len(taken) < self.prompts:
+                    if stop is not None and stop.requested:
+                        for t in taken:  # back where they were: the next take (or a checkpoint) sees them
+                            self.tasks[t.index] = t
+                        return None
+                    self.cond.wait(0.2)
+        out = merge_groups([t.groups for t in taken])
+        out.stale_dropped = stale
+        return out
 
     def resume_state(self) -> dict:
-        """The data position a checkpoint records: that of the oldest batch not yet trained."""
-        with self.lock:
-            pending = [b.before for b in self.batches.values()]
+        """The data position a checkpoint records: that of the oldest group not yet trained."""
+        with self.cond:
+            pending = [t.before for t in self.tasks.values()]
         return min(pending, key=lambda s: s["index"]) if pending else self.stream.state()
 
     def pending(self) -> int:
-        """Batches started and not yet trained."""
-        with self.lock:
-            return len(self.batches)
+        """Groups started and not yet trained."""
+        with self.cond:
+            return len(self.tasks)
 
     def close(self) -> int:
-        """Stop producing; the batches started finish (their requests are not aborted) and are dropped."""
+        """Stop producing; the groups started finish (their requests are not aborted) and are dropped. Returns
+        how many."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
@@ -145,19 +197,7 @@ class RolloutProducer:
         for t in self.threads:
             t.join()
         self.threads = []
-        with self.lock:
-            dropped = len(self.batches)
-            self.batches.clear()
+        with self.cond:
+            dropped = len(self.tasks)
+            self.tasks.clear()
         return dropped
-
-
-def drop_stale(groups, step: int, k: int):
-    """`groups` without the groups any of whose rollouts began under a version older than step - k."""
-    oldest = step - k
-    stale = {r.group for r in groups.rollouts if r.version < oldest}
-    groups.stale_dropped = len(stale)
-    if stale:
-        groups.rollouts = [r for r in groups.rollouts if r.group not in stale]
-        groups.trained = [r for r in groups.trained if r.group not in stale]
-    return groups
-
