@@ -76,17 +76,20 @@ def test_every_builtin_environment_with_tools_samples_from_the_server(server, ti
         assert report["stats"]["max_turns"] >= 2
 
 
-@pytest.mark.parametrize("env", ["zoom", "calculator"])
+@pytest.mark.parametrize("env", ["zoom", "calculator", "zoom-async"])
 def test_three_training_steps_of_each_tool_environment_through_the_server(server, tiny_model_dir, vadapter,
                                                                           tiny_model, tmp_path, env):
+    """`zoom-async`: the same episodes from asynchronous rollouts (k = 2), each group's turns by one thread."""
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
     from conftest import tiny_config
 
     extra = ("env.dataset=builtin:zoom", "model.max_model_len=1024", "rollout.max_new_tokens=8",
-             "env.max_turns=3") if env == "zoom" else (*CALCULATOR, "rollout.max_new_tokens=16",
-                                                       "env.max_turns=2")
+             "env.max_turns=3") if env.startswith("zoom") else (*CALCULATOR, "rollout.max_new_tokens=16",
+                                                                  "env.max_turns=2")
+    if env == "zoom-async":
+        extra += ("rollout.max_off_policy_steps=2",)
     cfg = tiny_config(tiny_model_dir, tmp_path, f"rollout.server_url={server.url}", "train.steps=3",
                       'env.rewards=[{fn="rewards_for_tests:noise"}]', *extra,
                       step=("rollout.prompts_per_step=2",
@@ -95,9 +98,12 @@ def test_three_training_steps_of_each_tool_environment_through_the_server(server
         res = train(cfg)
         ms = read_jsonl(res.run_dir / "metrics.jsonl")
         assert [m["step"] for m in ms] == [1, 2, 3]
-        assert all(m["mismatch_kl"] < 1e-5 for m in ms), [m["mismatch_kl"] for m in ms]
-        if env == "zoom":
+        fresh = ms[:1] if env == "zoom-async" else ms  # (later steps train older weights' rollouts)
+        assert all(m["mismatch_kl"] < 1e-5 for m in fresh), [m["mismatch_kl"] for m in ms]
+        if env.startswith("zoom"):
             assert sum(m["tool_calls"] for m in ms) > 0, ms
+        if env == "zoom-async":
+            assert [m["staleness/max"] for m in ms][:2] == [0, 1] and ms[2]["staleness/max"] <= 2, ms
     finally:  # leave the module's server serving the base weights
         DiskWeightSync(VLLMClient(server.url, rollout_cfg(server)), vadapter,
                        tmp_path / "base").push(tiny_model)
