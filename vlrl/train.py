@@ -382,7 +382,7 @@ def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop:
 
 def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
     """Asynchronous rollouts (`rollout.max_off_policy_steps`): step `step`'s groups from the producer. A server
-    that restarted meanwhile (on any rank: the ranks agree) costs the batches generated ahead: dropped, the
+    that restarted meanwhile (on any rank: the ranks agree) costs the groups generated ahead: dropped, the
     trainer's weights pushed again, production restarted at this step. A server that failed for good calls
     `stop.fail` and gives None (as does a stop requested while waiting)."""
     for _ in range(RESAMPLES):
@@ -399,11 +399,11 @@ def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
             return None
         if status == 0:
             return got
-        before = producer.resume_state()  # (the failed batch's own position included)
+        before = producer.resume_state()  # (the failed group's own position included)
         dropped = producer.close()
         producer.stream.restore(before)
         run.messages.append(f"step {step + 1}: the vLLM server restarted ({error or 'on another rank'}); "
-                            f"{dropped} batch(es) generated ahead dropped, the trainer's weights pushed again and "
+                            f"{dropped} group(s) generated ahead dropped, the trainer's weights pushed again and "
                             "production restarted at this step")
         try:
             sync(run.policy, version=step)
@@ -435,7 +435,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     sync(run.policy, version=run.step)
     rollouts = RolloutGroups(cfg, run.adapter, sampler, run.rank, run.world)
     position = dict(run.data_state)
-    ahead = position.pop("ahead", 0)  # batches an asynchronous run had generated ahead when it was saved
+    ahead = position.pop("ahead", 0)  # groups an asynchronous run had generated ahead when it was saved
     stream = PromptStream(load_samples(cfg.env, "train", cfg.train.seed), cfg.train.seed, run.rank, run.world,
                           **position)
     local_prompts = len(range(run.rank, cfg.rollout.prompts_per_step, run.world))  # prompts r, r + world, ...
@@ -443,7 +443,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     if main and resume:
         forget_steps_after(run.run_dir, run.step)
         if ahead:
-            console.print(f"--resume: the {ahead} batch(es) of rollouts generated ahead at step {run.step} were not "
+            console.print(f"--resume: the {ahead} group(s) of rollouts generated ahead at step {run.step} were not "
                           "saved; their prompts are sampled again", highlight=False, markup=False)
         if run.restarted:
             console.print(f"--resume: {run.run_dir} holds no checkpoint (the run stopped before its first); starting "
@@ -456,7 +456,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     idle = 0  # steps in a row that trained nothing
     # Asynchronous rollouts (rollout.max_off_policy_steps = k > 0): a producer generates the next k steps'
     # groups while a step trains (rollout/producer.py). A checkpoint records the data position of the oldest
-    # batch not yet trained, so a resumed run samples those prompts again rather than skipping them.
+    # group not yet trained, so a resumed run samples those prompts again rather than skipping them.
     k = cfg.rollout.max_off_policy_steps
     producer = None
     if k:
@@ -475,7 +475,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
                     break
                 data_state = stream.state()
-                if producer is not None:  # the oldest batch not trained yet, and how many are ahead
+                if producer is not None:  # the oldest group not trained yet, and how many are ahead
                     data_state = {**producer.resume_state(), "ahead": producer.pending()}
                 sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
@@ -489,7 +489,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 except ServerError as e:  # the step is trained: it is logged and saved, then the run stops
                     stop.fail(str(e))
                 if producer is not None:
-                    producer.publish(run.step + 1)  # the producer may start the batch k steps ahead
+                    producer.publish(run.step + 1)  # the producer may start groups of the step k ahead
                 t4 = time.perf_counter()
                 times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
                          **sync.times(t4 - t3), "step": t4 - t0}
