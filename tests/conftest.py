@@ -91,3 +91,20 @@ def qwen_model(qadapter):
     import torch
 
     return qadapter.load_model(torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """One real vLLM server of the tiny model for every test module that samples from it (a CPU server takes
+    about a minute to start here). Tests that change its weights put the base weights back. Ctrl-C stops it
+    cleanly at the end: `vlrl serve` exits 0 and the port is released."""
+    import httpx
+
+    from vllm_server import Server
+
+    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "serve.log").start()
+    yield srv
+    assert srv.stop() == 0, srv.out.read_text()[-2000:]
+    assert "vLLM server stopped" in srv.out.read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{srv.url}/health", timeout=2)

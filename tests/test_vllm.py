@@ -31,14 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "serve.log").start()
-    yield srv
-    # Ctrl-C stops the server cleanly: `vlrl serve` exits 0 and the port is released.
-    assert srv.stop() == 0, srv.out.read_text()[-2000:]
-    assert "vLLM server stopped" in srv.out.read_text()
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{srv.url}/health", timeout=2)
+def server(tiny_server):
+    return tiny_server  # (conftest.py: one server for the session, stopped with Ctrl-C at its end)
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,8 @@ CALCULATOR = ("env.dataset=builtin:calculator", 'env.rewards=[{fn="numeric"}]', 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("vllm-tools") / "serve.log").start()
-    yield srv
-    assert srv.stop() == 0, srv.out.read_text()[-2000:]
+def server(tiny_server):
+    return tiny_server  # (conftest.py: one server for the session)
 
 
 @pytest.fixture(scope="module")
