@@ -124,6 +124,7 @@ def simulate(
                 finished.remove(g)
                 dropped += 1
                 slots -= 1
+                start_groups()  # another group in its slot
             if len(fresh) >= prompts:
                 for g in fresh[:prompts]:
                     finished.remove(g)
