@@ -112,6 +112,10 @@ class Rollout:
     rewards: dict[str, float | None] = field(default_factory=dict)
     """Each reward function's value (None: it failed), by the reward set's keys (`fn`, `fn#2`...)."""
     advantage: float = 0.0
+    routed_experts: torch.Tensor | None = None
+    """[n - 1, layers, k] int16: the experts the sampler routed each of the n tokens of prompt + completion
+    to, in every decoder layer (mixture-of-experts models; -1: a dense layer, or no record), for routing replay.
+    The last token never went through the sampler's model. None: the sampler recorded none."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.completion_ids):
