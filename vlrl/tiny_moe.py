@@ -35,12 +35,17 @@ def build_tiny_qwen3_vl_moe(out_dir: str | Path, seed: int = 0, vocab_size: int 
         text_config=dict(
             text,
             intermediate_size=256,  # (dense MLPs: none, every layer is sparse)
-            moe_intermediate_size=64,
+            # 2 x 32 != 128: the experts' in-memory and checkpoint layouts differ in shape, as every real
+            # size's do (transformers tells them apart by shape on load: checkpoint_layout.py)
+            moe_intermediate_size=32,
             num_experts=num_experts,
             num_experts_per_tok=top_k,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             router_aux_loss_coef=0.001,
+            # vLLM reads it (renormalised top-k weights, as transformers' router always does); the
+            # Qwen3-VL-30B-A3B config.json holds it too
+            norm_topk_prob=True,
         ),
         vision_config={k: v for k, v in dense.vision_config.to_dict().items()
                        if k not in ("model_type", "architectures", "transformers_version", "dtype")},
@@ -58,5 +63,8 @@ def build_tiny_qwen3_vl_moe(out_dir: str | Path, seed: int = 0, vocab_size: int 
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig.from_pretrained(out)
-    model.save_pretrained(out, safe_serialization=True)
+    from .adapters.checkpoint_layout import checkpoint_state
+
+    model.save_pretrained(out, state_dict=checkpoint_state(model, dict(model.state_dict())),
+                          safe_serialization=True, save_original_format=False)
     return out

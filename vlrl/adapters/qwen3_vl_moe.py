@@ -88,6 +88,16 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
                 "checkpoints yet; train the experts in full (lora_rank = 0) or LoRA attention only")
         super().prepare_for_training(model, cfg, adapter_dir)
 
+    def save_pretrained(self, model, out_dir: Path, state_dict: dict | None = None) -> None:
+        """The dense adapter's checkpoint, the experts in the checkpoint layout vLLM reads
+        (`checkpoint_layout.py`: transformers 5.19's own save leaves them in the in-memory one)."""
+        from ..rollout.weight_sync import export_state
+        from .checkpoint_layout import checkpoint_state
+
+        state = checkpoint_state(model, state_dict if state_dict is not None else export_state(model))
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True, save_original_format=False)
+        self.processor.save_pretrained(out_dir)
+
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLMoePolicy:
         patch_routers(model.model.language_model)
         return Qwen3VLMoePolicy(model, self.banned_token_ids, temperature, fused_head=fused_head,
