@@ -54,7 +54,7 @@ def run(adapter, base, sampler_dtype, steps: int, n_prompts: int, group: int, se
     for step in range(steps):
         rollouts = sampler.sample(prompts(adapter, n_prompts), group, seed=seed + step)
         g = torch.Generator().manual_seed(seed + step)
-        for r in rollouts:  # (random advantages: the weights move as in training; what is measured is the gap)
+        for r in rollouts:  # (random advantages: the weights move as in training; the gap is measured)
             r.advantage = float(torch.randn(1, generator=g))
         batch = adapter.build_batch(rollouts)
         with torch.no_grad():
@@ -69,7 +69,8 @@ def run(adapter, base, sampler_dtype, steps: int, n_prompts: int, group: int, se
                     rec = theirs[..., 0] >= 0  # [B, L, layers]
                     flips.append(float(((mine != theirs).any(-1) & rec).sum() / rec.sum()))
         opt.zero_grad(set_to_none=True)
-        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, 24)  # replay on (the default)
+        policy.routing_replay = True  # the update replays (the default)
+        accumulate_gradients(policy, batch, [list(range(batch.size))], settings, 24)
         opt.step()
         with torch.no_grad():  # the weight sync: the sampler now holds the trainer's weights
             for p_s, p_t in zip(sampler_model.parameters(), model.parameters()):
@@ -91,8 +92,8 @@ def main():
     base = adapter.load_model(torch.float32)
     print(f"tiny Qwen3-VL-MoE (4 experts, top-2, 2 layers), float32 trainer, {args.steps} steps of "
           f"{args.prompts} x {args.group} rollouts, a weight sync after each")
-    print("| sampler | routing choices the trainer makes otherwise | mismatch KL without replay | with replay |"
-          " ratio |\n|---|---|---|---|---|")
+    print("| sampler | routing choices the trainer makes otherwise | mismatch KL without replay | with "
+          "replay | ratio |\n|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         r = run(adapter, base, dtype, args.steps, args.prompts, args.group, args.seed)
         print(f"| {str(dtype)[6:]} | {r['flips']:.2%} | {r[False]:.2e} | {r[True]:.2e} | "
