@@ -245,3 +245,31 @@ def test_serve_asks_for_routed_experts_of_moe_models_on_gpus(moe_dir, tiny_model
     assert "--enable-return-routed-experts" in cmd and "--enable-prefix-caching" in cmd
     assert server_env(False, routed_experts=True)["VLLM_USE_V2_MODEL_RUNNER"] == "1"
     assert "--enable-return-routed-experts" not in build_command(str(moe_dir))
+
+
+@pytest.mark.slow
+def test_a_training_run_replays_routing_and_saves_the_checkpoint_layout(moe_dir, tmp_path):
+    """`vlrl train` on the tiny MoE (embedded sampler): every step replays the recorded routing, logs the
+    router's loss when asked, and the checkpoint holds the experts in the layout vLLM and transformers read."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from conftest import tiny_overrides
+
+    sets = tiny_overrides(moe_dir, tmp_path, "train.steps=2", "checkpoint.every=2",
+                          "algorithm.router_aux_loss_coef=0.01")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "vlrl", "train", "configs/tiny-cpu.toml",
+                          *[a for s in sets for a in ("--set", s)]], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root / "tests")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = next(p for p in tmp_path.iterdir() if (p / "metrics.jsonl").is_file())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["routing_replayed"] > 0.9 and m["mismatch_kl"] < 1e-9 for m in steps)
+    assert all(1.9 < m["router_aux_loss"] < 4.0 for m in steps)
+    f = safe_open(str(run / "step-2" / "model.safetensors"), "pt")
+    shape = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
+    assert shape == [4, 128, 64]  # [E, H, 2I] on disk ([E, 2I, H] in memory)
