@@ -249,8 +249,9 @@ def test_serve_asks_for_routed_experts_of_moe_models_on_gpus(moe_dir, tiny_model
 
 @pytest.mark.slow
 def test_a_training_run_replays_routing_and_saves_the_checkpoint_layout(moe_dir, tmp_path):
-    """`vlrl train` on the tiny MoE (embedded sampler): every step replays the recorded routing, logs the
-    router's loss when asked, and the checkpoint holds the experts in the layout vLLM and transformers read."""
+    """`vlrl train` on the tiny MoE (embedded sampler, LoRA on attention): every step replays the recorded
+    routing, logs the router's loss when asked, and the checkpoint holds the merged weights with the experts
+    in the layout vLLM and transformers read, and the adapter to resume from."""
     import json
     import subprocess
     import sys
@@ -260,7 +261,7 @@ def test_a_training_run_replays_routing_and_saves_the_checkpoint_layout(moe_dir,
     from conftest import tiny_overrides
 
     sets = tiny_overrides(moe_dir, tmp_path, "train.steps=2", "checkpoint.every=2",
-                          "algorithm.router_aux_loss_coef=0.01")
+                          "algorithm.router_aux_loss_coef=0.01", "model.lora_rank=4")  # (LoRA on attention)
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-m", "vlrl", "train", "configs/tiny-cpu.toml",
                           *[a for s in sets for a in ("--set", s)]], cwd=root, capture_output=True, text=True,
@@ -273,3 +274,5 @@ def test_a_training_run_replays_routing_and_saves_the_checkpoint_layout(moe_dir,
     f = safe_open(str(run / "step-2" / "model.safetensors"), "pt")
     shape = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
     assert shape == [4, 128, 64]  # [E, H, 2I] on disk ([E, 2I, H] in memory)
+    assert (run / "step-2" / "adapter" / "adapter_model.safetensors").is_file()  # (to resume from)
+    assert not any("lora_" in k for k in f.keys())  # merged

@@ -93,9 +93,12 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         (`checkpoint_layout.py`: transformers 5.19's own save leaves them in the in-memory one)."""
         from ..rollout.weight_sync import export_state
         from .checkpoint_layout import checkpoint_state
+        from .lora import has_lora, save_adapter
 
         state = checkpoint_state(model, state_dict if state_dict is not None else export_state(model))
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True, save_original_format=False)
+        if state_dict is None and has_lora(model):
+            save_adapter(model, Path(out_dir))  # (LoRA merged above; its own tensors for resuming)
         self.processor.save_pretrained(out_dir)
 
     def policy(self, model, temperature: float, fused_head: bool = False) -> Qwen3VLMoePolicy:
