@@ -276,3 +276,25 @@ def test_a_training_run_replays_routing_and_saves_the_checkpoint_layout(moe_dir,
     assert shape == [4, 128, 64]  # [E, H, 2I] on disk ([E, 2I, H] in memory)
     assert (run / "step-2" / "adapter" / "adapter_model.safetensors").is_file()  # (to resume from)
     assert not any("lora_" in k for k in f.keys())  # merged
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_moe_layers_though_the_launch_config_names_the_dense_ones(moe_dir, tmp_path):
+    """`vlrl train` under FSDP2 on 2 CPU ranks with the fsdp2-*.yaml units (the dense model's class names, as
+    `tests/fsdp_train_worker.py` sets them): the MoE adapter's units are sharded instead (Accelerate would
+    raise "Could not find the transformer layer class Qwen3VLTextDecoderLayer"), the run trains, replays the
+    embedded sampler's routing and writes a gathered checkpoint in the checkpoint layout."""
+    import json
+
+    from safetensors import safe_open
+    from test_distributed import torchrun, train_args
+
+    res = torchrun(2, *train_args("tests/fsdp_train_worker.py", moe_dir, tmp_path, "train.steps=2",
+                                  "checkpoint.every=2", "name=moe"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    steps = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    # (rank 0's view: a step whose groups on rank 0 all have equal rewards trains nothing there)
+    assert len(steps) == 2 and any(m["routing_replayed"] > 0.9 and m["grad_norm"] > 0 for m in steps), [
+        (m.get("routing_replayed"), m["grad_norm"]) for m in steps]
+    f = safe_open(str(tmp_path / "moe" / "step-2" / "model.safetensors"), "pt")
+    assert f.get_slice("model.language_model.layers.1.mlp.experts.down_proj").get_shape() == [4, 32, 128]
