@@ -9,6 +9,9 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
 
     python bench/update_step.py                # on a GPU: the 8B shapes
     python bench/update_step.py --tiny         # the same comparison on the tiny model, on the CPU (< 1 min)
+    python bench/update_step.py --family qwen3-vl-moe --layers 12 --images 0 --long "" --group 1
+                                               # Qwen3-VL-30B-A3B cut to 12 layers: naive eager and grouped_mm
+                                               # experts beside vlrl's path, then the ragged case (README)
     python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
     python bench/update_step.py --compile --auto --optimizer --auto-only --memory-caps 0 74.5
                                                # `auto` checkpointing on the ragged batch as shipped (+ AdamW)

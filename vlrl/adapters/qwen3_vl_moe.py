@@ -24,7 +24,7 @@ import torch
 from ..batch import MultimodalBatch
 from ..records import Rollout
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLPolicy
-from .routing import capture_routing, moe_layers, patch_routers, routing_requests
+from .routing import capture_routing, patch_routers, routing_requests
 
 # = fsdp_transformer_layer_cls_to_wrap of an FSDP2 run of this family
 FSDP_UNITS = ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")
@@ -155,7 +155,3 @@ class Qwen3VLMoePolicy(Qwen3VLPolicy):
                                                      text.num_experts_per_tok, attention_mask)
         return out
 
-
-def sparse_layers(model) -> int:
-    """How many decoder layers of `model` route to experts."""
-    return len(moe_layers(model.model.language_model))
