@@ -9,6 +9,9 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
 
     python bench/update_step.py                # on a GPU: the 8B shapes
     python bench/update_step.py --tiny         # the same comparison on the tiny model, on the CPU (< 1 min)
+    python bench/update_step.py --family qwen3-vl-moe --layers 12 --images 0 --long "" --group 1
+                                               # Qwen3-VL-30B-A3B cut to 12 layers: naive eager and grouped_mm
+                                               # experts beside vlrl's path, then the ragged case (README)
     python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
     python bench/update_step.py --compile --auto --optimizer --auto-only --memory-caps 0 74.5
                                                # `auto` checkpointing on the ragged batch as shipped (+ AdamW)
@@ -73,6 +76,30 @@ def qwen3_vl_8b_config():
     )
 
 
+def qwen3_vl_30b_a3b_config(layers: int | None = None):
+    """Qwen3-VL-30B-A3B's architecture (mixture of experts: 128 experts of 768, 8 routed per token), cut to
+    `layers` of its 48 decoder layers (12 fit one H200 with the naive path's full logits)."""
+    from transformers import Qwen3VLMoeConfig
+
+    return Qwen3VLMoeConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers or 48,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=262144,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, moe_intermediate_size=768, num_experts=128,
+            num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[24, 20, 20],
+                                 mrope_interleaved=True),
+        ),
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )
+
+
 class _Tokens:
     """The few token facts the adapter reads, for a model whose tokenizer is not on this machine."""
 
@@ -86,11 +113,15 @@ class _Tokens:
         return " ".join(map(str, ids))
 
 
-def bench_adapter(image_id, video_id, pad, eos, max_model_len, min_pixels=64 * 32 * 32, max_pixels=2048 * 32 * 32):
+def bench_adapter(image_id, video_id, pad, eos, max_model_len, min_pixels=64 * 32 * 32, max_pixels=2048 * 32 * 32,
+                  family="qwen3-vl"):
     toks = _Tokens({"<|image_pad|>": image_id, "<|video_pad|>": video_id, "<|im_end|>": eos, "<|endoftext|>": pad}, pad)
     proc = SimpleNamespace(tokenizer=toks, image_processor=SimpleNamespace(patch_size=16, merge_size=2))
-    return Qwen3VLAdapter(proc, ModelConfig(path="(bench)", max_model_len=max_model_len, min_pixels=min_pixels,
-                                            max_pixels=max_pixels))
+    cls = Qwen3VLAdapter
+    if family == "qwen3-vl-moe":
+        from vlrl.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter as cls
+    return cls(proc, ModelConfig(path="(bench)", max_model_len=max_model_len, min_pixels=min_pixels,
+                                 max_pixels=max_pixels))
 
 
 def make_rollouts(adapter, batch, seq_len, images, image_side, completion, vocab, seed=0, group=1):
@@ -271,7 +302,27 @@ def patch_embed_errors(model, batch) -> tuple[float, float]:
 
 
 def non_embedding_params(model):
-    return sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
+    """Language-model parameters without the input embedding; of a mixture of experts, the active ones (each
+    token computes top_k of num_experts experts: Qwen3-VL-30B-A3B cut to 12 layers, 0.99B)."""
+    text = model.config.text_config
+    share = getattr(text, "num_experts_per_tok", 1) / getattr(text, "num_experts", 1)
+    return sum(p.numel() * (share if ".experts." in n else 1.0) for n, p in model.named_parameters()
+               if "visual" not in n and "embed_tokens" not in n)
+
+
+@contextmanager
+def experts(model, implementation: str | None):
+    """Within the block, the model's experts compute with `implementation` (None: as they are)."""
+    if implementation is None or not hasattr(model.config.text_config, "num_experts"):
+        yield
+        return
+    text = model.config.text_config
+    before = text._experts_implementation
+    text._experts_implementation = implementation
+    try:
+        yield
+    finally:
+        text._experts_implementation = before
 
 
 def profile(fn, model, device, rows=18):
@@ -358,6 +409,10 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         with torch.no_grad(), transformers_defaults(model):
             naive_logprobs(model, batch, banned)
 
+    def naive_eager_step():  # transformers' default experts: a Python loop over the experts hit
+        with experts(model, "eager"):
+            naive_step()
+
     def vlrl_fwd():
         with torch.no_grad():
             policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
@@ -399,6 +454,10 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
         ("naive logprob pass (full logits)", naive_fwd, dict(vision=False, checkpointing=False), 2),
         ("vlrl logprob pass (chunked)", vlrl_fwd, dict(vision=False, checkpointing=False), 2),
     ]
+    if hasattr(model.config.text_config, "num_experts"):  # MoE: the naive path with transformers' default experts
+        variants.insert(0, ("naive update, eager experts (all params, ckpt, full logits)", naive_eager_step,
+                            dict(vision=True, checkpointing=True), 6))
+        variants[1] = ("naive update, grouped_mm experts (all params, ckpt, full logits)",) + variants[1][1:]
     if args.profile and device.type == "cuda":
         profile(vlrl_step, model, device)
     if args.breakdown and device.type == "cuda":
@@ -580,6 +639,9 @@ def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images,
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (float32)")
+    ap.add_argument("--family", default="qwen3-vl", choices=["qwen3-vl", "qwen3-vl-moe"],
+                    help="qwen3-vl: the 8B architecture; qwen3-vl-moe: Qwen3-VL-30B-A3B's (grouped_mm experts)")
+    ap.add_argument("--layers", type=int, help="decoder layers (qwen3-vl-moe: of 48; 12 fit one H200)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1041)
     ap.add_argument("--images", type=int, default=1, help="images per sample")
@@ -630,28 +692,35 @@ def main():
     from transformers import AutoModelForImageTextToText
 
     settings = AlgorithmConfig()  # the config's defaults
+    moe = args.family == "qwen3-vl-moe"
+    moe_kwargs = {"experts_implementation": ModelConfig().experts_implementation} if moe else {}
     if args.tiny:
         import tempfile
 
-        from vlrl.tiny_model import build_tiny_qwen3_vl
+        from vlrl.adapters import build_tiny_model
 
         device, dtype = torch.device("cpu"), torch.float32
-        path = build_tiny_qwen3_vl(Path(tempfile.mkdtemp()) / "tiny")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", args.family)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **moe_kwargs)
         cfg = model.config
         args.batch, args.seq_len, args.image_side, args.completion, args.group = 4, 160, 64, 96, 2
         args.long, args.warmup, args.repeat = "4x256x2", 1, 3
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
-        cfg = qwen3_vl_8b_config()
+        cfg = qwen3_vl_30b_a3b_config(args.layers) if moe else qwen3_vl_8b_config()
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa",
+                                                            **moe_kwargs)
     # as Qwen3VLAdapter.load_model does (the naive path turns image sharing and the vision fast path off)
     patch_model(model, vision=not args.host_syncs)
+    if moe:
+        from vlrl.adapters.routing import patch_routers
+
+        patch_routers(model.model.language_model)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
-                            IM_END if vocab > 150000 else 1, max_model_len=1 << 20)
+                            IM_END if vocab > 150000 else 1, max_model_len=1 << 20, family=args.family)
     results = []
     cases = [(f"{args.batch} x {args.seq_len}, {args.images} image(s) of {args.image_side}px",
               args.batch, args.seq_len, args.images, 1)]
@@ -716,8 +785,8 @@ def main():
             ok = f and s and f["tokens_per_s"] and s["tokens_per_s"]
             return f["tokens_per_s"] / s["tokens_per_s"] if ok else math.nan
 
-        up = max((ratio(k, "naive update (all params, ckpt, full logits)") for k in by if k.startswith("vlrl update")),
-                 default=math.nan)
+        naive = next((k for k in by if k.startswith("naive update") and "eager" not in k), None)
+        up = max((ratio(k, naive) for k in by if k.startswith("vlrl update")), default=math.nan)
         lp = max((ratio(k, "naive logprob pass (full logits)") for k in by if k.startswith("vlrl logprob pass")),
                  default=math.nan)
         return up, lp
@@ -732,6 +801,17 @@ def main():
         print(checkpointing.ragged_line(auto_ragged[0]))
     up, lp = speedups(results[0]["rows"]) if results else (math.nan, math.nan)  # the baseline's shapes
     print(f"update speedup {up:.2f}x, logprob speedup {lp:.2f}x")
+    if moe and results and ragged_result is not None:
+        by = {row["path"]: row for row in results[0]["rows"] if row["seconds"]}
+        packed = [r for r in ragged_result["rows"] if r.get("seconds") and r["packed"]]
+        best = max(packed, key=lambda r: r["tokens_per_s"]) if packed else None
+        eager = next((r for k, r in by.items() if "eager experts" in k), None)
+        grouped = next((r for k, r in by.items() if "grouped_mm experts" in k), None)
+        if best and eager and grouped:
+            print(f"MoE: packed ragged update {best['tokens_per_s']:,.0f} useful tokens/s, MFU {best['mfu']:.1%} "
+                  f"on active params; {best['tokens_per_s'] / eager['tokens_per_s']:.1f}x the naive eager path "
+                  f"({eager['mfu']:.1%}), {best['tokens_per_s'] / grouped['tokens_per_s']:.2f}x naive grouped_mm "
+                  f"({grouped['mfu']:.1%})")
 
 if __name__ == "__main__":
     main()

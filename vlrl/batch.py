@@ -123,7 +123,8 @@ class MultimodalBatch:
         for key, value in self.model_inputs.items():
             kind = self.layout[key]
             if kind == "token":
-                inputs[key] = cat([value[i, :n] for i, n in zip(indices, lengths)])[None]  # [1, T]
+                # [1, T] (or [1, T, ...] for per-token rows: routed experts [1, T, layers, k])
+                inputs[key] = torch.cat([value[i, :n] for i, n in zip(indices, lengths)])[None]
             elif kind == "positions":
                 inputs[key] = cat([value[:, i, :n] for i, n in zip(indices, lengths)])[:, None]  # [K, 1, T]
             else:

@@ -18,6 +18,7 @@ from .batch import MultimodalBatch
 from .config import Config
 from .planner import packing_report, plan_step
 from .records import Rollout
+from .update import configure_policy
 
 # Mismatch KL (k3, per token) allowed between trainer and sampler: float32 agrees to ~1e-12; bf16 kernels
 # differ by a few 1e-4 on real models.
@@ -61,6 +62,26 @@ def mismatch_stats(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Ten
         return {"mismatch_kl": 0.0, "max_abs_diff": 0.0, "tokens": 0}
     return {"mismatch_kl": k3(d).mean().item(), "max_abs_diff": d.abs().max().item(),
             "tokens": int(d.numel())}
+
+
+def check_routing_replay(batch: MultimodalBatch, policy, trainer_logprobs, stats: dict, report: Report) -> None:
+    """Report how many tokens carry the sampler's routing and the mismatch KL with replay and without."""
+    routed = batch.model_inputs.get("routed_experts")  # [B, L, layers, k]
+    recorded = 0 if routed is None else int((routed >= 0).flatten(2).any(-1).sum())
+    replay = policy.routing_replay
+    policy.routing_replay = not replay
+    other = mismatch_stats(trainer_logprobs()[0], batch.behavior_logprobs, batch.loss_mask)["mismatch_kl"]
+    policy.routing_replay = replay
+    with_kl, without_kl = (stats["mismatch_kl"], other) if replay else (other, stats["mismatch_kl"])
+    report.stats.update(routing_recorded_tokens=recorded, mismatch_kl_with_replay=with_kl,
+                        mismatch_kl_without_replay=without_kl, routing_replay=replay)
+    detail = (f"{'on' if replay else 'off'}: {recorded}/{batch.real_tokens} tokens carry the sampler's "
+              f"experts; mismatch KL {with_kl:.2e} with replay, {without_kl:.2e} without")
+    if replay and not recorded:  # training still works, with the trainer's own routing
+        report.warn("routing replay", detail + " (the sampler returned no routing: a vLLM server on the CPU "
+                                               "cannot, see `vlrl serve`)")
+    else:
+        report.add("routing replay", True, detail)
 
 
 def check_batch_structure(batch: MultimodalBatch, rollouts: list[Rollout], adapter, report: Report) -> None:
@@ -271,15 +292,22 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         else f"padded micro-batches ({plan.reason or 'train.packing = false'}); padding "
              f"{packing['padding_after']:.0%}",
     )
-    trainer_lp = torch.zeros_like(batch.loss_mask)
-    entropy = torch.zeros_like(batch.loss_mask)
-    with torch.no_grad():
-        for g in groups:
-            mb = plan.micro_batch(batch, g).to(device)
-            lp, ent = batch_logprobs(policy, mb)
-            trainer_lp[g, : mb.seq_len] = lp.cpu()
-            entropy[g, : mb.seq_len] = ent.cpu()
+    configure_policy(policy, cfg.algorithm)  # (mixture of experts: routing replay as the update does it)
+
+    def trainer_logprobs():
+        lps, ents = torch.zeros_like(batch.loss_mask), torch.zeros_like(batch.loss_mask)
+        with torch.no_grad():
+            for g in groups:
+                mb = plan.micro_batch(batch, g).to(device)
+                lp, ent = batch_logprobs(policy, mb)
+                lps[g, : mb.seq_len] = lp.cpu()
+                ents[g, : mb.seq_len] = ent.cpu()
+        return lps, ents
+
+    trainer_lp, entropy = trainer_logprobs()
     stats = mismatch_stats(trainer_lp, batch.behavior_logprobs, batch.loss_mask)
+    if hasattr(policy, "routing_replay"):  # a mixture-of-experts policy: the mismatch with and without replay
+        check_routing_replay(batch, policy, trainer_logprobs, stats, report)
     tol = KL_TOLERANCE[dtype]
     report.stats.update(stats)
     report.stats.update(

@@ -226,11 +226,13 @@ def serve(
 
     from .errors import UserError
     from .serve import (
+        ROUTED_EXPERTS_ON_CPU,
         ServerProcess,
         StopSignal,
         build_command,
         check_port_free,
         raise_on_stop_signals,
+        routes_experts,
         server_env,
         wait_healthy,
         watch_health,
@@ -244,17 +246,21 @@ def serve(
         import torch
 
         on_cpu = not torch.cuda.is_available()
+        routed = routes_experts(model)  # a mixture-of-experts model: its routing for replay
+        if routed and on_cpu:
+            console.print(f"[yellow]{ROUTED_EXPERTS_ON_CPU}[/]")
+        routed = routed and not on_cpu
         cmd = build_command(
             model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt,
             tensor_parallel_size,
             data_parallel_size, min_pixels, max_pixels, dtype, weight_sync, allowed_local_media_path,
             trust_remote_code, enforce_eager=on_cpu, extra=ctx.args, video_max_pixels=video_max_pixels,
-            video_max_frames=video_max_frames,
+            video_max_frames=video_max_frames, routed_experts=routed,
         )
         api_key = os.environ.get(api_key_env) or None
         log_path = log_file or Path("runs") / f"vllm-serve-{port}.log"
         raise_on_stop_signals()
-        server = ServerProcess(cmd, log_path, server_env(on_cpu, api_key))
+        server = ServerProcess(cmd, log_path, server_env(on_cpu, api_key, routed_experts=routed))
     except UserError as e:
         _fail(str(e))
     url = f"http://{host}:{port}"

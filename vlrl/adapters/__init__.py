@@ -79,6 +79,10 @@ class Adapter(Protocol):
     def policy(self, model, temperature: float, fused_head: bool = False) -> torch.nn.Module: ...
     def reference_positions(self, model, batch: MultimodalBatch) -> torch.Tensor: ...
     def save_pretrained(self, model, out_dir: Path, state_dict: dict | None = None) -> None: ...
+    def capture_routing(self, model):
+        """A context in which the model's `generate` records each token's routed experts; it yields an object
+        whose `rows(R)` gives them as [R, S, layers, k] (mixture-of-experts families), or None (dense)."""
+        ...
 
 
 # --- model families ---------------------------------------------------------------------------------------
@@ -92,6 +96,8 @@ class Family:
     """`module:Class` of its adapter (imported only when a checkpoint of the family is loaded)."""
     tiny_model: str
     """`module:function` writing a tiny random checkpoint of the family (tests and the CPU demo)."""
+    routed_experts: bool = False
+    """A mixture-of-experts family: `vlrl serve` asks vLLM for each token's routed experts (replay)."""
 
 
 # The config.json `model_type` of a checkpoint -> its family. Qwen3.5 (`qwen3_5`, issue 23) and the MoE
@@ -100,6 +106,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family("qwen3-vl", adapter="vlrl.adapters.qwen3_vl:Qwen3VLAdapter",
                        tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
+    "qwen3_vl_moe": Family("qwen3-vl-moe", adapter="vlrl.adapters.qwen3_vl_moe:Qwen3VLMoeAdapter",
+                           tiny_model="vlrl.tiny_moe:build_tiny_qwen3_vl_moe", routed_experts=True),
 }
 
 

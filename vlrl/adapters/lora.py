@@ -76,10 +76,16 @@ def merged_state(model) -> dict:
 
 def save_merged(model, out_dir: Path) -> None:
     """Merged HF weights in `out_dir`, the adapter's tensors in `out_dir/adapter`."""
+
+    model.save_pretrained(out_dir, state_dict=merged_state(model), safe_serialization=True)
+    save_adapter(model, out_dir)
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """The adapter's own tensors in `out_dir/adapter` (what a resumed run loads)."""
     from safetensors.torch import save_file
 
     peft = _peft()
-    model.save_pretrained(out_dir, state_dict=merged_state(model), safe_serialization=True)
     adapter = Path(out_dir) / "adapter"
     adapter.mkdir(exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}

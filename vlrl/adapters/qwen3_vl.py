@@ -11,6 +11,7 @@ writes each pair as `<T seconds><|vision_start|>` + h*w / merge^2 `<|video_pad|>
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,7 @@ class Qwen3VLAdapter:
                 attn_implementation=self.cfg.attn_implementation,
                 trust_remote_code=self.cfg.trust_remote_code,
                 use_safetensors=True,
+                **self.load_kwargs(),
                 **kw,
             ), path, "weights", ModelError)
         except OSError as e:
@@ -402,6 +404,15 @@ class Qwen3VLAdapter:
         # a group's copies of an image encoded once; the tower's fast path; packed sequences (patches.py)
         patch_model(model)
         return model.to(device)
+
+    def load_kwargs(self) -> dict:
+        """`from_pretrained` keywords of the family beyond the common ones (none for the dense model)."""
+        return {}
+
+    def capture_routing(self, model):
+        """A context in which `generate` records the experts it routes each token to (mixture-of-experts
+        families: `qwen3_vl_moe.py`); it yields None for a dense model, which routes nothing."""
+        return nullcontext()
 
     @staticmethod
     def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:

@@ -9,6 +9,8 @@ top_k=20, top_p=0.8, temperature=0.7) never silently changes what the config ask
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..config import RolloutConfig
@@ -85,8 +87,12 @@ class EmbeddedSampler:
         inputs = self.adapter.generation_inputs(prompts, device)
         budgets = [min(self.max_new_tokens, p.max_new_tokens or self.max_new_tokens) for p in prompts]
         stops = sorted(set(self.eos_token_ids).union(*(p.stop_token_ids for p in prompts)))
-        res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets), stops))
+        # (a mixture-of-experts model records the experts it routes each token to: routing replay)
+        capture = getattr(self.adapter, "capture_routing", None)  # (Adapter.capture_routing)
+        with capture(self.model) if capture is not None else nullcontext() as routing:
+            res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets), stops))
         width = inputs["input_ids"].shape[1]
+        routed = None if routing is None else routing.rows(res.sequences.shape[0])  # [P*n, S, layers, k]
         new_tokens = res.sequences[:, width:]  # [P*n, T]
         scores = torch.stack(res.scores, dim=1).float()  # [P*n, T, V]: the processed scores sampled from
         logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)  # [P*n, T]
@@ -97,6 +103,9 @@ class EmbeddedSampler:
             end = next((j for j, t in enumerate(toks) if t in stops), None)
             stop = end is not None
             toks = toks[: end + 1] if stop else toks
+            p = len(prompts[g].input_ids)
+            # the prompt's tokens and the sampled ones but the last (never fed back): n - 1 rows
+            experts = None if routed is None else routed[row, width - p : width + len(toks) - 1].clone()
             rollouts.append(
                 Rollout(
                     prompt=prompts[g],
@@ -105,6 +114,7 @@ class EmbeddedSampler:
                     finish_reason="stop" if stop else "length",
                     text=self.adapter.completion_text(toks),
                     group=first_group + g,
+                    routed_experts=experts,
                 )
             )
         return rollouts

@@ -50,6 +50,7 @@ class _Episode:
     tool_errors: dict[str, int] = field(default_factory=dict)
     env_reward: float | None = None
     env_reward_error: tuple[str, str] | None = None
+    routed_experts: torch.Tensor | None = None  # [n - 1, layers, k]: every turn's routing (mixture of experts)
     last: Rollout | None = None  # the latest sampled turn
     finish: str | None = None
     versions: tuple[int, int] | None = None  # the policy versions of its turns: oldest start, newest end
@@ -57,6 +58,12 @@ class _Episode:
     def add_turn(self, out: Rollout) -> None:
         self.versions = ((out.version, out.version_end) if self.versions is None
                          else (min(self.versions[0], out.version), max(self.versions[1], out.version_end)))
+        if out.routed_experts is not None:
+            # every turn's own routing: earlier rows as their turns recorded them, then this turn's rows of
+            # the tokens after them (the last turn's final token, the reply, this turn's sampled tokens)
+            done = 0 if self.routed_experts is None else len(self.routed_experts)
+            self.routed_experts = (out.routed_experts if self.routed_experts is None
+                                   else torch.cat([self.routed_experts, out.routed_experts[done:]]))
         self.ids += out.completion_ids
         self.mask += [1] * len(out.completion_ids)
         self.logprobs += out.logprobs
@@ -92,7 +99,7 @@ class _Episode:
             env_pixel_values=torch.cat(self.pixel_values) if self.pixel_values else None,
             env_image_grid_thw=torch.cat(self.grids) if self.grids else None, turns=self.turns,
             tool_calls=self.tool_calls, tool_errors=self.tool_errors, env_reward=self.env_reward,
-            env_reward_error=self.env_reward_error,
+            env_reward_error=self.env_reward_error, routed_experts=self.routed_experts,
             transcript=transcript(tokenizer, self.ids, image_token_id),
             version=self.versions[0] if self.versions else 0, version_end=self.versions[1] if self.versions else 0,
         )

@@ -248,6 +248,24 @@ def _error_text(r) -> str:
         return r.text[:500]
 
 
+def routed_experts(choice: dict, tokens: int, name: str):
+    """The experts a server started with `--enable-return-routed-experts` routed each token of a choice to:
+    [tokens - 1, layers, k] int16 (prompt and completion; the last sampled token was never fed back), or None
+    when it returned none. vLLM 0.32 sends them per choice, on the chat and the token-in/token-out routes
+    alike, as base64 of a `.npy` array (uint8 up to 256 experts)."""
+    data = choice.get("routed_experts")
+    if data is None:
+        return None
+    import numpy as np
+    import torch
+
+    rows = np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+    if rows.ndim != 3 or len(rows) != tokens - 1:
+        raise ServerError(f"{name}: the server's routed experts are {rows.shape} for {tokens} tokens (expected "
+                          f"[{tokens - 1}, layers, k])")
+    return torch.from_numpy(rows.astype(np.int16))
+
+
 CHAT_ROUTE = "/v1/chat/completions"
 TOKENS_ROUTE = "/inference/v1/generate"  # vLLM's token-in/token-out route (vlrl serve turns it on)
 
@@ -406,7 +424,8 @@ class VLLMSampler:
             # the text of the sampled ids, as the in-process sampler reports it (never the server's message:
             # it drops a stop token's text, and a server with a tool or reasoning parser moves text out of it)
             out.append(Rollout(prompt=prompt, completion_ids=ids, logprobs=lps, finish_reason=finish,
-                               text=self.adapter.completion_text(ids), group=group))
+                               text=self.adapter.completion_text(ids), group=group,
+                               routed_experts=routed_experts(choice, len(server_ids) + len(ids), name)))
         return out
 
     def sample(self, prompts: list[EncodedPrompt], n: int, seed: int | None = None) -> list[Rollout]:

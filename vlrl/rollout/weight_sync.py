@@ -91,15 +91,17 @@ def _embed_name(model) -> str | None:
 
 def export_tensors(model, state: dict | None, names):
     """`(name, tensor)` for `names`, lazily: a LoRA-merged weight exists only while it is copied."""
+    from ..adapters.checkpoint_layout import checkpoint_transposes, to_checkpoint
     from ..adapters.lora import lora_layers, merged_weight
 
     layers = lora_layers(model) if state is None else {}
     own = state if state is not None else model.state_dict(keep_vars=True)
+    transposes = checkpoint_transposes(model)  # (in the checkpoint's layout: MoE experts are transposed)
     for name in names:
         if name in layers:
-            yield name, merged_weight(layers[name])
+            yield name, to_checkpoint(name, merged_weight(layers[name]), transposes)
         elif name in own:
-            yield name, own[name]
+            yield name, to_checkpoint(name, own[name], transposes)
         elif name == "lm_head.weight":  # a tied head the state holds once, as the embedding
             yield name, own[_embed_name(model)] if state is not None else model.get_output_embeddings().weight
         else:
