@@ -3,8 +3,9 @@
 Everything specific to a family (its processor and chat format, image tokens, the batch layout its forward
 wants, its FSDP units, its position rules, its layer names) stays in its adapter; train, eval, check-batch,
 the rollout layer and the samplers hold an `Adapter` and never import model classes. Which family a checkpoint
-is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`). One
-family today: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`).
+is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`).
+Families: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`) and Qwen3.5 (`qwen3_5.Qwen3_5Adapter`, a Qwen3-VL adapter with
+its own FSDP units: its linear-attention layers are handled by the patches every model gets).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family("qwen3-vl", adapter="vlrl.adapters.qwen3_vl:Qwen3VLAdapter",
                        tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
+    "qwen3_5": Family("qwen3.5", adapter="vlrl.adapters.qwen3_5:Qwen3_5Adapter",
+                      tiny_model="vlrl.tiny_qwen3_5:build_tiny_qwen3_5"),
 }
 
 
