@@ -5,7 +5,8 @@ attention with a causal conv1d and a recurrent state), the fourth is gated full 
 (a quarter of each head rotated). The tiny model keeps that structure at toy sizes: 4 layers (3 Gated
 DeltaNet, then 1 full attention), the vision tower (no deepstack in Qwen3.5), and Qwen3.5's own chat template.
 vLLM's CPU attention needs head_dim >= 32: the attention heads are 64 wide, a quarter rotated (16 dims, M-RoPE
-sections [3, 3, 2] summing to 8).
+sections [3, 3, 2] summing to 8). vLLM's CPU Gated DeltaNet kernel refuses head dims of 32 ("Unexpected head
+dim size, 32"): the linear heads are 128 wide, as in every Qwen3.5 size.
 
 The vocabulary is the toy one of `tiny_model.py` (a few hundred tokens; answer words single tokens), so the
 CPU demo's tasks stay learnable. Qwen3.5's real tokenizer (248,320 rows, a new BPE) is not available offline:
@@ -231,10 +232,10 @@ def build_tiny_qwen3_5(out_dir: str | Path, seed: int = 0, vocab_size: int = 400
             num_key_value_heads=1,
             head_dim=64,
             linear_conv_kernel_dim=4,
-            linear_key_head_dim=32,
-            linear_value_head_dim=32,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=1,
+            linear_num_value_heads=2,
             max_position_embeddings=4096,
             rope_parameters=dict(
                 rope_type="default",

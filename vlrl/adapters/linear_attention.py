@@ -55,10 +55,40 @@ def patch_linear_attention(language_model: nn.Module) -> bool:
     if module_globals.get("_vlrl_linear_packing"):
         return True
     module_globals["causal_conv1d_fn"] = _conv_with_boundaries(module_globals["causal_conv1d_fn"])
-    module_globals["torch_chunk_gated_delta_rule"] = _rule_with_boundaries(
-        module_globals["torch_chunk_gated_delta_rule"])
+    bound = module_globals["torch_chunk_gated_delta_rule"]
+    module_globals["torch_chunk_gated_delta_rule"] = _rule_with_boundaries(bound, _takes_cu_seqlens(bound),
+                                                                           bound)
     module_globals["_vlrl_linear_packing"] = True
     return True
+
+
+def set_delta_rule(language_model: nn.Module, kernel: str) -> None:
+    """Choose the chunked gated delta rule every linear-attention layer of `language_model`'s module runs:
+    `torch` (transformers' PyTorch reference, packed samples re-padded), `fla` (flash-linear-attention's
+    Triton `chunk_gated_delta_rule`, packed samples by `cu_seqlens`), or `transformers` (what transformers
+    bound at import: fla when importable, else the reference). For benches and users who must pick; models
+    keep transformers' choice otherwise."""
+    patch_linear_attention(language_model)
+    layer = next(layer.linear_attn for layer in language_model.layers if hasattr(layer, "linear_attn"))
+    module_globals = vars(sys.modules[type(layer).__module__])
+    bound = module_globals["torch_chunk_gated_delta_rule"]._vlrl_bound  # transformers' own wrapper
+    if kernel == "transformers":
+        chosen, native = bound, _takes_cu_seqlens(bound)
+    elif kernel == "torch":
+        chosen, native = bound.__wrapped__, False  # (functools.wraps: the reference function itself)
+    elif kernel == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        def chosen(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                   use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+            return chunk_gated_delta_rule(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+        native = True
+    else:
+        raise ValueError(f"unknown delta-rule kernel {kernel!r} (torch, fla, transformers)")
+    module_globals["torch_chunk_gated_delta_rule"] = _rule_with_boundaries(chosen, native, bound)
 
 
 def boundaries(cu_seqlens: torch.Tensor, doc: torch.Tensor, max_seqlen: int, total: int) -> tuple:
@@ -110,10 +140,10 @@ def _takes_cu_seqlens(original) -> bool:
     return "cu_seqlens" in cell.cell_contents
 
 
-def _rule_with_boundaries(original):
-    native = _takes_cu_seqlens(original)
+def _rule_with_boundaries(original, native: bool, bound):
+    """`original` (the delta rule), taking packed boundaries as `cu_seqlens` when `native`, else run on the
+    samples re-padded. `bound`: transformers' own function, kept to choose again (`set_delta_rule`)."""
 
-    @functools.wraps(original)
     def rule(query, key, value, g, beta, *args, cu_seqlens=None, **kwargs):
         packed = kwargs.pop(BOUNDARIES, None)
         if packed is None:
@@ -130,4 +160,5 @@ def _rule_with_boundaries(original):
         out, state = original(*(padded(t) for t in (query, key, value, g, beta)), *args, **kwargs)
         return out[doc, within][None], state  # [1, T, heads, v_dim]
 
+    rule._vlrl_bound = bound
     return rule
