@@ -158,3 +158,16 @@ def test_packed_gradients_equal_padded_for_1_2_and_4_micro_batches(adapter35, mo
             print(f"{str(dtype)[6:]}, {n} packed micro-batches: worst rel err {max(err.values()):.1e}; "
                   f"closest to its bound: {name} {err[name]:.1e} (micro-batching noise {noise[name]:.1e})")
             assert err[name] <= 2 * noise[name] + floor, (n, name, err[name], noise[name])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_with_token_balanced_packing_give_the_single_rank_gradient(tiny_qwen3_5_dir, tmp_path):
+    """`vlrl train`'s default path on 2 gloo ranks (tests/dist_worker.py, mode `packed`) on the tiny Qwen3.5:
+    rollouts balanced across ranks by tokens, packed micro-batches; loss and every gradient are one rank's."""
+    from test_distributed import assert_same_gradient, one_and_two_ranks
+
+    one, two = one_and_two_ranks(tiny_qwen3_5_dir, tmp_path, "packed")
+    assert two["world"] == 2 and one["world"] == 1
+    assert any("linear_attn" in k for k in one["grads"])
+    assert_same_gradient(one, two)
