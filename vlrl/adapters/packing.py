@@ -4,6 +4,8 @@ A packed micro-batch concatenates its samples' tokens into one sequence of T = s
 computes no padding (`vlrl.batch.PackedBatch`). What keeps the samples apart:
 - M-RoPE positions per sample (each sample's own, from `mrope.py`, concatenated: what `get_rope_index`
   gives for that sample alone);
+- linear-attention layers (Qwen3.5's Gated DeltaNet), if any, restart their conv and recurrent state at each
+  sample's first token (`linear_attention.py`: the `BOUNDARIES` keyword, on every route);
 - attention within each sample, causal, by one of three routes (`model.packed_attention`):
   - `varlen`: `torch.nn.attention.varlen.varlen_attn` (flash kernel on CUDA, bf16/fp16) over the
     boundaries `cu_seqlens`. Measured on an H200 (ENVIRONMENT.md): 32 ragged 8B-shaped documents 1.56 ms
