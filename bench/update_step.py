@@ -45,6 +45,7 @@ import checkpointing  # noqa: E402  (bench/checkpointing.py, beside this script)
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
 
 from vlrl.adapters.fast_vision import set_fast_vision  # noqa: E402
+from vlrl.adapters.linear_attention import has_linear_attention, set_delta_rule  # noqa: E402
 from vlrl.adapters.patches import patch_model  # noqa: E402
 from vlrl.adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402
 from vlrl.config import AlgorithmConfig, ModelConfig  # noqa: E402
@@ -98,6 +99,17 @@ def qwen3_vl_30b_a3b_config(layers: int | None = None):
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END, tie_word_embeddings=False,
     )
+
+
+def qwen3_5_9b_config():
+    """Qwen3.5-9B's architecture: transformers' Qwen3_5Config defaults (32 layers, 3 of 4 Gated DeltaNet, hidden
+    4096, 16 query / 4 kv heads of 256, partial M-RoPE, vocab 248,320), its vision tower's output widened to
+    the text hidden size."""
+    from transformers import Qwen3_5Config
+
+    cfg = Qwen3_5Config(vision_config=dict(out_hidden_size=4096))
+    cfg.tie_word_embeddings = cfg.text_config.tie_word_embeddings = False
+    return cfg
 
 
 class _Tokens:
@@ -169,11 +181,16 @@ def transformers_defaults(model, matmul_patch_embed=False):
 
     set_image_sharing(model.model.visual, False)
     set_fast_vision(model.model.visual, False, patch_embed_as_matmul=matmul_patch_embed)
+    linear = getattr(model, "_bench_delta_rule", None)
+    if linear:  # (Qwen3.5) transformers' PyTorch fallbacks, as without flash-linear-attention
+        set_delta_rule(model.model.language_model, "torch")
     try:
         yield
     finally:
         set_image_sharing(model.model.visual, True)
         set_fast_vision(model.model.visual, True)
+        if linear:
+            set_delta_rule(model.model.language_model, linear)
 
 
 def naive_logprobs(model, batch, banned, temperature=1.0):
@@ -245,7 +262,9 @@ def set_trainable(model, vision: bool, checkpointing: bool, fraction: float = 1.
 
 
 CHECKED = ("lm_head", "layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.17.self_attn.o_proj",
-           "layers.35.mlp.gate_proj", "language_model.norm", "embed_tokens")
+           "layers.35.mlp.gate_proj", "language_model.norm", "embed_tokens",
+           # Qwen3.5: a Gated DeltaNet layer's projections, conv and decay parameters, a full-attention layer
+           "layers.0.linear_attn", "layers.3.self_attn.q_proj", "layers.30.linear_attn.in_proj_qkv")
 
 
 def grads_of(model, every: bool):
@@ -639,9 +658,16 @@ def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images,
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (float32)")
-    ap.add_argument("--family", default="qwen3-vl", choices=["qwen3-vl", "qwen3-vl-moe"],
-                    help="qwen3-vl: the 8B architecture; qwen3-vl-moe: Qwen3-VL-30B-A3B's (grouped_mm experts)")
+    ap.add_argument("--family", default="qwen3-vl", choices=["qwen3-vl", "qwen3-vl-moe", "qwen3.5"],
+                    help="qwen3-vl: the 8B architecture; qwen3-vl-moe: Qwen3-VL-30B-A3B's (grouped_mm experts); "
+                         "qwen3.5: Qwen3.5-9B's (with --tiny: the tiny model of the family)")
     ap.add_argument("--layers", type=int, help="decoder layers (qwen3-vl-moe: of 48; 12 fit one H200)")
+    ap.add_argument("--delta-rule", choices=["torch", "fla", "transformers"], default="transformers",
+                    help="Qwen3.5: vlrl's path's gated delta rule (the naive path always runs transformers' "
+                         "PyTorch reference)")
+    ap.add_argument("--lift-fla-hopper-guard", action="store_true",
+                    help="let flash-linear-attention 0.6.0 run its gated backward on Hopper with Triton < 3.7.1, "
+                         "which it refuses (fla#640: wrong dk/db/dg); to measure its speed and its error")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1041)
     ap.add_argument("--images", type=int, default=1, help="images per sample")
@@ -707,7 +733,8 @@ def main():
         args.long, args.warmup, args.repeat = "4x256x2", 1, 3
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
-        cfg = qwen3_vl_30b_a3b_config(args.layers) if moe else qwen3_vl_8b_config()
+        cfg = (qwen3_vl_30b_a3b_config(args.layers) if moe else qwen3_5_9b_config() if args.family == "qwen3.5"
+               else qwen3_vl_8b_config())
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa",
@@ -718,6 +745,15 @@ def main():
         from vlrl.adapters.routing import patch_routers
 
         patch_routers(model.model.language_model)
+    if has_linear_attention(model.model.language_model):
+        if args.lift_fla_hopper_guard:
+            import fla.ops.common.chunk_o as chunk_o
+
+            chunk_o.TRITON_ABOVE_3_7_1 = True
+        set_delta_rule(model.model.language_model, args.delta_rule)
+        model._bench_delta_rule = args.delta_rule
+        print(f"Qwen3.5: vlrl's path runs the '{args.delta_rule}' gated delta rule, the naive path transformers' "
+              "PyTorch reference; causal conv1d: PyTorch (packed: vlrl's masked taps)", flush=True)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20, family=args.family)

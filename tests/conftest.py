@@ -108,3 +108,15 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
     assert "vLLM server stopped" in srv.out.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{srv.url}/health", timeout=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3.5 (3 Gated DeltaNet layers + 1 full attention, vision tower, Qwen3.5's template), built
+    once per session (~10 s), or taken from $VLRL_TINY_QWEN3_5_MODEL."""
+    env = os.environ.get("VLRL_TINY_QWEN3_5_MODEL")
+    if env and (Path(env) / "config.json").is_file():
+        return Path(env).resolve()
+    from vlrl.tiny_qwen3_5 import build_tiny_qwen3_5
+
+    return build_tiny_qwen3_5(tmp_path_factory.mktemp("tiny") / "tiny-qwen3.5")

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from vlrl.adapters.qwen3_vl import Qwen3VLAdapter
+from vlrl.adapters import load_adapter
 from vlrl.batch import plan_micro_batches
 from vlrl.config import AlgorithmConfig, ModelConfig, TrainConfig
 from vlrl.fsdp import prepare_on_cpu
@@ -33,8 +33,8 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
 def main(model_dir: str, out: str, mode: str = "ddp") -> None:
     acc = Accelerator(cpu=True)
     rank, world = acc.process_index, acc.num_processes
-    adapter = Qwen3VLAdapter.from_config(ModelConfig(path=model_dir, dtype="float32", min_pixels=4096,
-                                                     max_pixels=16384))
+    adapter = load_adapter(ModelConfig(path=model_dir, dtype="float32", min_pixels=4096,
+                                       max_pixels=16384))  # (the checkpoint's family: Qwen3-VL or Qwen3.5)
     model = adapter.load_model(torch.float32).train()  # every parameter trainable, vision tower included
     g = torch.Generator().manual_seed(0)
     rollouts = []

@@ -320,7 +320,7 @@ def build_tiny_model(
         losses = warm_start(path, seed=seed, progress=lambda k, n, loss: typer.echo(
             f"tool-call warm start {k}/{n}: loss {loss:.3f}") if k % 10 == 0 or k == 1 else None)
         typer.echo(f"tool-call warm start: loss {losses[0]:.2f} -> {losses[-1]:.3f} in {len(losses)} steps")
-    typer.echo(f"tiny Qwen3-VL ({vocab} vocabulary) written to {path}")
+    typer.echo(f"tiny {family} ({vocab} vocabulary) written to {path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -3,8 +3,10 @@
 Everything specific to a family (its processor and chat format, image tokens, the batch layout its forward
 wants, its FSDP units, its position rules, its layer names) stays in its adapter; train, eval, check-batch,
 the rollout layer and the samplers hold an `Adapter` and never import model classes. Which family a checkpoint
-is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`). One
-family today: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`).
+is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`).
+Families: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`), its mixture-of-experts sizes (`qwen3_vl_moe.Qwen3VLMoeAdapter`)
+and Qwen3.5 (`qwen3_5.Qwen3_5Adapter`, a Qwen3-VL adapter with its own FSDP units: its linear-attention layers
+are handled by the patches every model gets).
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ FAMILIES: dict[str, Family] = {
                        tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
     "qwen3_vl_moe": Family("qwen3-vl-moe", adapter="vlrl.adapters.qwen3_vl_moe:Qwen3VLMoeAdapter",
                            tiny_model="vlrl.tiny_moe:build_tiny_qwen3_vl_moe", routed_experts=True),
+    "qwen3_5": Family("qwen3.5", adapter="vlrl.adapters.qwen3_5:Qwen3_5Adapter",
+                      tiny_model="vlrl.tiny_qwen3_5:build_tiny_qwen3_5"),
 }
 
 

@@ -4,6 +4,8 @@ A packed micro-batch concatenates its samples' tokens into one sequence of T = s
 computes no padding (`vlrl.batch.PackedBatch`). What keeps the samples apart:
 - M-RoPE positions per sample (each sample's own, from `mrope.py`, concatenated: what `get_rope_index`
   gives for that sample alone);
+- linear-attention layers (Qwen3.5's Gated DeltaNet), if any, restart their conv and recurrent state at each
+  sample's first token (`linear_attention.py`: the `BOUNDARIES` keyword, on every route);
 - attention within each sample, causal, by one of three routes (`model.packed_attention`):
   - `varlen`: `torch.nn.attention.varlen.varlen_attn` (flash kernel on CUDA, bf16/fp16) over the
     boundaries `cu_seqlens`. Measured on an H200 (ENVIRONMENT.md): 32 ragged 8B-shaped documents 1.56 ms
@@ -59,7 +61,10 @@ def patch_language_model(language_model: nn.Module) -> bool:
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get exactly sdpa's masks
     config._attn_implementation = NAME
-    language_model._vlrl_packing = {"request": None}
+    from .linear_attention import patch_linear_attention
+
+    # linear-attention layers (Qwen3.5's Gated DeltaNet) get the boundaries too (linear_attention.py)
+    language_model._vlrl_packing = {"request": None, "linear": patch_linear_attention(language_model)}
     language_model.register_forward_pre_hook(_add_packing_kwargs, with_kwargs=True)
     return True
 
@@ -145,7 +150,15 @@ def _add_packing_kwargs(module, args, kwargs):
     route, cu_seqlens, max_seqlen = request
     embeds = kwargs["inputs_embeds"]  # [1, T, H] (Qwen3VLModel passes embeddings, never ids)
     route = resolve_route(route, embeds.device, embeds.dtype)
-    return args, {**kwargs, **attention_kwargs(route, cu_seqlens, max_seqlen, embeds.shape[1])}
+    total = embeds.shape[1]
+    extra = attention_kwargs(route, cu_seqlens, max_seqlen, total)
+    if module._vlrl_packing["linear"]:
+        from .linear_attention import BOUNDARIES, boundaries
+
+        extra[BOUNDARIES] = boundaries(cu_seqlens, _document_ids(cu_seqlens, total), max_seqlen, total)
+        if "attention_mask" in extra:  # (a hybrid model takes its masks per layer type)
+            extra["attention_mask"] = {"full_attention": extra["attention_mask"], "linear_attention": None}
+    return args, {**kwargs, **extra}
 
 
 def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

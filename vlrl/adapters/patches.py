@@ -1,4 +1,4 @@
-"""Every change vlrl makes to transformers' Qwen3-VL, in one place and in the order it is applied.
+"""Every change vlrl makes to transformers' Qwen3-VL and Qwen3.5, in one place and in the order it is applied.
 
 1. `share_repeated_images` (shared_images.py): hooks on the vision tower encode each distinct image once.
    First, so the hooks after it see the images actually encoded.
@@ -7,7 +7,8 @@
    matmul.
 3. `patch_language_model` (packing.py): the language model's attention registered as `vlrl_packed_sdpa`:
    transformers' sdpa for padded batches, varlen/flex/per-sample sdpa for packed ones; a pre-hook hands
-   the packing keywords to the language model only.
+   the packing keywords to the language model only. A hybrid model's linear-attention layers (Qwen3.5's
+   Gated DeltaNet) get the sample boundaries for their conv1d and delta rule (linear_attention.py).
 
 Each is idempotent and leaves a model it does not support (another attention implementation, an older
 transformers) as transformers built it. `Qwen3VLAdapter.load_model` and the benches call `patch_model`.

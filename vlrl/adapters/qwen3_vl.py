@@ -42,6 +42,7 @@ class PromptError(UserError):
 class Qwen3VLAdapter:
     """Turns dataset samples into encoded prompts and rollouts into training batches, for Qwen3-VL."""
 
+    family = "Qwen3-VL"  # (in messages)
     fsdp_units = FSDP_UNITS
     END_OF_TURN = "<|im_end|>"
 
@@ -83,7 +84,7 @@ class Qwen3VLAdapter:
         except OSError as e:
             raise ModelError(f"model.path {cfg.path!r}: cannot load its processor ({e})") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor.image_processor, "merge_size"):
-            raise ModelError(f"model.path {cfg.path!r} does not hold a Qwen3-VL processor")
+            raise ModelError(f"model.path {cfg.path!r} does not hold a {cls.family} processor")
         return cls(processor, cfg)
 
     # --- tokens the sampler must never produce ------------------------------------------------------------
@@ -250,14 +251,15 @@ class Qwen3VLAdapter:
         images = [fit_image(to_rgb(img), self.cfg.min_pixels, self.cfg.max_pixels, self.factor,
                             f"{name} image")
                   for img in images]
-        before = [{"role": "assistant", "content": "."}]
+        # (a user turn first: Qwen3.5's template refuses a chat without one)
+        before = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
         head = self.processor.apply_chat_template(before, tokenize=False, add_generation_prompt=False)
         whole = self.processor.apply_chat_template(before + messages, tokenize=False,
                                                    add_generation_prompt=True)
         end = head.rfind(self.END_OF_TURN)
         if end < 0 or not whole.startswith(head):
             raise PromptError(f"{name}: the chat template does not end an assistant turn with "
-                              f"{self.END_OF_TURN}; multi-turn rollouts need Qwen3-VL's template")
+                              f"{self.END_OF_TURN}; multi-turn rollouts need its family's own template")
         enc = self._tokenize(whole[end if close_turn else end + len(self.END_OF_TURN) :], images)
         ids = enc["input_ids"][0].tolist()
         pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
@@ -424,8 +426,10 @@ class Qwen3VLAdapter:
 
     @staticmethod
     def layer_parameters(model) -> int:
-        """Parameters of one decoder layer (the unit `auto` checkpointing weighs recomputation in)."""
-        return sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+        """Parameters of a decoder layer, on average over the layers (the unit `auto` checkpointing weighs
+        recomputation in; Qwen3.5's linear and full-attention layers differ)."""
+        layers = model.model.language_model.layers
+        return sum(p.numel() for p in layers.parameters()) // len(layers)
 
     @staticmethod
     def packing_unavailable(model) -> str | None:

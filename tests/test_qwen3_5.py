@@ -1,0 +1,173 @@
+"""Qwen3.5 behind the adapter: the tiny model, its template, positions, and packing that is exact with linear
+attention (each sample's conv and recurrent state start from zero at its first token)."""
+
+import copy
+import hashlib
+
+import pytest
+import torch
+from PIL import Image
+
+from vlrl.adapters import family_of, load_adapter, model_type
+from vlrl.batch import batch_logprobs
+from vlrl.config import AlgorithmConfig, ModelConfig
+from vlrl.planner import StepPlan
+from vlrl.records import Rollout
+from vlrl.tiny_qwen3_5 import CHAT_TEMPLATE, CHAT_TEMPLATE_SHA256, LAYER_TYPES
+from vlrl.update import accumulate_gradients
+
+IMAGES = [0, 1, 2, 0, 1, 0]  # image-less, single-image and two-image samples
+COMPLETIONS = [3, 41, 9, 27, 70, 15]  # mixed lengths (some cross the delta rule's 64-token chunks)
+SPLITS = {1: [list(range(6))], 2: [[0, 2, 4], [1, 3, 5]], 4: [[5, 0], [3], [1, 2], [4]]}
+
+
+@pytest.fixture(scope="module")
+def adapter35(tiny_qwen3_5_dir):
+    cfg = ModelConfig(path=str(tiny_qwen3_5_dir), dtype="float32", min_pixels=64 * 64, max_pixels=128 * 128,
+                      max_model_len=1024)
+    return load_adapter(cfg)
+
+
+@pytest.fixture(scope="module")
+def model35(adapter35):
+    return adapter35.load_model(torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def batch35(adapter35):
+    g = torch.Generator().manual_seed(0)
+    rollouts = []
+    for i, (n_img, n_comp) in enumerate(zip(IMAGES, COMPLETIONS)):
+        imgs = [Image.new("RGB", (64 + 32 * ((i + k) % 2), 64 + 32 * (k % 2)), (40 * i, 90 * k, 200))
+                for k in range(n_img)]
+        messages = adapter35.build_messages(f"Question {i}?" + " more" * i, n_img)
+        prompt = adapter35.encode_prompt(messages, imgs)
+        comp = torch.randint(0, 390, (n_comp,), generator=g).tolist()
+        lps = (-torch.rand(n_comp, generator=g) * 3).tolist()
+        rollouts.append(Rollout(prompt=prompt, completion_ids=comp, logprobs=lps, finish_reason="length",
+                                advantage=float(torch.randn(1, generator=g))))
+    return adapter35.build_batch(rollouts)
+
+
+def test_tiny_qwen3_5_is_hybrid_multimodal_and_picks_its_adapter(tiny_qwen3_5_dir, adapter35, model35):
+    assert model_type(str(tiny_qwen3_5_dir)) == "qwen3_5"
+    assert family_of(str(tiny_qwen3_5_dir)).name == "qwen3.5"
+    assert type(adapter35).__name__ == "Qwen3_5Adapter"
+    assert adapter35.fsdp_units == ("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock")
+    layers = model35.model.language_model.layers
+    assert [layer.block_type for layer in layers] == LAYER_TYPES
+    assert hasattr(layers[0], "linear_attn") and hasattr(layers[3], "self_attn")
+    assert {type(m).__name__ for m in model35.modules()} >= set(adapter35.fsdp_units)
+    text = model35.config.text_config
+    assert text.head_dim >= 32  # vLLM's CPU attention refuses smaller heads
+    rotary = int(text.head_dim * text.rope_parameters["partial_rotary_factor"])
+    assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
+    assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest() == CHAT_TEMPLATE_SHA256
+    assert (tiny_qwen3_5_dir / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_template_thinks_and_prompt_ids_carry_placeholders(adapter35):
+    msgs = adapter35.build_messages("Which color?", 1, system_prompt="Be brief.")
+    text = adapter35.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>Which color?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n")
+    enc = adapter35.encode_prompt(msgs, [Image.new("RGB", (96, 64), "red")])
+    # a 96x64 image: a 6x4 patch grid, 6 merged placeholders
+    assert enc.image_grid_thw.tolist() == [[1, 4, 6]]
+    assert enc.input_ids.count(adapter35.image_token_id) == 6
+    assert set(adapter35.banned_token_ids) == {adapter35.image_token_id, adapter35.video_token_id}
+
+
+def test_reply_after_a_tool_call_renders_once(adapter35):
+    """The multi-turn cut works with Qwen3.5's template (which refuses a chat without a user turn)."""
+    reply = adapter35.encode_reply([{"role": "tool", "content": "42"}], [])
+    text = adapter35.tokenizer.decode(reply.input_ids)
+    assert text == "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n" \
+                   "<|im_start|>assistant\n<think>\n"
+
+
+def test_positions_built_with_the_batch_equal_the_models(adapter35, model35, batch35):
+    assert torch.equal(adapter35.reference_positions(model35, batch35), batch35.model_inputs["position_ids"])
+
+
+def test_packed_logprobs_equal_padded_and_differ_when_state_leaks(adapter35, model35, batch35, monkeypatch):
+    policy = adapter35.policy(model35, 1.0)
+    with torch.no_grad():
+        want, want_ent = batch_logprobs(policy, batch35.select(list(range(batch35.size))))
+        for groups in SPLITS.values():
+            for g in groups:
+                got, ent = batch_logprobs(policy, batch35.pack(g))
+                assert torch.equal(got != 0, batch35.loss_mask[g, : got.shape[1]].bool())
+                torch.testing.assert_close(got, want[g, : got.shape[1]], atol=2e-6, rtol=1e-6)
+                torch.testing.assert_close(ent, want_ent[g, : got.shape[1]], atol=2e-6, rtol=1e-6)
+        # the linear layers told nothing about where samples begin (the attention layers still are): the
+        # conv and recurrent state of each sample run on into the next, and every later sample changes
+        from vlrl.adapters import linear_attention
+
+        whole = linear_attention.boundaries
+        monkeypatch.setattr(linear_attention, "boundaries", lambda cu, doc, longest, total: whole(
+            cu.new_tensor([0, total]), torch.zeros_like(doc), total, total))
+        leaked, _ = batch_logprobs(policy, batch35.pack(SPLITS[1][0]))
+    # the first sample has no predecessor: unchanged
+    torch.testing.assert_close(leaked[0], want[0, : leaked.shape[1]], atol=2e-6, rtol=1e-6)
+    for i in range(1, batch35.size):
+        n = batch35.lengths[i]
+        diff = (leaked[i, :n] - want[i, :n]).abs().max()
+        assert diff > 1e-4, (i, float(diff))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def gradients(policy, batch, plan, settings):
+    policy.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(policy, batch, plan, settings, 64)
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}, stats
+
+
+@pytest.mark.slow
+def test_packed_gradients_equal_padded_for_1_2_and_4_micro_batches(adapter35, model35, batch35):
+    """Every parameter (vision tower, conv1d, A_log, dt_bias included) gets the padded whole batch's gradient,
+    to within what micro-batching alone moves it.
+
+    transformers' reference delta rule computes in float32 whatever the model's dtype, and the decay
+    parameters' gradients (A_log, dt_bias: sums over every token, with cancellation) amplify its rounding; so
+    each parameter's packed gradient is held to twice the padded path's own micro-batching noise for that
+    parameter, plus a floor (1e-10 in float64, 2e-6 in float32). Measured: packed vs padded worst relative
+    error 1.3e-7..7.1e-7 in float64, 0.8e-5..1.4e-5 in float32 (decay parameters, conv weights), every
+    parameter within its bound; a state leaking across samples moves logprobs by ~1e-2 (the test above)."""
+    settings = AlgorithmConfig(entropy_coef=0.01)
+    for dtype, floor in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        model = copy.deepcopy(model35).to(dtype).train()
+        policy = adapter35.policy(model, 1.0)
+        want, s0 = gradients(policy, batch35, SPLITS[1], settings)
+        assert len(want) == sum(1 for _ in model.parameters())
+        assert any("conv1d" in k for k in want) and any("A_log" in k for k in want)
+        noise = {k: 0.0 for k in want}
+        for n in (2, 4):
+            padded, _ = gradients(policy, batch35, SPLITS[n], settings)
+            noise = {k: max(noise[k], rel(padded[k], want[k])) for k in want}
+        for n, groups in SPLITS.items():
+            got, s = gradients(policy, batch35, StepPlan(groups, packed=True), settings)
+            assert s["loss"] == pytest.approx(s0["loss"], rel=1e-6)
+            assert s["padded_tokens"] == sum(batch35.lengths)  # no padding computed
+            err = {k: rel(got[k], want[k]) for k in want}
+            name = max(want, key=lambda k: err[k] - 2 * noise[k])
+            print(f"{str(dtype)[6:]}, {n} packed micro-batches: worst rel err {max(err.values()):.1e}; "
+                  f"closest to its bound: {name} {err[name]:.1e} (micro-batching noise {noise[name]:.1e})")
+            assert err[name] <= 2 * noise[name] + floor, (n, name, err[name], noise[name])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_with_token_balanced_packing_give_the_single_rank_gradient(tiny_qwen3_5_dir, tmp_path):
+    """`vlrl train`'s default path on 2 gloo ranks (tests/dist_worker.py, mode `packed`) on the tiny Qwen3.5:
+    rollouts balanced across ranks by tokens, packed micro-batches; loss and every gradient are one rank's."""
+    from test_distributed import assert_same_gradient, one_and_two_ranks
+
+    one, two = one_and_two_ranks(tiny_qwen3_5_dir, tmp_path, "packed")
+    assert two["world"] == 2 and one["world"] == 1
+    assert any("linear_attn" in k for k in one["grads"])
+    assert_same_gradient(one, two)
