@@ -4,7 +4,7 @@ Everything specific to a family (its processor and chat format, image tokens, th
 wants, its FSDP units, its position rules, its layer names) stays in its adapter; train, eval, check-batch,
 the rollout layer and the samplers hold an `Adapter` and never import model classes. Which family a checkpoint
 is, and so which adapter loads it, is decided here once, from the checkpoint's own config (`FAMILIES`).
-Families: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`), its mixture-of-experts sizes (`qwen3_vl_moe.Qwen3VLMoeAdapter`)
+Families: Qwen3-VL (`qwen3_vl.Qwen3VLAdapter`), its mixture-of-experts sizes (`qwen3_vl_moe`)
 and Qwen3.5 (`qwen3_5.Qwen3_5Adapter`, a Qwen3-VL adapter with its own FSDP units: its linear-attention layers
 are handled by the patches every model gets).
 """
