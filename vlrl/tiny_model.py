@@ -225,6 +225,11 @@ def build_tokenizer(vocab_size: int = 400):
     return tok
 
 
+# The tiny vision tower every tiny family shares: 16-pixel patches merged 2x2, output 128 wide.
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                   temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=256)
+
+
 def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 400, tied: bool = False,
                         vocab: str = "toy") -> Path:
     """Write a tiny random Qwen3-VL (config, safetensors, tokenizer, processor, chat template) to `out_dir`.
@@ -283,18 +288,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=tied,
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=128,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
-        ),
+        vision_config=dict(**TINY_VISION, deepstack_visual_indexes=[0]),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny_model import SPECIAL_TOKENS, build_tokenizer
+from .tiny_model import SPECIAL_TOKENS, TINY_VISION, build_tokenizer
 
 # Qwen3.5's own chat template, verbatim: the `chat_template` of the hub's Qwen/Qwen3.5-4B
 # (https://huggingface.co/Qwen/Qwen3.5-4B), 7756 bytes, SHA-256 a4aee8afcf2e...; transcribed from a public
@@ -247,17 +247,7 @@ def build_tiny_qwen3_5(out_dir: str | Path, seed: int = 0, vocab_size: int = 400
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=tied,
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=128,
-            num_position_embeddings=256,
-        ),
+        vision_config=dict(TINY_VISION),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

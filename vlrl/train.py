@@ -351,20 +351,27 @@ class TrainResult:
 RESAMPLES = 5  # a step sampled again after this many server restarts in a row stops the run
 
 
+def agreed_attempt(fetch, run: Run):
+    """`fetch()` (sampling, or taking from the producer) and what became of it, agreed by every rank: (status,
+    error, result) with status 0 when it gave rollouts, 1 when the vLLM server restarted meanwhile (on any
+    rank), 2 when a server failed for good."""
+    status, error, got = 0, None, None
+    try:
+        got = fetch()
+    except ServerRestarted as e:
+        status, error = 1, str(e)
+    except ServerError as e:
+        status, error = 2, str(e)
+    return run.agree(status), error, got
+
+
 def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop: StopFlag):
     """This step's groups, every one sampled by a server holding the trainer's weights. A server that restarted
     meanwhile (on any rank: the ranks agree) gets the weights again and the step's prompts are sampled again; a
     server that failed for good calls `stop.fail` and gives None."""
     start = stream.state()
     for _ in range(RESAMPLES):
-        status, error = 0, None  # 0: sampled, 1: the server restarted, 2: it failed
-        try:
-            got = rollouts.step(stream, step, prompts)
-        except ServerRestarted as e:
-            status, error = 1, str(e)
-        except ServerError as e:
-            status, error = 2, str(e)
-        status = run.agree(status)
+        status, error, got = agreed_attempt(lambda: rollouts.step(stream, step, prompts), run)
         if status == 2:
             stop.fail(error or "a vLLM request of another rank failed")
             return None
@@ -373,10 +380,7 @@ def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop:
         stream.restore(start)  # the same prompts, from the weights the trainer sends now
         run.messages.append(f"step {step + 1}: the vLLM server restarted ({error or 'on another rank'}); the "
                             "trainer's weights pushed again and the step's prompts sampled again")
-        try:
-            sync(run.policy)
-        except ServerError as e:
-            stop.fail(str(e))
+        if not pushed_again(run, sync, stop, step):
             return None
     stop.fail(f"the vLLM server restarted {RESAMPLES} times while one step was sampled")
     return None
@@ -388,14 +392,7 @@ def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
     trainer's weights pushed again, production restarted at this step. A server that failed for good calls
     `stop.fail` and gives None (as does a stop requested while waiting)."""
     for _ in range(RESAMPLES):
-        status, error, got = 0, None, None
-        try:
-            got = producer.take(step, stop)
-        except ServerRestarted as e:
-            status, error = 1, str(e)
-        except ServerError as e:
-            status, error = 2, str(e)
-        status = run.agree(status)
+        status, error, got = agreed_attempt(lambda: producer.take(step, stop), run)
         if status == 2:
             stop.fail(error or "a vLLM request of another rank failed")
             return None
@@ -407,14 +404,22 @@ def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
         run.messages.append(f"step {step + 1}: the vLLM server restarted ({error or 'on another rank'}); "
                             f"{dropped} group(s) generated ahead dropped, the trainer's weights pushed again and "
                             "production restarted at this step")
-        try:
-            sync(run.policy, version=step)
-        except ServerError as e:
-            stop.fail(str(e))
+        if not pushed_again(run, sync, stop, step):
             return None
         producer.start(step)
     stop.fail(f"the vLLM server restarted {RESAMPLES} times while one step was sampled")
     return None
+
+
+def pushed_again(run: Run, sync, stop: StopFlag, version: int) -> bool:
+    """The trainer's weights (of `version`) pushed to a server that restarted; False (and `stop.fail`) when the
+    push failed."""
+    try:
+        sync(run.policy, version=version)
+    except ServerError as e:
+        stop.fail(str(e))
+        return False
+    return True
 
 
 def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
