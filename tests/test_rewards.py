@@ -452,6 +452,21 @@ def test_a_hung_user_function_is_killed_not_abandoned(user_module, tmp_path):
     rs.close()
 
 
+def test_a_reward_module_slow_to_import_is_not_timed_out(tmp_path, monkeypatch):
+    """A worker's start (fork, importing the user's module) is outside a call's clock: a module that takes 2 s
+    to import, under a 1 s timeout, scores every call (on a loaded machine the default 10 s was eaten by the
+    import and a resumed run's first rewards timed out)."""
+    (tmp_path / "slow_import_rewards.py").write_text("import time\ntime.sleep(2.0)\n"
+                                                     "def one(completion, sample):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rs = RewardSet([RewardSpec(fn="slow_import_rewards:one")], timeout_s=1.0, processes=2)
+    try:
+        res = rs.score(["a", "b", "c"], [S("x", "a")] * 3)
+        assert res.per_fn["slow_import_rewards:one"] == [1.0, 1.0, 1.0] and not any(res.failures.values()), res.errors
+    finally:
+        rs.close()
+
+
 def test_a_call_that_takes_its_process_down_is_counted_and_replaced(user_module):
     rs = RewardSet([RewardSpec(fn="my_rewards:die"), RewardSpec(fn="my_rewards:flag")], timeout_s=5.0,
                    processes=1)

@@ -46,6 +46,13 @@ def _context():
     return ctx
 
 
+READY = "ready"
+STARTUP_S = 300.0
+"""Most seconds a worker may take to start (fork, then import the reward modules) before it counts as
+crashed. A start is never inside a call's `reward_timeout_s`: on a loaded machine, importing a user's module
+took longer than the default 10 s, and the first calls of a run (or of a resumed run) timed out."""
+
+
 def _worker_main(conn: Connection, sys_path: list[str], names: list[str]) -> None:
     """Run calls until the pipe closes: (name, completion, sample) in, an Outcome out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
@@ -56,6 +63,7 @@ def _worker_main(conn: Connection, sys_path: list[str], names: list[str]) -> Non
             fns[name] = resolve_reward(name)
         except Exception:  # noqa: BLE001 - reported by the call, which resolves again
             pass
+    conn.send(READY)  # the pool starts a call's clock only now
     samples: dict[tuple[int, int], Any] = {}  # this batch's samples, as sent once by the trainer
     while True:
         try:
@@ -83,8 +91,25 @@ class _Worker:
         self.proc.start()
         child.close()
         self.task: int | None = None
+        self.ready = False  # said so (its modules imported): from then on its calls are timed
         self.deadline = 0.0
         self.known: set[tuple[int, int]] = set()  # samples this worker holds
+
+    def wait_ready(self) -> str | None:
+        """Until the worker has started (None), or why it never will."""
+        if self.ready:
+            return None
+        try:
+            if not self.conn.poll(STARTUP_S):
+                return f"its reward process did not start within {STARTUP_S:g} s"
+            if self.conn.recv() != READY:
+                return "its reward process sent something else than its start"
+        except (EOFError, OSError) as e:
+            self.proc.join(5)
+            return (f"its reward process died while starting (exit code {self.proc.exitcode}: "
+                    f"{type(e).__name__})")
+        self.ready = True
+        return None
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -131,6 +156,11 @@ class RewardPool:
             while todo and (self.idle or len(busy) < self.size):
                 w = self.idle.pop() if self.idle else self._start()
                 w.task = todo.pop()
+                failed = w.wait_ready()
+                if failed is not None:
+                    results[w.task] = (None, "crashed", failed)
+                    self._kill(w)
+                    continue
                 name, completion, sample = calls[w.task]
                 key = (self.batch, index.setdefault(id(sample), len(index)))
                 try:
