@@ -6,6 +6,14 @@ def parity(completion, sample):
     return float(len(completion) % 2)
 
 
+def slow_parity(completion, sample):
+    """`parity`, 0.3 s a call: a step that lasts, so a signal sent during it lands inside it."""
+    import time
+
+    time.sleep(0.3)
+    return parity(completion, sample)
+
+
 def noise(completion, sample):
     """Uniform noise: varies within every group whatever the completions are, so the first update moves the
     policy for sure (parity leaves a group without signal when its completions' lengths share a parity)."""

@@ -212,7 +212,10 @@ def test_a_run_interrupted_twice_before_its_first_checkpoint_says_so_and_resume_
     args = [sys.executable, "-m", "vlrl", "train", "configs/tiny-cpu.toml",
             *[f"--set={o}"
               for o in small(tiny_model_dir, tmp_path, "train.steps=500", "name=twice",
-                             "checkpoint.every=1000")]]
+                             "checkpoint.every=1000",
+                             # a step of ~1 s: both signals land in step 2 (on a fast machine the stop's own
+                             # checkpoint could be written within the 50 ms between them)
+                             'env.rewards=[{fn="rewards_for_tests:slow_parity"}]')]]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
