@@ -242,11 +242,8 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
-        Qwen2VLImageProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
     )
 
     out = Path(out_dir)
@@ -299,29 +296,22 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, vocab_size: int = 40
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    return save_tiny(model, out, ids, tokenizer, CHAT_TEMPLATE)
+
+
+def save_tiny(model, out: Path, ids: dict[str, int], tokenizer, chat_template: str) -> Path:
+    """Every tiny family's checkpoint: generation defaults, safetensors weights, and a processor for small
+    images (they keep the CPU fast: at most 16x16 merged tokens, 512x512 px; at least 2x2, 64x64 px)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
     model.save_pretrained(out, safe_serialization=True)
-
-    # Small images keep the CPU fast: at most 16x16 merged tokens (512x512 px); at least 2x2 (64x64 px).
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=16,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    video_processor = Qwen3VLVideoProcessor(
-        patch_size=16, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
-    )
-    processor = Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    size = {"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
+    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size,
+                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size)
+    Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                     chat_template=chat_template).save_pretrained(out)
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny_model import SPECIAL_TOKENS, TINY_VISION, build_tokenizer
+from .tiny_model import SPECIAL_TOKENS, TINY_VISION, build_tokenizer, save_tiny
 
 # Qwen3.5's own chat template, verbatim: the `chat_template` of the hub's Qwen/Qwen3.5-4B
 # (https://huggingface.co/Qwen/Qwen3.5-4B), 7756 bytes, SHA-256 a4aee8afcf2e...; transcribed from a public
@@ -196,11 +196,8 @@ def build_tiny_qwen3_5(out_dir: str | Path, seed: int = 0, vocab_size: int = 400
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
-        Qwen2VLImageProcessor,
         Qwen3_5Config,
         Qwen3_5ForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
     )
 
     from .errors import UserError
@@ -256,17 +253,4 @@ def build_tiny_qwen3_5(out_dir: str | Path, seed: int = 0, vocab_size: int = 400
     )
     torch.manual_seed(seed)
     model = Qwen3_5ForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out, safe_serialization=True)
-
-    # as the tiny Qwen3-VL: at most 16x16 merged tokens (512x512 px), at least 2x2 (64x64 px)
-    size = {"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
-    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size,
-                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model, out, ids, tokenizer, CHAT_TEMPLATE)
