@@ -583,3 +583,42 @@ def test_numeric_keeps_what_math_verify_rounds_away():
     assert math_reward("\\boxed{0.0000013}", S("0.0000012")) == 1.0  # math-verify: equal
     assert numeric("\\boxed{0.0000013}", S("0.0000012")) == 0.0
     assert numeric("\\boxed{1.3e-9}", S("1.2e-9")) == 0.0 and numeric("\\boxed{1.2e-9}", S("1.2e-9")) == 1.0
+
+
+def test_a_worker_killed_by_a_step_and_by_close_at_once_is_killed_once(user_module):
+    """A Ctrl-C closes the pool while a scoring thread kills a worker whose call ran out of time: the two
+    kills meet on one worker. It is killed (and its pipe closed) once; neither raises (closing the pipe twice
+    at once raised EBADF, and the trainer exited 1 instead of 130)."""
+    import threading
+
+    from vlrl.rewards.pool import RewardPool
+
+    pool = RewardPool(["my_rewards:length_bonus"], size=1)
+    w = pool.alive[0]
+    assert w.wait_ready() is None
+    both_inside = threading.Barrier(2, timeout=10)
+    joins = []
+    real_join = w.proc.join
+
+    def join(timeout=None):
+        joins.append(threading.current_thread().name)
+        real_join(timeout)
+
+    w.proc.join = join
+    errors = []
+
+    def kill(how):
+        try:
+            both_inside.wait()
+            how()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=kill, args=(lambda: pool._kill(w),), name="step"),
+               threading.Thread(target=kill, args=(pool.close,), name="close")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and len(joins) == 1 and not w.proc.is_alive() and w.conn.closed
+    assert pool.alive == []

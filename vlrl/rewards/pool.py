@@ -24,6 +24,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
@@ -94,6 +95,8 @@ class _Worker:
         self.ready = False  # said so (its modules imported): from then on its calls are timed
         self.deadline = 0.0
         self.known: set[tuple[int, int]] = set()  # samples this worker holds
+        self._kill_lock = threading.Lock()
+        self._killed = False
 
     def wait_ready(self) -> str | None:
         """Until the worker has started (None), or why it never will."""
@@ -112,10 +115,19 @@ class _Worker:
         return None
 
     def kill(self) -> None:
+        """Once, from whichever thread comes first: a Ctrl-C closes the pool while a scoring thread may be
+        killing the same worker for its deadline (closing its pipe twice raised EBADF and lost the exit)."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(5)
-        self.conn.close()
+        try:
+            self.conn.close()
+        except OSError:  # a scoring thread's wait() on it at the same moment
+            pass
 
 
 class RewardPool:
@@ -139,8 +151,10 @@ class RewardPool:
 
     def _kill(self, w: _Worker) -> None:
         w.kill()
-        if w in self.alive:
+        try:
             self.alive.remove(w)
+        except ValueError:  # close() took it first
+            pass
 
     def run(self, calls: list[tuple[str, str, Any]], timeout_s: float) -> list[Outcome]:
         """Outcomes of `(name, completion, sample)` calls, in order. Never raises for a failing call."""
@@ -208,4 +222,8 @@ class RewardPool:
 
 def _kill_all(workers: list[_Worker]) -> None:
     while workers:
-        workers.pop().kill()
+        try:
+            w = workers.pop()
+        except IndexError:  # a scoring thread's _kill took the last one
+            return
+        w.kill()
