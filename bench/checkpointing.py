@@ -22,8 +22,9 @@ from dataclasses import replace
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
 import torch
 
-from vlrl.activation_memory import GIB, AutoCheckpointing, Head, kinds
+from vlrl.activation_memory import GIB, AutoCheckpointing, Head, gradient_bytes, kinds
 from vlrl.adapters.qwen3_vl import set_checkpointing
+from vlrl.optimizer_offload import StateOffload
 from vlrl.planner import StepPlan, micro_batch_tokens, pack_micro_batches
 from vlrl.update import accumulate_gradients
 
@@ -121,14 +122,21 @@ def auto_label(auto) -> str:
     return f"{full} full, {sel} selective, {auto.layers - full - sel} keep{head}"
 
 
-def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0) -> dict:
-    """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync."""
+def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0,
+               offload: bool = False) -> dict:
+    """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync.
+    `offload`: `train.offload_optimizer` on (`Run.update`'s calls: the longest micro-batch last, the moments'
+    bytes kept on the host told to the chooser, the offload's calls around each backward and the AdamW step)."""
     spec = ragged.spec_from_args(args)
     vocab, v_start, v_end = ids
     batch = adapter.build_batch(ragged.ragged_rollouts(adapter, spec, vocab, v_start, v_end))
     useful = sum(batch.lengths)
     plan = StepPlan(pack_micro_batches(batch.lengths, spec.micro_batch_tokens, batch.patches_per_sample), packed=True)
     computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+    if offload:  # as Run.update: the longest micro-batch last
+        last = computed.index(max(computed))
+        plan.micro_batches.append(plan.micro_batches.pop(last))
+        computed.append(computed.pop(last))
     biggest = plan.micro_batches[computed.index(max(computed))]
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -140,39 +148,50 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     n_params = tools.non_embedding_params(model)
     layers = len(model.model.language_model.layers)
 
+    opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
+    moved = StateOffload(opt, params, gradient_bytes(params), device) if offload else None
+
     def update(p):
-        accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device)
+        accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
+                             before_backward=moved.before_backward if moved is not None else None)
 
     def timed_steps(label: str) -> dict:
-        """Steps of update + clip + fused AdamW from a fresh optimizer: the first (AdamW's state allocated, graphs
-        compiled) untimed, then --ragged-repeat timed; the peak over all of them."""
+        """Steps of update + clip + fused AdamW from a fresh optimizer state: the first (AdamW's state allocated,
+        graphs compiled) untimed, then --ragged-repeat timed back to back (one sync at the end: the moments' copy
+        back to the host overlaps the next step, as it overlaps the weight sync and rollouts in training); the
+        peak over all of them."""
         gc.collect()
+        opt.state.clear()  # (the offload's pinned buffers are kept: written again after the first step)
         if on_gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
 
         def step():
             update(plan)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if moved is not None:
+                moved.before_step()
             opt.step()
+            if moved is not None:
+                moved.after_step()
             opt.zero_grad(set_to_none=True)
 
         try:
             step()
             tools.sync(device)
-            times = []
-            for _ in range(max(args.ragged_repeat, 1)):
-                t0 = time.perf_counter()
+            n = max(args.ragged_repeat, 1)
+            t0 = time.perf_counter()
+            for _ in range(n):
                 step()
-                tools.sync(device)
-                times.append(time.perf_counter() - t0)
+            tools.sync(device)
+            t = (time.perf_counter() - t0) / n
         except torch.OutOfMemoryError as e:
             model.zero_grad(set_to_none=True)
+            if moved is not None:
+                moved.drop()
             allocated = torch.cuda.max_memory_allocated(device) / GIB
             print(f"  {label}: OOM (allocated peak {allocated:.1f} GiB): {str(e).splitlines()[0][:160]}", flush=True)
             return {"path": label, "seconds": None, "peak_gib": allocated}
-        t = sorted(times)[len(times) // 2]
         peak = torch.cuda.max_memory_allocated(device) / GIB if on_gpu else float("nan")
         row = {"path": label, "seconds": t, "mfu": 6 * n_params * useful / t / (tools.peak_tflops * 1e12),
                "peak_gib": peak}
@@ -187,11 +206,17 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     def probe():  # as Run._probe: the largest micro-batch alone, its gradients dropped
         update(replace(plan, micro_batches=[biggest], padding_passes=0))
         model.zero_grad(set_to_none=True)
+        if moved is not None:
+            moved.drop()
 
     said = auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
                        probe_tokens=max(computed), token_cap=spec.micro_batch_tokens,
-                       probe_trained=int(batch.loss_mask[biggest].sum()))
-    print(f"  ragged, {'capped at %g GiB' % cap_gib if cap_gib else 'the whole card'}: {said}", flush=True)
+                       probe_trained=int(batch.loss_mask[biggest].sum()),
+                       offloaded=moved.bytes if moved is not None else 0)
+    if moved is not None:
+        said += "; " + moved.describe()
+    where = "capped at %g GiB" % cap_gib if cap_gib else "the whole card"
+    print(f"  ragged, {where}{', optimizer state offloaded' if offload else ''}: {said}", flush=True)
     rows = [timed_steps(f"auto ({auto_label(auto)})")]
     rows[0]["fraction"], rows[0]["level"] = auto.fraction, auto.level
     for full, sel in args.ragged_fixed:
@@ -201,8 +226,13 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         rows[-1]["fraction"] = full
     policy.keep_logits = False
     model.zero_grad(set_to_none=True)
+    if moved is not None:
+        moved.settle()
+        moved.close()
+    opt.state.clear()
     choice = auto.choice
     return {"said": said, "rows": rows, "cap_gib": cap_gib, "useful": useful, "micro_batches": computed,
+            "offload": offload,
             "predicted_gib": choice.predicted_peak / GIB if choice else float("nan"),
             "bound_gib": choice.bound / GIB if choice else float("nan"),
             "probes_gib": {kinds(lv, layers): v / GIB for lv, v in auto.measured.items()}}
@@ -210,6 +240,8 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
 
 def print_ragged(result: dict) -> None:
     cap = f"capped at {result['cap_gib']:g} GiB" if result["cap_gib"] else "the whole card"
+    if result["offload"]:
+        cap += ", AdamW's moments offloaded (train.offload_optimizer)"
     print(f"\nragged batch as shipped, {result['useful']:,} useful tokens in micro-batches of {result['micro_batches']} "
           f"tokens, update + AdamW step, {cap}: {result['said']}")
     probes = ", ".join(f"{f} full + {s} selective: {g:.1f}" for (f, s), g in result["probes_gib"].items())
@@ -229,5 +261,46 @@ def ragged_line(result: dict) -> str:
     r = result["rows"][0]
     mfu = f"{r['mfu']:.1%}" if r["seconds"] is not None else "OOM,"
     cap = f" under a {result['cap_gib']:g} GiB cap" if result["cap_gib"] else ""
-    return (f"ragged as shipped (auto, AdamW){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
+    moved = ", state offloaded" if result["offload"] else ", state on the GPU"
+    return (f"ragged as shipped (auto, AdamW{moved}){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
             f"({r['path'][6:-1]}), predicted {result['predicted_gib']:.1f} GiB, measured {r['peak_gib']:.1f} GiB")
+
+
+def offload_exact(device, width: int = 4096, layers: int = 8, steps: int = 3) -> dict:
+    """`train.offload_optimizer` against AdamW keeping its state on the device, on a stack of bf16 linear layers
+    big enough that the copies overlap the backward (two passes a step, fused AdamW, clipping): the largest
+    difference in weights and moments after `steps` steps (0.0: bit for bit)."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device, torch.bfloat16)
+
+    def train(model, offload: bool):
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
+        moved = StateOffload(opt, params, sum(2 * p.numel() * p.element_size() for p in params) // 2, device) \
+            if offload else None
+        gen = torch.Generator(device).manual_seed(1)
+        for _ in range(steps):
+            for i in range(2):
+                loss = model(torch.randn(4096, width, device=device, dtype=torch.bfloat16, generator=gen)).float() \
+                    .pow(2).mean()
+                if moved is not None:
+                    moved.before_backward(i, i == 1)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if moved is not None:
+                moved.before_step()
+            opt.step()
+            if moved is not None:
+                moved.after_step()
+            opt.zero_grad(set_to_none=True)
+        if moved is not None:
+            moved.settle()
+        return params, opt, (moved.bytes if moved is not None else 0)
+
+    a, opt_a, _ = train(build(), False)
+    b, opt_b, moved = train(build(), True)
+    weights = max(float((x - y).detach().abs().max()) for x, y in zip(a, b))
+    moments = max(float((opt_a.state[x][k].float() - opt_b.state[y][k].to(x.device).float()).abs().max())
+                  for x, y in zip(a, b) for k in ("exp_avg", "exp_avg_sq"))
+    return {"weights": weights, "moments": moments, "offloaded_gib": moved / GIB, "steps": steps}

@@ -14,7 +14,8 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
                                                # experts beside vlrl's path, then the ragged case (README)
     python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
     python bench/update_step.py --compile --auto --optimizer --auto-only --memory-caps 0 74.5
-                                               # `auto` checkpointing on the ragged batch as shipped (+ AdamW)
+                                               # `auto` checkpointing on the ragged batch as shipped (+ AdamW),
+                                               # AdamW's moments offloaded and not (--offload-optimizer)
 
 Then the ragged case (`bench/ragged.py`): a GRPO step of ragged completions updated padded (today's path, and
 length-sorted) and packed (each attention route), and the line `ragged update: packed vs padded ...`.
@@ -580,11 +581,19 @@ def run_auto_ragged(model, adapter, device, args, vocab) -> list[dict]:
     big = vocab > 150000
     ids = (vocab, VISION_START if big else adapter.image_token_id - 2, VISION_END if big else adapter.image_token_id - 1)
     out = []
+    moves = {"on": [True], "off": [False], "both": [True, False]}[args.offload_optimizer]
+    exact = checkpointing.offload_exact(device, *((256, 2) if device.type == "cpu" else ())) if True in moves else None
+    if exact is not None:
+        print(f"  offload exact: {exact}", flush=True)
     for cap in args.memory_caps if device.type == "cuda" else [0.0]:
-        out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools, ids, cap))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for offload in moves:
+            out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools, ids,
+                                                cap, offload=offload))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if exact is not None:
+        out[0]["exact"] = exact
     return out
 
 
@@ -706,6 +715,9 @@ def main():
                     "(equal-length case, compiled layers; bench/checkpointing.py)")
     ap.add_argument("--optimizer", action="store_true", help="with --auto: each step includes AdamW's (its state)")
     ap.add_argument("--auto-only", action="store_true", help="with --auto: only the auto cases")
+    ap.add_argument("--offload-optimizer", choices=["on", "off", "both"], default="both",
+                    help="with --auto: the ragged batch with AdamW's moments offloaded (train.offload_optimizer; "
+                         "on with auto checkpointing on a GPU), kept on the GPU, or both")
     ap.add_argument("--ragged-fixed", type=float, nargs=2, action="append", default=[], metavar=("FULL", "SELECTIVE"),
                     help="with --auto: also time the ragged batch at these fractions of layers recomputed whole and "
                          "selectively (repeatable)")
@@ -833,6 +845,10 @@ def main():
         print(ragged.summary_line(ragged_result))
     for r in auto_ragged[1:]:
         print(checkpointing.ragged_line(r))
+    if auto_ragged and "exact" in auto_ragged[0]:
+        e = auto_ragged[0]["exact"]
+        print(f"offloaded optimizer state vs AdamW's own ({e['offloaded_gib']:.2f} GiB moved, {e['steps']} steps): "
+              f"max |weight diff| {e['weights']:.1e}, max |moment diff| {e['moments']:.1e}")
     if auto_ragged:
         print(checkpointing.ragged_line(auto_ragged[0]))
     up, lp = speedups(results[0]["rows"]) if results else (math.nan, math.nan)  # the baseline's shapes

@@ -244,14 +244,16 @@ class AutoCheckpointing:
 
     def decide(self, probe, params: list[torch.Tensor], optimizer_has_state: bool, agree, distributed: bool = False,
                probe_tokens: int = 1, token_cap: int | None = None, accumulates: bool = True,
-               probe_trained: int | None = None) -> str:
+               probe_trained: int | None = None, offloaded: int = 0) -> str:
         """Run `probe()` (the step's largest micro-batch, `probe_tokens` long, forward and backward; it drops its
         gradients after) at the ladder's levels (module docstring), choose, and agree on the level with the other
         ranks (`agree(values, "max")`). `token_cap`: the longest micro-batch a later step may have (None:
         unknown). `accumulates`: this step has several micro-batches, so each probe runs with the gradients
         allocated first; a step of one micro-batch is probed as it runs (its gradients appear during its
         backward) and the bound adds the gradients' bytes, for later steps that accumulate. `probe_trained`: the
-        probe's trained tokens (the logprob head's rows; default all). Returns the sentence to print."""
+        probe's trained tokens (the logprob head's rows; default all). `offloaded`: bytes of AdamW's state kept on
+        the host between steps (`optimizer_offload.py`; their fetch in the last backward is in the probe's peak).
+        Returns the sentence to print."""
         if self.device.type != "cuda":
             self._apply(2 * self.layers)
             return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
@@ -286,7 +288,7 @@ class AutoCheckpointing:
         free, total = torch.cuda.mem_get_info(self.device)
         outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
         budget = device_budget(self.device) - max(outside, 0)
-        extra = 0 if optimizer_has_state else optimizer_state_bytes(params)
+        extra = 0 if optimizer_has_state else max(0, optimizer_state_bytes(params) - offloaded)
         scale = max(1.0, token_cap / probe_tokens) if token_cap else 1.0
         grads = 0 if accumulates else gradient_bytes(params)  # a later step's, on top of what was measured
         rows = probe_tokens if probe_trained is None else probe_trained

@@ -468,6 +468,13 @@ class TrainConfig(Section):
     the logprob head keeps its logits, whose peak fits the device's memory, measured at the first update with the
     step's gradients allocated and bounded at `micro_batch_tokens` (vlrl/activation_memory.py); stepped up after an
     out-of-memory error (one process); on the CPU, every layer."""
+    offload_optimizer: Literal["auto"] | bool = False
+    """Keep part of AdamW's moments (at most the gradients' bytes: 15 GiB on 8B) on pinned host memory between
+    steps, copied to the GPU during the last backward pass and back after the optimizer step on a stream of
+    their own (vlrl/optimizer_offload.py): the memory goes to activations, so `auto` checkpointing recomputes
+    less. Exact (tested on the CPU; not yet measured on a GPU, hence off by default). `auto`: on with
+    `checkpoint_fraction = "auto"` on a GPU, one process or DDP; true: on (not under FSDP2, where each rank holds
+    a shard of the state already). Needs that much free host memory per process."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
     one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,

@@ -158,6 +158,7 @@ class Run:
         schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.lr_schedule]
         self.scheduler = get_scheduler(schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, self.optimizer, self.scheduler)
+        self.offload = self._offload(params, on_gpu)
         self.ref_policy = None
         if cfg.algorithm.kl_coef > 0:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
@@ -174,6 +175,8 @@ class Run:
         if self.ckpt is not None:
             state = load_trainer_state(self.ckpt)
             load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+            if self.offload is not None:
+                self.offload.offload_now()
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             ranks = state["data"]
@@ -187,6 +190,24 @@ class Run:
         if trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=flat_config(cfg),
                                            init_kwargs={"wandb": {"name": cfg.name, "dir": str(self.run_dir)}})
+
+    def _offload(self, params, on_gpu: bool):
+        """`train.offload_optimizer`: the StateOffload of this run, or None."""
+        setting = self.cfg.train.offload_optimizer
+        if setting == "auto":
+            setting = on_gpu and self.cfg.train.checkpoint_fraction == "auto" and not self.fsdp
+        elif setting and self.fsdp:
+            raise UserError("train.offload_optimizer = true is for one process or DDP: under FSDP2 each rank holds "
+                            "a shard of the optimizer's state already (set it to false or \"auto\")")
+        if not setting:
+            return None
+        from .activation_memory import gradient_bytes
+        from .optimizer_offload import StateOffload
+
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # (Accelerate's wrapper)
+        offload = StateOffload(inner, params, gradient_bytes(params), self.device)
+        self.messages.append(offload.describe())
+        return offload
 
     def _weights_dir(self) -> str | None:
         """Full-parameter runs resume from the checkpoint's weights; LoRA runs from the base + adapter."""
@@ -221,9 +242,16 @@ class Run:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
 
+        offload = self.offload
+        if offload is not None:  # the longest micro-batch last: its backward hides the moments' copies to the GPU
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            last = computed.index(max(computed))
+            plan.micro_batches.append(plan.micro_batches.pop(last))
+
         def run(p):
             return accumulate_gradients(self.policy, batch, p, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
-                                        self.ref_policy, self.accelerator, loss_scale=self.world)
+                                        self.ref_policy, self.accelerator, loss_scale=self.world,
+                                        before_backward=offload.before_backward if offload is not None else None)
 
         auto = self.auto_checkpointing
         if auto is not None and auto.level is None:  # "auto": measured on this step's largest micro-batch
@@ -237,7 +265,8 @@ class Run:
                                              bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
                                              probe_tokens=max(computed), token_cap=cap,
                                              accumulates=len(plan.passes) > 1,
-                                             probe_trained=int(batch.loss_mask[biggest].sum())))
+                                             probe_trained=int(batch.loss_mask[biggest].sum()),
+                                             offloaded=offload.bytes if offload is not None else 0))
         while True:
             try:
                 sums = run(plan)
@@ -245,6 +274,8 @@ class Run:
             except torch.OutOfMemoryError:
                 # a backward that died midway summed some gradients and not others: the step starts over
                 self.optimizer.zero_grad(set_to_none=True)
+                if offload is not None:
+                    offload.drop()
                 note = auto.step_up() if auto is not None and self.world == 1 else None
                 if note is None:  # (with several ranks, the others wait in a collective: no recovery)
                     raise
@@ -254,7 +285,11 @@ class Run:
         grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
+        if offload is not None:
+            offload.before_step()
         self.optimizer.step()
+        if offload is not None:
+            offload.after_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(grad_norm)
@@ -273,6 +308,8 @@ class Run:
 
         run(replace(plan, micro_batches=[biggest], padding_passes=0))
         self.optimizer.zero_grad(set_to_none=True)
+        if self.offload is not None:  # the moments the probe's last pass fetched (or would have)
+            self.offload.drop()
 
     def save(self, data_state: dict) -> Path | None:
         """Checkpoint the learner with `data_state` (this rank's prompt-stream position; every rank's is gathered
@@ -284,6 +321,8 @@ class Run:
             from accelerate.utils import gather_object
 
             data = gather_object(data)
+        if self.offload is not None:  # the last step's moments on the host before they are read
+            self.offload.settle()
         state = {
             "step": self.step,
             "optimizer": optimizer_state(self.policy, self.optimizer),  # by parameter name; gathered under FSDP

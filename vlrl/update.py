@@ -29,6 +29,7 @@ def accumulate_gradients(
     total_sequences: float | None = None,
     loss_scale: float = 1.0,
     padding_passes: int = 0,
+    before_backward=None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch of `plan` (packed or padded; a plain list of sample-index groups is
     a padded plan); gradients accumulate in the params.
@@ -36,7 +37,8 @@ def accumulate_gradients(
     `total_tokens` / `total_sequences` are the step's global counts (defaults: the plan's, else this batch's
     own); `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes`
     (default: the plan's) extra passes of the last micro-batch with zero weight keep this rank in step with
-    ranks that have more micro-batches (their collectives must match one for one). Returns sums for logging.
+    ranks that have more micro-batches (their collectives must match one for one). `before_backward(i, last)`
+    is called before pass i's backward (`optimizer_offload.StateOffload`'s). Returns sums for logging.
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(plan, packed=False)
@@ -88,6 +90,8 @@ def accumulate_gradients(
                 share = mask.sum() / total_tokens
                 loss = loss + aux_coef * aux * share * weight
                 sums["router_aux_loss"] = sums.get("router_aux_loss", 0.0) + float(aux.detach() * share)
+            if before_backward is not None:
+                before_backward(i, last)
             if accelerator is not None:
                 accelerator.backward(loss * loss_scale)
             else:
