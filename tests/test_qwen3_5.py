@@ -171,3 +171,50 @@ def test_two_ranks_with_token_balanced_packing_give_the_single_rank_gradient(tin
     assert two["world"] == 2 and one["world"] == 1
     assert any("linear_attn" in k for k in one["grads"])
     assert_same_gradient(one, two)
+
+
+def test_tool_calls_in_qwen3_5s_xml_read_back_typed_by_each_tools_schema(adapter35):
+    """Qwen3.5's template writes tool calls as XML (`<function=...>`, `<parameter=...>`), every value as text:
+    the calls it renders read back as the same calls, typed by each tool's schema (the crop's integers, the
+    calculator's expression kept a string although it looks like a number, a list as JSON). Then the zoom
+    environment runs such a call: a crop image comes back, and holding the box earns the crop reward."""
+    from vlrl.envs.calculator import CALCULATE
+    from vlrl.envs.tools import Tool, parse_tool_calls
+    from vlrl.envs.zoom import CROP, CROP_REWARD, ZoomEnv
+    from vlrl.sample import Sample
+
+    listed = Tool("mark", "Mark points.", {"type": "object", "properties": {"points": {"type": "array"},
+                                                                           "note": {"type": "string"}}},
+                  lambda sample, state, **kw: "ok")
+    tools = {t.name: t for t in (CROP, CALCULATE, listed)}
+    calls = [("crop", {"x0": 0, "y0": 128, "x1": 128, "y1": 256}), ("calculate", {"expression": "1234"}),
+             ("mark", {"points": [[1, 2], [3, 4]], "note": "two\nlines"})]
+    messages = [{"role": "user", "content": "Go."},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}}
+                                for n, a in calls]}]
+    text = adapter35.tokenizer.apply_chat_template(messages, tokenize=False)
+    turn = text.split("<|im_start|>assistant\n")[-1].split("<|im_end|>")[0]
+    assert "<function=crop>\n<parameter=x0>\n0\n</parameter>" in turn  # the template's own XML
+    parsed = parse_tool_calls(turn, tools)
+    assert [(c.name, c.arguments, c.error) for c in parsed] == [(n, a, None) for n, a in calls]
+    untyped = parse_tool_calls(turn)  # no schemas: JSON where it parses
+    assert untyped[1].arguments == {"expression": 1234} and untyped[0].arguments == calls[0][1]
+
+    bad = parse_tool_calls("<tool_call>\n<function=crop>\n<parameter=x0>\nten\n</parameter>\n</function>\n"
+                           "</tool_call>", tools)
+    assert bad[0].arguments == {"x0": "ten"}  # not an integer: left as written for the schema check to refuse
+    assert parse_tool_calls("<tool_call>\n<function=crop>\nx0 = 3\n</function>\n</tool_call>")[0].error[0] \
+        == "malformed"
+    assert parse_tool_calls("<tool_call>\n<function=>\n</function>\n</tool_call>")[0].error[0] == "malformed"
+
+    image = Image.new("RGB", (256, 256), "white")
+    image.info["box"] = (10, 140, 40, 170)
+    env = ZoomEnv()
+    reply = env.step(Sample(id="z", question="Where?", answer="a", images=[image]), env.reset(None),
+                     turn.split("<tool_call>")[0] + "<tool_call>" + turn.split("<tool_call>")[1])
+    assert reply.tool_calls == 1 and reply.tool_errors == {} and len(reply.images) == 1
+    assert reply.images[0].size[0] > 0 and reply.reward == CROP_REWARD
+    refused = env.step(Sample(id="z", question="Where?", answer="a", images=[image]), env.reset(None),
+                       "<tool_call>\n<function=crop>\n<parameter=x0>\nten\n</parameter>\n</function>\n</tool_call>")
+    assert refused.tool_errors == {"bad_arguments": 1}

@@ -110,3 +110,21 @@ def test_train_with_the_disk_sync_keeps_the_sampler_on_the_trainers_weights(serv
     finally:
         DiskWeightSync(VLLMClient(server35.url, rollout_cfg(server35)), adapter35,
                        tmp_path / "base").push(model35)
+
+
+def test_zoom_episodes_with_tools_through_the_server(server35, tiny_qwen3_5_dir):
+    """Multi-turn episodes with a tool through `vlrl serve` on Qwen3.5: the tool schemas rendered into the
+    system turn by Qwen3.5's template, calls read (the toy vocabulary spells each crop call as one token,
+    in Qwen3-VL's JSON: both forms are read), the crops' images in Qwen3.5's tool-response turns, and every
+    turn's prompt ids equal to the trainer's. (Calls in Qwen3.5's own XML: tests/test_qwen3_5.py.)"""
+    sets = [f"model.path={tiny_qwen3_5_dir}", f"rollout.server_url={server35.url}", "env.max_turns=3",
+            "rollout.max_new_tokens=8"]
+    res = subprocess.run([sys.executable, "-m", "vlrl", "check-batch", "configs/tiny-cpu-zoom.toml", "--json",
+                          "--prompts", "4", *[a for s in sets for a in ("--set", s)]],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["ok"], report["checks"]
+    stats = report["stats"]
+    assert stats["tool_calls"] >= 4 and stats["max_turns"] >= 2 and stats["env_images"] >= 4, stats
+    assert stats["mismatch_kl"] < BF16_KL, stats

@@ -75,11 +75,11 @@ class Environment:
     def step(self, sample, state, completion: str) -> Reply:
         """Reply to the assistant turn `completion`: run its tool calls, or end the episode if it made
         none."""
-        calls = parse_tool_calls(completion)
+        tools = {t.name: t for t in self.tools}
+        calls = parse_tool_calls(completion, tools)
         if not calls:
             return Reply(done=True)
-        messages, images, errors = run_tool_calls(calls, {t.name: t for t in self.tools}, sample, state,
-                                                  self.tool_timeout_s)
+        messages, images, errors = run_tool_calls(calls, tools, sample, state, self.tool_timeout_s)
         return Reply(messages=messages, images=images, tool_calls=len(calls), tool_errors=errors)
 
     def last_step(self, sample, state, completion: str) -> Reply:

@@ -1,11 +1,16 @@
-"""Tools in Qwen3-VL's own format: schemas for the chat template, calls parsed from `<tool_call>` JSON,
-results back as tool messages that may hold images.
+"""Tools in the Qwen models' own formats: schemas for the chat template, calls parsed from `<tool_call>`
+blocks, results back as tool messages that may hold images.
 
-The model writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (its chat template's words);
-a last call left unclosed at the end of the turn counts, as in vLLM's Hermes/Qwen tool parser. Whatever goes
-wrong with a call (JSON that does not parse, an unknown tool, arguments its schema refuses, a tool that raises
-or runs past `env.tool_timeout_s`) becomes an error message the model reads as that call's result, counted by
-reason; the episode goes on. Arguments are checked with `jsonschema` against the tool's own schema.
+Qwen3-VL writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (JSON, its chat template's
+words); Qwen3.5 writes XML inside the same tags, `<tool_call>\\n<function=NAME>\\n<parameter=ARG>\\nVALUE
+\\n</parameter>\\n</function>\\n</tool_call>`, each value as its template renders it (text as is, objects and
+lists as JSON), so a value is read back by the type the tool's schema gives that argument (an integer from
+"10", a string kept as written); with no schema, as JSON where it parses. Both forms are read whatever the
+model. A last call left unclosed at the end of the turn counts, as in vLLM's Hermes/Qwen tool parsers.
+Whatever goes wrong with a call (JSON or XML that does not parse, an unknown tool, arguments its schema
+refuses, a tool that raises or runs past `env.tool_timeout_s`) becomes an error message the model reads as
+that call's result, counted by reason; the episode goes on. Arguments are checked with `jsonschema` against
+the tool's own schema.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from PIL import Image
 from ..bounded import run_bounded
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+XML_FUNCTION_RE = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>\s*$|$)", re.DOTALL)
+XML_PARAMETER_RE = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
 ERROR_REASONS = ("malformed", "unknown_tool", "bad_arguments", "raised", "timeout")
 
 
@@ -51,11 +58,15 @@ class Call:
     error: tuple[str, str] | None = None
 
 
-def parse_tool_calls(text: str) -> list[Call]:
-    """Every `<tool_call>` of an assistant turn, in order."""
+def parse_tool_calls(text: str, tools: dict[str, Tool] | None = None) -> list[Call]:
+    """Every `<tool_call>` of an assistant turn, in order (`tools`: by name, whose schemas type the arguments
+    of XML calls)."""
     calls = []
     for m in TOOL_CALL_RE.finditer(text):
         body = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+        if body.startswith("<function="):
+            calls.append(_xml_call(body, tools or {}))
+            continue
         try:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
@@ -78,6 +89,39 @@ def parse_tool_calls(text: str) -> list[Call]:
             continue
         calls.append(Call(name=obj["name"], arguments=args))
     return calls
+
+
+def _xml_call(body: str, tools: dict[str, Tool]) -> Call:
+    """A Qwen3.5 call: `<function=NAME>` then `<parameter=ARG>\\nVALUE\\n</parameter>` per argument."""
+    m = XML_FUNCTION_RE.match(body)
+    name = m.group(1).strip() if m else ""
+    if not name:
+        return Call(error=("malformed", "a tool call must be <function=NAME> then <parameter=ARG> blocks"))
+    inner = m.group(2)
+    if inner.strip() and not inner.lstrip().startswith("<parameter="):
+        return Call(name=name, error=("malformed", f"text inside <function={name}> that is not a "
+                                                   "<parameter=...> block"))
+    tool = tools.get(name)
+    properties = (tool.parameters.get("properties") or {}) if tool is not None else {}
+    args: dict[str, Any] = {}
+    for p in XML_PARAMETER_RE.finditer(inner):
+        key, value = p.group(1).strip(), p.group(2)
+        value = value[1:] if value.startswith("\n") else value  # the template's newlines around the value
+        value = value[:-1] if value.endswith("\n") else value
+        args[key] = _typed(value, (properties.get(key) or {}).get("type"))
+    return Call(name=name, arguments=args)
+
+
+def _typed(value: str, kind) -> Any:
+    """An XML argument's text as the schema's type has it (a string stays as written); no type: JSON if it
+    parses. A value that is not of its type stays a string, which the schema check then reports."""
+    kinds = set(kind) if isinstance(kind, list) else {kind}
+    if kinds == {"string"}:
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def result_parts(result: Any) -> tuple[list[dict], list[Image.Image]]:

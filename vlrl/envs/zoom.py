@@ -77,7 +77,8 @@ class ZoomEnv(Environment):
     def step(self, sample, state, completion: str) -> Reply:
         reply = super().step(sample, state, completion)
         box = sample.images[0].info.get("box")
-        calls = [c for c in parse_tool_calls(completion) if c.error is None and c.name == "crop"]
+        calls = [c for c in parse_tool_calls(completion, {"crop": CROP})
+                 if c.error is None and c.name == "crop"]
         if box and not state.get("found") and any(_holds(c.arguments, box) for c in calls):
             state["found"] = True
             reply.reward = CROP_REWARD
