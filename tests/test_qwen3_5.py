@@ -218,3 +218,26 @@ def test_tool_calls_in_qwen3_5s_xml_read_back_typed_by_each_tools_schema(adapter
     refused = env.step(Sample(id="z", question="Where?", answer="a", images=[image]), env.reset(None),
                        "<tool_call>\n<function=crop>\n<parameter=x0>\nten\n</parameter>\n</function>\n</tool_call>")
     assert refused.tool_errors == {"bad_arguments": 1}
+
+
+def test_the_embedded_sampler_samples_what_the_trainer_scores_on_a_real_image(adapter35, model35):
+    """Several samples of one prompt with an image whose patches differ: the in-process sampler's logprobs are
+    the trainer's to float32 noise. (Through `num_return_sequences`, transformers repeated each of the image's
+    patches in place for Qwen3.5, scrambling the image: mismatch KL ~2e-4 from the first sampled token. A
+    one-colour image hides that, which is how it stayed unseen.)"""
+    import sys
+    from pathlib import Path
+
+    from vlrl.config import RolloutConfig
+    from vlrl.rollout.embedded import EmbeddedSampler
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vllm_server import trainer_logprobs
+
+    image = Image.new("RGB", (64, 64))
+    image.putdata([(4 * (i % 64), 4 * (i // 64), (i * 7) % 256) for i in range(64 * 64)])
+    prompt = adapter35.encode_prompt(adapter35.build_messages("What color is the shape?", 1), [image])
+    rollouts = EmbeddedSampler(model35, adapter35, RolloutConfig(max_new_tokens=8)).sample([prompt], 4,
+                                                                                      seed=0)
+    stats = trainer_logprobs(adapter35, model35, rollouts)
+    assert stats["mismatch_kl"] < 1e-10 and stats["max_abs_diff"] < 1e-5, stats

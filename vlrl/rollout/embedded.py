@@ -81,16 +81,22 @@ class EmbeddedSampler:
             self.model.train(was_training)
 
     def _sample_chunk(self, prompts: list[EncodedPrompt], n: int, first_group: int, device) -> list[Rollout]:
-        """One `generate` call for several prompts: left-padded, each expanded to `n` samples. A prompt with a
-        budget of its own (`max_new_tokens`, a late turn) keeps the first tokens of its sample within it: a
-        sample cut at k tokens is a sample drawn with max_new_tokens = k."""
-        inputs = self.adapter.generation_inputs(prompts, device)
+        """One `generate` call for several prompts: left-padded, each repeated `n` times (prompt-major). A prompt
+        with a budget of its own (`max_new_tokens`, a late turn) keeps the first tokens of its sample within it:
+        a sample cut at k tokens is a sample drawn with max_new_tokens = k.
+
+        The prompts are repeated here, each with its own copy of its images' patches, rather than by
+        `num_return_sequences`: transformers expands every input row by row, and for a model without its own
+        expansion of `pixel_values` (Qwen3.5 in transformers 5.19) that repeats each patch n times in place,
+        scrambling the image (measured: mismatch KL 2e-4 against the trainer from the first sampled token, on
+        any image whose patches differ; a one-colour image hides it)."""
+        inputs = self.adapter.generation_inputs([p for p in prompts for _ in range(n)], device)
         budgets = [min(self.max_new_tokens, p.max_new_tokens or self.max_new_tokens) for p in prompts]
         stops = sorted(set(self.eos_token_ids).union(*(p.stop_token_ids for p in prompts)))
         # (a mixture-of-experts model records the experts it routes each token to: routing replay)
         capture = getattr(self.adapter, "capture_routing", None)  # (Adapter.capture_routing)
         with capture(self.model) if capture is not None else nullcontext() as routing:
-            res = self.model.generate(**inputs, generation_config=self.generation_config(n, max(budgets), stops))
+            res = self.model.generate(**inputs, generation_config=self.generation_config(1, max(budgets), stops))
         width = inputs["input_ids"].shape[1]
         routed = None if routing is None else routing.rows(res.sequences.shape[0])  # [P*n, S, layers, k]
         new_tokens = res.sequences[:, width:]  # [P*n, T]
