@@ -241,3 +241,32 @@ def test_the_embedded_sampler_samples_what_the_trainer_scores_on_a_real_image(ad
                                                                                       seed=0)
     stats = trainer_logprobs(adapter35, model35, rollouts)
     assert stats["mismatch_kl"] < 1e-10 and stats["max_abs_diff"] < 1e-5, stats
+
+
+def test_lora_adapts_the_gated_deltanet_projections_by_default(tiny_qwen3_5_dir, tmp_path):
+    """LoRA on Qwen3.5 without `model.lora_target_modules`: the Gated DeltaNet layers' in_proj_qkv, in_proj_z
+    and out_proj are adapted beside attention and MLP (the Qwen3-VL default names only the full-attention
+    layer's projections, one layer of four here), two packed training steps move them, and the checkpoint
+    holds merged weights under plain names."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlrl.checkpoint import latest_checkpoint
+    from vlrl.train import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_qwen3_5_dir, tmp_path, "train.steps=2", "name=lora35", "model.lora_rank=4",
+                      "train.learning_rate=0.01", "train.micro_batch_size=3")
+    res = train(cfg)
+    ckpt = latest_checkpoint(res.run_dir)
+    merged = AutoModelForImageTextToText.from_pretrained(ckpt, use_safetensors=True)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen3_5_dir, use_safetensors=True)
+    mp, bp = dict(merged.named_parameters()), dict(base.named_parameters())
+    assert set(mp) == set(bp)
+    changed = {n for n in mp if not torch.equal(mp[n], bp[n])}
+    for layer, kind in enumerate(LAYER_TYPES):
+        linear = kind == "linear_attention"
+        names = ("in_proj_qkv", "in_proj_z", "out_proj") if linear else ("q_proj", "o_proj")
+        for name in names:
+            assert any(f"layers.{layer}." in n and name in n for n in changed), (layer, name, sorted(changed))
+    assert not any("conv1d" in n or "in_proj_a" in n or "in_proj_b" in n or ".visual." in n for n in changed)

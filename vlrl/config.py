@@ -93,10 +93,11 @@ class ModelConfig(Section):
     weights."""
     lora_alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj"]
-    """Module names LoRA adapts (the vision tower's layers have other names and stay untouched). A
-    mixture-of-experts model's experts are not modules of these names: `lora_experts` adapts them."""
+    lora_target_modules: list[str] | None = None
+    """Module names LoRA adapts (the vision tower's layers have other names and stay untouched). Unset: the
+    family's attention and MLP projections: q/k/v/o_proj, gate/up/down_proj, and on Qwen3.5 its Gated DeltaNet
+    layers' in_proj_qkv, in_proj_z and out_proj too. A mixture-of-experts model's experts are not modules of
+    these names: `lora_experts` adapts them."""
     experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] = "grouped_mm"
     """Mixture-of-experts models: how the routed experts compute. `grouped_mm`: every expert's tokens in
     one grouped matrix product per projection (torch's `grouped_mm`; transformers falls back to a loop of

@@ -21,13 +21,18 @@ def _peft():
     return peft
 
 
-def add_lora(model, model_cfg, adapter_dir: Path | None = None) -> None:
-    """Inject LoRA layers; only they train. `adapter_dir` (a checkpoint's) restores their weights."""
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(model, model_cfg, adapter_dir: Path | None = None,
+             default_targets: list[str] | None = None) -> None:
+    """Inject LoRA layers; only they train. `adapter_dir` (a checkpoint's) restores their weights. Targets:
+    `model.lora_target_modules`, else `default_targets` (the family's), else attention and MLP projections."""
     peft = _peft()
     lora = peft.LoraConfig(
         r=model_cfg.lora_rank,
         lora_alpha=model_cfg.lora_alpha,
-        target_modules=model_cfg.lora_target_modules,
+        target_modules=model_cfg.lora_target_modules or default_targets or ATTENTION_AND_MLP,
         lora_dropout=0.0,
         bias="none",
     )

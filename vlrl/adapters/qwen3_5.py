@@ -19,6 +19,7 @@ Different:
 
 from __future__ import annotations
 
+from .lora import ATTENTION_AND_MLP
 from .qwen3_vl import Qwen3VLAdapter
 
 FSDP_UNITS = ("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock")
@@ -29,3 +30,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
     family = "Qwen3.5"
     fsdp_units = FSDP_UNITS
+    # LoRA by default on the full-attention, Gated DeltaNet and MLP projections (the conv1d and the tiny
+    # per-head a/b projections stay frozen)
+    lora_targets = ATTENTION_AND_MLP + ["in_proj_qkv", "in_proj_z", "out_proj"]

@@ -44,6 +44,7 @@ class Qwen3VLAdapter:
 
     family = "Qwen3-VL"  # (in messages)
     fsdp_units = FSDP_UNITS
+    lora_targets: list[str] | None = None  # LoRA's default modules (None: attention and MLP projections)
     END_OF_TURN = "<|im_end|>"
 
     def __init__(self, processor: Any, cfg: ModelConfig):
@@ -449,7 +450,8 @@ class Qwen3VLAdapter:
         if cfg.model.lora_rank > 0:
             from .lora import add_lora
 
-            add_lora(model, cfg.model, None if adapter_dir is None else Path(adapter_dir) / "adapter")
+            add_lora(model, cfg.model, None if adapter_dir is None else Path(adapter_dir) / "adapter",
+                     self.lora_targets)
         if cfg.train.compile:
             compile_layers(model)
 
