@@ -87,6 +87,7 @@ class StateOffload:
             with torch.cuda.stream(self.stream):
                 for k in MOMENTS:
                     dev[k].copy_(host[k], non_blocking=True)
+                    dev[k].record_stream(self.stream)  # dropped early (an OOM), not reused mid-copy
         else:
             for k in MOMENTS:
                 dev[k].copy_(host[k])
