@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpointing  # noqa: E402  (bench/checkpointing.py, beside this script)
 import ragged  # noqa: E402  (bench/ragged.py, beside this script)
 
+from vlrl.adapters import moe_experts  # noqa: E402
 from vlrl.adapters.fast_vision import set_fast_vision  # noqa: E402
 from vlrl.adapters.linear_attention import has_linear_attention, set_delta_rule  # noqa: E402
 from vlrl.adapters.patches import patch_model  # noqa: E402
@@ -417,21 +418,23 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
     def zero():
         model.zero_grad(set_to_none=True)
 
-    def naive_step():
+    def naive_step():  # (MoE: transformers' grouped_mm experts; vlrl's path runs its own, moe_experts.py)
         zero()
-        naive_update(model, batch, settings, args.completion, banned)
+        with experts(model, "grouped_mm"):
+            naive_update(model, batch, settings, args.completion, banned)
 
     def vlrl_step():
         zero()
         accumulate_gradients(policy, batch, [list(range(batch.size))], settings, args.completion, device)
 
     def naive_fwd():
-        with torch.no_grad(), transformers_defaults(model):
+        with torch.no_grad(), transformers_defaults(model), experts(model, "grouped_mm"):
             naive_logprobs(model, batch, banned)
 
     def naive_eager_step():  # transformers' default experts: a Python loop over the experts hit
+        zero()
         with experts(model, "eager"):
-            naive_step()
+            naive_update(model, batch, settings, args.completion, banned)
 
     def vlrl_fwd():
         with torch.no_grad():
@@ -444,7 +447,8 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
     set_trainable(model, vision=False, checkpointing=True)
     try:
         zero()
-        ref_lp = naive_update(model, batch, settings, args.completion, banned, matmul_patch_embed=True)
+        with experts(model, "grouped_mm"):
+            ref_lp = naive_update(model, batch, settings, args.completion, banned, matmul_patch_embed=True)
         ref_g = grads_of(model, device.type == "cpu")
         zero()
         with torch.no_grad():
@@ -731,6 +735,8 @@ def main():
 
     settings = AlgorithmConfig()  # the config's defaults
     moe = args.family == "qwen3-vl-moe"
+    if moe:
+        moe_experts.register()
     moe_kwargs = {"experts_implementation": ModelConfig().experts_implementation} if moe else {}
     if args.tiny:
         import tempfile

@@ -66,7 +66,7 @@ def test_the_family_comes_from_the_config_and_experts_are_grouped(moe_adapter, m
     from vlrl.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
     assert isinstance(moe_adapter, Qwen3VLMoeAdapter)
-    assert moe_model.config.text_config._experts_implementation == "grouped_mm"
+    assert moe_model.config.text_config._experts_implementation == "vlrl"  # (moe_experts.py)
     names = {type(m).__name__ for m in moe_model.modules()}
     assert set(moe_adapter.fsdp_units) <= names  # the FSDP2 units exist under these names
     text = moe_model.config.text_config
@@ -175,6 +175,38 @@ def test_packed_equals_padded_in_float64_with_replay(moe_adapter, moe_model, sam
         # float64 rounding: worst 1.2e-11 (a vision block's qkv, gradient norm 0.017, 2 micro-batches); a
         # token routed to other experts or attending across samples moves gradients by 1e-3 or more
         assert errs[worst] < 1e-10, (n, worst, errs[worst])
+
+
+def relative_errors(got: dict, want: dict) -> dict:
+    assert set(got) == set(want)
+    return {k: float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)) for k in want}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_vlrl_experts_give_transformers_logprobs_and_gradients(moe_adapter, moe_model, sampled, dtype):
+    """moe_experts.py (gathers both ways, the default) against transformers' experts: its loop over experts in
+    float64 (to rounding), its grouped_mm in float32 (to float32 noise); logprobs and every parameter's
+    gradient (experts, routers through the routing weights, attention, vision)."""
+    _, batch = sampled
+    if dtype == "float64":
+        ref = eager_double(moe_model).train()
+    else:
+        ref = copy.deepcopy(moe_model).train()
+        ref.config.text_config._experts_implementation = "grouped_mm"
+    ours = copy.deepcopy(ref)
+    ours.config.text_config._experts_implementation = "vlrl"
+    settings, plan = AlgorithmConfig(entropy_coef=0.01), [list(range(batch.size))]
+    want, s0 = grads(moe_adapter.policy(ref, 1.0), batch, plan, settings)
+    got, s1 = grads(moe_adapter.policy(ours, 1.0), batch, plan, settings)
+    assert any(".experts." in n for n in want) and any("mlp.gate" in n for n in want)
+    errs = relative_errors(got, want)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < (1e-12 if dtype == "float64" else 1e-5), (worst, errs[worst])
+    assert s1["loss"] == pytest.approx(s0["loss"], rel=1e-12 if dtype == "float64" else 1e-6)
+    with torch.no_grad():
+        a, _ = batch_logprobs(moe_adapter.policy(ours, 1.0), batch)
+        b, _ = batch_logprobs(moe_adapter.policy(ref, 1.0), batch)
+    torch.testing.assert_close(a, b, atol=1e-12 if dtype == "float64" else 2e-6, rtol=0)
 
 
 def test_router_aux_loss_is_off_by_default_and_trains_the_router_when_on(moe_adapter, moe_model, sampled):
