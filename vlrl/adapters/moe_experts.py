@@ -8,11 +8,12 @@ that took more time than the grouped products themselves (24% of a Qwen3-VL-30B-
 their 18%: bench/README). Here both moves are gathers in both directions, since the permutation is known:
 - dispatch: rows = x[token(perm)]; its backward gathers the rows' gradients back into token order through the
   inverse permutation and sums each token's k rows (every token is in exactly k rows), in float32;
-- combine: out[t] = sum_j w[t, j] * rows[inv(t, j)], one batched product over the k rows of each token; its
-  backward gathers the weighted output gradient through the permutation.
-Same operations and rounding points as transformers' forward otherwise (SwiGLU on the gate/up halves, the
-routing weights applied in the model's dtype, the k-sum accumulated in float32), so logprobs match it to the
-dtype's noise and float64 (where grouped_mm has no CPU kernel: a loop over the experts' groups) exactly.
+- combine: out[t] = sum_j w[t, j] * rows[inv(t, j)], one batched product over the k rows of each token (an
+  elementwise product and a sum of [T, k, H] cost 6 ms a layer's backward on an H200, as much as the scatter);
+  its backward gathers the weighted output gradient through the permutation.
+Same operations as transformers' forward otherwise (SwiGLU on the gate/up halves), so logprobs and gradients
+match it to the dtype's noise (the k-sum is rounded once, not after each product) and in float64 (where
+grouped_mm has no CPU kernel: a loop over the experts' groups) to rounding.
 
 Registered as transformers' experts implementation "vlrl" (`model.experts_implementation`, the default for
 mixture-of-experts models); layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up) use
@@ -49,15 +50,16 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """rows [S, H] (sorted by expert), w [T, k] -> out [T, H], out[t] = sum_j w[t, j] * rows[inv[t * k + j]],
-    accumulated in float32 (w applied in the rows' dtype first, as transformers does)."""
+    """rows [S, H] (sorted by expert), w [T, k] -> out [T, H], out[t] = sum_j w[t, j] * rows[inv[t * k + j]]:
+    one batched [1, k] x [k, H] product per token (accumulated in float32 by the GEMM). Backward: the
+    weighted output gradient gathered into expert order, and w's gradient as a [k, H] x [H, 1] product."""
 
     @staticmethod
     def forward(ctx, rows, w, perm, inv):
         ctx.save_for_backward(rows, w, perm, inv)
         t, k = w.shape
         pairs = rows.index_select(0, inv).view(t, k, -1)
-        return (pairs * w.unsqueeze(-1)).sum(1, dtype=_acc(rows.dtype)).to(rows.dtype)
+        return torch.bmm(w.unsqueeze(1), pairs).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -65,12 +67,11 @@ class _Combine(torch.autograd.Function):
         t, k = w.shape
         grad_rows = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_pairs = (grad_out.unsqueeze(1) * w.unsqueeze(-1)).view(t * k, -1)
+            grad_pairs = (w.unsqueeze(-1) * grad_out.unsqueeze(1)).view(t * k, -1)
             grad_rows = grad_pairs.index_select(0, perm)
         if ctx.needs_input_grad[1]:
             pairs = rows.index_select(0, inv).view(t, k, -1)
-            acc = _acc(rows.dtype)
-            grad_w = (pairs.to(acc) * grad_out.unsqueeze(1).to(acc)).sum(-1).to(w.dtype)
+            grad_w = torch.bmm(pairs, grad_out.unsqueeze(-1)).squeeze(-1)
         return grad_rows, grad_w, None, None
 
 
