@@ -674,6 +674,9 @@ def main():
     ap.add_argument("--family", default="qwen3-vl", choices=["qwen3-vl", "qwen3-vl-moe", "qwen3.5"],
                     help="qwen3-vl: the 8B architecture; qwen3-vl-moe: Qwen3-VL-30B-A3B's (grouped_mm experts); "
                          "qwen3.5: Qwen3.5-9B's (with --tiny: the tiny model of the family)")
+    ap.add_argument("--experts", choices=["grouped_mm", "vlrl"],
+                    help="qwen3-vl-moe: vlrl's path's experts (default: the config's); the naive path keeps "
+                         "transformers' grouped_mm")
     ap.add_argument("--layers", type=int, help="decoder layers (qwen3-vl-moe: of 48; 12 fit one H200)")
     ap.add_argument("--delta-rule", choices=["torch", "fla", "transformers"], default="transformers",
                     help="Qwen3.5: vlrl's path's gated delta rule (the naive path always runs transformers' "
@@ -737,7 +740,7 @@ def main():
     moe = args.family == "qwen3-vl-moe"
     if moe:
         moe_experts.register()
-    moe_kwargs = {"experts_implementation": ModelConfig().experts_implementation} if moe else {}
+    moe_kwargs = {"experts_implementation": args.experts or ModelConfig().experts_implementation} if moe else {}
     if args.tiny:
         import tempfile
 

@@ -66,7 +66,7 @@ def test_the_family_comes_from_the_config_and_experts_are_grouped(moe_adapter, m
     from vlrl.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
     assert isinstance(moe_adapter, Qwen3VLMoeAdapter)
-    assert moe_model.config.text_config._experts_implementation == "vlrl"  # (moe_experts.py)
+    assert moe_model.config.text_config._experts_implementation == "grouped_mm"
     names = {type(m).__name__ for m in moe_model.modules()}
     assert set(moe_adapter.fsdp_units) <= names  # the FSDP2 units exist under these names
     text = moe_model.config.text_config
@@ -184,9 +184,9 @@ def relative_errors(got: dict, want: dict) -> dict:
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_vlrl_experts_give_transformers_logprobs_and_gradients(moe_adapter, moe_model, sampled, dtype):
-    """moe_experts.py (gathers both ways, the default) against transformers' experts: its loop over experts in
-    float64 (to rounding), its grouped_mm in float32 (to float32 noise); logprobs and every parameter's
-    gradient (experts, routers through the routing weights, attention, vision)."""
+    """moe_experts.py (`experts_implementation = "vlrl"`) against transformers' experts: its loop over
+    experts in float64 (to rounding), its grouped_mm in float32 (to float32 noise); logprobs and every
+    parameter's gradient (experts, routers through the routing weights, attention, vision)."""
     _, batch = sampled
     if dtype == "float64":
         ref = eager_double(moe_model).train()

@@ -137,8 +137,9 @@ def test_packed_gradients_equal_padded_for_1_2_and_4_micro_batches(adapter35, mo
     each parameter's packed gradient is held to twice the padded path's own micro-batching noise for that
     parameter, plus a floor (1e-10 in float64, 1e-5 in float32). Measured: packed vs padded worst relative
     error 1.3e-7..7.1e-7 in float64, 0.8e-5..1.7e-5 in float32 (decay parameters, conv weights); float32
-    rounding differs between CPUs (a dt_bias at 6.5e-6 against its 1.6e-6 micro-batching noise on one machine,
-    inside a 2e-6 floor on another); a state leaking across samples moves logprobs by ~1e-2 (the test above)."""
+    rounding differs between CPUs (a dt_bias at 6.5e-6 against its 1.6e-6 micro-batching noise on one
+    machine, inside a 2e-6 floor on another); a state leaking across samples moves logprobs by ~1e-2 (the
+    test above)."""
     settings = AlgorithmConfig(entropy_coef=0.01)
     for dtype, floor in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         model = copy.deepcopy(model35).to(dtype).train()

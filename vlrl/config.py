@@ -98,12 +98,13 @@ class ModelConfig(Section):
     family's attention and MLP projections: q/k/v/o_proj, gate/up/down_proj, and on Qwen3.5 its Gated DeltaNet
     layers' in_proj_qkv, in_proj_z and out_proj too. A mixture-of-experts model's experts are not modules of
     these names: `lora_experts` adapts them."""
-    experts_implementation: Literal["vlrl", "grouped_mm", "eager", "batched_mm"] = "vlrl"
-    """Mixture-of-experts models: how the routed experts compute. `vlrl`: every expert's tokens in one
-    grouped matrix product per projection, moved to and from expert order by gathers whose backward
-    scatters nothing (adapters/moe_experts.py). `grouped_mm`: transformers' grouped products, whose
-    permutation's backward is an accumulating `index_put`. `eager`: transformers' Python loop over experts
-    (14.7x slower than grouped_mm on an H200, ENVIRONMENT.md). Ignored by dense models."""
+    experts_implementation: Literal["grouped_mm", "vlrl", "eager", "batched_mm"] = "grouped_mm"
+    """Mixture-of-experts models: how the routed experts compute. `grouped_mm`: every expert's tokens in one
+    grouped matrix product per projection (transformers'; its permutation's backward is an accumulating
+    `index_put`). `vlrl`: the same products, the tokens moved to and from expert order by gathers whose
+    backward gathers too (adapters/moe_experts.py; exact, not yet measured faster on a GPU: README).
+    `eager`: transformers' Python loop over experts (14.7x slower than grouped_mm on an H200,
+    ENVIRONMENT.md). Ignored by dense models."""
     lora_experts: bool = False
     """Mixture-of-experts models with `lora_rank > 0`: LoRA on the routed experts' weights too (peft's
     parameter targeting of `gate_up_proj` / `down_proj`). Off: LoRA on attention only, experts frozen."""

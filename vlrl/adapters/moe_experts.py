@@ -8,16 +8,19 @@ that took more time than the grouped products themselves (24% of a Qwen3-VL-30B-
 their 18%: bench/README). Here both moves are gathers in both directions, since the permutation is known:
 - dispatch: rows = x[token(perm)]; its backward gathers the rows' gradients back into token order through the
   inverse permutation and sums each token's k rows (every token is in exactly k rows), in float32;
-- combine: out[t] = sum_j w[t, j] * rows[inv(t, j)], one batched product over the k rows of each token (an
-  elementwise product and a sum of [T, k, H] cost 6 ms a layer's backward on an H200, as much as the scatter);
-  its backward gathers the weighted output gradient through the permutation.
-Same operations as transformers' forward otherwise (SwiGLU on the gate/up halves), so logprobs and gradients
-match it to the dtype's noise (the k-sum is rounded once, not after each product) and in float64 (where
-grouped_mm has no CPU kernel: a loop over the experts' groups) to rounding.
+- combine: out[t] = sum_j w[t, j] * rows[inv(t, j)]; its backward works in expert order, gathering each
+  row's token's output gradient (the rows' gradient is that times the row's weight; the weight's gradient its
+  dot product with the row).
+Same operations and rounding points as transformers' forward otherwise (SwiGLU on the gate/up halves, the
+routing weights applied in the model's dtype, the k-sum accumulated in float32), so logprobs and gradients
+match it to the dtype's noise and in float64 (where grouped_mm has no CPU kernel: a loop over the experts'
+groups) to rounding.
 
-Registered as transformers' experts implementation "vlrl" (`model.experts_implementation`, the default for
-mixture-of-experts models); layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up) use
-transformers' `grouped_mm` forward.
+Registered as transformers' experts implementation "vlrl" (`model.experts_implementation = "vlrl"`; not the
+default: on an H100 the whole update was only 1.04x transformers' grouped_mm path, and the profile still gives
+the combine's backward 5.7 ms a layer where ~1 ms of memory traffic is expected: bench/moe_experts.py isolates
+it). Layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up) use transformers' `grouped_mm`
+forward.
 """
 
 from __future__ import annotations
@@ -50,28 +53,31 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Combine(torch.autograd.Function):
-    """rows [S, H] (sorted by expert), w [T, k] -> out [T, H], out[t] = sum_j w[t, j] * rows[inv[t * k + j]]:
-    one batched [1, k] x [k, H] product per token (accumulated in float32 by the GEMM). Backward: the
-    weighted output gradient gathered into expert order, and w's gradient as a [k, H] x [H, 1] product."""
+    """rows [S, H] (sorted by expert), w [T, k] -> out [T, H], out[t] = sum_j w[t, j] * rows[inv[t * k + j]]
+    (products in the rows' dtype, summed with float32 accumulation, as transformers does). Backward, in
+    expert order: the output gradient gathered to each row's token, times the row's weight (the rows'
+    gradient), and its dot product with the row (the weight's gradient). No [T, k, H] product is formed in
+    the backward, and no batched product of degenerate shapes ([1, k] x [k, H] ran at a fraction of the
+    memory speed on an H100)."""
 
     @staticmethod
     def forward(ctx, rows, w, perm, inv):
         ctx.save_for_backward(rows, w, perm, inv)
         t, k = w.shape
         pairs = rows.index_select(0, inv).view(t, k, -1)
-        return torch.bmm(w.unsqueeze(1), pairs).squeeze(1)
+        return (pairs * w.unsqueeze(-1)).sum(1)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, w, perm, inv = ctx.saved_tensors
         t, k = w.shape
+        grad_src = grad_out.index_select(0, perm // k)  # [S, H]: each sorted row's token's output gradient
         grad_rows = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_pairs = (w.unsqueeze(-1) * grad_out.unsqueeze(1)).view(t * k, -1)
-            grad_rows = grad_pairs.index_select(0, perm)
+            grad_rows = grad_src * w.reshape(-1).index_select(0, perm).unsqueeze(-1)
         if ctx.needs_input_grad[1]:
-            pairs = rows.index_select(0, inv).view(t, k, -1)
-            grad_w = torch.bmm(pairs, grad_out.unsqueeze(-1)).squeeze(-1)
+            dots = (rows * grad_src).sum(-1, dtype=_acc(rows.dtype))  # [S], in expert order
+            grad_w = dots.index_select(0, inv).view(t, k).to(w.dtype)
         return grad_rows, grad_w, None, None
 
 

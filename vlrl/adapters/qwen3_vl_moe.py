@@ -2,9 +2,9 @@
 
 Everything but the decoder layers' MLPs is the dense model's (processor, chat template, vision tower with
 deepstack, M-RoPE, placeholders, packing), so this adapter is the dense one plus what experts change:
-- grouped experts: `model.experts_implementation` (default `vlrl`, moe_experts.py: each projection of every
-  expert one grouped matrix product, the permutation gathers both ways; not transformers' Python loop over
-  experts, 14.7x slower on an H200);
+- grouped experts: `model.experts_implementation` (default `grouped_mm`: each projection of every expert one
+  grouped matrix product, not transformers' Python loop over experts, 14.7x slower on an H200; `vlrl`:
+  moe_experts.py's permutation, gathers both ways);
 - routing replay (`routing.py`): the batch carries each token's sampled experts (`routed_experts`, a
   per-token model input [B, L, layers, k], packed like the tokens), the policy forces the routers to them;
   the embedded sampler records them during `generate` (`capture_routing`);
@@ -33,7 +33,7 @@ FSDP_UNITS = ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")
 # the experts' weights (3-D parameters, not modules: peft targets them by parameter name)
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 NO_ROUTE = -1  # a token without a sampler record: its router chooses
-moe_experts.register()  # `model.experts_implementation = "vlrl"`, the default
+moe_experts.register()  # (`model.experts_implementation = "vlrl"`)
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
