@@ -17,10 +17,10 @@ match it to the dtype's noise and in float64 (where grouped_mm has no CPU kernel
 groups) to rounding.
 
 Registered as transformers' experts implementation "vlrl" (`model.experts_implementation = "vlrl"`; not the
-default: on an H100 the whole update was only 1.04x transformers' grouped_mm path, and the profile still gives
-the combine's backward 5.7 ms a layer where ~1 ms of memory traffic is expected: bench/moe_experts.py isolates
-it). Layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up) use transformers' `grouped_mm`
-forward.
+default: on an H100 vlrl's update with it was only 1.04x the naive update with transformers' grouped_mm, and
+the profile gives the combine's backward 5.7 ms a layer where ~1.2 ms of memory traffic is expected:
+bench/moe_experts.py isolates it). Layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up)
+use transformers' `grouped_mm` forward.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ class _Combine(torch.autograd.Function):
     """rows [S, H] (sorted by expert), w [T, k] -> out [T, H], out[t] = sum_j w[t, j] * rows[inv[t * k + j]]
     (products in the rows' dtype, summed with float32 accumulation, as transformers does). Backward, in
     expert order: the output gradient gathered to each row's token, times the row's weight (the rows'
-    gradient), and its dot product with the row (the weight's gradient). No [T, k, H] product is formed in
-    the backward, and no batched product of degenerate shapes ([1, k] x [k, H] ran at a fraction of the
-    memory speed on an H100)."""
+    gradient), and its dot product with the row (the weight's gradient): no [T, k, H] product is formed in
+    the backward."""
 
     @staticmethod
     def forward(ctx, rows, w, perm, inv):
