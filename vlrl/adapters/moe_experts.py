@@ -4,8 +4,8 @@ Each of the T tokens goes to k experts: S = T * k token-expert rows, sorted by e
 rows are one contiguous group of one grouped matrix product per projection. transformers' `grouped_mm`
 experts gather the rows with advanced indexing (`hidden_states[perm // k]`) and put them back with another
 (`out[inv_perm]`); the backward of each is an `index_put` with accumulation, a sort and atomic adds on the GPU
-that took more time than the grouped products themselves (24% of a Qwen3-VL-30B-A3B update on an H200 against
-their 18%: bench/README). Here both moves are gathers in both directions, since the permutation is known:
+that seemed to take more time than the grouped products themselves in a profile (README: it did not). Here
+both moves are gathers in both directions, since the permutation is known:
 - dispatch: rows = x[token(perm)]; its backward gathers the rows' gradients back into token order through the
   inverse permutation and sums each token's k rows (every token is in exactly k rows), in float32;
 - combine: out[t] = sum_j w[t, j] * rows[inv(t, j)]; its backward works in expert order, gathering each
@@ -16,11 +16,11 @@ routing weights applied in the model's dtype, the k-sum accumulated in float32),
 match it to the dtype's noise and in float64 (where grouped_mm has no CPU kernel: a loop over the experts'
 groups) to rounding.
 
-Registered as transformers' experts implementation "vlrl" (`model.experts_implementation = "vlrl"`; not the
-default: on an H100 vlrl's update with it was only 1.04x the naive update with transformers' grouped_mm, and
-the profile gives the combine's backward 5.7 ms a layer where ~1.2 ms of memory traffic is expected:
-bench/moe_experts.py isolates it). Layouts other than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up)
-use transformers' `grouped_mm` forward.
+Registered as transformers' experts implementation "vlrl" (`model.experts_implementation = "vlrl"`). Not the
+default: on an H100 vlrl's update with it was only 1.04x the naive update with transformers' grouped_mm; the
+24% the permutation seemed to cost was the checkpointed layer's recomputation, which a profile sorted by
+totals with children charges to the block's last op (bench/moe_experts.py times the two alone). Layouts other
+than Qwen3-VL-MoE's (biases, no gate, interleaved gate/up) use transformers' `grouped_mm` forward.
 """
 
 from __future__ import annotations
