@@ -330,3 +330,21 @@ def test_fsdp2_shards_the_moe_layers_though_the_launch_config_names_the_dense_on
         (m.get("routing_replayed"), m["grad_norm"]) for m in steps]
     f = safe_open(str(tmp_path / "moe" / "step-2" / "model.safetensors"), "pt")
     assert f.get_slice("model.language_model.layers.1.mlp.experts.down_proj").get_shape() == [4, 32, 128]
+
+
+def test_the_experts_bench_runs_on_the_cpu():
+    """`bench/moe_experts.py --tiny` (its GPU run: bench/README.md): every path gives a row, vlrl's experts
+    agree with transformers' grouped_mm, and the last line says by how much it is faster."""
+    import re
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "bench/moe_experts.py", "--tiny", "--eager"], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in res.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["grouped_mm", "vlrl", "eager"], rows
+    last = res.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"moe experts: vlrl vs grouped_mm ([\d.]+)x \(forward \+ backward\), "
+                     r"max \|out diff\| (\S+)", last)
+    assert m and float(m.group(2)) < 1e-5, last
