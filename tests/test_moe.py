@@ -156,6 +156,11 @@ def grads(policy, batch, plan, settings):
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}, stats
 
 
+def relative_errors(got: dict, want: dict) -> dict:
+    assert set(got) == set(want)
+    return {k: float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)) for k in want}
+
+
 def test_packed_equals_padded_in_float64_with_replay(moe_adapter, moe_model, sampled):
     """Packed micro-batches (the routed experts packed like the tokens) give the padded whole batch's
     gradient, every parameter (routers and experts included), for 1, 2 and 3 micro-batches."""
@@ -169,17 +174,11 @@ def test_packed_equals_padded_in_float64_with_replay(moe_adapter, moe_model, sam
     for n, groups in SPLITS.items():
         got, s = grads(policy, batch, StepPlan(groups, packed=True), settings)
         assert s["loss"] == pytest.approx(s0["loss"], rel=1e-12)
-        assert set(got) == set(want)
-        errs = {k: float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)) for k in want}
+        errs = relative_errors(got, want)
         worst = max(errs, key=errs.get)
         # float64 rounding: worst 1.2e-11 (a vision block's qkv, gradient norm 0.017, 2 micro-batches); a
         # token routed to other experts or attending across samples moves gradients by 1e-3 or more
         assert errs[worst] < 1e-10, (n, worst, errs[worst])
-
-
-def relative_errors(got: dict, want: dict) -> dict:
-    assert set(got) == set(want)
-    return {k: float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30)) for k in want}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
