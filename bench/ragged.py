@@ -19,6 +19,7 @@ import gc
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -218,6 +219,10 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
               f"{row['padding']:.1%}, "
               f"{len(plan.micro_batches)} micro-batches, peak {peak:.1f} GiB (first pass {first:.1f} "
               "s)", flush=True)
+    if getattr(args, "profile", False) and device.type == "cuda":
+        policy.packed_attention = routes(device)[0]
+        print(f"  kernels of one packed ragged update ({policy.packed_attention} attention), by own time:")
+        kernel_table(update(all_plans["packed"]), sync, device)
     model.zero_grad(set_to_none=True)
     out = {"case": name, "useful_tokens": useful, "rows": rows, "compiled_graphs": compiles()
            - compiled_before}
@@ -228,6 +233,67 @@ def run_ragged(model, adapter, policy, device, args, settings, n_params, peak_tf
     if counted is not None:
         out["compiles"] = counted
     return out
+
+
+def kernel_table(fn, sync, device, rows: int = 18) -> None:
+    """The CUDA operators and kernels that take the time of one call of `fn` (after a warm-up call), sorted by
+    each one's own kernel time: under non-reentrant checkpointing a layer's recomputed forward runs inside the
+    first backward node that unpacks a saved tensor, and a total with children charges it there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    # the host's side: what keeps the GPU waiting when its kernels add up to less than the wall time
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    kernels = sum(e.self_device_time_total for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    print(f"  GPU kernels {kernels:.3f} s in {wall:.3f} s of wall time (unprofiled): the GPU busy "
+          f"{kernels / wall:.0%}", flush=True)
+    sync_sites(fn, sync, device)
+
+
+def sync_sites(fn, sync, device, rows: int = 15) -> None:
+    """Where one call of `fn` makes the host wait for the GPU (torch's sync debug mode), by the innermost
+    Python frame outside torch: each wait drains the GPU's queue, and the GPU idles until the host has
+    launched enough work again."""
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings.py" not in f.filename]
+        f = frames[-1] if frames else None
+        sites[f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '').strip()[:70]}" if f else "?"] += 1
+
+    shown = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            fn()
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    sync(device)
+    print(f"  host waits for the GPU in one call: {sum(sites.values())}; where:", flush=True)
+    for site, n in sites.most_common(rows):
+        print(f"    {n:4d}  {site}", flush=True)
 
 
 def exactness(model, adapter, policy, device, settings, make, spec, grads_of, rel_err, skipped=()) -> dict:

@@ -347,20 +347,9 @@ def experts(model, implementation: str | None):
 
 
 def profile(fn, model, device, rows=18):
-    """The CUDA kernels that take the time of one call of `fn` (after a warm-up)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+    """The CUDA kernels that take the time of one call of `fn` (after a warm-up), by own time."""
     set_trainable(model, vision=False, checkpointing=True)
-    fn()
-    sync(device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync(device)
-    # (by each operator's own kernels: under non-reentrant checkpointing a layer's recomputed forward runs
-    # inside the first backward node that unpacks a saved tensor, and a total with children charges it there)
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60),
-          flush=True)
+    ragged.kernel_table(fn, sync, device, rows)
 
 
 def breakdown(fn, model, device, label):
@@ -708,7 +697,8 @@ def main():
     ap.add_argument("--skip", nargs="*", default=[], help="skip variants whose label contains these words")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--compile", action="store_true", help="also time vlrl's path with compiled layers (train.compile)")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one vlrl update")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top CUDA kernels of one vlrl update and of one packed ragged update")
     ap.add_argument("--fractions", type=float, nargs="*", default=[], help="with --compile: checkpoint fractions "
                     "(the ragged case uses the first: 0.75 is configs/qwen3-vl-8b.toml's)")
     ap.add_argument("--ragged", type=int, nargs=2, default=[8, 8], metavar=("PROMPTS", "GROUP"),

@@ -112,6 +112,39 @@ def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monk
     assert seen[-2:] == [[True, True]] * 2  # several ranks: only full and the middle of the full half probed
 
 
+def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monkeypatch):
+    """`offload_optimizer = "auto"`: the ladder is probed with the moments' fetch and without; the offload stays
+    only when its choice recomputes less, else the choice is the one without (all of AdamW's state counted)."""
+    from vlrl.activation_memory import AutoCheckpointing, optimizer_state_bytes
+
+    params = [torch.zeros(8, 4), torch.zeros(4)]
+    state = optimizer_state_bytes(params)
+    act = {8: 2, 4: 6, 0: 60}  # GiB above static by level, without the fetch
+    fake = FakeCuda(monkeypatch, act, 0)
+    for fetch_gib, offloaded, kept in ((0.0, 30 * GIB, True),  # 30 GiB off the device: everything kept (<= 96)
+                                       (30.0, 30 * GIB, False),  # its fetch lands at the peak: it buys nothing
+                                       (0.0, 0, False)):  # (nothing offloaded: nothing to decide)
+        auto = AutoCheckpointing(lambda f, s: None, 4, torch.device("cuda"))
+        probes = []
+
+        def probe(fetch=True):
+            probes.append(fetch)
+            fake.peak = fake.allocated + (act[auto.level] + (fetch_gib if fetch else 0.0)) * GIB
+
+        # AdamW's state to come: 30 GiB more (the moments) than the probe holds
+        monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: 30 * GIB + state)
+        said = auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000,
+                           offloaded=offloaded, probe_without_offload=lambda: probe(False))
+        if offloaded:
+            assert probes == [True] * 3 + [False] * 3
+        assert auto.offload_declined == (offloaded > 0 and not kept), (fetch_gib, offloaded)
+        if kept:  # 10 static + 60 + the bytes not offloaded: everything keeps its activations
+            assert auto.level == 0 and auto.choice.predicted_peak == 70 * GIB + state
+        else:  # 10 + 30 GiB of moments + 60 > 96: one layer selective, 13.5 GiB a level below 60
+            assert auto.level == 1, said
+            assert auto.choice.predicted_peak == int(86.5 * GIB) + state
+
+
 def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):
     """Even the all-recomputed probe runs out of memory (injected: no GPU here): no crash in the chooser,
     every layer recomputed, and the sentence names the setting to change."""

@@ -220,3 +220,44 @@ def test_equal_size_images_make_a_vision_block_one_graph(adapter):
         torch._dynamo.reset()
         compiled = torch.compile(block, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(*seen["args"], **seen["kwargs"]), ref)
+
+
+def test_deepstack_without_host_reads_is_bit_identical(tiny_model, case):
+    """vlrl's deepstack add (integer indices found without a host read) gives transformers' logprobs and
+    gradients bit for bit, and its forward and backward read nothing from the device."""
+    from test_update import HostReads
+
+    adapter, batch = case
+    model = copy.deepcopy(tiny_model).train()
+    lm = model.model.language_model
+    assert "_deepstack_process" in vars(lm)  # patched at load (patches.py)
+    policy = adapter.policy(model, 1.0)
+    runs = []
+    for patched in (True, False):
+        if not patched:
+            del lm._deepstack_process  # transformers' own
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(policy, batch, [[0, 1], [2]], AlgorithmConfig(), 60)
+        with torch.no_grad():
+            lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+        runs.append((lp, grads(model)))
+    (lp, g), (want_lp, want_g) = runs
+    assert torch.equal(lp, want_lp)
+    assert set(g) == set(want_g) and all(torch.equal(g[k], want_g[k]) for k in want_g)
+    # the add alone, forward and backward: no host read (transformers' boolean index makes one each way)
+    from vlrl.adapters.deepstack import _deepstack_process
+
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:4] = mask[1, 5] = True
+    feats = torch.randn(3, 16, requires_grad=True)
+    with HostReads() as reads:
+        out = _deepstack_process(lm, hidden, mask, feats)
+        out.square().sum().backward()
+    assert reads.reads == 0
+    want = hidden.detach().clone()
+    want[mask] += feats.detach()
+    assert torch.equal(out.detach(), want)
+    with HostReads() as reads:
+        type(lm)._deepstack_process(lm, hidden, mask, feats).sum().backward()
+    assert reads.reads > 0  # (the check above can fail)

@@ -70,6 +70,29 @@ def test_offloaded_moments_are_adamw_bit_for_bit_and_live_on_the_host_between_st
     assert offload.fetched == {}
 
 
+def test_restored_moments_stay_on_the_device_and_the_steps_go_on_as_adamw():
+    """`offload_optimizer = "auto"` declined at the first update: `restore` brings the moments back for good
+    (no host copy, no hook), and the steps after are AdamW's own."""
+    plain, moved = _model(), _model()
+    params = list(moved.parameters())
+    opt_a = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    offload = StateOffload(opt_b, params, limit=10**6, device="cpu")
+    _steps(plain, opt_a, None, steps=2)
+    _steps(moved, opt_b, offload, steps=2)
+    hosts = {p: dict(offload.host[p]) for p in params}
+    offload.restore()
+    assert offload.host == {} and offload.handles == []
+    assert all(opt_b.state[p][k] is not hosts[p][k] and torch.equal(opt_b.state[p][k], hosts[p][k])
+               for p in params for k in ("exp_avg", "exp_avg_sq"))
+    _steps(plain, opt_a, None, steps=2)
+    _steps(moved, opt_b, None, steps=2)
+    for a, b in zip(plain.parameters(), params):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+
+
 def test_the_last_pass_fetches_each_moment_as_its_gradient_is_final():
     model = _model()
     params = list(model.parameters())

@@ -67,3 +67,52 @@ def test_kl_to_a_reference_is_zero_at_the_start_and_adds_gradient(adapter, tiny_
     assert any(not torch.allclose(moved[n], plain[n]) for n in plain)
     with pytest.raises(ValueError, match="reference policy"):
         grads(policy, batch, [list(range(batch.size))], AlgorithmConfig(kl_coef=0.5))
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (on a GPU, each waits for the GPU)."""
+
+    READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero.default", "aten.masked_select",
+             "aten.unique", "aten._unique2", "aten.repeat_interleave.Tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = (str(func).startswith(("aten.index.", "aten.index_put")) and len(args) > 1
+                         and any(getattr(t, "dtype", None) == torch.bool for t in args[1] or ()))
+        if boolean_index or any(str(func).startswith(name) for name in self.READS):  # (a mask's nonzero)
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_logged_numbers_equal_the_tokens_own_and_are_read_once_a_step(adapter, tiny_model, batch):
+    """Each logged number is what the tokens' logprobs give directly, for any split into micro-batches, and the
+    metrics' reads from the device are one per step, not one per number and micro-batch."""
+    model = copy.deepcopy(tiny_model).train()
+    policy = adapter.policy(model, 1.0)
+    with torch.no_grad():
+        lp, ent = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
+    m = batch.loss_mask > 0
+    d = (lp - batch.behavior_logprobs).double()[m]
+    settings = AlgorithmConfig(entropy_coef=0.01)
+    n = batch.size
+    for groups in ([list(range(n))], [[0], [1, 2, 3, 4, 5, 6], [7]]):
+        _, s = grads(policy, batch, groups, settings)
+        assert s["tokens"] == int(m.sum())
+        assert s["log_ratio_min"] == pytest.approx(min(0.0, float(d.min())), abs=1e-6)
+        assert s["log_ratio_max"] == pytest.approx(max(0.0, float(d.max())), abs=1e-6)
+        assert s["max_abs_diff"] == pytest.approx(float(d.abs().max()), abs=1e-6)
+        assert s["log_ratio_sum"] == pytest.approx(float(d.sum()), abs=1e-5)
+        assert s["entropy_sum"] == pytest.approx(float(ent[m].sum()), rel=1e-5)
+        assert s["log_ratio_min"] < 0 < s["log_ratio_max"]  # (ratios != 1: the min and max are the tokens')
+    # the reads of one step with 1 and with 3 micro-batches: the model's own (vision grids, packing) grow
+    # with the micro-batches, the metrics' (~20 numbers each) must not
+    counts = []
+    for groups in ([list(range(n))], [[0, 1, 2], [3, 4, 5], [6, 7]]):
+        policy.zero_grad(set_to_none=True)
+        with HostReads() as reads:
+            accumulate_gradients(policy, batch, groups, settings, 6)
+        counts.append(reads.reads)
+    assert counts[1] - counts[0] < 2 * 10, counts

@@ -231,6 +231,7 @@ class AutoCheckpointing:
         self.choice: Choice | None = None
         self.measured: dict[int, int] = {}  # level -> measured peak (bytes), optimizer state not included
         self.stepped_up = False
+        self.offload_declined = False  # `decide(offload_optional=True)` found the optimizer offload buys nothing
         if device.type == "cuda":
             expandable_segments()
 
@@ -244,7 +245,7 @@ class AutoCheckpointing:
 
     def decide(self, probe, params: list[torch.Tensor], optimizer_has_state: bool, agree, distributed: bool = False,
                probe_tokens: int = 1, token_cap: int | None = None, accumulates: bool = True,
-               probe_trained: int | None = None, offloaded: int = 0) -> str:
+               probe_trained: int | None = None, offloaded: int = 0, probe_without_offload=None) -> str:
         """Run `probe()` (the step's largest micro-batch, `probe_tokens` long, forward and backward; it drops its
         gradients after) at the ladder's levels (module docstring), choose, and agree on the level with the other
         ranks (`agree(values, "max")`). `token_cap`: the longest micro-batch a later step may have (None:
@@ -253,13 +254,65 @@ class AutoCheckpointing:
         backward) and the bound adds the gradients' bytes, for later steps that accumulate. `probe_trained`: the
         probe's trained tokens (the logprob head's rows; default all). `offloaded`: bytes of AdamW's state kept on
         the host between steps (`optimizer_offload.py`; their fetch in the last backward is in the probe's peak).
-        Returns the sentence to print."""
+        `probe_without_offload` (`offload_optimizer = "auto"`): `probe` without the moments' fetch; the ladder is
+        measured with it too, and the offload is kept only where it lets the chooser recompute less; otherwise
+        `offload_declined` is set and the choice is the one without. Returns the sentence to print."""
         if self.device.type != "cuda":
             self._apply(2 * self.layers)
             return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
         L = self.layers
         if self.head is not None:
             self.head.set_keep(False)
+        activations, static = self._measure(probe, params, accumulates, distributed)
+        if not activations:  # nothing to choose from: the step will raise the same error, this says what to change
+            self._apply(2 * L)
+            return ("activation checkpointing: the step's largest micro-batch runs out of GPU memory even with every "
+                    "layer recomputed; lower train.micro_batch_tokens (or train.micro_batch_size)")
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
+        budget = device_budget(self.device) - max(outside, 0)
+        extra = 0 if optimizer_has_state else max(0, optimizer_state_bytes(params) - offloaded)
+        scale = max(1.0, token_cap / probe_tokens) if token_cap else 1.0
+        grads = 0 if accumulates else gradient_bytes(params)  # a later step's, on top of what was measured
+        rows = probe_tokens if probe_trained is None else probe_trained
+        logits = self.head.bytes_per_row * rows if self.head is not None else 0
+        gain = self.head.cost * rows / probe_tokens if self.head is not None else 0.0
+        choice = choose(L, activations, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
+        self.offload_declined = False
+        if probe_without_offload is not None and offloaded:
+            # the same ladder without the moments' fetch in the last backward, every moment on the device (on a
+            # resume the offloaded ones come back): the offload stays only where it lets the chooser recompute less
+            measured_with = dict(self.measured)
+            plain_act, plain_static = self._measure(probe_without_offload, params, accumulates, distributed)
+            extra_off = offloaded if optimizer_has_state else optimizer_state_bytes(params)
+            plain = choose(L, plain_act, plain_static, budget, extra_off, scale, grads=grads, logits=logits,
+                           logits_gain=gain) if plain_act else None
+
+            def cost(c: Choice) -> float:
+                return ladder_cost(c.level, L) - (gain if c.keep_logits else 0.0)
+
+            if plain is not None and cost(plain) <= cost(choice):  # the copies would buy nothing: not worth their time
+                choice, extra, self.offload_declined = plain, extra_off, True
+                activations, static = plain_act, plain_static
+                self.measured = {level: act + plain_static for level, act in plain_act.items()}
+            else:
+                self.measured = measured_with
+        # one level and one head setting for all ranks: the highest level; logits kept only where every rank keeps them
+        level, drop = (int(v) for v in agree([float(choice.level), float(not choice.keep_logits)], "max"))
+        said = ""
+        if level != choice.level or (drop and choice.keep_logits):  # another rank's: with this rank's numbers
+            choice = at_level(L, activations, static, budget, extra, scale, level, grads, 0 if drop else logits)
+            said = " (the highest of the ranks' choices)"
+        self.choice = choice
+        self._apply(level)
+        if self.head is not None:
+            self.head.set_keep(choice.keep_logits)
+        return choice.describe() + said
+
+    def _measure(self, probe, params, accumulates: bool, distributed: bool) -> tuple[dict[int, int], int]:
+        """Run `probe` at the ladder's levels: ({level: peak above static}, static); `measured` gets the peaks.
+        Stops at the first level that runs out of memory."""
+        L = self.layers
         activations: dict[int, int] = {}  # level -> peak above static
         static = 0
         for level in (2 * L, L + L // 2) if distributed else (2 * L, L, 0):
@@ -281,31 +334,7 @@ class AutoCheckpointing:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.measured[level] = peak
             activations[level] = peak - static
-        if not activations:  # nothing to choose from: the step will raise the same error, this says what to change
-            self._apply(2 * L)
-            return ("activation checkpointing: the step's largest micro-batch runs out of GPU memory even with every "
-                    "layer recomputed; lower train.micro_batch_tokens (or train.micro_batch_size)")
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL: not PyTorch's
-        budget = device_budget(self.device) - max(outside, 0)
-        extra = 0 if optimizer_has_state else max(0, optimizer_state_bytes(params) - offloaded)
-        scale = max(1.0, token_cap / probe_tokens) if token_cap else 1.0
-        grads = 0 if accumulates else gradient_bytes(params)  # a later step's, on top of what was measured
-        rows = probe_tokens if probe_trained is None else probe_trained
-        logits = self.head.bytes_per_row * rows if self.head is not None else 0
-        gain = self.head.cost * rows / probe_tokens if self.head is not None else 0.0
-        choice = choose(L, activations, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
-        # one level and one head setting for all ranks: the highest level; logits kept only where every rank keeps them
-        level, drop = (int(v) for v in agree([float(choice.level), float(not choice.keep_logits)], "max"))
-        said = ""
-        if level != choice.level or (drop and choice.keep_logits):  # another rank's: with this rank's numbers
-            choice = at_level(L, activations, static, budget, extra, scale, level, grads, 0 if drop else logits)
-            said = " (the highest of the ranks' choices)"
-        self.choice = choice
-        self._apply(level)
-        if self.head is not None:
-            self.head.set_keep(choice.keep_logits)
-        return choice.describe() + said
+        return activations, static
 
     def step_up(self) -> str | None:
         """After an out-of-memory error: the next level, or None when every layer is recomputed already."""

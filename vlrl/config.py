@@ -477,9 +477,11 @@ class TrainConfig(Section):
     their own (vlrl/optimizer_offload.py): the memory goes to activations, so `auto` checkpointing recomputes
     less. Exact (CPU tests; on the GPU, bit-equal to AdamW's own). Off by default: measured slower on an H200
     capped at 74.5 GiB and on an H100 (8B ragged batch: 39.7% vs 41.8% and 40.9% vs 42.9% MFU), because the
-    peak that binds there is the optimizer step's, with every moment back on the GPU (README). `auto`: on with
-    `checkpoint_fraction = "auto"` on a GPU, one process or DDP; true: on (not under FSDP2, where each rank holds
-    a shard of the state already). Needs that much free host memory per process."""
+    peak that binds there is the optimizer step's, with every moment back on the GPU (README). `auto`: with
+    `checkpoint_fraction = "auto"` on a GPU, one process or DDP, kept only where the chooser recomputes fewer
+    layers with it than without (it decides at the first update and says so; in both measured cases it would not
+    have); true: on (not under FSDP2, where each rank holds a shard of the state already). Needs that much free
+    host memory per process."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
     one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,

@@ -21,6 +21,8 @@ last pass, its fetches allocated like the step's, even before AdamW's first step
 Exact: the same tensors are copied back and forth bit for bit; the step is AdamW's own (tests compare
 weights and moments with an AdamW that keeps its state on the device). Not yet measured on a GPU.
 One process or DDP: under FSDP2 each rank holds a shard of the state already (`Run` refuses it there).
+`"auto"` keeps it only where the chooser recomputes less with it (`AutoCheckpointing.decide`); otherwise the
+moments return to the device at the first update (`restore`).
 """
 
 from __future__ import annotations
@@ -150,3 +152,16 @@ class StateOffload:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def restore(self) -> None:
+        """Stop offloading: every moment back on the device for good (`offload_optimizer = "auto"` when the
+        chooser finds the offload buys nothing), the hooks removed."""
+        self.settle()
+        self.drop()
+        for p, host in self.host.items():
+            state = self.optimizer.state.get(p)
+            if state:
+                for k in MOMENTS:
+                    state[k] = host[k].to(self.device, copy=True)  # (the pinned buffers go)
+        self.host.clear()
+        self.close()

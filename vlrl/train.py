@@ -194,7 +194,8 @@ class Run:
     def _offload(self, params, on_gpu: bool):
         """`train.offload_optimizer`: the StateOffload of this run, or None."""
         setting = self.cfg.train.offload_optimizer
-        if setting == "auto":
+        auto = setting == "auto"
+        if auto:
             setting = on_gpu and self.cfg.train.checkpoint_fraction == "auto" and not self.fsdp
         elif setting and self.fsdp:
             raise UserError("train.offload_optimizer = true is for one process or DDP: under FSDP2 each rank holds "
@@ -206,7 +207,8 @@ class Run:
 
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # (Accelerate's wrapper)
         offload = StateOffload(inner, params, gradient_bytes(params), self.device)
-        self.messages.append(offload.describe())
+        self.messages.append(offload.describe() + (' (offload_optimizer = "auto": kept if the first update finds '
+                                                   "it lets checkpointing recompute less)" if auto else ""))
         return offload
 
     def _weights_dir(self) -> str | None:
@@ -248,10 +250,10 @@ class Run:
             last = computed.index(max(computed))
             plan.micro_batches.append(plan.micro_batches.pop(last))
 
-        def run(p):
+        def run(p, fetch: bool = True):  # fetch: the offloaded moments come back in the last backward
             return accumulate_gradients(self.policy, batch, p, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
                                         self.ref_policy, self.accelerator, loss_scale=self.world,
-                                        before_backward=offload.before_backward if offload is not None else None)
+                                        before_backward=offload.before_backward if offload is not None and fetch else None)
 
         auto = self.auto_checkpointing
         if auto is not None and auto.level is None:  # "auto": measured on this step's largest micro-batch
@@ -261,12 +263,22 @@ class Run:
             # recover from an OOM together) the most a micro-batch of max_model_len samples computes
             cap = cfg.train.micro_batch_tokens or (cfg.train.micro_batch_size * cfg.model.max_model_len
                                                    if self.world > 1 else None)
+            plain_probe = None
+            if offload is not None and cfg.train.offload_optimizer == "auto":  # measured both ways, kept if it pays
+                def plain_probe():
+                    return self._probe(lambda p: run(p, fetch=False), plan, biggest)
             self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
                                              bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
                                              probe_tokens=max(computed), token_cap=cap,
                                              accumulates=len(plan.passes) > 1,
                                              probe_trained=int(batch.loss_mask[biggest].sum()),
-                                             offloaded=offload.bytes if offload is not None else 0))
+                                             offloaded=offload.bytes if offload is not None else 0,
+                                             probe_without_offload=plain_probe))
+            if offload is not None and auto.offload_declined:
+                offload.restore()
+                self.offload = offload = None
+                self.messages.append('optimizer state: on the device (offload_optimizer = "auto": the host copies '
+                                     "would not let the chooser keep more activations)")
         while True:
             try:
                 sums = run(plan)

@@ -6,6 +6,7 @@ gradient is the same however the step is split (tested with 1, 2 and 4 micro-bat
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -60,6 +61,14 @@ def accumulate_gradients(
         0.0,
     )
     sums["log_ratio_min"], sums["log_ratio_max"] = 0.0, 0.0
+    pending: list[tuple[str, str, torch.Tensor]] = []  # (key, how it accumulates, a 0-d tensor): read at the end
+
+    def later(key: str, how: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            pending.append((key, how, value.detach()))
+        else:
+            sums[key] = _REDUCE[how](sums.get(key, 0.0), float(value))
+
     passes = plan.passes
     for i, (g, weight) in enumerate(passes):
         mb = plan.micro_batch(batch, g).to(device)  # padded [b, l] or packed [1, T]; loss tensors [b, l] either way
@@ -78,7 +87,7 @@ def accumulate_gradients(
                     ref_lp, _ = batch_logprobs(ref_policy, mb)
                 kl = kl_k3(logp, ref_lp) * mask
                 tok_loss = tok_loss + settings.kl_coef * kl
-                sums["kl_sum"] += float(kl.detach().sum())
+                later("kl_sum", "sum", kl.detach().sum())
             if settings.entropy_coef > 0:
                 tok_loss = tok_loss - settings.entropy_coef * entropy * mask
             w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, max_new_tokens)
@@ -89,7 +98,7 @@ def accumulate_gradients(
                 # tokens (so splitting the step does not change it)
                 share = mask.sum() / total_tokens
                 loss = loss + aux_coef * aux * share * weight
-                sums["router_aux_loss"] = sums.get("router_aux_loss", 0.0) + float(aux.detach() * share)
+                later("router_aux_loss", "sum", aux.detach() * share)
             if before_backward is not None:
                 before_backward(i, last)
             if accelerator is not None:
@@ -100,26 +109,33 @@ def accumulate_gradients(
             continue
         with torch.no_grad():
             d = ((logp - mb.behavior_logprobs) * mask).double()
-            sums["loss"] += float(loss.detach())
-            sums["tokens"] += float(mask.sum())
-            sums["mismatch_kl_sum"] += float((k3(d) * mask).sum())
-            sums["max_abs_diff"] = max(sums["max_abs_diff"], float(d.abs().max()) if d.numel() else 0.0)
-            sums["log_ratio_sum"] += float(d.sum())
-            sums["log_ratio_sq_sum"] += float((d * d).sum())
-            on = mask > 0
-            if bool(on.any()):
-                sums["log_ratio_min"] = min(sums["log_ratio_min"], float(d[on].min()))
-                sums["log_ratio_max"] = max(sums["log_ratio_max"], float(d[on].max()))
-            sums["entropy_sum"] += float((entropy * mask).sum())
+            later("loss", "sum", loss)
+            later("tokens", "sum", mask.sum())
+            later("mismatch_kl_sum", "sum", (k3(d) * mask).sum())
+            if d.numel():
+                later("max_abs_diff", "max", d.abs().max())
+                on = mask > 0  # (no trained token: +inf / -inf, which the 0.0 they start from absorbs)
+                later("log_ratio_min", "min", d.masked_fill(~on, math.inf).min())
+                later("log_ratio_max", "max", d.masked_fill(~on, -math.inf).max())
+            later("log_ratio_sum", "sum", d.sum())
+            later("log_ratio_sq_sum", "sum", (d * d).sum())
+            later("entropy_sum", "sum", (entropy * mask).sum())
             sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
             sums["attended_tokens"] += float(mb.real_tokens)
             routed = mb.model_inputs.get("routed_experts")  # [b, l, layers, k] (packed [1, T, ...])
             if routed is not None and getattr(module, "routing_replay", False):
-                sums["routing_replayed_tokens"] = (sums.get("routing_replayed_tokens", 0.0)
-                                                   + float((routed >= 0).flatten(2).any(-1).sum()))
+                later("routing_replayed_tokens", "sum", (routed >= 0).flatten(2).any(-1).sum())
             for k, v in st.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                later(k, "sum", v)
+    # every logged number read from the GPU in one transfer, after the last backward is queued: a read per
+    # number and micro-batch made the host wait for the GPU, and the GPU idle until the host caught up
+    values = torch.stack([v.reshape(()).double() for _, _, v in pending]).tolist() if pending else []
+    for (key, how, _), value in zip(pending, values):
+        sums[key] = _REDUCE[how](sums.get(key, 0.0), value)
     return sums
+
+
+_REDUCE = {"sum": lambda a, b: a + b, "max": max, "min": min}
 
 
 def _configure(policy, settings, accelerator=None):

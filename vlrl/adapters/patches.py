@@ -9,6 +9,8 @@
    transformers' sdpa for padded batches, varlen/flex/per-sample sdpa for packed ones; a pre-hook hands
    the packing keywords to the language model only. A hybrid model's linear-attention layers (Qwen3.5's
    Gated DeltaNet) get the sample boundaries for their conv1d and delta rule (linear_attention.py).
+4. `patch_deepstack` (deepstack.py): the vision features added at the image tokens' positions through integer
+   indices found without a host read (transformers' boolean index waits for the GPU, forward and backward).
 
 Each is idempotent and leaves a model it does not support (another attention implementation, an older
 transformers) as transformers built it. `Qwen3VLAdapter.load_model` and the benches call `patch_model`.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .deepstack import patch_deepstack
 from .fast_vision import fast_vision
 from .packing import patch_language_model
 from .shared_images import share_repeated_images
@@ -30,4 +33,5 @@ def patch_model(model: nn.Module, vision: bool = True) -> nn.Module:
     if vision:
         fast_vision(model.model.visual)
     patch_language_model(model.model.language_model)
+    patch_deepstack(model.model.language_model)
     return model

@@ -73,13 +73,17 @@ class _LinearLogprob(torch.autograd.Function):
         chosen, logz, entropy = stats(logits, targets, inv_temperature, bias)
         ctx.save_for_backward(hidden, weight, targets, logz, entropy, bias, logits if keep_logits else None)
         ctx.inv_temperature, ctx.fused = inv_temperature, fused
+        # an output the loss does not use (the entropy, without an entropy bonus) gets None, not zeros: its
+        # term is skipped without looking at the gradient's values (a host read, one wait per chunk)
+        ctx.set_materialize_grads(False)
         return chosen, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, targets, logz, entropy, bias, logits = ctx.saved_tensors
         _, grad_fn = _kernels(ctx.fused)
-        g_ent = g_ent if g_ent is not None and bool(g_ent.any()) else None
+        if g_lp is None:
+            g_lp = torch.zeros_like(logz)
         logits = hidden @ weight.T if logits is None else logits
         grad = grad_fn(logits, targets, ctx.inv_temperature, bias, logz, entropy, g_lp, g_ent)
         grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None  # [n, H]
