@@ -77,10 +77,11 @@ def test_compiled_layers_give_the_same_logprobs(tiny_model, case):
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
-def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
+def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model, monkeypatch):
     """A GRPO-like batch (a prompt's image repeated over its group, plus an image one pixel away from
     another): with image sharing on, the vision tower sees each distinct image once, and the logprobs and
-    every gradient (vision tower trainable) equal those of encoding every copy."""
+    every gradient (vision tower trainable) equal those of encoding every copy. The image grids are read on
+    the host once a pass either way (the sharing's read is reused by the vision inputs' hook)."""
     from vlrl.adapters.shared_images import set_image_sharing
     from vlrl.records import EncodedPrompt, Rollout
 
@@ -103,14 +104,26 @@ def test_repeated_images_are_encoded_once_with_the_same_results(tiny_model):
     rows_seen = []
     model.model.visual.patch_embed.register_forward_hook(lambda m, a, out: rows_seen.append(a[0].shape[0]))
     policy = adapter.policy(model, 1.0)
+    grid_reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        # the micro-batch's image grids, (t, h, w) per image (one-row grids: the per-size inputs' host tensors)
+        if t.dim() == 2 and t.shape[0] > 1 and t.shape[-1] == 3 and not t.is_floating_point():
+            grid_reads.append(t.shape[0])
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
     out = {}
     for shared in (False, True):
         set_image_sharing(model.model.visual, shared)
         rows_seen.clear()
+        grid_reads.clear()
         model.zero_grad(set_to_none=True)
         lp, _ = policy(batch.input_ids, batch.attention_mask, batch.loss_mask, **batch.model_inputs)
         (lp * batch.loss_mask).sum().backward()
         out[shared] = (lp.detach(), grads(model), list(rows_seen))
+        assert grid_reads == [5], (shared, grid_reads)
     per_image = int(base[0].prompt.image_grid_thw.prod())
     assert out[False][2] == [5 * per_image]
     assert out[True][2] == [3 * per_image]  # base[0], base[1] and the near-twin

@@ -100,7 +100,9 @@ def _before(module, args, kwargs):
         return None
     from transformers import vision_utils
 
-    grids = [tuple(g) for g in grid.tolist()]  # the one host read
+    from .shared_images import host_grid
+
+    grids = [tuple(g) for g in (host_grid(module, grid) or grid.tolist())]  # the one host read (or the sharing's)
     per_image = [_image_inputs(module, state["inputs"], g, grid.device) for g in grids]
     extra = {
         "position_ids": torch.cat([p[0] for p in per_image]),

@@ -23,6 +23,7 @@ class _Plan:
     merged_index: torch.Tensor  # [sum merged tokens]: output row of the unique pass for every original row
     patch_index: torch.Tensor  # [P]: the same for patch-level outputs
     unique_patches: int
+    unique_list: list[int]  # `unique` on the host
 
 
 def share_repeated_images(visual: nn.Module) -> None:
@@ -43,6 +44,7 @@ def set_image_sharing(visual: nn.Module, enabled: bool) -> None:
 
 def _before(state, args, kwargs):
     state["plan"] = None
+    state.pop("host_grid", None)
     # (transformers returns outputs by default)
     if not state["enabled"] or kwargs.get("return_dict") is False:
         return None
@@ -50,11 +52,14 @@ def _before(state, args, kwargs):
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
     if pixels is None or grid is None or len(grid) < 2:
         return None
-    plan = _plan(pixels, grid, state["merge"])
+    grids = grid.tolist()
+    plan = _plan(pixels, grid, grids, state["merge"])
     if plan is None:
+        state["host_grid"] = (grid, grids)
         return None
     state["plan"] = plan
     pixels, grid = pixels.index_select(0, plan.pixel_rows), grid.index_select(0, plan.unique)
+    state["host_grid"] = (grid, [grids[u] for u in plan.unique_list])
     if args:
         args = (pixels, *args[1:]) if "grid_thw" in kwargs else (pixels, grid, *args[2:])
     else:
@@ -80,9 +85,17 @@ def _after(state, out):
     return out
 
 
-def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
-    """Which images repeat an earlier one (None when all are distinct). Three host syncs at most."""
-    grids = grid.tolist()
+def host_grid(visual: nn.Module, grid: torch.Tensor) -> list | None:
+    """The grids (t, h, w) of `grid`, the tensor this call's pre-hook passed on, as read on the host by it:
+    a later hook (fast_vision.py) reuses the read instead of waiting for the GPU again. Read once."""
+    state = getattr(visual, "_vlrl_image_sharing", None)
+    cached = state.pop("host_grid", None) if state is not None else None
+    return cached[1] if cached is not None and cached[0] is grid else None
+
+
+def _plan(pixels: torch.Tensor, grid: torch.Tensor, grids: list, merge: int) -> _Plan | None:
+    """Which images repeat an earlier one (None when all are distinct). Three host reads at most (the grids,
+    the fingerprints, the pixel comparison of matching ones); `grids` is `grid` read already."""
     sizes_l = [t * h * w for t, h, w in grids]  # patch rows per image
     starts_l = [sum(sizes_l[:i]) for i in range(len(sizes_l))]
     device = pixels.device
@@ -118,5 +131,9 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, merge: int) -> _Plan | None:
     m = merge * merge
     merged_index = torch.cat([torch.arange(u_starts[slot[s]] // m, (u_starts[slot[s]] + sizes_l[s]) // m)
                               for s in source])
-    return _Plan(pixel_rows.to(device), torch.tensor(unique, device=grid.device), merged_index.to(device),
-                 patch_index.to(device), sum(u_sizes))
+    # one copy to the device, from pinned memory without waiting (four pageable copies each made the host wait)
+    parts = [pixel_rows, torch.tensor(unique), merged_index, patch_index]
+    host = torch.cat(parts)
+    moved = (host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device))
+    pixel_rows, unique_t, merged_index, patch_index = torch.split(moved, [len(t) for t in parts])
+    return _Plan(pixel_rows, unique_t.to(grid.device), merged_index, patch_index, sum(u_sizes), unique)
