@@ -231,7 +231,7 @@ class AutoCheckpointing:
         self.choice: Choice | None = None
         self.measured: dict[int, int] = {}  # level -> measured peak (bytes), optimizer state not included
         self.stepped_up = False
-        self.offload_declined = False  # `decide(offload_optional=True)` found the optimizer offload buys nothing
+        self.offload_declined = False  # `decide(probe_without_offload=...)` found the optimizer offload buys nothing
         if device.type == "cuda":
             expandable_segments()
 
