@@ -286,7 +286,6 @@ def sync_sites(fn, sync, device, rows: int = 15) -> None:
             warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             fn()
-            torch.cuda.set_sync_debug_mode("default")
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = shown

@@ -121,6 +121,8 @@ def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monk
     state = optimizer_state_bytes(params)
     act = {8: 2, 4: 6, 0: 60}  # GiB above static by level, without the fetch
     fake = FakeCuda(monkeypatch, act, 0)
+    # AdamW's state to come: 30 GiB more (the moments) than the probe holds
+    monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: 30 * GIB + state)
     for fetch_gib, offloaded, kept in ((0.0, 30 * GIB, True),  # 30 GiB off the device: everything kept (<= 96)
                                        (30.0, 30 * GIB, False),  # its fetch lands at the peak: it buys nothing
                                        (0.0, 0, False)):  # (nothing offloaded: nothing to decide)
@@ -131,8 +133,6 @@ def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monk
             probes.append(fetch)
             fake.peak = fake.allocated + (act[auto.level] + (fetch_gib if fetch else 0.0)) * GIB
 
-        # AdamW's state to come: 30 GiB more (the moments) than the probe holds
-        monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: 30 * GIB + state)
         said = auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000,
                            offloaded=offloaded, probe_without_offload=lambda: probe(False))
         if offloaded:

@@ -238,7 +238,7 @@ def test_equal_size_images_make_a_vision_block_one_graph(adapter):
 def test_deepstack_without_host_reads_is_bit_identical(tiny_model, case):
     """vlrl's deepstack add (integer indices found without a host read) gives transformers' logprobs and
     gradients bit for bit, and its forward and backward read nothing from the device."""
-    from test_update import HostReads
+    from host_reads import HostReads
 
     adapter, batch = case
     model = copy.deepcopy(tiny_model).train()

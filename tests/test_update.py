@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from host_reads import HostReads
 from PIL import Image
 
 from vlrl.config import AlgorithmConfig, RolloutConfig
@@ -67,24 +68,6 @@ def test_kl_to_a_reference_is_zero_at_the_start_and_adds_gradient(adapter, tiny_
     assert any(not torch.allclose(moved[n], plain[n]) for n in plain)
     with pytest.raises(ValueError, match="reference policy"):
         grads(policy, batch, [list(range(batch.size))], AlgorithmConfig(kl_coef=0.5))
-
-
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that read a tensor's value on the host (on a GPU, each waits for the GPU)."""
-
-    READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero.default", "aten.masked_select",
-             "aten.unique", "aten._unique2", "aten.repeat_interleave.Tensor")
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        boolean_index = (str(func).startswith(("aten.index.", "aten.index_put")) and len(args) > 1
-                         and any(getattr(t, "dtype", None) == torch.bool for t in args[1] or ()))
-        if boolean_index or any(str(func).startswith(name) for name in self.READS):  # (a mask's nonzero)
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_logged_numbers_equal_the_tokens_own_and_are_read_once_a_step(adapter, tiny_model, batch):

@@ -263,7 +263,7 @@ class AutoCheckpointing:
         L = self.layers
         if self.head is not None:
             self.head.set_keep(False)
-        activations, static = self._measure(probe, params, accumulates, distributed)
+        activations, static, peaks = self._measure(probe, params, accumulates, distributed)
         if not activations:  # nothing to choose from: the step will raise the same error, this says what to change
             self._apply(2 * L)
             return ("activation checkpointing: the step's largest micro-batch runs out of GPU memory even with every "
@@ -282,8 +282,8 @@ class AutoCheckpointing:
         if probe_without_offload is not None and offloaded:
             # the same ladder without the moments' fetch in the last backward, every moment on the device (on a
             # resume the offloaded ones come back): the offload stays only where it lets the chooser recompute less
-            measured_with = dict(self.measured)
-            plain_act, plain_static = self._measure(probe_without_offload, params, accumulates, distributed)
+            plain_act, plain_static, plain_peaks = self._measure(probe_without_offload, params, accumulates,
+                                                                 distributed)
             extra_off = offloaded if optimizer_has_state else optimizer_state_bytes(params)
             plain = choose(L, plain_act, plain_static, budget, extra_off, scale, grads=grads, logits=logits,
                            logits_gain=gain) if plain_act else None
@@ -293,10 +293,8 @@ class AutoCheckpointing:
 
             if plain is not None and cost(plain) <= cost(choice):  # the copies would buy nothing: not worth their time
                 choice, extra, self.offload_declined = plain, extra_off, True
-                activations, static = plain_act, plain_static
-                self.measured = {level: act + plain_static for level, act in plain_act.items()}
-            else:
-                self.measured = measured_with
+                activations, static, peaks = plain_act, plain_static, plain_peaks
+        self.measured.update(peaks)
         # one level and one head setting for all ranks: the highest level; logits kept only where every rank keeps them
         level, drop = (int(v) for v in agree([float(choice.level), float(not choice.keep_logits)], "max"))
         said = ""
@@ -309,11 +307,13 @@ class AutoCheckpointing:
             self.head.set_keep(choice.keep_logits)
         return choice.describe() + said
 
-    def _measure(self, probe, params, accumulates: bool, distributed: bool) -> tuple[dict[int, int], int]:
-        """Run `probe` at the ladder's levels: ({level: peak above static}, static); `measured` gets the peaks.
-        Stops at the first level that runs out of memory."""
+    def _measure(self, probe, params, accumulates: bool,
+                 distributed: bool) -> tuple[dict[int, int], int, dict[int, int]]:
+        """Run `probe` at the ladder's levels: ({level: peak above static}, static, {level: peak}). Stops at the
+        first level that runs out of memory."""
         L = self.layers
         activations: dict[int, int] = {}  # level -> peak above static
+        peaks: dict[int, int] = {}
         static = 0
         for level in (2 * L, L + L // 2) if distributed else (2 * L, L, 0):
             self._apply(level)
@@ -331,10 +331,9 @@ class AutoCheckpointing:
                 torch.cuda.empty_cache()
                 break
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self.measured[level] = peak
-            activations[level] = peak - static
-        return activations, static
+            peaks[level] = torch.cuda.max_memory_allocated(self.device)
+            activations[level] = peaks[level] - static
+        return activations, static, peaks
 
     def step_up(self) -> str | None:
         """After an out-of-memory error: the next level, or None when every layer is recomputed already."""

@@ -16,6 +16,8 @@ from .algo.losses import aggregation_weights, k3, kl_k3, policy_loss
 from .batch import MultimodalBatch, batch_logprobs
 from .planner import StepPlan
 
+_REDUCE = {"sum": lambda a, b: a + b, "max": max, "min": min}  # how each logged number accumulates
+
 
 def accumulate_gradients(
     policy: torch.nn.Module,
@@ -63,11 +65,8 @@ def accumulate_gradients(
     sums["log_ratio_min"], sums["log_ratio_max"] = 0.0, 0.0
     pending: list[tuple[str, str, torch.Tensor]] = []  # (key, how it accumulates, a 0-d tensor): read at the end
 
-    def later(key: str, how: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            pending.append((key, how, value.detach()))
-        else:
-            sums[key] = _REDUCE[how](sums.get(key, 0.0), float(value))
+    def later(key: str, how: str, value: torch.Tensor) -> None:
+        pending.append((key, how, value.detach()))
 
     passes = plan.passes
     for i, (g, weight) in enumerate(passes):
@@ -133,9 +132,6 @@ def accumulate_gradients(
     for (key, how, _), value in zip(pending, values):
         sums[key] = _REDUCE[how](sums.get(key, 0.0), value)
     return sums
-
-
-_REDUCE = {"sum": lambda a, b: a + b, "max": max, "min": min}
 
 
 def _configure(policy, settings, accelerator=None):

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .shared_images import host_grid
+
 # The name carries "flash" because that is what routes transformers' vision attention to its varlen branch
 # (boundaries passed to the function, not split in Python); the function itself runs torch's sdpa.
 NAME = "vlrl_flash_vision_sdpa"
@@ -99,8 +101,6 @@ def _before(module, args, kwargs):
     if grid is None:
         return None
     from transformers import vision_utils
-
-    from .shared_images import host_grid
 
     grids = [tuple(g) for g in (host_grid(module, grid) or grid.tolist())]  # the one host read (or the sharing's)
     per_image = [_image_inputs(module, state["inputs"], g, grid.device) for g in grids]
