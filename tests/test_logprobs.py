@@ -79,6 +79,30 @@ def test_entropy_gradient_matches_autograd_of_the_definition():
     torch.testing.assert_close(g_w, w.grad)
 
 
+def test_the_backward_reads_nothing_on_the_host_with_or_without_an_entropy_term():
+    """Each chunk's backward learns from autograd whether the entropy has a gradient (no look at its values:
+    on a GPU a read per chunk made the host wait); the entropy-free gradient is the logprob term alone."""
+    from host_reads import HostReads
+
+    torch.manual_seed(3)
+    h = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64)
+    t = torch.randint(0, 30, (7,))
+    grads = []
+    for coef in (0.0, 1.7):
+        lp, ent = token_logprobs(h, w, t, 0.8, chunk_size=3)
+        loss = lp.sum() + coef * ent.sum() if coef else lp.sum()
+        with HostReads() as reads:
+            loss.backward()
+        assert reads.reads == 0
+        grads.append(h.grad.clone())
+        h.grad = None
+    ref = torch.log_softmax((h @ w.T) / 0.8, -1).gather(-1, t[:, None]).sum()
+    (g_ref,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(grads[0], g_ref)
+    assert not torch.allclose(grads[1], g_ref)  # the entropy term is there when it is used
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_eager(dtype):
     """train.compile's fused (compiled) softmax statistics and backward against the eager ones: values,
