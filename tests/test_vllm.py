@@ -216,8 +216,10 @@ def test_train_with_the_server_as_sampler(server, tiny_model_dir, vadapter, tiny
     from vlrl.train import train
 
     sync_dir = tmp_path / "sync"
+    # dynamic sampling: a step whose groups all have equal rewards (parity of 6-token answers: ~1 step in 64)
+    # samples again instead of training nothing, so every step moves the weights the sync must carry
     res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=srv", "train.steps=4",
-                          f"rollout.sync_dir={sync_dir}"))
+                          f"rollout.sync_dir={sync_dir}", "algorithm.dynamic_sampling=true"))
     ms = read_jsonl(res.run_dir / "metrics.jsonl")
     assert [m["step"] for m in ms] == [1, 2, 3, 4]
     # after every sync the server samples from exactly the trainer's weights (images in every step's prompts)
