@@ -725,7 +725,13 @@ def main():
                     help="with --auto: run once per cap on the process's GPU memory (0: the whole card), in order")
     ap.add_argument("--compile-steps", type=int, default=20,
                     help="with --compile: ragged packed steps whose compiles are counted")
+    ap.add_argument("--pageable-uploads", action="store_true",
+                    help="micro-batches go to the GPU from pageable memory (vlrl.batch.PIN_UPLOADS off), to measure it")
     args = ap.parse_args()
+    if args.pageable_uploads:
+        import vlrl.batch
+
+        vlrl.batch.PIN_UPLOADS = False
 
     from transformers import AutoModelForImageTextToText
 
