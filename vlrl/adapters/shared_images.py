@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..batch import upload
+
 
 @dataclass
 class _Plan:
@@ -134,6 +136,6 @@ def _plan(pixels: torch.Tensor, grid: torch.Tensor, grids: list, merge: int) -> 
     # one copy to the device, from pinned memory without waiting (four pageable copies each made the host wait)
     parts = [pixel_rows, torch.tensor(unique), merged_index, patch_index]
     host = torch.cat(parts)
-    moved = (host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device))
+    moved = upload(host, device)
     pixel_rows, unique_t, merged_index, patch_index = torch.split(moved, [len(t) for t in parts])
     return _Plan(pixel_rows, unique_t.to(grid.device), merged_index, patch_index, sum(u_sizes), unique)
