@@ -11,11 +11,16 @@ are published; k = 0 is synchronous) against:
 - the learner: `--update-s` per step (default 4.424 s, the 8B ragged update as shipped on one H200:
   `bench/update_step.py --compile --auto --optimizer`, bench/README.md), then the weight sync: the learner
   waits `--sync-s` (0.31 s, the copy to pinned buffers: `bench/sync.py`) and the server pauses `--swap-s` for
-  the reload (requests frozen, not drained: `VLLMClient.pause`).
+  the reload (requests frozen, not drained: `VLLMClient.pause`). With k > 0 the update is streamed as
+  vlrl does it (vlrl/streamed_update.py): it begins with the step's first groups, running each micro-batch
+  they fill (`--micro-batch-tokens`, packed by the planner's own `pack_micro_batches`) in time proportional to
+  its tokens, so only the last micro-batch and the optimizer step (`--optimizer-s`) wait for the last group.
 The decode step's `a` and `b` are scaled so that a synchronous step's generation takes `--gen-ratio` times the
 update (default 2). Rows: steps/s, rollout wait and learner idle fraction, staleness of the trained batches,
-for k = 0, 1, 2, 3, 4, and the one-step-off-policy vlrl shipped before (one batch generated at a time, the
-next started when the learner takes the last). Last line:
+groups dropped as too stale and the mean length of the trained completions over the sampled batches' (dropping
+stragglers favours short completions), for k = 0, 1, 2, 3, 4, the one-step-off-policy vlrl shipped before (one
+batch generated at a time, the next started when the learner takes the last) and k = 2 with the update waiting
+for the step's last group (as before the streamed update). Last line:
 `async: k=2 vs synchronous X.XXx, vs one-step-off Y.YYx, learner idle Z%`.
 
 `--server URL --config CONFIG`: the same comparison through `vlrl train` against a real server (the CPU one
@@ -30,11 +35,13 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ragged import RaggedSpec, completion_lengths  # noqa: E402
+
+from vlrl.planner import pack_micro_batches  # noqa: E402
 
 
 @dataclass
@@ -45,6 +52,16 @@ class Server:
 
 
 @dataclass
+class Streaming:
+    """The streamed update's model (streamed_update.py)."""
+
+    tokens: list[list[int]]  # each group's rollouts' tokens (prompt + completion)
+    step_tokens: float  # a step's mean tokens: the update takes `update_s` for them
+    budget: int  # train.micro_batch_tokens
+    optimizer_s: float  # of the update, what runs after the last micro-batch (gradient scaling, AdamW)
+
+
+@dataclass
 class Result:
     name: str
     seconds: float
@@ -52,7 +69,8 @@ class Result:
     rollout_wait: float  # the learner's seconds waiting for rollouts
     staleness: list[int]  # of each trained group, in versions
     dropped: int = 0  # groups dropped as too stale
-    fill: float = 0.0  # seconds before the first step's groups were ready (every k pays it once a run)
+    fill: float = 0.0  # seconds the first step waited for its groups (every k pays it once a run)
+    trained: list[int] = field(default_factory=list)  # the groups trained, in order
 
     @property
     def steady_idle(self) -> float:
@@ -79,12 +97,17 @@ def simulate(
     sync_s: float,
     swap_s: float,
     sequential: bool = False,
+    streamed: Streaming | None = None,
 ) -> Result:
     """Time-stepped over the server's decode steps, the learner's update and sync as events between them.
     Group slot j starts once version j // prompts - k is published; the learner's step s takes the `prompts`
     oldest finished groups begun under version s - k or later, drops older ones and gives their slots back
     (rollout/producer.py). `sequential`: the one-step-off vlrl shipped before: step s + 1's groups start when
-    the learner takes step s's, and its sync waits for them."""
+    the learner takes step s's, and its sync waits for them. `streamed`: the update begins as the groups come
+    (streamed_update.py): whenever the learner is free it takes every fresh finished group, and once their
+    rollouts fill more than one micro-batch (`pack_micro_batches`, the planner's packing) it runs all but the
+    last, each in time proportional to its tokens; after the step's last group, the rest and the optimizer
+    step."""
     t = 0.0
     version = 0
     slots = 0  # slots given out (groups started, less the dropped)
@@ -99,6 +122,9 @@ def simulate(
     dropped = 0
     fill = 0.0
     events: list[tuple[float, str]] = []
+    trained: list[int] = []
+    taken = 0  # groups of the learner's step taken so far (streamed)
+    pending: list[int] = []  # tokens of their rollouts not yet run (streamed)
 
     def start_groups():
         nonlocal slots
@@ -132,12 +158,35 @@ def simulate(
                 dropped += 1
                 slots -= 1
                 start_groups()  # another group in its slot
-            if len(fresh) >= prompts:
+            if streamed is not None and fresh:
+                for g in fresh[: prompts - taken]:
+                    finished.remove(g)
+                    staleness.append(learner_step - started[g])
+                    trained.append(g)
+                    pending += streamed.tokens[g]
+                    taken += 1
+                run = pending if taken == prompts else []
+                if not run and sum(pending) > streamed.budget:
+                    bins = pack_micro_batches(pending, streamed.budget)
+                    run = [pending[i] for b in bins[:-1] for i in b]
+                    pending = [pending[i] for i in bins[-1]]
+                if run:
+                    if learner_step == 0:
+                        fill += t - wait_since
+                    wait_total += t - wait_since
+                    learner_busy = True
+                    work = (update_s - streamed.optimizer_s) * sum(run) / streamed.step_tokens
+                    if taken == prompts:
+                        pending, work = [], work + streamed.optimizer_s
+                    heapq.heappush(events, (t + work, "updated" if taken == prompts else "ran"))
+                start_groups()
+            elif streamed is None and len(fresh) >= prompts:
                 for g in fresh[:prompts]:
                     finished.remove(g)
                     staleness.append(learner_step - started[g])
+                    trained.append(g)
                 if learner_step == 0:
-                    fill = t - wait_since
+                    fill += t - wait_since
                 wait_total += t - wait_since
                 learner_busy = True
                 heapq.heappush(events, (t + update_s, "updated"))
@@ -157,7 +206,11 @@ def simulate(
             ):
                 blocked = True  # the old one-step-off waited for the prefetched batch before its sync
                 blocked_since = t
+            elif what == "ran":  # (streamed) micro-batches run: the learner takes what has finished since
+                learner_busy = False
+                wait_since = t
             elif what == "updated":
+                taken = 0
                 sync_now()
             else:  # synced: the weights are published, the learner's next step begins
                 learner_step += 1
@@ -180,7 +233,7 @@ def simulate(
             blocked = False
             wait_total += t - blocked_since
             sync_now()
-    return Result(name, t, steps, wait_total, staleness, dropped, fill)
+    return Result(name, t, steps, wait_total, staleness, dropped, fill, trained)
 
 
 def synchronous_generation(batch: list[int], server: Server) -> float:
@@ -240,7 +293,7 @@ def run_server_comparison(url: str, config: str, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200, help="a run's steps (the first step's fill: paid once)")
     p.add_argument("--update-s", type=float, default=4.424)
     p.add_argument("--sync-s", type=float, default=0.31)
     p.add_argument("--swap-s", type=float, default=0.5)
@@ -252,6 +305,14 @@ def main() -> None:
         default=0.005,
         help="decode-step cost per running sequence, "
         "relative to the fixed part (memory-bound decoding: 64 sequences cost 1.32x one)",
+    )
+    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="train.micro_batch_tokens")
+    p.add_argument(
+        "--optimizer-s",
+        type=float,
+        default=0.05,
+        help="of the update, what runs after its last micro-batch: the fused AdamW step (~0.04 s on one "
+        "H200: bench/README, 0.711 s a step with it at 53.8%% MFU, 57%% without), a pass scaling gradients",
     )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
@@ -289,7 +350,13 @@ def main() -> None:
         f"{args.gen_ratio:.1f}x the update)\n"
     )
 
-    def sim(name, k, sequential=False):
+    # the update's tokens: each rollout's prompt (text, the image's placeholders) and completion
+    prompt = spec.prompt_text + 2 + (spec.image_side // 16) ** 2 // 4
+    tokens = [[prompt + n for n in g] for g in groups]
+    streaming = Streaming(tokens, sum(map(sum, tokens[: args.steps * spec.prompts])) / args.steps,
+                          args.micro_batch_tokens, args.optimizer_s)
+
+    def sim(name, k, sequential=False, streamed=True):
         return simulate(
             name,
             groups,
@@ -301,29 +368,33 @@ def main() -> None:
             args.sync_s,
             args.swap_s,
             sequential,
+            streaming if streamed and k > 0 and not sequential else None,
         )
 
     rows = [
         sim("synchronous (k=0)", 0),
         sim("one-step-off as shipped before (sequential)", 1, sequential=True),
+        sim("k=2, update after the step's last group (before)", 2, streamed=False),
     ]
     rows += [sim(f"k={k}", k) for k in (1, 2, 3, 4)]
+    sampled = sum(map(sum, groups[: args.steps * spec.prompts])) / (args.steps * spec.prompts * spec.group)
     print(
         "| rollouts | steps/s | vs synchronous | rollout wait / step (s) | learner idle | idle after the "
-        "first step | staleness max | mean | groups dropped |"
+        "first step | staleness max | mean | groups dropped | trained length / sampled |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0].steps_per_s
     for r in rows:
+        length = sum(sum(groups[g]) for g in r.trained) / (len(r.trained) * spec.group)
         print(
             f"| {r.name} | {r.steps_per_s:.4f} | {r.steps_per_s / base:.2f}x | "
             f"{r.rollout_wait / r.steps:.2f} | "
             f"{r.idle:.1%} | {r.steady_idle:.1%} | {max(r.staleness)} | "
-            f"{sum(r.staleness) / len(r.staleness):.2f} | {r.dropped} |"
+            f"{sum(r.staleness) / len(r.staleness):.2f} | {r.dropped} | {length / sampled:.3f} |"
         )
     by = {r.name: r for r in rows}
     for r in rows[2:]:
-        k = int(r.name.split("=")[1])
+        k = int(r.name.split("=")[1][0])
         assert max(r.staleness) <= k, (r.name, r.staleness)  # the bound the producer's gating holds
     if args.server:
         run_server_comparison(args.server, args.config, args.server_steps)

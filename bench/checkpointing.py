@@ -155,11 +155,13 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
                              before_backward=moved.before_backward if moved is not None else None)
 
-    def timed_steps(label: str) -> dict:
+    def timed_steps(label: str, tail: bool = False) -> dict:
         """Steps of update + clip + fused AdamW from a fresh optimizer state: the first (AdamW's state allocated,
         graphs compiled) untimed, then --ragged-repeat timed back to back (one sync at the end: the moments' copy
         back to the host overlaps the next step, as it overlaps the weight sync and rollouts in training); the
-        peak over all of them."""
+        peak over all of them. `tail`: then one more update, and what follows its last backward timed alone
+        (the part of a step an asynchronous run's streamed update cannot overlap with sampling, besides the
+        last micro-batch: bench/async_rollouts.py --optimizer-s)."""
         gc.collect()
         opt.state.clear()  # (the offload's pinned buffers are kept: written again after the first step)
         if on_gpu:
@@ -185,6 +187,16 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                 step()
             tools.sync(device)
             t = (time.perf_counter() - t0) / n
+            if tail:  # what follows the last backward: the streamed update's gradient scaling, clip, AdamW
+                update(plan)
+                tools.sync(device)
+                t1 = time.perf_counter()
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                tools.sync(device)
+                tail_s = time.perf_counter() - t1
         except torch.OutOfMemoryError as e:
             model.zero_grad(set_to_none=True)
             if moved is not None:
@@ -196,6 +208,10 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         row = {"path": label, "seconds": t, "mfu": 6 * n_params * useful / t / (tools.peak_tflops * 1e12),
                "peak_gib": peak}
         print(f"  {label}: {t:.3f} s, MFU {row['mfu']:.1%} on useful tokens, peak {peak:.1f} GiB", flush=True)
+        if tail:
+            row["tail_s"] = tail_s
+            print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s",
+                  flush=True)
         return row
 
     weight = model.get_output_embeddings().weight
@@ -217,7 +233,7 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         said += "; " + moved.describe()
     where = "capped at %g GiB" % cap_gib if cap_gib else "the whole card"
     print(f"  ragged, {where}{', optimizer state offloaded' if offload else ''}: {said}", flush=True)
-    rows = [timed_steps(f"auto ({auto_label(auto)})")]
+    rows = [timed_steps(f"auto ({auto_label(auto)})", tail=True)]
     rows[0]["fraction"], rows[0]["level"] = auto.fraction, auto.level
     for full, sel in args.ragged_fixed:
         set_checkpointing(model, full, sel)

@@ -129,3 +129,19 @@ def test_the_old_one_step_off_switch_names_its_replacement(tmp_path):
         load_config("configs/tiny-cpu.toml", ["rollout.one_step_off_policy=true"])
     with pytest.raises(Exception, match="needs rollout.server_url"):
         load_config("configs/tiny-cpu.toml", ["rollout.max_off_policy_steps=2"])
+
+
+def test_the_async_bench_runs_and_the_streamed_update_cuts_the_learners_wait():
+    """`bench/async_rollouts.py` (its numbers: README): every row, the staleness bound held (the script asserts
+    it), and at k = 2 the streamed update waits less than the update that waited for the step's last group."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "bench/async_rollouts.py", "--steps", "30"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in res.stdout.splitlines()
+            if line.startswith("| k=") or line.startswith("| synchronous")}
+    wait = {name: float(cells[4]) for name, cells in rows.items()}
+    assert wait["k=2"] < wait["k=2, update after the step's last group (before)"] < wait["synchronous (k=0)"]
+    assert res.stdout.strip().splitlines()[-1].startswith("async: k=2 vs synchronous")

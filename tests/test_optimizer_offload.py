@@ -21,8 +21,8 @@ from vlrl.train import train
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"time/rollout", "time/rollout_wait", "time/update", "time/sync", "time/sync_blocking", "time/step",
-          "tokens_per_s"}
+TIMING = {"time/rollout", "time/rollout_wait", "time/update", "time/update_overlapped", "time/sync",
+          "time/sync_blocking", "time/step", "tokens_per_s"}
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from vlrl.train import train
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"time/rollout", "time/rollout_wait", "time/update", "time/sync",
+TIMING = {"time/rollout", "time/rollout_wait", "time/update", "time/update_overlapped", "time/sync",
           "time/sync_blocking", "time/step", "tokens_per_s"}
 REQUIRED = {"step", "reward/mean", "reward/std", "loss", "response_length/mean", "clip_fraction",
             "mismatch_kl", "entropy", "grad_norm", "tokens_per_s", "time/rollout", "time/update", "accuracy"}

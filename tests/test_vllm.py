@@ -258,27 +258,34 @@ def test_async_rollouts_record_the_weights_that_sampled_them(server, tiny_model_
                                                              tmp_path, monkeypatch):
     """rollout.max_off_policy_steps = 2 against the real server: steps train rollouts up to two versions old,
     never older, and each rollout's recorded version is the one whose weights sampled it: its logprobs are
-    recomputed to float32 noise by that version's checkpoint and not by the next one's."""
+    recomputed to float32 noise by that version's checkpoint and not by the next one's. Each step's update
+    begins with its first group (streamed_update.py): a pass runs before its second group is in."""
     import torch
 
-    from vlrl import train as train_module
+    from vlrl import streamed_update
     from vlrl.summary import read_jsonl
     from vlrl.train import train
 
     trained: dict[int, list] = {}
-    update = train_module.Run.update
+    early: dict[int, int] = {}  # step -> passes run when its first group had been added
+    add = streamed_update.StreamedUpdate.add
 
-    def spy(self, rollouts, fallback):
-        trained[self.step] = list(rollouts)
-        return update(self, rollouts, fallback)
+    def spy(self, rollouts):
+        step = self.run.step
+        trained.setdefault(step, []).extend(rollouts)
+        add(self, rollouts)
+        early.setdefault(step, self.micro_batches)
 
-    monkeypatch.setattr(train_module.Run, "update", spy)
+    monkeypatch.setattr(streamed_update.StreamedUpdate, "add", spy)
     try:
         res = train(small_cfg(server, tiny_model_dir, tmp_path, "name=k2", "train.steps=4",
                               "rollout.max_off_policy_steps=2", "checkpoint.every=1", "checkpoint.keep_last=4",
+                              "train.micro_batch_size=2",  # (a group of 4 fills a micro-batch: its pass runs)
                               "train.learning_rate=0.01", 'env.rewards=[{fn="rewards_for_tests:noise"}]'))
         ms = read_jsonl(res.run_dir / "metrics.jsonl")
         assert [m["step"] for m in ms] == [1, 2, 3, 4]
+        assert sorted(trained) == [0, 1, 2, 3] and all(early[s] > 0 for s in early), early
+        assert all(m["time/update_overlapped"] > 0 for m in ms)
         assert max(m["staleness/max"] for m in ms) == 2  # the third batch began from the first weights
         assert all(m["staleness/dropped_groups"] == 0 for m in ms)
         # the checkpoint of step 2: the data position of the oldest group not trained (at most after 2 steps x 2

@@ -317,7 +317,8 @@ class RolloutConfig(Section):
     groups while the learner trains, and a step trains groups sampled by weights up to this many optimizer
     steps old (older ones are dropped and counted, never trained). 0: synchronous (each step samples, then
     trains); 1: one-step-off-policy; 2-4 hide most generation time when it exceeds the update's
-    (bench/async_rollouts.py). The importance ratio against the sampler's logprobs corrects the staleness
+    (bench/async_rollouts.py). On one process a step's update begins with its first finished groups
+    (streamed_update.py). The importance ratio against the sampler's logprobs corrects the staleness
     (`algorithm.is_correction`)."""
 
     @model_validator(mode="before")

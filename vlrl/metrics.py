@@ -115,6 +115,8 @@ def step_metrics(step: int, st: dict, sums: dict, times: dict, lr: float, accura
         "time/rollout": times["rollout"],
         "time/rollout_wait": times["rollout_wait"],
         "time/update": times["update"],
+        # of it, the passes run while the step's groups were still coming in (asynchronous rollouts)
+        "time/update_overlapped": times.get("update_overlapped", 0.0),
         "time/sync": times["sync"],  # a whole weight push (the last that finished; see policy_sync.py)
         "time/sync_blocking": times.get("sync_blocking", times["sync"]),  # of it, what the learner waited for
         "time/step": times["step"],

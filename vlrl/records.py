@@ -132,6 +132,11 @@ class Rollout:
             raise ValueError("completion_mask must have one entry per completion id")
 
     @property
+    def length(self) -> int:
+        """Tokens of the sequence, prompt and completion (image placeholders included): what it packs as."""
+        return len(self.prompt.input_ids) + len(self.completion_ids)
+
+    @property
     def trained_mask(self) -> list[int]:
         return self.completion_mask if self.completion_mask is not None else [1] * len(self.completion_ids)
 

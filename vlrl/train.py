@@ -284,19 +284,31 @@ class Run:
                 sums = run(plan)
                 break
             except torch.OutOfMemoryError:
-                # a backward that died midway summed some gradients and not others: the step starts over
-                self.optimizer.zero_grad(set_to_none=True)
-                if offload is not None:
-                    offload.drop()
-                note = auto.step_up() if auto is not None and self.world == 1 else None
-                if note is None:  # (with several ranks, the others wait in a collective: no recovery)
+                if not self.recovered_from_oom():
                     raise
-                torch.cuda.empty_cache()
-                if note:
-                    self.messages.append(note)
-        grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        return self.optimizer_step(params, sums, len(plan.micro_batches))
+
+    def recovered_from_oom(self) -> bool:
+        """A pass ran out of memory: the step's gradients dropped (a backward that died midway summed some and
+        not others) and, on one process, auto checkpointing stepped up. True: redo the step's passes."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.offload is not None:
+            self.offload.drop()
+        auto = self.auto_checkpointing
+        note = auto.step_up() if auto is not None and self.world == 1 else None
+        if note is None:  # (with several ranks, the others wait in a collective: no recovery)
+            return False
+        torch.cuda.empty_cache()
+        if note:
+            self.messages.append(note)
+        return True
+
+    def optimizer_step(self, params, sums: dict[str, float], micro_batches: int) -> dict[str, float]:
+        """The step once its gradients are accumulated: clipped, AdamW, the schedule; `sums` gets what it logs."""
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
+        offload = self.offload
         if offload is not None:
             offload.before_step()
         self.optimizer.step()
@@ -305,13 +317,28 @@ class Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(grad_norm)
-        sums["micro_batches"] = len(plan.micro_batches)
+        sums["micro_batches"] = micro_batches
+        auto = self.auto_checkpointing
         if auto is not None:
             sums["checkpoint_fraction"] = auto.fraction
             sums["selective_fraction"] = auto.selective
-        if on_gpu:
+        if self.device.type == "cuda":
             sums["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return sums
+
+    def why_not_streamed(self) -> str | None:
+        """Why this step's update cannot begin before its last group is in (None: it can; see
+        `streamed_update.py`)."""
+        cfg = self.cfg
+        if self.world > 1:
+            return "several processes balance a step's rollouts across ranks first"
+        if self.offload is not None:
+            return "train.offload_optimizer fetches the moments in the step's last (longest) micro-batch"
+        if self.auto_checkpointing is not None and self.auto_checkpointing.level is None:
+            return "auto checkpointing decides on the first step's largest micro-batch"
+        if cfg.algorithm.router_aux_loss_coef > 0 and cfg.algorithm.aggregation != "token-mean":
+            return "the router's loss is normalised by tokens and the policy loss by sequences"
+        return None
 
     def _probe(self, run, plan, biggest: list[int]) -> None:
         """The step's largest micro-batch, forward and backward, then its gradients dropped: what `auto`
@@ -437,13 +464,19 @@ def sample_step(rollouts, stream, step: int, prompts: int, run: Run, sync, stop:
     return None
 
 
-def take_async(producer, step: int, run: Run, sync, stop: StopFlag):
-    """Asynchronous rollouts (`rollout.max_off_policy_steps`): step `step`'s groups from the producer. A server
-    that restarted meanwhile (on any rank: the ranks agree) costs the groups generated ahead: dropped, the
-    trainer's weights pushed again, production restarted at this step. A server that failed for good calls
-    `stop.fail` and gives None (as does a stop requested while waiting)."""
+def take_async(producer, step: int, run: Run, sync, stop: StopFlag, streamed=None):
+    """Asynchronous rollouts (`rollout.max_off_policy_steps`): step `step`'s groups from the producer, each
+    fed to `streamed` (a StreamedUpdate) as it is taken, if given. A server that restarted meanwhile (on any
+    rank: the ranks agree) costs the groups generated ahead: dropped, the trainer's weights pushed again,
+    production restarted at this step (and the streamed step's passes forgotten). A server that failed for
+    good calls `stop.fail` and gives None (as does a stop requested while waiting)."""
+    each = (lambda groups: streamed.add(groups.trained)) if streamed is not None else None
     for _ in range(RESAMPLES):
-        status, error, got = agreed_attempt(lambda: producer.take(step, stop), run)
+        status, error, got = agreed_attempt(lambda: producer.take(step, stop, each), run)
+        if status == 0 and got is not None:
+            return got
+        if streamed is not None:
+            streamed.discard()
         if status == 2:
             stop.fail(error or "a vLLM request of another rank failed")
             return None
@@ -521,21 +554,34 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
         from .rollout.producer import RolloutProducer
 
         producer = RolloutProducer(rollouts, stream, local_prompts, k, run.step, cfg.train.steps)
+    streamed = None  # a step's update begun as its groups arrive (asynchronous rollouts: streamed_update.py)
     try:
         with StopFlag() as stop, train_bar(console, cfg.train.steps, run.step, main and cfg.logging.progress) as bar:
             while run.step < cfg.train.steps and not run.stop_requested(stop):
                 t0 = time.perf_counter()
                 if producer is not None:
-                    got = take_async(producer, run.step, run, sync, stop)
+                    if run.why_not_streamed() is None:
+                        from .streamed_update import StreamedUpdate
+
+                        streamed = StreamedUpdate(run)
+                    got = take_async(producer, run.step, run, sync, stop, streamed)
                 else:
                     got = sample_step(rollouts, stream, run.step, local_prompts, run, sync, stop)
                 t1 = time.perf_counter()
                 if run.stop_requested(stop):  # drop this step's rollouts; the weights are those of the last step
+                    if streamed is not None:
+                        streamed.discard()
                     break
                 data_state = stream.state()
                 if producer is not None:  # the oldest group not trained yet, and how many are ahead
                     data_state = {**producer.resume_state(), "ahead": producer.pending()}
-                sums = run.update(got.trained, got.rollouts)
+                overlapped = 0.0  # seconds of the update run while the step's groups came in
+                if streamed is not None:
+                    overlapped = streamed.seconds
+                    sums = streamed.finish()
+                    streamed = None
+                else:
+                    sums = run.update(got.trained, got.rollouts)
                 t2 = time.perf_counter()
                 for message in run.messages:
                     if main:
@@ -549,7 +595,8 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 if producer is not None:
                     producer.publish(run.step + 1)  # the producer may start groups of the step k ahead
                 t4 = time.perf_counter()
-                times = {"rollout": got.seconds, "rollout_wait": t1 - t0, "update": t2 - t1,
+                times = {"rollout": got.seconds, "rollout_wait": t1 - t0 - overlapped, "update": t2 - t1 + overlapped,
+                         "update_overlapped": overlapped,
                          **sync.times(t4 - t3), "step": t4 - t0}
                 stats, sums = pool(step_stats(got, run.step if k else None), sums, run.world)
                 run.step += 1

@@ -17,6 +17,15 @@ from .batch import MultimodalBatch, batch_logprobs
 from .planner import StepPlan
 
 _REDUCE = {"sum": lambda a, b: a + b, "max": max, "min": min}  # how each logged number accumulates
+_HOW = {"max_abs_diff": "max", "log_ratio_max": "max", "log_ratio_min": "min"}  # (the others add up)
+
+
+def merge_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """The logged numbers of two `accumulate_gradients` calls of one step, as one call over both would give."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _REDUCE[_HOW.get(key, "sum")](out[key], value) if key in out else value
+    return out
 
 
 def accumulate_gradients(

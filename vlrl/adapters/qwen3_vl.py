@@ -328,7 +328,7 @@ class Qwen3VLAdapter:
         returned."""
         if not rollouts:
             raise ValueError("build_batch needs at least one rollout")
-        lengths = [len(r.prompt.input_ids) + len(r.completion_ids) for r in rollouts]
+        lengths = [r.length for r in rollouts]
         B, L = len(rollouts), max(lengths)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)  # [B, L]
         attention_mask = torch.zeros(B, L, dtype=torch.long)  # [B, L]

@@ -141,14 +141,17 @@ class RolloutProducer:
             self.version = max(self.version, version)
             self.cond.notify_all()
 
-    def take(self, step: int, stop=None) -> Groups | None:
+    def take(self, step: int, stop=None, each=None) -> Groups | None:
         """Step `step`'s groups: the `prompts` oldest finished ones begun under version step - k or later
-        (older ones dropped and counted). None when `stop` is requested meanwhile. Raises what a group's
-        sampling raised (ServerRestarted, ServerError...), the group kept so that a restart rewinds to it."""
+        (older ones dropped and counted). `each(groups)`, if given, is called with each group as it is taken,
+        in the learner's thread with no lock held (the step's update begins with it: streamed_update.py).
+        None when `stop` is requested meanwhile. Raises what a group's sampling raised (ServerRestarted,
+        ServerError...), the groups taken so far kept so that a restart rewinds to them."""
         taken: list[Task] = []
         stale = 0
-        with self.cond:
-            while len(taken) < self.prompts:
+        while len(taken) < self.prompts:
+            new: list[Task] = []
+            with self.cond:
                 finished = sorted((t for t in self.tasks.values() if t.done.is_set()), key=lambda t: t.index)
                 for t in finished:
                     if t.error is not None:
@@ -156,7 +159,7 @@ class RolloutProducer:
                             self.tasks[done.index] = done
                         raise t.error
                 for t in finished:
-                    if len(taken) == self.prompts:
+                    if len(taken) + len(new) == self.prompts:
                         break
                     del self.tasks[t.index]
                     if t.version < step - self.k:
@@ -164,13 +167,17 @@ class RolloutProducer:
                         self.slots -= 1  # its slot is given back: another group starts in its place
                         self.cond.notify_all()
                     else:
-                        taken.append(t)
-                if len(taken) < self.prompts:
+                        new.append(t)
+                if not new and len(taken) < self.prompts:
                     if stop is not None and stop.requested:
                         for t in taken:  # back where they were: the next take (or a checkpoint) sees them
                             self.tasks[t.index] = t
                         return None
                     self.cond.wait(0.2)
+            for t in new:
+                taken.append(t)
+                if each is not None:
+                    each(t.groups)
         out = merge_groups([t.groups for t in taken])
         out.stale_dropped = stale
         return out

@@ -1,0 +1,134 @@
+"""A step's update that begins before its last group is in (asynchronous rollouts on one process).
+
+With `rollout.max_off_policy_steps = k` the producer hands the learner a step's groups one at a time, as they
+finish (rollout/producer.py). A step used to wait for its last group, then run all its micro-batches; the
+waiting is what kept the learner idle at k = 2 (a group's latency is its longest completion's). Here each
+group goes into the step's update as it arrives: once the pending rollouts fill more than one micro-batch
+(the planner's own packing, `planner.micro_batches`), every micro-batch but the last opened is run, forward
+and backward, its gradients accumulated, while the producer's threads keep sampling. After the last group,
+what is left is run and the optimizer steps. The same weights compute every pass (nothing changes until the
+optimizer step), so a group's staleness is what it would be in a step that waited.
+
+Exactness: the loss of a step is normalised by its trained tokens (or sequences), unknown until its last
+group. The passes run unnormalised (`total_tokens = total_sequences = 1`) and the summed gradients are
+scaled once by 1 / the step's count before clipping: the same gradient as one update over the step, to
+rounding (tests/test_streamed_update.py).
+
+Where it does not apply, `Run.why_not_streamed` says why and the step waits for all its groups as before:
+several processes (rollouts are balanced across ranks first), `train.offload_optimizer` (its fetch rides the
+step's last, longest micro-batch), auto checkpointing's first step (it measures the step's largest
+micro-batch), a router loss with a loss normalised by sequences.
+
+A pass that runs out of memory redoes the step's passes so far after auto checkpointing steps up (their
+batches are kept until the step ends), as `Run.update` does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .planner import StepPlan, plan_step
+from .records import Rollout
+from .update import accumulate_gradients, merge_sums
+
+
+class StreamedUpdate:
+    """One optimizer step of `run` (a `train.Run`) fed group by group: `add` each group's trained rollouts,
+    then `finish`; `discard` forgets a step that will be sampled again (a restarted server)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.pending: list[Rollout] = []
+        self.ran: list[tuple] = []  # (batch, micro-batches) run so far: what an OOM makes the step redo
+        self.sums: dict[str, float] = {}
+        self.tokens = self.sequences = 0.0  # the step's trained tokens and sequences so far
+        self.micro_batches = 0
+        self.seconds = 0.0  # spent computing (the learner's busy time inside the producer's take)
+
+    # --- fed by the producer --------------------------------------------------------------------------------
+    def add(self, rollouts: list[Rollout]) -> None:
+        """A finished group's trained rollouts: run every micro-batch they fill but the last."""
+        if not rollouts:
+            return
+        t0 = time.perf_counter()
+        self.pending += rollouts
+        budget = self.run.cfg.train.micro_batch_tokens
+        if budget is None or sum(r.length for r in self.pending) > budget:
+            batch, plan = self._plan(self.pending)
+            if len(plan.micro_batches) > 1:
+                full, last = plan.micro_batches[:-1], plan.micro_batches[-1]
+                self._run(batch, plan.packed, full)
+                self.pending = [self.pending[i] for i in last]
+        self.seconds += time.perf_counter() - t0
+
+    def discard(self) -> None:
+        """Forget the step: gradients and rollouts (their groups are sampled again)."""
+        self.run.optimizer.zero_grad(set_to_none=True)
+        self.__init__(self.run)
+
+    def finish(self) -> dict[str, float]:
+        """Run what is pending, scale the gradients by the step's counts, step the optimizer. The step's
+        logged sums (as `Run.update` returns them; {} when nothing was trained)."""
+        t0 = time.perf_counter()
+        if self.pending:
+            batch, plan = self._plan(self.pending)
+            self._run(batch, plan.packed, plan.micro_batches)
+            self.pending = []
+        if self.tokens == 0:
+            self.discard()
+            return {}
+        settings = self.run.cfg.algorithm
+        per = self.tokens if settings.aggregation == "token-mean" else self.sequences
+        scale = 1.0 / max(per, 1.0)
+        params = [p for p in self.run.policy.parameters() if p.requires_grad]
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        sums = dict(self.sums)
+        sums["loss"] *= scale
+        if "router_aux_loss" in sums:  # (normalised by tokens: only streamed with token-mean, see above)
+            sums["router_aux_loss"] /= max(self.tokens, 1.0)
+        out = self.run.optimizer_step(params, sums, self.micro_batches)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    # --- passes ---------------------------------------------------------------------------------------------
+    def _plan(self, rollouts: list[Rollout]):
+        run = self.run
+        return plan_step(rollouts, [], run.adapter.build_batch, run.cfg.train,
+                         run.adapter.packing_unavailable(run.model))
+
+    def _run(self, batch, packed: bool, micro_batches: list[list[int]]) -> None:
+        """Forward/backward of `micro_batches` of `batch`, unnormalised; an OOM redoes the step's passes."""
+        if not self.ran:
+            self._begin()
+        self.ran.append((batch, packed, micro_batches))
+        while True:
+            try:
+                self._passes(batch, packed, micro_batches)
+                return
+            except torch.OutOfMemoryError:
+                if not self.run.recovered_from_oom():
+                    raise
+                self.sums, self.tokens, self.sequences, self.micro_batches = {}, 0.0, 0.0, 0
+                for before in self.ran[:-1]:
+                    self._passes(*before)
+
+    def _begin(self) -> None:
+        run = self.run
+        run.policy.train()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+
+    def _passes(self, batch, packed: bool, micro_batches: list[list[int]]) -> None:
+        run, cfg = self.run, self.run.cfg
+        plan = StepPlan(micro_batches, packed, total_tokens=1.0, total_sequences=1.0)
+        sums = accumulate_gradients(run.policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens,
+                                    run.device, run.ref_policy, run.accelerator)
+        rows = batch.loss_mask[[i for g in micro_batches for i in g]]
+        self.tokens += float(rows.sum())
+        self.sequences += float((rows.sum(-1) > 0).sum())
+        self.micro_batches += len(micro_batches)
+        self.sums = merge_sums(self.sums, sums)
