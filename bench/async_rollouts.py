@@ -251,11 +251,13 @@ def synchronous_generation(batch: list[int], server: Server) -> float:
 
 
 def run_server_comparison(url: str, config: str, steps: int) -> None:
-    """`vlrl train` twice against a real server, k = 0 and 2: the rollout wait per step."""
+    """`vlrl train` against a real server, k = 0 and 2 (the update streamed or not): the rollout wait per
+    step."""
     print(f"\nreal server {url}, {config}, {steps} steps:\n")
-    print("| k | seconds / step | rollout wait / step | update / step | staleness max |")
-    print("|---|---|---|---|---|")
-    for k in (0, 2):
+    print("| k | update | seconds / step | rollout wait / step | update / step | of it overlapped | "
+          "staleness max |")
+    print("|---|---|---|---|---|---|---|")
+    for k, streamed in ((0, False), (2, False), (2, True)):
         with tempfile.TemporaryDirectory() as out:
             cmd = [
                 sys.executable,
@@ -269,6 +271,8 @@ def run_server_comparison(url: str, config: str, steps: int) -> None:
                 f"train.steps={steps}",
                 "--set",
                 f"rollout.max_off_policy_steps={k}",
+                "--set",
+                f"train.streamed_update={str(streamed).lower()}",
                 "--set",
                 f"output_dir={out}",
                 "--set",
@@ -285,8 +289,9 @@ def run_server_comparison(url: str, config: str, steps: int) -> None:
         ms = ms[1:] or ms  # the first step has nothing to overlap with
         mean = lambda key: sum(m.get(key, 0.0) for m in ms) / len(ms)  # noqa: E731
         print(
-            f"| {k} | {mean('time/step'):.2f} | {mean('time/rollout_wait'):.2f} | "
-            f"{mean('time/update'):.2f} | "
+            f"| {k} | {'streamed' if streamed else 'after the last group'} | {mean('time/step'):.2f} | "
+            f"{mean('time/rollout_wait'):.2f} | {mean('time/update'):.2f} | "
+            f"{mean('time/update_overlapped'):.2f} | "
             f"{max(m.get('staleness/max', 0) for m in ms)} |"
         )
 

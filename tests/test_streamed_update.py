@@ -163,6 +163,8 @@ def test_what_cannot_stream_says_why(tiny_model_dir, tmp_path, groups):
     run, _ = a_run(tiny_model_dir, tmp_path, "r", groups, "algorithm.router_aux_loss_coef=0.01",
                    'algorithm.aggregation="constant"')
     assert "router" in run.why_not_streamed()
+    off, _ = a_run(tiny_model_dir, tmp_path, "off", groups, "train.streamed_update=false")
+    assert off.why_not_streamed() == "train.streamed_update = false"
 
 
 def test_the_learner_gets_each_group_as_it_is_taken_before_the_last_is_in():

@@ -450,6 +450,11 @@ class TrainConfig(Section):
     balanced across ranks by tokens. The gradient is that of padded micro-batches (tested to 1e-6). False:
     padded micro-batches, in order. Used padded anyway, with a warning saying why, when the model's
     attention is not `sdpa` (`model.attn_implementation`)."""
+    streamed_update: bool = True
+    """With asynchronous rollouts (`rollout.max_off_policy_steps` > 0) on one process: a step's update begins
+    with its first finished groups, each micro-batch they fill run while the server samples the rest
+    (vlrl/streamed_update.py; the same gradient to rounding). False: the update waits for the step's last
+    group."""
     micro_batch_size: int = Field(8, ge=1)
     """Padded micro-batches: most samples per forward/backward pass (gradient accumulation over
     micro-batches). Packed ones hold any number of samples within `micro_batch_tokens`; with no token budget

@@ -330,6 +330,8 @@ class Run:
         """Why this step's update cannot begin before its last group is in (None: it can; see
         `streamed_update.py`)."""
         cfg = self.cfg
+        if not cfg.train.streamed_update:
+            return "train.streamed_update = false"
         if self.world > 1:
             return "several processes balance a step's rollouts across ranks first"
         if self.offload is not None:
