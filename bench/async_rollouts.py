@@ -8,7 +8,7 @@ are published; k = 0 is synchronous) against:
   idle unless another step's requests fill it;
 - the batches: a ragged GRPO batch per step, `bench/ragged.py`'s lengths (64 = 8 prompts x 8, log-normal,
   median 400, sigma 0.8, clipped to 16..2048, a fresh seed per step: stragglers included);
-- the learner: `--update-s` per step (default 4.424 s, the 8B ragged update as shipped on one H200:
+- the learner: `--update-s` per step (default 4.177 s, the 8B ragged update as shipped on one H200:
   `bench/update_step.py --compile --auto --optimizer`, bench/README.md), then the weight sync: the learner
   waits `--sync-s` (0.31 s, the copy to pinned buffers: `bench/sync.py`) and the server pauses `--swap-s` for
   the reload (requests frozen, not drained: `VLLMClient.pause`). With k > 0 the update is streamed as
@@ -299,7 +299,7 @@ def run_server_comparison(url: str, config: str, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="a run's steps (the first step's fill: paid once)")
-    p.add_argument("--update-s", type=float, default=4.424)
+    p.add_argument("--update-s", type=float, default=4.177)
     p.add_argument("--sync-s", type=float, default=0.31)
     p.add_argument("--swap-s", type=float, default=0.5)
     p.add_argument("--gen-ratio", type=float, default=2.0, help="a synchronous step's generation / update")
@@ -315,9 +315,9 @@ def main() -> None:
     p.add_argument(
         "--optimizer-s",
         type=float,
-        default=0.05,
-        help="of the update, what runs after its last micro-batch: the fused AdamW step (~0.04 s on one "
-        "H200: bench/README, 0.711 s a step with it at 53.8%% MFU, 57%% without), a pass scaling gradients",
+        default=0.076,
+        help="of the update, what runs after its last micro-batch: gradient scaling, clipping and the fused "
+        "AdamW step (0.076 s, the 8B on one H200: update_step.py --auto --optimizer, bench/README.md)",
     )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)

@@ -228,7 +228,7 @@ def test_an_out_of_memory_error_steps_the_fraction_up_once_and_redoes_the_step(
 
 def _rank(rank: int, port: int, out):
     """One of two gloo ranks: its own memory budget (rank 1 has less), the same probe peaks; `agree` is the
-    all-reduce `Run._reduce` does."""
+    all-reduce `Run.over_ranks` does."""
     import torch.distributed as dist
 
     import vlrl.activation_memory as am

@@ -132,8 +132,9 @@ def test_the_old_one_step_off_switch_names_its_replacement(tmp_path):
 
 
 def test_the_async_bench_runs_and_the_streamed_update_cuts_the_learners_wait():
-    """`bench/async_rollouts.py` (its numbers: README): every row, the staleness bound held (the script asserts
-    it), and at k = 2 the streamed update waits less than the update that waited for the step's last group."""
+    """`bench/async_rollouts.py` (its numbers: README): every row, the staleness bound held (the script
+    asserts it), and at k = 2 the streamed update waits less than the update that waited for the step's last
+    group."""
     import subprocess
     import sys
 

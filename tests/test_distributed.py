@@ -57,6 +57,28 @@ def test_two_ranks_give_the_single_rank_gradient(tiny_model_dir, tmp_path):
     assert_same_gradient(one, two)  # the vision tower trained, and reduced without a hang
 
 
+@pytest.mark.parametrize("mode", ["even", "uneven"])
+def test_a_streamed_step_on_two_ranks_gives_the_single_rank_gradient(tiny_model_dir, tmp_path, mode):
+    """Asynchronous rollouts' streamed update (streamed_update.py) under DDP: each rank feeds its own groups,
+    reduces nothing before its last pass and scales by the counts of both ranks: the gradient of one process
+    updating the whole step. `uneven`: one rank got every group, the other none (a zero-weight last pass)."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"streamed-{n}.pt"
+        res = torchrun(n, "tests/streamed_worker.py", str(tiny_model_dir), str(tmp_path / f"runs-{n}"), str(out),
+                       mode)
+        assert res.returncode == 0, res.stderr[-4000:]
+        results[n] = torch.load(out, weights_only=True)
+    one, two = results[1], results[2]
+    assert two["world"] == 2 and one["world"] == 1
+    if mode == "even":
+        assert two["early"] > 0  # each rank ran passes before the step's end
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(one["grads"]) and one["grads"]
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_multi_turn_batches_with_tool_images_on_one_rank_only_give_the_single_rank_gradient(
         tiny_model_dir, tmp_path):
     """Two-turn trajectories (a sampled turn, an environment reply, a sampled turn): rank 0's replies hold

@@ -6,12 +6,10 @@ import time
 
 import pytest
 import torch
-from PIL import Image
+from streamed_worker import sampled_groups
 from test_async_rollouts import Scripted, stream
 
 from vlrl import train as train_module
-from vlrl.config import RolloutConfig
-from vlrl.rollout.embedded import EmbeddedSampler
 from vlrl.rollout.producer import RolloutProducer
 from vlrl.streamed_update import StreamedUpdate
 from vlrl.train import Run
@@ -21,19 +19,7 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def groups(adapter, tiny_model):
-    """Four groups of three rollouts (prompts with 0, 1, 2, 0 images), random advantages, logprobs off the
-    model's so ratios differ from 1 (clipping and masking take part)."""
-    prompts = []
-    for i in range(4):
-        imgs = [Image.new("RGB", (64 + 32 * (i % 2), 64), (50 * i, 20, 200))] * (i % 3)
-        prompts.append(adapter.encode_prompt(adapter.build_messages(f"Question {i}?", len(imgs)), imgs))
-    sampler = EmbeddedSampler(tiny_model, adapter, RolloutConfig(max_new_tokens=12))
-    rollouts = sampler.sample(prompts, 3, seed=0)
-    g = torch.Generator().manual_seed(0)
-    for r in rollouts:
-        r.advantage = float(torch.randn(1, generator=g))
-        r.logprobs = [lp + 0.3 * float(torch.randn(1, generator=g)) for lp in r.logprobs]
-    return [rollouts[i * 3:(i + 1) * 3] for i in range(4)]
+    return sampled_groups(adapter, tiny_model)
 
 
 def a_run(tiny_model_dir, tmp_path, name, groups, *extra):

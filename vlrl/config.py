@@ -317,8 +317,8 @@ class RolloutConfig(Section):
     groups while the learner trains, and a step trains groups sampled by weights up to this many optimizer
     steps old (older ones are dropped and counted, never trained). 0: synchronous (each step samples, then
     trains); 1: one-step-off-policy; 2-4 hide most generation time when it exceeds the update's
-    (bench/async_rollouts.py). On one process a step's update begins with its first finished groups
-    (streamed_update.py). The importance ratio against the sampler's logprobs corrects the staleness
+    (bench/async_rollouts.py). A step's update begins with its first finished groups
+    (`train.streamed_update`). The importance ratio against the sampler's logprobs corrects the staleness
     (`algorithm.is_correction`)."""
 
     @model_validator(mode="before")
@@ -451,8 +451,8 @@ class TrainConfig(Section):
     padded micro-batches, in order. Used padded anyway, with a warning saying why, when the model's
     attention is not `sdpa` (`model.attn_implementation`)."""
     streamed_update: bool = True
-    """With asynchronous rollouts (`rollout.max_off_policy_steps` > 0) on one process: a step's update begins
-    with its first finished groups, each micro-batch they fill run while the server samples the rest
+    """With asynchronous rollouts (`rollout.max_off_policy_steps` > 0), one process or DDP: a step's update
+    begins with its first finished groups, each micro-batch they fill run while the server samples the rest
     (vlrl/streamed_update.py; the same gradient to rounding). False: the update waits for the step's last
     group."""
     micro_batch_size: int = Field(8, ge=1)

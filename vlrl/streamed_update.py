@@ -14,18 +14,26 @@ group. The passes run unnormalised (`total_tokens = total_sequences = 1`) and th
 scaled once by 1 / the step's count before clipping: the same gradient as one update over the step, to
 rounding (tests/test_streamed_update.py).
 
+Several processes (DDP): each rank streams its own groups. The passes before its last run outside DDP's
+wrapper (no gradient reduced, no buffer broadcast: ranks run different numbers of passes); its last pass, a
+zero-weight one if it had no group, goes through the wrapper and reduces the gradients accumulated, and the
+counts that scale them are summed over ranks. Rollouts are not balanced across ranks by tokens first
+(`planner.exchange_rollouts` needs every rank's step): a rank whose groups ran long is the one the others
+wait for, at the step's end.
+
 Where it does not apply, `Run.why_not_streamed` says why and the step waits for all its groups as before:
-several processes (rollouts are balanced across ranks first), `train.offload_optimizer` (its fetch rides the
-step's last, longest micro-batch), auto checkpointing's first step (it measures the step's largest
+FSDP2 (it reduce-scatters every pass, so ranks must run as many), `train.offload_optimizer` (its fetch rides
+the step's last, longest micro-batch), auto checkpointing's first step (it measures the step's largest
 micro-batch), a router loss with a loss normalised by sequences.
 
-A pass that runs out of memory redoes the step's passes so far after auto checkpointing steps up (their
-batches are kept until the step ends), as `Run.update` does.
+On one process, a pass that runs out of memory redoes the step's passes so far after auto checkpointing steps
+up (their batches are kept until the step ends), as `Run.update` does.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +49,7 @@ class StreamedUpdate:
     def __init__(self, run):
         self.run = run
         self.pending: list[Rollout] = []
-        self.ran: list[tuple] = []  # (batch, micro-batches) run so far: what an OOM makes the step redo
+        self.ran: list[tuple] = []  # (batch, packed, micro-batches, sync) run: what an OOM makes us redo
         self.sums: dict[str, float] = {}
         self.tokens = self.sequences = 0.0  # the step's trained tokens and sequences so far
         self.micro_batches = 0
@@ -72,25 +80,36 @@ class StreamedUpdate:
         """Run what is pending, scale the gradients by the step's counts, step the optimizer. The step's
         logged sums (as `Run.update` returns them; {} when nothing was trained)."""
         t0 = time.perf_counter()
+        run = self.run
         if self.pending:
             batch, plan = self._plan(self.pending)
-            self._run(batch, plan.packed, plan.micro_batches)
+            self._run(batch, plan.packed, plan.micro_batches, sync=True)
             self.pending = []
-        if self.tokens == 0:
+        elif run.world > 1:  # (this rank had no group) a pass of zero weight, through DDP's wrapper: the
+            self._begin()    # reduction of the other ranks' gradients needs this rank's part, zeros
+            # (a token in the loss, so the pass has a graph to go back through; its weight is 0)
+            batch = run.adapter.build_batch([replace(run.adapter.empty_rollout(), completion_mask=[1])])
+            accumulate_gradients(run.policy, batch, StepPlan([[0]], packed=False, total_tokens=1.0,
+                                                             total_sequences=1.0),
+                                 run.cfg.algorithm, run.cfg.rollout.max_new_tokens, run.device,
+                                 run.ref_policy, run.accelerator, loss_scale=0.0)
+        tokens, sequences = run.over_ranks([self.tokens, self.sequences], "sum")  # (all ranks')
+        if tokens == 0:
             self.discard()
             return {}
-        settings = self.run.cfg.algorithm
-        per = self.tokens if settings.aggregation == "token-mean" else self.sequences
+        settings = run.cfg.algorithm
+        per = tokens if settings.aggregation == "token-mean" else sequences
         scale = 1.0 / max(per, 1.0)
-        params = [p for p in self.run.policy.parameters() if p.requires_grad]
+        params = [p for p in run.policy.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
         sums = dict(self.sums)
-        sums["loss"] *= scale
+        if "loss" in sums:  # (a rank with no group logs none)
+            sums["loss"] *= scale
         if "router_aux_loss" in sums:  # (normalised by tokens: only streamed with token-mean, see above)
-            sums["router_aux_loss"] /= max(self.tokens, 1.0)
-        out = self.run.optimizer_step(params, sums, self.micro_batches)
+            sums["router_aux_loss"] /= max(tokens, 1.0)
+        out = run.optimizer_step(params, sums, self.micro_batches)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -100,14 +119,15 @@ class StreamedUpdate:
         return plan_step(rollouts, [], run.adapter.build_batch, run.cfg.train,
                          run.adapter.packing_unavailable(run.model))
 
-    def _run(self, batch, packed: bool, micro_batches: list[list[int]]) -> None:
-        """Forward/backward of `micro_batches` of `batch`, unnormalised; an OOM redoes the step's passes."""
+    def _run(self, batch, packed: bool, micro_batches: list[list[int]], sync: bool = False) -> None:
+        """Forward/backward of `micro_batches` of `batch`, unnormalised; `sync`: the step's last passes (DDP
+        reduces the gradients after them). An OOM (one process) redoes the step's passes."""
         if not self.ran:
             self._begin()
-        self.ran.append((batch, packed, micro_batches))
+        self.ran.append((batch, packed, micro_batches, sync))
         while True:
             try:
-                self._passes(batch, packed, micro_batches)
+                self._passes(batch, packed, micro_batches, sync)
                 return
             except torch.OutOfMemoryError:
                 if not self.run.recovered_from_oom():
@@ -122,11 +142,16 @@ class StreamedUpdate:
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
 
-    def _passes(self, batch, packed: bool, micro_batches: list[list[int]]) -> None:
+    def _passes(self, batch, packed: bool, micro_batches: list[list[int]], sync: bool) -> None:
         run, cfg = self.run, self.run.cfg
         plan = StepPlan(micro_batches, packed, total_tokens=1.0, total_sequences=1.0)
-        sums = accumulate_gradients(run.policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens,
-                                    run.device, run.ref_policy, run.accelerator)
+        # Passes before the last go to the module inside DDP's wrapper: DDP broadcasts buffers in every
+        # forward, a collective, and ranks here run different numbers of passes. The gradients accumulate in
+        # the same parameters, and the last pass, through the wrapper, reduces them all (as under no_sync).
+        policy = run.policy if sync else run.accelerator.unwrap_model(run.policy)
+        sums = accumulate_gradients(policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens,
+                                    run.device, run.ref_policy, run.accelerator, loss_scale=run.world,
+                                    sync_last=sync)
         rows = batch.loss_mask[[i for g in micro_batches for i in g]]
         self.tokens += float(rows.sum())
         self.sequences += float((rows.sum(-1) > 0).sum())

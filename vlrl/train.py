@@ -222,7 +222,8 @@ class Run:
         """The HF model an in-process sampler generates with: the policy's own, or (FSDP) the replica."""
         return self.replica if self.replica is not None else self.accelerator.unwrap_model(self.policy).model
 
-    def _reduce(self, values: list[float], op: str) -> list[float]:
+    def over_ranks(self, values: list[float], op: str) -> list[float]:
+        """`values` reduced over the ranks by `op` ("sum", "max", "min"); as they are on one process."""
         if self.world == 1:
             return values
         return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), op).tolist()
@@ -235,7 +236,7 @@ class Run:
         if self.world == 1 and not trained:
             return {}
         batch, plan = plan_step(trained, fallback or [self.adapter.empty_rollout()], self.adapter.build_batch, cfg.train,
-                                self.adapter.packing_unavailable(self.model), self.world, self._reduce)
+                                self.adapter.packing_unavailable(self.model), self.world, self.over_ranks)
         if plan.total_tokens == 0:
             return {}
         self.policy.train()
@@ -268,7 +269,7 @@ class Run:
                 def plain_probe():
                     return self._probe(lambda p: run(p, fetch=False), plan, biggest)
             self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
-                                             bool(self.optimizer.state), self._reduce, distributed=self.world > 1,
+                                             bool(self.optimizer.state), self.over_ranks, distributed=self.world > 1,
                                              probe_tokens=max(computed), token_cap=cap,
                                              accumulates=len(plan.passes) > 1,
                                              probe_trained=int(batch.loss_mask[biggest].sum()),
@@ -332,8 +333,8 @@ class Run:
         cfg = self.cfg
         if not cfg.train.streamed_update:
             return "train.streamed_update = false"
-        if self.world > 1:
-            return "several processes balance a step's rollouts across ranks first"
+        if self.fsdp:
+            return "FSDP2 reduce-scatters every pass: ranks run as many passes, planned over the whole step"
         if self.offload is not None:
             return "train.offload_optimizer fetches the moments in the step's last (longest) micro-batch"
         if self.auto_checkpointing is not None and self.auto_checkpointing.level is None:
@@ -382,11 +383,11 @@ class Run:
 
     def agree(self, value: int) -> int:
         """The largest of the ranks' `value`s (every rank calls it at the same point)."""
-        return int(self._reduce([float(value)], "max")[0])
+        return int(self.over_ranks([float(value)], "max")[0])
 
     def stop_requested(self, stop: StopFlag) -> bool:
         """Ctrl-C or SIGTERM on any rank stops every rank at the same point, with the same exit code."""
-        code = int(self._reduce([float(stop.code)], "max")[0])
+        code = int(self.over_ranks([float(stop.code)], "max")[0])
         if code:
             stop.requested, stop.code = True, code
         return stop.requested

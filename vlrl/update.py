@@ -42,6 +42,7 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     padding_passes: int = 0,
     before_backward=None,
+    sync_last: bool = True,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch of `plan` (packed or padded; a plain list of sample-index groups is
     a padded plan); gradients accumulate in the params.
@@ -50,7 +51,9 @@ def accumulate_gradients(
     own); `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes`
     (default: the plan's) extra passes of the last micro-batch with zero weight keep this rank in step with
     ranks that have more micro-batches (their collectives must match one for one). `before_backward(i, last)`
-    is called before pass i's backward (`optimizer_offload.StateOffload`'s). Returns sums for logging.
+    is called before pass i's backward (`optimizer_offload.StateOffload`'s). `sync_last=False`: DDP reduces
+    no gradient in this call (a streamed step's passes before its last: streamed_update.py). Returns sums for
+    logging.
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(plan, packed=False)
@@ -83,7 +86,8 @@ def accumulate_gradients(
         last = i == len(passes) - 1
         # DDP reduces gradients once, after the last pass; FSDP2 reduce-scatters every pass (its no_sync would
         # keep whole unsharded gradients on every rank).
-        defer = accelerator is not None and not last and accelerator.distributed_type.name != "FSDP"
+        defer = (accelerator is not None and not (last and sync_last)
+                 and accelerator.distributed_type.name != "FSDP")
         sync = accelerator.no_sync(policy) if defer else nullcontext()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
