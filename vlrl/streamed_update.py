@@ -1,4 +1,4 @@
-"""A step's update that begins before its last group is in (asynchronous rollouts on one process).
+"""A step's update that begins before its last group is in (asynchronous rollouts).
 
 With `rollout.max_off_policy_steps = k` the producer hands the learner a step's groups one at a time, as they
 finish (rollout/producer.py). A step used to wait for its last group, then run all its micro-batches; the
@@ -146,12 +146,12 @@ class StreamedUpdate:
         run, cfg = self.run, self.run.cfg
         plan = StepPlan(micro_batches, packed, total_tokens=1.0, total_sequences=1.0)
         # Passes before the last go to the module inside DDP's wrapper: DDP broadcasts buffers in every
-        # forward, a collective, and ranks here run different numbers of passes. The gradients accumulate in
-        # the same parameters, and the last pass, through the wrapper, reduces them all (as under no_sync).
+        # forward (a collective, and ranks here run different numbers of passes) and would reduce the
+        # gradients after each pass's last backward. They accumulate in the same parameters, and the step's
+        # last pass, through the wrapper, reduces them all (as under no_sync).
         policy = run.policy if sync else run.accelerator.unwrap_model(run.policy)
         sums = accumulate_gradients(policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens,
-                                    run.device, run.ref_policy, run.accelerator, loss_scale=run.world,
-                                    sync_last=sync)
+                                    run.device, run.ref_policy, run.accelerator, loss_scale=run.world)
         rows = batch.loss_mask[[i for g in micro_batches for i in g]]
         self.tokens += float(rows.sum())
         self.sequences += float((rows.sum(-1) > 0).sum())

@@ -17,7 +17,8 @@ from .batch import MultimodalBatch, batch_logprobs
 from .planner import StepPlan
 
 _REDUCE = {"sum": lambda a, b: a + b, "max": max, "min": min}  # how each logged number accumulates
-_HOW = {"max_abs_diff": "max", "log_ratio_max": "max", "log_ratio_min": "min"}  # (the others add up)
+_HOW = {"max_abs_diff": "max", "log_ratio_max": "max", "log_ratio_min": "min"}  # how these accumulate: the
+# others add up, over a step's micro-batches (accumulate_gradients) and its calls (merge_sums)
 
 
 def merge_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -42,7 +43,6 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     padding_passes: int = 0,
     before_backward=None,
-    sync_last: bool = True,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch of `plan` (packed or padded; a plain list of sample-index groups is
     a padded plan); gradients accumulate in the params.
@@ -51,9 +51,7 @@ def accumulate_gradients(
     own); `loss_scale` undoes the data-parallel gradient averaging (pass the world size). `padding_passes`
     (default: the plan's) extra passes of the last micro-batch with zero weight keep this rank in step with
     ranks that have more micro-batches (their collectives must match one for one). `before_backward(i, last)`
-    is called before pass i's backward (`optimizer_offload.StateOffload`'s). `sync_last=False`: DDP reduces
-    no gradient in this call (a streamed step's passes before its last: streamed_update.py). Returns sums for
-    logging.
+    is called before pass i's backward (`optimizer_offload.StateOffload`'s). Returns sums for logging.
     """
     if not isinstance(plan, StepPlan):
         plan = StepPlan(plan, packed=False)
@@ -75,10 +73,10 @@ def accumulate_gradients(
         0.0,
     )
     sums["log_ratio_min"], sums["log_ratio_max"] = 0.0, 0.0
-    pending: list[tuple[str, str, torch.Tensor]] = []  # (key, how it accumulates, a 0-d tensor): read at the end
+    pending: list[tuple[str, torch.Tensor]] = []  # (key, a 0-d tensor): read at the end
 
-    def later(key: str, how: str, value: torch.Tensor) -> None:
-        pending.append((key, how, value.detach()))
+    def later(key: str, value: torch.Tensor) -> None:
+        pending.append((key, value.detach()))
 
     passes = plan.passes
     for i, (g, weight) in enumerate(passes):
@@ -86,8 +84,7 @@ def accumulate_gradients(
         last = i == len(passes) - 1
         # DDP reduces gradients once, after the last pass; FSDP2 reduce-scatters every pass (its no_sync would
         # keep whole unsharded gradients on every rank).
-        defer = (accelerator is not None and not (last and sync_last)
-                 and accelerator.distributed_type.name != "FSDP")
+        defer = accelerator is not None and not last and accelerator.distributed_type.name != "FSDP"
         sync = accelerator.no_sync(policy) if defer else nullcontext()
         autocast = accelerator.autocast() if accelerator is not None else nullcontext()
         with sync, autocast:
@@ -99,7 +96,7 @@ def accumulate_gradients(
                     ref_lp, _ = batch_logprobs(ref_policy, mb)
                 kl = kl_k3(logp, ref_lp) * mask
                 tok_loss = tok_loss + settings.kl_coef * kl
-                later("kl_sum", "sum", kl.detach().sum())
+                later("kl_sum", kl.detach().sum())
             if settings.entropy_coef > 0:
                 tok_loss = tok_loss - settings.entropy_coef * entropy * mask
             w = aggregation_weights(mask, settings.aggregation, total_tokens, total_sequences, max_new_tokens)
@@ -110,7 +107,7 @@ def accumulate_gradients(
                 # tokens (so splitting the step does not change it)
                 share = mask.sum() / total_tokens
                 loss = loss + aux_coef * aux * share * weight
-                later("router_aux_loss", "sum", aux.detach() * share)
+                later("router_aux_loss", aux.detach() * share)
             if before_backward is not None:
                 before_backward(i, last)
             if accelerator is not None:
@@ -121,29 +118,29 @@ def accumulate_gradients(
             continue
         with torch.no_grad():
             d = ((logp - mb.behavior_logprobs) * mask).double()
-            later("loss", "sum", loss)
-            later("tokens", "sum", mask.sum())
-            later("mismatch_kl_sum", "sum", (k3(d) * mask).sum())
+            later("loss", loss)
+            later("tokens", mask.sum())
+            later("mismatch_kl_sum", (k3(d) * mask).sum())
             if d.numel():
-                later("max_abs_diff", "max", d.abs().max())
+                later("max_abs_diff", d.abs().max())
                 on = mask > 0  # (no trained token: +inf / -inf, which the 0.0 they start from absorbs)
-                later("log_ratio_min", "min", d.masked_fill(~on, math.inf).min())
-                later("log_ratio_max", "max", d.masked_fill(~on, -math.inf).max())
-            later("log_ratio_sum", "sum", d.sum())
-            later("log_ratio_sq_sum", "sum", (d * d).sum())
-            later("entropy_sum", "sum", (entropy * mask).sum())
+                later("log_ratio_min", d.masked_fill(~on, math.inf).min())
+                later("log_ratio_max", d.masked_fill(~on, -math.inf).max())
+            later("log_ratio_sum", d.sum())
+            later("log_ratio_sq_sum", (d * d).sum())
+            later("entropy_sum", (entropy * mask).sum())
             sums["padded_tokens"] += float(mb.computed_tokens)  # token positions computed, padding included
             sums["attended_tokens"] += float(mb.real_tokens)
             routed = mb.model_inputs.get("routed_experts")  # [b, l, layers, k] (packed [1, T, ...])
             if routed is not None and getattr(module, "routing_replay", False):
-                later("routing_replayed_tokens", "sum", (routed >= 0).flatten(2).any(-1).sum())
+                later("routing_replayed_tokens", (routed >= 0).flatten(2).any(-1).sum())
             for k, v in st.items():
-                later(k, "sum", v)
+                later(k, v)
     # every logged number read from the GPU in one transfer, after the last backward is queued: a read per
     # number and micro-batch made the host wait for the GPU, and the GPU idle until the host caught up
-    values = torch.stack([v.reshape(()).double() for _, _, v in pending]).tolist() if pending else []
-    for (key, how, _), value in zip(pending, values):
-        sums[key] = _REDUCE[how](sums.get(key, 0.0), value)
+    values = torch.stack([v.reshape(()).double() for _, v in pending]).tolist() if pending else []
+    for (key, _), value in zip(pending, values):
+        sums[key] = _REDUCE[_HOW.get(key, "sum")](sums.get(key, 0.0), value)
     return sums
 
 
