@@ -74,8 +74,9 @@ def test_a_streamed_step_is_the_whole_step(tiny_model_dir, tmp_path, groups, agg
 
 
 def test_an_oom_in_a_streamed_step_redoes_its_passes(tiny_model_dir, tmp_path, groups, monkeypatch):
-    """The third pass runs out of memory once; checkpointing 'steps up' (simulated: CPU), and the step redoes
-    the passes it ran before: the gradients are the whole step's, counted once."""
+    """The third pass runs out of memory, then the first pass of its redo; checkpointing 'steps up' each
+    time (simulated: CPU), and the step redoes the passes it ran before: the gradients are the whole step's,
+    counted once."""
     whole, w = a_run(tiny_model_dir, tmp_path, "whole", groups)
     whole.update([r for g in groups for r in g], [])
     fed, f = a_run(tiny_model_dir, tmp_path, "fed", groups)
@@ -84,7 +85,7 @@ def test_an_oom_in_a_streamed_step_redoes_its_passes(tiny_model_dir, tmp_path, g
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) in (3, 4):
             raise torch.OutOfMemoryError("simulated")
         return accumulate(*args, **kwargs)
 
@@ -97,7 +98,7 @@ def test_an_oom_in_a_streamed_step_redoes_its_passes(tiny_model_dir, tmp_path, g
     for g in groups:
         streamed.add(g)
     streamed.finish()
-    assert recovered == [1] and len(calls) > 3
+    assert recovered == [1, 1] and len(calls) > 4
     close(w["grads"], f["grads"])
     assert f["sums"]["tokens"] == pytest.approx(w["sums"]["tokens"])
 

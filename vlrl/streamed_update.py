@@ -125,16 +125,17 @@ class StreamedUpdate:
         if not self.ran:
             self._begin()
         self.ran.append((batch, packed, micro_batches, sync))
+        todo = self.ran[-1:]
         while True:
             try:
-                self._passes(batch, packed, micro_batches, sync)
+                for passes in todo:
+                    self._passes(*passes)
                 return
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError:  # (again during the redo: redone again, one level up)
                 if not self.run.recovered_from_oom():
                     raise
                 self.sums, self.tokens, self.sequences, self.micro_batches = {}, 0.0, 0.0, 0
-                for before in self.ran[:-1]:
-                    self._passes(*before)
+                todo = list(self.ran)
 
     def _begin(self) -> None:
         run = self.run

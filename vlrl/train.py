@@ -555,6 +555,7 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
     producer = None
     if k:
         from .rollout.producer import RolloutProducer
+        from .streamed_update import StreamedUpdate
 
         producer = RolloutProducer(rollouts, stream, local_prompts, k, run.step, cfg.train.steps)
     streamed = None  # a step's update begun as its groups arrive (asynchronous rollouts: streamed_update.py)
@@ -564,8 +565,6 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                 t0 = time.perf_counter()
                 if producer is not None:
                     if run.why_not_streamed() is None:
-                        from .streamed_update import StreamedUpdate
-
                         streamed = StreamedUpdate(run)
                     got = take_async(producer, run.step, run, sync, stop, streamed)
                 else:
