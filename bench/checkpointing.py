@@ -182,11 +182,20 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
             step()
             tools.sync(device)
             n = max(args.ragged_repeat, 1)
+            if moved is not None and on_gpu:
+                moved.waits = []
+            retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if on_gpu else 0
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
             tools.sync(device)
             t = (time.perf_counter() - t0) / n
+            retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if on_gpu else 0
+            waits: dict[str, float] = {}
+            for what, start, end in (moved.waits or []) if moved is not None else []:
+                waits[what] = waits.get(what, 0.0) + start.elapsed_time(end) / 1000 / n
+            if moved is not None:
+                moved.waits = None
             if tail:  # what follows the last backward: the streamed update's gradient scaling, clip, AdamW
                 update(plan)
                 tools.sync(device)
@@ -208,6 +217,10 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         row = {"path": label, "seconds": t, "mfu": 6 * n_params * useful / t / (tools.peak_tflops * 1e12),
                "peak_gib": peak}
         print(f"  {label}: {t:.3f} s, MFU {row['mfu']:.1%} on useful tokens, peak {peak:.1f} GiB", flush=True)
+        if on_gpu:  # an allocation that failed and was retried after freeing the cache: a device-wide sync
+            print(f"    allocator retries (cache freed, device synchronised): {retries / n:.1f} a step" +
+                  "".join(f"; GPU waited for the moments' copies {what}: {s:.3f} s a step"
+                          for what, s in waits.items()), flush=True)
         if tail:
             row["tail_s"] = tail_s
             print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s",
@@ -220,10 +233,12 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), layers, device, head)
 
     def probe():  # as Run._probe: the largest micro-batch alone, its gradients dropped
-        update(replace(plan, micro_batches=[biggest], padding_passes=0))
-        model.zero_grad(set_to_none=True)
-        if moved is not None:
-            moved.drop()
+        try:
+            update(replace(plan, micro_batches=[biggest], padding_passes=0))
+        finally:
+            model.zero_grad(set_to_none=True)
+            if moved is not None:
+                moved.drop()
 
     said = auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
                        probe_tokens=max(computed), token_cap=spec.micro_batch_tokens,

@@ -84,7 +84,9 @@ def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monk
     applied, seen = [], []
     auto = AutoCheckpointing(lambda f, s: applied.append((f, s)), 4, torch.device("cuda"))
     params = [torch.zeros(8, 4), torch.zeros(4)]  # 36 float32 values: 144 bytes of gradients, 288 of AdamW state
-    act = {8: 2, 6: 4, 4: 6, 0: 90}  # GiB above static by level: "none" does not fit 96 GiB (100 less 4%)
+    # GiB above static by level: 1 a level from full to selective, 21 from there to none, which does not fit 96
+    # GiB (100 less 4%)
+    act = {level: 6 + (4 - level) * 21 if level < 4 else 10 - level for level in range(9)}
     fake = FakeCuda(monkeypatch, act, 0)
 
     def probe():
@@ -103,9 +105,12 @@ def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monk
     seen.clear()
     auto.decide(probe, params, True, lambda values, op: values, probe_tokens=1000, accumulates=False)
     assert seen == [[False, False]] * 3 and auto.choice.bound == 79 * GIB + 144  # (AdamW's state already counted)
-    # a token cap twice the probe's: activations doubled must fit: 3 selective (27 GiB) is the first
+    # a token cap twice the probe's: activations doubled must fit: 3 selective (27 GiB) is the first; the gap
+    # below it is probed once, halved (level 1), and that probe lands on the line: no more
+    seen.clear()
     auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000, token_cap=2000)
     assert auto.level == 3 and auto.choice.bound == 64 * GIB + 288 and auto.choice.predicted_peak == 37 * GIB + 288
+    assert len(seen) == 4 and applied[-2] == (0.0, 0.25) and 1 in auto.measured
     # another rank needs more recomputation: the highest level, with this rank's prediction at it
     said = auto.decide(probe, params, False, lambda values, op: [8.0, 1.0], distributed=True, probe_tokens=1000)
     assert auto.level == 8 and applied[-1] == (1.0, 0.0) and "the highest of the ranks' choices" in said
@@ -143,6 +148,50 @@ def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monk
         else:  # 10 + 30 GiB of moments + 60 > 96: one layer selective, 13.5 GiB a level below 60
             assert auto.level == 1, said
             assert auto.choice.predicted_peak == int(86.5 * GIB) + state
+
+
+def _probe_by_table(auto, fake, act: dict[int, float], seen: list[int]):
+    """A probe whose peak above static is `act[level]` GiB, out of memory past the fake GPU's 100 GiB."""
+    def probe():
+        seen.append(auto.level)
+        if fake.allocated + act[auto.level] * GIB > 100 * GIB:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        fake.peak = fake.allocated + act[auto.level] * GIB
+    return probe
+
+
+def test_where_all_selective_runs_out_of_memory_the_levels_between_are_probed(monkeypatch):
+    """Only all full was measured (all selective ran out of memory), which alone could only choose all full:
+    the gap is halved by probes until the level below the choice is known not to fit."""
+    from vlrl.activation_memory import AutoCheckpointing
+
+    # 4 layers, static 10 GiB: 25 GiB a level from full (2) towards selective (102: out of memory)
+    act = {level: 2 + (8 - level) * 25 for level in range(9)}
+    fake = FakeCuda(monkeypatch, act, 0)
+    seen = []
+    auto = AutoCheckpointing(lambda f, s: None, 4, torch.device("cuda"))
+    auto.decide(_probe_by_table(auto, fake, act, seen), [], True, lambda values, op: values)
+    assert seen == [8, 4, 6, 5]  # the ladder (none is not probed after selective failed), then 6 and 5
+    assert auto.level == 5 and auto.choice.predicted_peak == 87 * GIB  # 10 + 77: 1 full, 3 selective
+    assert sorted(auto.measured) == [5, 6, 8]
+
+
+def test_where_the_peaks_slope_changes_within_a_gap_probes_find_the_level_the_line_misses(monkeypatch):
+    """With the optimizer offload the peak is the larger of two: the activations at the last backward's start
+    (falling 8 GiB a level up the full half) and the moments fetched in it (70 GiB, flat). The line from all
+    selective (88) to all full (70) would choose 6 of 8 layers full; the probes find 2 full is the first that fits."""
+    from vlrl.activation_memory import AutoCheckpointing
+
+    act = {level: max(88 - (level - 8) * 8, 70) if level >= 8 else 200 for level in range(17)}
+    fake = FakeCuda(monkeypatch, act, 0)
+    monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: 10 * GIB)  # AdamW's, to come
+    seen = []
+    auto = AutoCheckpointing(lambda f, s: None, 8, torch.device("cuda"))
+    auto.decide(_probe_by_table(auto, fake, act, seen), [], False, lambda values, op: values)
+    # the limit: 96 GiB less static 10 and AdamW's 10 leaves 76 for activations. The line: level 14 (74.5)
+    assert seen[:3] == [16, 8, 0] and seen[3:] == [11, 9]  # 11: 70, off the line (81.25); then 10 fits by it
+    # 2 full, 6 selective; predicted on the line through 9 and 11 (75), above the real 72: never below it
+    assert auto.level == 10 and auto.choice.predicted_peak == (10 + 10 + 75) * GIB
 
 
 def test_a_micro_batch_that_never_fits_recomputes_everything_and_says_what_to_lower(monkeypatch):

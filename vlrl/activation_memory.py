@@ -25,7 +25,10 @@ What the peak is made of, and how each part is known (the ragged 8B case of issu
   memory; with several ranks only the first two, since one rank's error would leave the others waiting in a
   collective). Along each half of the ladder the peak is linear in the level (a layer changing kind changes
   what it keeps by the same bytes) or convex, so the line between two measurements never predicts less than the
-  real peak between them; no level keeping more than was measured is chosen.
+  real peak between them; no level keeping more than was measured is chosen. On one process the gap below the
+  choice is then probed, halving it (`_refine`, at most 6 more probes): where all selective ran out of memory
+  the ladder alone could only choose all full, and where the peak's slope changes within a gap (the optimizer
+  offload) the line is well above it.
 - AdamW's state, when its first step has not run yet: two moments per trainable parameter, added exactly.
 - Later micro-batches may be longer than this step's largest: activations grow with tokens, so the choice must
   fit `bound` = static + activations x (token cap / probe tokens), the cap being `train.micro_batch_tokens`
@@ -57,6 +60,7 @@ GIB = 1024**3
 # What a layer of each kind costs, in forwards of one decoder layer (the time a `full` layer adds). Measured on one
 # H200, 8B ragged batch (bench/README.md): a full layer ~0.8% of the step, a selective one 13.5 ms of 4.4 s (0.31%)
 FULL_COST, SELECTIVE_COST = 1.0, 0.4
+REFINE_PROBES = 6  # at most this many probes between the ladder's three (`AutoCheckpointing._refine`)
 
 
 @dataclass
@@ -278,6 +282,10 @@ class AutoCheckpointing:
         logits = self.head.bytes_per_row * rows if self.head is not None else 0
         gain = self.head.cost * rows / probe_tokens if self.head is not None else 0.0
         choice = choose(L, activations, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
+        if not distributed:
+            choice = self._refine(probe, params, accumulates, activations, peaks, choice,
+                                  lambda act: choose(L, act, static, budget, extra, scale, grads=grads, logits=logits,
+                                                     logits_gain=gain))
         self.offload_declined = False
         if probe_without_offload is not None and offloaded:
             # the same ladder without the moments' fetch in the last backward, every moment on the device (on a
@@ -287,6 +295,10 @@ class AutoCheckpointing:
             extra_off = offloaded if optimizer_has_state else optimizer_state_bytes(params)
             plain = choose(L, plain_act, plain_static, budget, extra_off, scale, grads=grads, logits=logits,
                            logits_gain=gain) if plain_act else None
+            if plain is not None and not distributed:
+                plain = self._refine(probe_without_offload, params, accumulates, plain_act, plain_peaks, plain,
+                                     lambda act: choose(L, act, plain_static, budget, extra_off, scale, grads=grads,
+                                                        logits=logits, logits_gain=gain))
 
             def cost(c: Choice) -> float:
                 return ladder_cost(c.level, L) - (gain if c.keep_logits else 0.0)
@@ -310,30 +322,66 @@ class AutoCheckpointing:
     def _measure(self, probe, params, accumulates: bool,
                  distributed: bool) -> tuple[dict[int, int], int, dict[int, int]]:
         """Run `probe` at the ladder's levels: ({level: peak above static}, static, {level: peak}). Stops at the
-        first level that runs out of memory."""
+        first level that runs out of memory (recorded in `self.out_of_memory`)."""
         L = self.layers
         activations: dict[int, int] = {}  # level -> peak above static
         peaks: dict[int, int] = {}
         static = 0
+        self.out_of_memory: set[int] = set()
         for level in (2 * L, L + L // 2) if distributed else (2 * L, L, 0):
-            self._apply(level)
-            for p in params if accumulates else ():  # as at a later micro-batch: the step's gradients exist
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            torch.cuda.synchronize(self.device)
-            static = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            try:
-                probe()
-            except torch.OutOfMemoryError:  # keeping this many layers' activations does not fit at all
-                for p in params:
-                    p.grad = None
-                torch.cuda.empty_cache()
+            measured = self._probe_at(probe, params, accumulates, level)
+            if measured is None:  # keeping this many layers' activations does not fit at all
                 break
-            torch.cuda.synchronize(self.device)
-            peaks[level] = torch.cuda.max_memory_allocated(self.device)
+            static, peaks[level] = measured
             activations[level] = peaks[level] - static
         return activations, static, peaks
+
+    def _probe_at(self, probe, params, accumulates: bool, level: int) -> tuple[int, int] | None:
+        """`probe` at `level`: (static, peak) bytes, or None where it ran out of memory."""
+        self._apply(level)
+        for p in params if accumulates else ():  # as at a later micro-batch: the step's gradients exist
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.cuda.synchronize(self.device)
+        static = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            probe()
+        except torch.OutOfMemoryError:
+            for p in params:
+                p.grad = None
+            torch.cuda.empty_cache()
+            self.out_of_memory.add(level)
+            return None
+        torch.cuda.synchronize(self.device)
+        return static, torch.cuda.max_memory_allocated(self.device)
+
+    def _refine(self, probe, params, accumulates: bool, activations: dict[int, int], peaks: dict[int, int],
+                choice: Choice, rechoose) -> Choice:
+        """Probe between the chosen level and the nearest level below it that is known not to be chosen (it ran
+        out of memory, or it was measured and not chosen), halving the gap, at most `REFINE_PROBES` times, until a
+        probe lands on the line through its neighbours (1%: the rest of the gap is that line too);
+        `rechoose(activations)` chooses again with each new measurement. Why: the ladder's three probes leave
+        wide gaps. Where the all-selective probe runs out of memory only all-full is measured, and no level below
+        it could be chosen; and the line between two measurements can be well above the real peak where what
+        binds the peak changes within the gap (with the optimizer offload, the moments' fetch in the last
+        backward with layers recomputed whole, the activations at the backward's start with selective ones).
+        One process only: an out-of-memory probe on one rank would leave the others waiting in a collective."""
+        L = self.layers
+        for _ in range(REFINE_PROBES):
+            failing = [lv for lv in self.out_of_memory | set(activations) if lv < choice.level]
+            if not failing or choice.level - max(failing) <= 1:
+                break
+            level = (max(failing) + choice.level) // 2
+            lined = predict(L, activations, level)[0] if min(activations) < level else None
+            measured = self._probe_at(probe, params, accumulates, level)
+            if measured is not None:
+                static, peaks[level] = measured
+                activations[level] = peaks[level] - static
+            choice = rechoose(activations)
+            if measured is not None and lined is not None and abs(activations[level] - lined) <= 0.01 * lined:
+                break
+        return choice
 
     def step_up(self) -> str | None:
         """After an out-of-memory error: the next level, or None when every layer is recomputed already."""

@@ -28,6 +28,8 @@ moments return to the device at the first update (`restore`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -59,6 +61,8 @@ class StateOffload:
         self.simulated: list[torch.Tensor] = []  # before AdamW's first step: what a fetch would allocate
         self.armed = False
         self.back: torch.cuda.Event | None = None  # the copies back to the host of the last step
+        # set to a list to time the compute stream's waits for the copies: (what, start event, end event) each
+        self.waits: list | None = None
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.chosen]
 
     def describe(self) -> str:
@@ -69,7 +73,8 @@ class StateOffload:
 
     def before_backward(self, index: int, last: bool) -> None:
         if index == 0 and self.back is not None and self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.back)  # the moments' memory is free again
+            with self._timed("back to the host"):  # the moments' memory is free again after it
+                torch.cuda.current_stream(self.device).wait_event(self.back)
             self.back = None
         self.armed = last
 
@@ -104,7 +109,8 @@ class StateOffload:
             if p in self.host and p not in self.fetched and self.optimizer.state.get(p):
                 self._fetch(p)
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            with self._timed("to the GPU"):
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for p, dev in self.fetched.items():
             self.optimizer.state[p].update(dev)
 
@@ -132,6 +138,20 @@ class StateOffload:
                 state[k] = host[k]
         if self.cuda:
             self.back = self.stream.record_event()
+
+    @contextmanager
+    def _timed(self, what: str):
+        """With `waits` set: events on the compute stream either side of a wait for the copy stream (their
+        elapsed time is how long the GPU waited for the copies)."""
+        if self.waits is None:
+            yield
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.waits.append((what, start, end))
 
     def drop(self) -> None:
         """After a failed update: the moments fetched for it are dropped (the host copies are unchanged)."""

@@ -348,10 +348,12 @@ class Run:
         checkpointing measures (every rank runs exactly one pass, so collectives match)."""
         from dataclasses import replace
 
-        run(replace(plan, micro_batches=[biggest], padding_passes=0))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.offload is not None:  # the moments the probe's last pass fetched (or would have)
-            self.offload.drop()
+        try:
+            run(replace(plan, micro_batches=[biggest], padding_passes=0))
+        finally:  # (also after an out-of-memory error: the chooser probes other levels after one)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.offload is not None:  # the moments the probe's last pass fetched (or would have)
+                self.offload.drop()
 
     def save(self, data_state: dict) -> Path | None:
         """Checkpoint the learner with `data_state` (this rank's prompt-stream position; every rank's is gathered
