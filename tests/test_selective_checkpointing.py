@@ -107,3 +107,37 @@ def test_kept_logits_give_the_same_logprobs_and_gradients():
     for a, b in zip(*out):
         assert torch.equal(a, b)
     assert out[0][2].abs().sum() > 0 and out[0][3].abs().sum() > 0
+
+
+def test_a_selective_layer_keeps_a_mixture_of_experts_grouped_gemms():
+    """The experts' grouped GEMMs (transformers' `grouped_mm` experts) are matrix products too: a selective
+    layer keeps their outputs, as it keeps the dense layers' (it recomputed them before)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from vlrl.adapters import checkpointing
+
+    checkpointing.SAVED = checkpointing.SAVED or checkpointing._saved_ops()
+    torch.manual_seed(0)
+    w = torch.randn(2, 32, 16, dtype=torch.bfloat16, requires_grad=True)  # 2 experts
+    offs = torch.tensor([24, 48], dtype=torch.int32)  # rows 0..23 to the first, 24..47 to the second
+
+    def experts(x):
+        return torch.nn.functional.silu(torch._grouped_mm(x.sin(), w, offs=offs))
+
+    counts, grads = {}, {}
+    for mode in ("none", "selective", "full"):
+        x = torch.randn(48, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        w.grad = None
+        with CountOps() as counted:
+            if mode == "none":
+                y = experts(x)
+            else:
+                kw = {"context_fn": checkpointing._selective_contexts} if mode == "selective" else {}
+                y = checkpoint(experts, x, use_reentrant=False, **kw)
+            y.float().sum().backward()
+        counts[mode], grads[mode] = counted.ops, (x.grad, w.grad)
+    assert counts["selective"]["_grouped_mm"] == counts["none"]["_grouped_mm"] < counts["full"]["_grouped_mm"]
+    assert counts["selective"]["sin"] == 2 * counts["none"]["sin"]  # the elementwise op is recomputed
+    for mode in ("selective", "full"):
+        assert all(torch.equal(a, b) for a, b in zip(grads[mode], grads["none"]))

@@ -37,7 +37,7 @@ def _saved_ops() -> set:
            _aten._scaled_dot_product_efficient_attention.default,
            _aten._flash_attention_forward.default, _aten._efficient_attention_forward.default}
     for name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                 "_cudnn_attention_forward"):
+                 "_cudnn_attention_forward", "_grouped_mm"):  # (_grouped_mm: a mixture of experts' GEMMs)
         op = getattr(_aten, name, None)
         if op is not None:
             ops.add(op.default)
