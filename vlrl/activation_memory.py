@@ -235,6 +235,7 @@ class AutoCheckpointing:
         self.choice: Choice | None = None
         self.measured: dict[int, int] = {}  # level -> measured peak (bytes), optimizer state not included
         self.stepped_up = False
+        self.out_of_memory: set[int] = set()  # levels whose probe ran out of memory (the last ladder measured)
         self.offload_declined = False  # `decide(probe_without_offload=...)` found the optimizer offload buys nothing
         if device.type == "cuda":
             expandable_segments()
@@ -281,11 +282,12 @@ class AutoCheckpointing:
         rows = probe_tokens if probe_trained is None else probe_trained
         logits = self.head.bytes_per_row * rows if self.head is not None else 0
         gain = self.head.cost * rows / probe_tokens if self.head is not None else 0.0
-        choice = choose(L, activations, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
+        def rechoose(act):
+            return choose(L, act, static, budget, extra, scale, grads=grads, logits=logits, logits_gain=gain)
+
+        choice = rechoose(activations)
         if not distributed:
-            choice = self._refine(probe, params, accumulates, activations, peaks, choice,
-                                  lambda act: choose(L, act, static, budget, extra, scale, grads=grads, logits=logits,
-                                                     logits_gain=gain))
+            choice = self._refine(probe, params, accumulates, activations, peaks, choice, rechoose)
         self.offload_declined = False
         if probe_without_offload is not None and offloaded:
             # the same ladder without the moments' fetch in the last backward, every moment on the device (on a
@@ -293,12 +295,15 @@ class AutoCheckpointing:
             plain_act, plain_static, plain_peaks = self._measure(probe_without_offload, params, accumulates,
                                                                  distributed)
             extra_off = offloaded if optimizer_has_state else optimizer_state_bytes(params)
-            plain = choose(L, plain_act, plain_static, budget, extra_off, scale, grads=grads, logits=logits,
-                           logits_gain=gain) if plain_act else None
+
+            def rechoose_plain(act):
+                return choose(L, act, plain_static, budget, extra_off, scale, grads=grads, logits=logits,
+                              logits_gain=gain)
+
+            plain = rechoose_plain(plain_act) if plain_act else None
             if plain is not None and not distributed:
                 plain = self._refine(probe_without_offload, params, accumulates, plain_act, plain_peaks, plain,
-                                     lambda act: choose(L, act, plain_static, budget, extra_off, scale, grads=grads,
-                                                        logits=logits, logits_gain=gain))
+                                     rechoose_plain)
 
             def cost(c: Choice) -> float:
                 return ladder_cost(c.level, L) - (gain if c.keep_logits else 0.0)
@@ -327,7 +332,7 @@ class AutoCheckpointing:
         activations: dict[int, int] = {}  # level -> peak above static
         peaks: dict[int, int] = {}
         static = 0
-        self.out_of_memory: set[int] = set()
+        self.out_of_memory = set()
         for level in (2 * L, L + L // 2) if distributed else (2 * L, L, 0):
             measured = self._probe_at(probe, params, accumulates, level)
             if measured is None:  # keeping this many layers' activations does not fit at all
