@@ -37,7 +37,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import vllm_fixes
 from .errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -181,12 +180,10 @@ def video_args(image_size: dict, max_pixels: int | None, max_frames: int | None)
 
 
 def server_env(on_cpu: bool, api_key: str | None = None, routed_experts: bool = False) -> dict[str, str]:
-    """The server's environment: RL routes on; vlrl's fixes to vLLM on (`vllm_fixes.py`); the API key passed by
-    environment, never on the command line (where `ps` would show it); vLLM's V2 model runner for routed
-    experts."""
+    """The server's environment: RL routes on; the API key passed by environment, never on the command line
+    (where `ps` would show it); vLLM's V2 model runner for routed experts."""
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"
-    env[vllm_fixes.ENV] = "1"  # a vLLM plugin of ours: only under `vlrl serve`
     if routed_experts:
         env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     if api_key:
