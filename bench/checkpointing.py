@@ -123,11 +123,11 @@ def auto_label(auto) -> str:
 
 
 def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0,
-               offload: bool = False) -> dict:
+               offload: bool = False, token_budget: int | None = None) -> dict:
     """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync.
     `offload`: `train.offload_optimizer` on (`Run.update`'s calls: the longest micro-batch last, the moments'
     bytes kept on the host told to the chooser, the offload's calls around each backward and the AdamW step)."""
-    spec = ragged.spec_from_args(args)
+    spec = ragged.spec_from_args(args, token_budget)
     vocab, v_start, v_end = ids
     batch = adapter.build_batch(ragged.ragged_rollouts(adapter, spec, vocab, v_start, v_end))
     useful = sum(batch.lengths)
@@ -149,7 +149,8 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     layers = len(model.model.language_model.layers)
 
     opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
-    moved = StateOffload(opt, params, gradient_bytes(params), device) if offload else None
+    moved = (StateOffload(opt, params, gradient_bytes(params), device, pace=not getattr(args, "unpaced_offload", False))
+             if offload else None)
 
     def update(p):
         accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
@@ -263,6 +264,7 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     opt.state.clear()
     choice = auto.choice
     return {"said": said, "rows": rows, "cap_gib": cap_gib, "useful": useful, "micro_batches": computed,
+            "micro_batch_tokens": spec.micro_batch_tokens,
             "offload": offload,
             "predicted_gib": choice.predicted_peak / GIB if choice else float("nan"),
             "bound_gib": choice.bound / GIB if choice else float("nan"),
@@ -292,6 +294,7 @@ def ragged_line(result: dict) -> str:
     r = result["rows"][0]
     mfu = f"{r['mfu']:.1%}" if r["seconds"] is not None else "OOM,"
     cap = f" under a {result['cap_gib']:g} GiB cap" if result["cap_gib"] else ""
+    cap += f", micro_batch_tokens {result['micro_batch_tokens']}"
     moved = ", state offloaded" if result["offload"] else ", state on the GPU"
     return (f"ragged as shipped (auto, AdamW{moved}){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
             f"({r['path'][6:-1]}), predicted {result['predicted_gib']:.1f} GiB, measured {r['peak_gib']:.1f} GiB")

@@ -134,14 +134,15 @@ def compiles() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def spec_from_args(args) -> RaggedSpec:
-    """The ragged batch `bench/update_step.py`'s `--ragged*` flags describe (`--tiny`: the CPU one)."""
+def spec_from_args(args, micro_batch_tokens: int | None = None) -> RaggedSpec:
+    """The ragged batch `bench/update_step.py`'s `--ragged*` flags describe (`--tiny`: the CPU one), packed within
+    `micro_batch_tokens` (default: the first `--ragged-tokens`)."""
     if args.tiny:
         return RaggedSpec.tiny()
     spec = RaggedSpec(args.ragged[0], args.ragged[1], seed=args.ragged_seed)
     spec.median, spec.sigma = args.ragged_median, args.ragged_sigma
     spec.shortest, spec.longest = args.ragged_clip
-    spec.micro_batch_tokens = args.ragged_tokens
+    spec.micro_batch_tokens = micro_batch_tokens or args.ragged_tokens[0]
     return spec
 
 

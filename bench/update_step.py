@@ -582,12 +582,13 @@ def run_auto_ragged(model, adapter, device, args, vocab) -> list[dict]:
     if exact is not None:
         print(f"  offload exact: {exact}", flush=True)
     for cap in args.memory_caps if device.type == "cuda" else [0.0]:
-        for offload in moves:
-            out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools, ids,
-                                                cap, offload=offload))
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for tokens in args.ragged_tokens:
+            for offload in moves:
+                out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools,
+                                                    ids, cap, offload=offload, token_budget=tokens))
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     if exact is not None:
         out[0]["exact"] = exact
     return out
@@ -706,7 +707,8 @@ def main():
     ap.add_argument("--ragged-median", type=float, default=400.0, help="ragged completions: log-normal median")
     ap.add_argument("--ragged-sigma", type=float, default=0.8, help="ragged completions: log-normal sigma")
     ap.add_argument("--ragged-clip", type=int, nargs=2, default=[16, 2048], help="ragged completions: shortest, longest")
-    ap.add_argument("--ragged-tokens", type=int, default=16384, help="ragged case: micro_batch_tokens")
+    ap.add_argument("--ragged-tokens", type=int, nargs="+", default=[16384],
+                    help="ragged case: micro_batch_tokens (with --auto: each value in turn; otherwise the first)")
     ap.add_argument("--ragged-seed", type=int, default=0)
     ap.add_argument("--ragged-repeat", type=int, default=2, help="timed updates per ragged path (after one untimed)")
     ap.add_argument("--ragged-only", action="store_true", help="only the ragged case (no equal-length cases)")
@@ -718,6 +720,10 @@ def main():
     ap.add_argument("--offload-optimizer", choices=["on", "off", "both"], default="both",
                     help="with --auto: the ragged batch with AdamW's moments offloaded (train.offload_optimizer; "
                          "on with auto checkpointing on a GPU), kept on the GPU, or both")
+    ap.add_argument("--placement", choices=["stacked", "spread"], default="stacked",
+                    help="where each checkpointing kind goes (vlrl/adapters/checkpointing.py's PLACEMENT)")
+    ap.add_argument("--unpaced-offload", action="store_true",
+                    help="with the optimizer offload: fetch each moment as soon as its gradient is final")
     ap.add_argument("--ragged-fixed", type=float, nargs=2, action="append", default=[], metavar=("FULL", "SELECTIVE"),
                     help="with --auto: also time the ragged batch at these fractions of layers recomputed whole and "
                          "selectively (repeatable)")
@@ -728,6 +734,9 @@ def main():
     ap.add_argument("--pageable-uploads", action="store_true",
                     help="micro-batches go to the GPU from pageable memory (vlrl.batch.PIN_UPLOADS off), to measure it")
     args = ap.parse_args()
+    import vlrl.adapters.checkpointing
+
+    vlrl.adapters.checkpointing.PLACEMENT = args.placement
     if args.pageable_uploads:
         import vlrl.batch
 

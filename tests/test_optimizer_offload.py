@@ -115,6 +115,58 @@ def test_the_last_pass_fetches_each_moment_as_its_gradient_is_final():
     assert all(opt.state[p]["exp_avg"] is offload.host[p]["exp_avg"] for p in params)
 
 
+def test_fetches_wait_for_the_memory_the_backward_frees_and_the_steps_stay_adamw():
+    """Paced fetches (a stand-in for the device's allocated bytes: what the backward has freed so far, plus
+    the moments fetched): the memory never goes above what was allocated when the last backward began, the
+    head's moments wait until a layer below has freed room, what is still queued is fetched before the step,
+    and the steps are AdamW's own bit for bit."""
+    plain, moved = _model(), _model()
+    params = list(moved.parameters())
+    opt_a = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    hooks, order = [0], []
+    def count(i):
+        def hook(p):
+            hooks[0] += 1
+            order.append(i)
+        return hook
+
+    for i, p in enumerate(params):  # registered before the offload's: they run first
+        p.register_post_accumulate_grad_hook(count(i))
+    offload = StateOffload(opt_b, params, limit=10**6, device="cpu")
+    moment_bytes = lambda ps: sum(2 * p.numel() * p.element_size() for p in ps)  # noqa: E731
+    freed_per_hook = 100  # bytes of activations each parameter's backward frees, in this stand-in
+    seen = []
+
+    def allocated():
+        now = 10_000 + moment_bytes(offload.fetched) - freed_per_hook * hooks[0]
+        seen.append((now, len(offload.queue), len(offload.fetched)))
+        return now
+
+    arm = offload.before_backward
+
+    def before_backward(i, last):
+        hooks[0] = 0
+        order.clear()
+        arm(i, last)
+
+    offload.allocated, offload.before_backward = allocated, before_backward
+    _steps(plain, opt_a, None)
+    _steps(moved, opt_b, offload)
+    for a, b in zip(plain.parameters(), params):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+    assert seen and all(now <= 10_000 for now, _, _ in seen)  # never above the backward's start
+    assert max(q for _, q, _ in seen) >= 2  # fetches waited behind the memory not yet freed
+    assert set(order[:2]) == {4, 5}  # the head (the last Linear) is final first
+    assert offload.fetched == {} and set(offload.host) == set(params)
+    offload.pace = False  # unpaced: no ceiling, each moment fetched in its own hook
+    offload.before_backward(0, last=True)
+    assert offload.ceiling is None
+    offload.drop()
+
+
 def test_before_the_first_step_the_last_pass_allocates_what_a_fetch_would():
     """`auto` checkpointing probes before AdamW has made its moments: the probe's last pass allocates their
     size anyway, so the measured peak holds the fetches a later step makes."""

@@ -71,7 +71,7 @@ def test_selective_checkpointing_is_exact_and_recomputes_no_matmul(packed_step):
     sel_loss, sel_grads, sel_ops = run(packed_step, 0.0, 1.0)
     assert layer_modes(model.model.language_model.layers) == ["selective", "selective"]
     mix_loss, mix_grads, _ = run(packed_step, 0.5, 0.5)
-    assert layer_modes(model.model.language_model.layers) == ["selective", "full"]
+    assert layer_modes(model.model.language_model.layers) == ["full", "selective"]
     full_loss, _, full_ops = run(packed_step, 1.0, 0.0)
     assert sel_loss == loss == mix_loss and len(grads) > 10
     for name, g in grads.items():
@@ -85,7 +85,25 @@ def test_selective_checkpointing_is_exact_and_recomputes_no_matmul(packed_step):
     assert full_loss == loss
 
 
-def test_layers_of_each_kind_are_spread_evenly():
+def test_layers_are_stacked_full_at_the_bottom_keep_at_the_top(monkeypatch):
+    """The backward frees the top layers first: those keeping the most go there
+    (adapters/checkpointing.py)."""
+    import vlrl.adapters.checkpointing as ckpt
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(8)])
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    ckpt.set_layer_checkpointing(layers, 2, 3)
+    assert layer_modes(layers) == ["full"] * 2 + ["selective"] * 3 + ["none"] * 3
+    ckpt.set_layer_checkpointing(layers, 0, 8)
+    assert layer_modes(layers) == ["selective"] * 8
+    monkeypatch.setattr(ckpt, "PLACEMENT", "spread")
+    ckpt.set_layer_checkpointing(layers, 2, 3)
+    assert layer_modes(layers) == ["none", "selective", "none", "full",
+                                   "selective", "none", "selective", "full"]
+
+
+def test_spread_takes_positions_evenly():
     assert spread(8, 2) == [3, 7] and spread(8, 0) == [] and spread(8, 8) == list(range(8))
     assert spread(6, 2, [0, 2, 4]) == [2, 4]  # among the layers left: 2 of 3
 

@@ -471,7 +471,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     checkpoint_fraction: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = 1.0
-    """With gradient checkpointing, the fraction of decoder layers recomputed (spread evenly); below 1
+    """With gradient checkpointing, the fraction of decoder layers recomputed (the bottom ones); below 1
     keeps more activations and recomputes less. `auto` (GPU): the fastest mix of layers recomputed whole,
     recomputed selectively (matrix products kept, elementwise ops recomputed) and keeping everything, and whether
     the logprob head keeps its logits, whose peak fits the device's memory, measured at the first update with the

@@ -5,11 +5,16 @@ AdamW keeps two moments per trainable parameter: 30.5 GiB on the 8B model in bf1
 gradients (15.2) and as much as two thirds of what the activations of a 16k-token micro-batch need. The
 moments are used once a step, by the optimizer step, so between steps they can live on the host. What it
 costs is the copy: each way ~0.3 s for 15 GiB over PCIe, hidden behind GPU work on a stream of its own:
-- to the GPU during the step's last backward pass: a parameter's moments are fetched as soon as its
-  gradient is final (its post-accumulate-grad hook, in the last pass), while the backward goes on below
-  it. The moments offloaded are those of the parameters whose gradients are final first (the head, then
-  the top layers down), so their copies have the rest of the backward to finish in. The update runs its
-  longest micro-batch last.
+- to the GPU during the step's last backward pass: a parameter's moments are fetched once its gradient is
+  final (its post-accumulate-grad hook, in the last pass) and the backward has freed the memory they take:
+  a fetch waits (queued, in order) until the memory allocated, with it, stays within what was allocated when
+  that backward began, i.e. within the activations the layers above have freed (`pace`). Fetched as soon as
+  they were final, the head's moments (2.3 GiB on 8B) and the top layers' came in while every activation of
+  the last micro-batch was still held, and the step's peak rose by them. The moments offloaded are those of
+  the parameters whose gradients are final first (the head, then the top layers down), so their copies have
+  the rest of the backward to finish in; with the layers keeping the most at the top
+  (`adapters/checkpointing.py`), the memory they free comes early. Whatever is still queued when the backward
+  ends is fetched before the optimizer step. The update runs its longest micro-batch last.
 - back to the host after the optimizer step, overlapping what follows it (the weight sync and the next
   rollouts in training; the next update's first forward pass when updates run back to back). The next
   update's first backward waits for it on the GPU (a stream wait, not a host one).
@@ -42,8 +47,10 @@ class StateOffload:
     error), `settle()` before the state is read (a checkpoint), `offload_now()` after it is loaded (a
     resume)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], limit: int, device):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], limit: int, device,
+                 pace: bool = True):
         self.optimizer = optimizer
+        self.pace = pace  # fetch within the memory the last backward has freed (module docstring), or at once
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -60,10 +67,16 @@ class StateOffload:
         self.fetched: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # on the GPU for this step
         self.simulated: list[torch.Tensor] = []  # before AdamW's first step: what a fetch would allocate
         self.armed = False
+        self.queue: list[torch.Tensor] = []  # final, not yet fetched (in the order they became final)
+        self.ceiling: int | None = None  # bytes allocated as the last backward began: fetches stay within it
         self.back: torch.cuda.Event | None = None  # the copies back to the host of the last step
         # set to a list to time the compute stream's waits for the copies: (what, start event, end event) each
         self.waits: list | None = None
-        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.chosen]
+        # bytes allocated on the device now (None: not measured, fetches not paced); tests stand in for it
+        self.allocated = (lambda: torch.cuda.memory_allocated(self.device)) if self.cuda else None
+        # every parameter's hook: fetches still queued go on as the layers below the chosen ones finish
+        self.is_chosen = set(self.chosen)
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
 
     def describe(self) -> str:
         gib, n = self.bytes / 2**30, len(self.chosen)
@@ -77,15 +90,27 @@ class StateOffload:
                 torch.cuda.current_stream(self.device).wait_event(self.back)
             self.back = None
         self.armed = last
+        self.queue = []
+        paced = last and self.pace and self.allocated is not None
+        self.ceiling = self.allocated() if paced else None
 
     def _ready(self, p: torch.Tensor) -> None:
-        """A chosen parameter's gradient is final (last pass): its moments fetched as the backward goes on."""
-        if not self.armed or p in self.fetched:
+        """A parameter's gradient is final (last pass): a chosen one's moments queued; the queue fetched in
+        order as far as the memory the backward has freed allows."""
+        if not self.armed:
             return
-        if not self.optimizer.state.get(p):  # before AdamW's first step: allocate what a fetch would
-            self.simulated += [torch.empty_like(p) for _ in MOMENTS]
-        elif p in self.host:
-            self._fetch(p)
+        if p in self.is_chosen and p not in self.fetched:
+            self.queue.append(p)
+        while self.queue:
+            p = self.queue[0]
+            size = 2 * p.numel() * p.element_size()
+            if self.ceiling is not None and self.allocated() + size > self.ceiling:
+                return  # (the next hook tries again, with what the backward has freed by then)
+            self.queue.pop(0)
+            if not self.optimizer.state.get(p):  # before AdamW's first step: allocate what a fetch would
+                self.simulated += [torch.empty_like(p) for _ in MOMENTS]
+            elif p in self.host:
+                self._fetch(p)
 
     def _fetch(self, p: torch.Tensor) -> None:
         host = self.host[p]
@@ -102,8 +127,10 @@ class StateOffload:
         self.fetched[p] = dev
 
     def before_step(self) -> None:
-        """Every offloaded moment on the GPU (those whose hook did not fire fetched now) for AdamW's step."""
+        """Every offloaded moment on the GPU (those still queued, or whose hook did not fire, fetched now) for
+        AdamW's step."""
         self.armed = False
+        self.queue = []
         self.simulated.clear()
         for p in self.chosen:
             if p in self.host and p not in self.fetched and self.optimizer.state.get(p):
@@ -156,6 +183,7 @@ class StateOffload:
     def drop(self) -> None:
         """After a failed update: the moments fetched for it are dropped (the host copies are unchanged)."""
         self.armed = False
+        self.queue = []
         self.simulated.clear()
         self.fetched.clear()
 

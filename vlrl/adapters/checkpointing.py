@@ -14,8 +14,13 @@
   graph from outside, where the policy would see one opaque call.
 - `none`: the layer keeps every activation its backward needs.
 
-Layers of each kind are spread evenly (`spread`), so the memory of the kept activations is spread over the
-depth and a compiled model holds one graph per kind, shared by its layers.
+Where each kind goes (`PLACEMENT`): `"stacked"` (the default) puts the layers recomputed whole at the bottom,
+the selective ones above them and those keeping everything at the top. The backward runs from the top down, so
+the layers that hold the most are freed first: a full layer's recompute (one layer's whole activations, for a
+moment) then comes when little is left above it, where among spread layers the first one sat near the top,
+over every kept activation; and the optimizer offload's moments (`optimizer_offload.py`) come back into the
+memory the top layers free. `"spread"`: each kind spread evenly over the depth (`spread`), as before. Either
+way a compiled model holds one graph per kind, shared by its layers.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(selective_policy)
 
 
+PLACEMENT = "stacked"  # or "spread" (module docstring)
+
+
 def spread(n: int, count: int, among: list[int] | None = None) -> list[int]:
     """`count` of the positions `among` (default: range(n)) spread evenly: the i-th taken when
     (i + 1) * count // len > i * count // len (whole layers; k / n fractions are exact)."""
@@ -71,8 +79,9 @@ def spread(n: int, count: int, among: list[int] | None = None) -> list[int]:
 
 
 def set_layer_checkpointing(layers: nn.ModuleList, full: int, selective: int) -> None:
-    """`full` layers recomputed whole, `selective` of the others selectively, the rest keep everything. The
-    layers must be transformers' `GradientCheckpointingLayer`s with checkpointing enabled on the model."""
+    """`full` layers recomputed whole, `selective` of the others selectively, the rest keep everything,
+    placed as `PLACEMENT` says. The layers must be transformers' `GradientCheckpointingLayer`s with
+    checkpointing enabled on the model."""
     global SAVED
     try:
         import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
@@ -81,8 +90,11 @@ def set_layer_checkpointing(layers: nn.ModuleList, full: int, selective: int) ->
     if SAVED is None:
         SAVED = _saved_ops()
     n = len(layers)
-    whole = set(spread(n, full))
-    part = set(spread(n, selective, [i for i in range(n) if i not in whole]))
+    if PLACEMENT == "spread":
+        whole = set(spread(n, full))
+        part = set(spread(n, selective, [i for i in range(n) if i not in whole]))
+    else:  # bottom to top: full, selective, keep
+        whole, part = set(range(full)), set(range(full, min(full + selective, n)))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in whole
         if "forward" not in layer.__dict__:

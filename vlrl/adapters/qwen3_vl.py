@@ -503,7 +503,8 @@ def rollout_vision(rollout: Rollout) -> dict[str, tuple[torch.Tensor | None, tor
 
 def set_checkpointing(model, fraction: float, selective: float = 0.0) -> None:
     """Recompute `fraction` of the decoder layers whole in the backward pass and `selective` of them selectively
-    (their matrix products kept: `adapters/checkpointing.py`), each spread evenly; the rest keep everything."""
+    (their matrix products kept: `adapters/checkpointing.py`: full at the bottom, then selective); the rest keep
+    everything."""
     from .checkpointing import set_layer_checkpointing
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
