@@ -1,0 +1,86 @@
+"""Is flash-linear-attention's chunked gated delta rule right on this GPU? (issue 23)
+
+fla 0.6.0 refuses Hopper GPUs with Triton 3.4 .. 3.7.0 (fla#640: `chunk_bwd_kernel_dqkwg` transposes a matmul
+result in registers and Triton miscompiles it, giving wrong dk and, through it, dg and dbeta). Upstream's own
+bisection tied it to a key block of 64, and fla tiles keys by 128 on Hopper, so head dims of 128 (Qwen3.5's)
+may never reach the bad tile. This measures it: fla's output and gradients with the guard lifted, against
+transformers' recurrent reference (one token at a time, the definition of the rule) in float64, for each
+head dim given, on packed sequences (`cu_seqlens`), in float32 and bfloat16 inputs. A head dim of 64 is the
+positive control: it should show the bug where the bug is.
+
+    python bench/delta_rule_check.py --head-dims 128 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def reference(q, k, v, g, beta, cu):
+    """transformers' `torch_recurrent_gated_delta_rule`, per packed sequence, in float64: [1, T, H, V]."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        part = [t[:, a:b].double() for t in (q, k, v, g, beta)]
+        out, _ = torch_recurrent_gated_delta_rule(*part, initial_state=None, output_final_state=False,
+                                                  use_qk_l2norm_in_kernel=True)
+        outs.append(out)
+    return torch.cat(outs, 1)
+
+
+def fla_rule(q, k, v, g, beta, cu):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    return out
+
+
+def grads(fn, inputs, cu, d_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves, cu)
+    (out.double() * d_out).sum().backward()
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[300, 517, 183])
+    args = ap.parse_args()
+    import fla.ops.common.chunk_o as chunk_o
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # the guard lifted: what is measured is the kernel itself
+    import triton
+
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
+    cu = torch.tensor([0] + list(torch.tensor(args.lengths).cumsum(0)), dtype=torch.int32, device=device)
+    T, H = int(cu[-1]), args.heads
+    names = ["output", "dq", "dk", "dv", "dg", "dbeta"]
+    print("| head dim | inputs | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    for D in args.head_dims:
+        gen = torch.Generator(device).manual_seed(D)
+        q, k, v = (torch.randn(1, T, H, D, device=device, generator=gen) for _ in range(3))
+        g = F.logsigmoid(torch.randn(1, T, H, device=device, generator=gen) + 3)  # decays near 1, as trained
+        beta = torch.sigmoid(torch.randn(1, T, H, device=device, generator=gen))
+        d_out = torch.randn(1, T, H, D, device=device, generator=gen, dtype=torch.float64)
+        for dtype in (torch.float32, torch.bfloat16):
+            cast = [t.to(dtype) for t in (q, k, v)] + [g, beta.to(dtype)]
+            ref = grads(reference, cast, cu, d_out)  # (of the same, rounded, inputs)
+            got = grads(fla_rule, cast, cu, d_out)
+            errs = [rel(a, b) for a, b in zip(got, ref)]
+            print(f"| {D} | {str(dtype)[6:]} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
+    print("relative error: |fla - reference| / |reference| (Frobenius), the reference in float64")
+
+
+if __name__ == "__main__":
+    main()
