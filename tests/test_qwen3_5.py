@@ -282,3 +282,41 @@ def test_vlrl_serve_picks_bfloat16_on_the_cpu_for_qwen3_5_only(tiny_qwen3_5_dir,
     assert cpu_dtype(str(tiny_qwen3_5_dir), "auto") == "bfloat16"
     assert cpu_dtype(str(tiny_qwen3_5_dir), "float16") is None
     assert cpu_dtype(str(tiny_model_dir), "auto") is None
+
+
+def test_the_delta_rule_check_passes_a_right_kernel_and_catches_a_leak_or_a_wrong_gradient(model35):
+    """`rule_error` (what decides whether flash-linear-attention's kernels run on a GPU): a right packed
+    kernel (the recurrent rule, sample by sample) agrees with the chunked reference to float32 noise; one
+    whose state leaks across samples, or whose forward is right but whose key gradient is 10% off (the kind of
+    bug fla#640 is on Hopper), is caught. On the CPU there is nothing to choose."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as m
+
+    from vlrl.adapters.linear_attention import RULE_TOLERANCE, choose_delta_rule, rule_error
+
+    reference = m.torch_chunk_gated_delta_rule._vlrl_bound.__wrapped__  # (patched at load: transformers' own)
+    shape = dict(heads=4, dims=(16, 8), device=torch.device("cpu"))
+
+    def recurrent(q, k, v, g, beta, cu):
+        return torch.cat([m.torch_recurrent_gated_delta_rule(*(t[:, a:b] for t in (q, k, v, g, beta)),
+                                                             use_qk_l2norm_in_kernel=True)[0]
+                          for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+
+    def leaking(q, k, v, g, beta, cu):  # the whole packed sequence as one: state carried into the next sample
+        return reference(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+
+    class ScaledKeyGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, k):
+            return k.view_as(k)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.1
+
+    def wrong_dk(q, k, v, g, beta, cu):
+        return recurrent(q, ScaledKeyGradient.apply(k), v, g, beta, cu)
+
+    assert rule_error(recurrent, reference, **shape) < 1e-4
+    assert rule_error(leaking, reference, **shape) > 10 * RULE_TOLERANCE
+    assert 0.05 < rule_error(wrong_dk, reference, **shape) < 0.2
+    assert choose_delta_rule(model35.model.language_model, torch.device("cpu")) is None

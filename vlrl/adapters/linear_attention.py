@@ -91,6 +91,90 @@ def set_delta_rule(language_model: nn.Module, kernel: str) -> None:
     module_globals["torch_chunk_gated_delta_rule"] = _rule_with_boundaries(chosen, native, bound)
 
 
+# A kernel whose output and gradients are within this of the reference's (relative, float32 inputs) is
+# trusted. fla's kernels run float32 products in TF32 (~1e-3); the Hopper bug of fla#640 puts dk tens of
+# percent off.
+RULE_TOLERANCE = 2e-2
+
+
+def rule_error(candidate, reference, heads: int, dims: tuple[int, int], device,
+               lengths: tuple[int, ...] = (70, 129, 57)) -> float:
+    """How far `candidate(q, k, v, g, beta, cu_seqlens)` -> [1, T, v_heads, v_dim] is from `reference(q, k,
+    v, g, beta)` (one unpacked sample, transformers' signature) on random packed samples of `lengths`: the
+    largest relative (Frobenius) error of the output and of the gradients of q, k, v, g and beta, float32
+    inputs. `heads`: the value heads (the layer repeats the key heads to as many before the rule); `dims`:
+    (key dim, value dim)."""
+    gen = torch.Generator(device).manual_seed(0)
+    T = sum(lengths)
+    (dk, dv), h = dims, heads
+    rand = lambda *shape: torch.randn(*shape, device=device, generator=gen)  # noqa: E731
+    inputs = [rand(1, T, h, dk), rand(1, T, h, dk), rand(1, T, h, dv),
+              F.logsigmoid(rand(1, T, h) + 3), torch.sigmoid(rand(1, T, h))]  # decays near 1, as trained
+    d_out = rand(1, T, h, dv)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        (out.float() * d_out).sum().backward()
+        return [out.detach().float()] + [t.grad for t in leaves]
+
+    def per_sample(*ts):
+        return torch.cat([reference(*(t[:, a:b] for t in ts), use_qk_l2norm_in_kernel=True)[0]
+                          for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+
+    got = run(lambda *ts: candidate(*ts, cu))
+    want = run(per_sample)
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, want))
+
+
+def _fla_rule(q, k, v, g, beta, cu_seqlens):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, cu_seqlens=cu_seqlens,
+                                    use_qk_l2norm_in_kernel=True)
+    return out
+
+
+def choose_delta_rule(language_model: nn.Module, device: torch.device) -> str | None:
+    """On a GPU with flash-linear-attention installed: run its kernels only where they are right on this GPU.
+    fla 0.6.0 refuses Hopper with Triton 3.4 .. 3.7.0 (fla#640: its dq/dk/dg kernel is miscompiled there for
+    some block sizes), which torch 2.11 ships. So fla's rule is measured here against the PyTorch reference on
+    a small packed problem with the model's head counts and dims (`rule_error`), the refusal lifted for the
+    measurement: fla where it agrees (`RULE_TOLERANCE`), the reference otherwise (refusal restored). Returns
+    the sentence to say (None: nothing to choose, transformers' choice stands)."""
+    if device.type != "cuda" or not has_linear_attention(language_model):
+        return None
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:
+        return ("Gated DeltaNet: flash-linear-attention is not installed, so transformers' PyTorch delta "
+                "rule runs (correct, ~1.7x slower on the update: README, Model families)")
+    layer = next(layer.linear_attn for layer in language_model.layers if hasattr(layer, "linear_attn"))
+    patch_linear_attention(language_model)
+    module_globals = vars(sys.modules[type(layer).__module__])
+    reference = module_globals["torch_chunk_gated_delta_rule"]._vlrl_bound.__wrapped__
+    guard = getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # (read at each call: the refusal is lifted while measuring)
+    shape = dict(heads=layer.num_v_heads, dims=(layer.head_k_dim, layer.head_v_dim))
+    try:
+        error = rule_error(_fla_rule, reference, device=device, **shape)
+    except Exception as e:  # noqa: BLE001  (a kernel that does not run here is not used here)
+        error, why = float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    else:
+        why = f"output or gradients {error:.1e} off the PyTorch reference"
+    if error <= RULE_TOLERANCE:
+        set_delta_rule(language_model, "fla")
+        lifted = "" if guard else " (its refusal of this Triton on Hopper lifted: the check passed)"
+        return (f"Gated DeltaNet: flash-linear-attention's kernels, checked on this GPU{lifted}: output and "
+                f"gradients within {error:.1e} of the PyTorch reference")
+    chunk_o.TRITON_ABOVE_3_7_1 = guard
+    set_delta_rule(language_model, "torch")
+    return (f"Gated DeltaNet: flash-linear-attention is wrong on this GPU ({why}; fla#640: Triton < 3.7.1 "
+            "on Hopper), so transformers' PyTorch delta rule runs (correct, slower); Triton >= 3.7.1 (torch "
+            ">= 2.12) lets fla run")
+
+
 def boundaries(cu_seqlens: torch.Tensor, doc: torch.Tensor, max_seqlen: int, total: int) -> tuple:
     """The `BOUNDARIES` keyword: boundaries, each token's sample and its place in it."""
     within = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[doc]  # [T]
