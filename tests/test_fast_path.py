@@ -46,7 +46,7 @@ def test_fast_path_matches_naive(tiny_model, case, dtype, tol, variant):
     model.model.visual.requires_grad_(False)
     if variant == "checkpoint-half":
         set_checkpointing(model, 0.5)
-        assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [False, True]
+        assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     settings = AlgorithmConfig()
     batch = batch.to("cpu")
     model.zero_grad(set_to_none=True)
