@@ -203,7 +203,11 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                 t1 = time.perf_counter()
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if moved is not None:  # (the moments still on their way are waited for here)
+                    moved.before_step()
                 opt.step()
+                if moved is not None:
+                    moved.after_step()
                 opt.zero_grad(set_to_none=True)
                 tools.sync(device)
                 tail_s = time.perf_counter() - t1

@@ -23,10 +23,12 @@ def reference(q, k, v, g, beta, cu):
     """transformers' `torch_recurrent_gated_delta_rule`, per packed sequence, in float64: [1, T, H, V]."""
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
 
+    # (with fla installed, transformers' name dispatches to fla's fused recurrent kernel: no backward)
+    rule = getattr(torch_recurrent_gated_delta_rule, "__wrapped__", torch_recurrent_gated_delta_rule)
     outs = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         part = [t[:, a:b].double() for t in (q, k, v, g, beta)]
-        out, _ = torch_recurrent_gated_delta_rule(*part, initial_state=None, output_final_state=False,
+        out, _ = rule(*part, initial_state=None, output_final_state=False,
                                                   use_qk_l2norm_in_kernel=True)
         outs.append(out)
     return torch.cat(outs, 1)
