@@ -149,7 +149,7 @@ class Run:
             self.auto_checkpointing = AutoCheckpointing(
                 lambda f, s: self.adapter.set_checkpointing(self.model, f, s),
                 self.adapter.decoder_layers(self.model), self.device, head)
-        self.messages: list[str] = list(self.adapter.notes)  # said once, by the main process (train prints them)
+        self.messages: list[str] = []  # said once, by the main process (train prints them)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.train.learning_rate, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay,

@@ -14,16 +14,11 @@ Different:
 - the vision tower has no deepstack (its merger output only);
 - the chat template thinks by default (`<think>\\n` opens the reply) and writes tool calls as XML
   (`<tool_call>\\n<function=NAME>\\n<parameter=...`); the checkpoint's own template is used as it is;
-- FSDP2 units are `Qwen3_5DecoderLayer` and `Qwen3_5VisionBlock`;
-- on a GPU the gated delta rule runs flash-linear-attention's kernels only where a check on this GPU finds
-  them right (`linear_attention.choose_delta_rule`; fla 0.6.0 refuses Hopper with torch 2.11's Triton).
+- FSDP2 units are `Qwen3_5DecoderLayer` and `Qwen3_5VisionBlock`.
 """
 
 from __future__ import annotations
 
-import torch
-
-from .linear_attention import choose_delta_rule
 from .lora import ATTENTION_AND_MLP
 from .qwen3_vl import Qwen3VLAdapter
 
@@ -38,13 +33,3 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     # LoRA by default on the full-attention, Gated DeltaNet and MLP projections (the conv1d and the tiny
     # per-head a/b projections stay frozen)
     lora_targets = ATTENTION_AND_MLP + ["in_proj_qkv", "in_proj_z", "out_proj"]
-
-    def load_model(self, dtype: torch.dtype, device: torch.device | str = "cpu",
-                   weights_from: str | None = None):
-        """As Qwen3-VL's, then (on a GPU) the gated delta rule's kernel checked on this GPU
-        (`linear_attention.choose_delta_rule`): flash-linear-attention where it is right here."""
-        model = super().load_model(dtype, device, weights_from)
-        said = choose_delta_rule(model.model.language_model, torch.device(device))
-        if said and said not in self.notes:
-            self.notes.append(said)
-        return model

@@ -51,7 +51,6 @@ class Qwen3VLAdapter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cfg = cfg
-        self.notes: list[str] = []  # what loading the model chose and the run should say (once)
         self.limits = ImageLimits(cfg.image_max_bytes, cfg.image_max_decoded_pixels,
                                   cfg.image_fetch_timeout_s)
         self.video_limits = VideoLimits(cfg.video_max_bytes, cfg.video_max_decoded_pixels,
