@@ -49,6 +49,14 @@ def _steps(model, opt, offload, steps: int = 3, passes: int = 2) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def _assert_same_training(plain, opt_a, params, opt_b) -> None:
+    """Weights and AdamW moments equal bit for bit."""
+    for a, b in zip(plain.parameters(), params):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+
+
 def test_offloaded_moments_are_adamw_bit_for_bit_and_live_on_the_host_between_steps():
     plain, moved = _model(), _model()
     params = list(moved.parameters())
@@ -60,10 +68,7 @@ def test_offloaded_moments_are_adamw_bit_for_bit_and_live_on_the_host_between_st
     assert offload.chosen == [params[5], params[4], params[3]] and offload.bytes == 2 * 4 * (3 + 48 + 16)
     _steps(plain, opt_a, None)
     _steps(moved, opt_b, offload)
-    for a, b in zip(plain.parameters(), params):
-        assert torch.equal(a, b)
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+    _assert_same_training(plain, opt_a, params, opt_b)
     assert set(offload.host) == set(offload.chosen)  # the chosen moments are the host copies between steps
     assert all(opt_b.state[p][k] is offload.host[p][k] for p in offload.chosen
                for k in ("exp_avg", "exp_avg_sq"))
@@ -87,10 +92,7 @@ def test_restored_moments_stay_on_the_device_and_the_steps_go_on_as_adamw():
                for p in params for k in ("exp_avg", "exp_avg_sq"))
     _steps(plain, opt_a, None, steps=2)
     _steps(moved, opt_b, None, steps=2)
-    for a, b in zip(plain.parameters(), params):
-        assert torch.equal(a, b)
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+    _assert_same_training(plain, opt_a, params, opt_b)
 
 
 def test_the_last_pass_fetches_each_moment_as_its_gradient_is_final():
@@ -153,10 +155,7 @@ def test_fetches_wait_for_the_memory_the_backward_frees_and_the_steps_stay_adamw
     offload.allocated, offload.before_backward = allocated, before_backward
     _steps(plain, opt_a, None)
     _steps(moved, opt_b, offload)
-    for a, b in zip(plain.parameters(), params):
-        assert torch.equal(a, b)
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt_a.state[a][k], opt_b.state[b][k])
+    _assert_same_training(plain, opt_a, params, opt_b)
     assert seen and all(now <= 10_000 for now, _, _ in seen)  # never above the backward's start
     assert max(q for _, q, _ in seen) >= 2  # fetches waited behind the memory not yet freed
     assert set(order[:2]) == {4, 5}  # the head (the last Linear) is final first
