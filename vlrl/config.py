@@ -485,8 +485,8 @@ class TrainConfig(Section):
     pays (8B ragged batch, an H100 capped at 74.5 GiB: 42.8% useful MFU against 41.8%, one run, README) and its
     copies share the host link with the weight sync. `auto`: with `checkpoint_fraction = "auto"` on a GPU, one
     process or DDP, kept only where the chooser recomputes fewer layers with it than without (it decides at the
-    first update and says so); true: on (not under FSDP2, where each rank holds a shard of the state already). Needs that much free
-    host memory per process."""
+    first update and says so); true: on (not under FSDP2, where each rank holds a shard of the state already).
+    Needs that much free host memory per process."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
     one compiled graph), and the softmax statistics of the logprob head (one fused kernel per chunk of logits,
