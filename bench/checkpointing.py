@@ -158,9 +158,10 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
 
     def timed_steps(label: str, tail: bool = False) -> dict:
         """Steps of update + clip + fused AdamW from a fresh optimizer state: the first (AdamW's state allocated,
-        graphs compiled) untimed, then --ragged-repeat timed back to back (one sync at the end: the moments' copy
-        back to the host overlaps the next step, as it overlaps the weight sync and rollouts in training); the
-        peak over all of them. `tail`: then one more update, and what follows its last backward timed alone
+        graphs compiled) untimed, then --ragged-repeat timed back to back, to the end of the last step's work on
+        the compute stream: the moments' copy back to the host overlaps the next step, as it overlaps the weight
+        sync and rollouts in training (a device-wide sync at the end charged the last step's copy, 0.31 s for
+        15 GiB on an H100, to the steps: half of it a step at --ragged-repeat 2); the peak over all of them. `tail`: then one more update, and what follows its last backward timed alone
         (the part of a step an asynchronous run's streamed update cannot overlap with sampling, besides the
         last micro-batch: bench/async_rollouts.py --optimizer-s)."""
         gc.collect()
@@ -179,6 +180,12 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                 moved.after_step()
             opt.zero_grad(set_to_none=True)
 
+        def compute_done():  # the compute stream's work finished (not the copy stream's)
+            if on_gpu:
+                event = torch.cuda.Event()
+                event.record()
+                event.synchronize()
+
         try:
             step()
             tools.sync(device)
@@ -189,8 +196,9 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
-            tools.sync(device)
+            compute_done()
             t = (time.perf_counter() - t0) / n
+            tools.sync(device)
             retries = (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries) if on_gpu else 0
             waits: dict[str, float] = {}
             for what, start, end in (moved.waits or []) if moved is not None else []:
@@ -209,8 +217,10 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                 if moved is not None:
                     moved.after_step()
                 opt.zero_grad(set_to_none=True)
-                tools.sync(device)
+                compute_done()
                 tail_s = time.perf_counter() - t1
+                tools.sync(device)
+                copy_back_s = time.perf_counter() - t1 - tail_s
         except torch.OutOfMemoryError as e:
             model.zero_grad(set_to_none=True)
             if moved is not None:
@@ -228,7 +238,8 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                           for what, s in waits.items()), flush=True)
         if tail:
             row["tail_s"] = tail_s
-            print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s",
+            print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s" +
+                  (f"; the moments' copy back to the host ends {copy_back_s:.3f} s after it" if moved is not None else ""),
                   flush=True)
         return row
 
