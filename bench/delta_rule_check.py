@@ -14,6 +14,7 @@ positive control: it should show the bug where the bug is.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--lengths", type=int, nargs="+", default=[300, 517, 183])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
+                    help="input dtypes, in this order (bf16 first: the kernels a bf16 model compiles anyway)")
     args = ap.parse_args()
     import fla.ops.common.chunk_o as chunk_o
 
@@ -75,10 +78,16 @@ def main():
         g = F.logsigmoid(torch.randn(1, T, H, device=device, generator=gen) + 3)  # decays near 1, as trained
         beta = torch.sigmoid(torch.randn(1, T, H, device=device, generator=gen))
         d_out = torch.randn(1, T, H, D, device=device, generator=gen, dtype=torch.float64)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in args.dtypes:
+            dtype = getattr(torch, dtype)
             cast = [t.to(dtype) for t in (q, k, v)] + [g, beta.to(dtype)]
+            t0 = time.perf_counter()
             ref = grads(reference, cast, cu, d_out)  # (of the same, rounded, inputs)
+            t1 = time.perf_counter()
+            print(f"  head dim {D}, {str(dtype)[6:]}: reference {t1 - t0:.1f} s; fla (a first call compiles "
+                  "and autotunes its kernels) ...", flush=True)
             got = grads(fla_rule, cast, cu, d_out)
+            print(f"  ... fla {time.perf_counter() - t1:.1f} s", flush=True)
             errs = [rel(a, b) for a, b in zip(got, ref)]
             print(f"| {D} | {str(dtype)[6:]} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
     print("relative error: |fla - reference| / |reference| (Frobenius), the reference in float64")
