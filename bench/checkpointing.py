@@ -149,8 +149,8 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     layers = len(model.model.language_model.layers)
 
     opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
-    moved = (StateOffload(opt, params, gradient_bytes(params), device, pace=not getattr(args, "unpaced_offload", False))
-             if offload else None)
+    paced = not getattr(args, "unpaced_offload", False)
+    moved = StateOffload(opt, params, gradient_bytes(params), device, pace=paced) if offload else None
 
     def update(p):
         accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
@@ -161,9 +161,10 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
         graphs compiled) untimed, then --ragged-repeat timed back to back, to the end of the last step's work on
         the compute stream: the moments' copy back to the host overlaps the next step, as it overlaps the weight
         sync and rollouts in training (a device-wide sync at the end charged the last step's copy, 0.31 s for
-        15 GiB on an H100, to the steps: half of it a step at --ragged-repeat 2); the peak over all of them. `tail`: then one more update, and what follows its last backward timed alone
-        (the part of a step an asynchronous run's streamed update cannot overlap with sampling, besides the
-        last micro-batch: bench/async_rollouts.py --optimizer-s)."""
+        15 GiB on an H100, to the steps: half of it a step at --ragged-repeat 2); the peak over all of them.
+        `tail`: then one more update, and what follows its last backward timed alone (the part of a step an
+        asynchronous run's streamed update cannot overlap with sampling, besides the last micro-batch:
+        bench/async_rollouts.py --optimizer-s)."""
         gc.collect()
         opt.state.clear()  # (the offload's pinned buffers are kept: written again after the first step)
         if on_gpu:
@@ -238,8 +239,8 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                           for what, s in waits.items()), flush=True)
         if tail:
             row["tail_s"] = tail_s
-            print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s" +
-                  (f"; the moments' copy back to the host ends {copy_back_s:.3f} s after it" if moved is not None else ""),
+            copy = f"; the moments' copy back to the host ends {copy_back_s:.3f} s after it" if moved is not None else ""
+            print(f"  of a step, after the last backward (gradient scaling + clip + AdamW): {tail_s:.3f} s{copy}",
                   flush=True)
         return row
 
