@@ -149,8 +149,7 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     layers = len(model.model.language_model.layers)
 
     opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
-    paced = not getattr(args, "unpaced_offload", False)
-    moved = StateOffload(opt, params, gradient_bytes(params), device, pace=paced) if offload else None
+    moved = StateOffload(opt, params, gradient_bytes(params), device, pace=not args.unpaced_offload) if offload else None
 
     def update(p):
         accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
