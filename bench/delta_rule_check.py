@@ -8,12 +8,17 @@ transformers' recurrent reference (one token at a time, the definition of the ru
 head dim given, on packed sequences (`cu_seqlens`), in float32 and bfloat16 inputs. A head dim of 64 is the
 positive control: it should show the bug where the bug is.
 
+Each case runs twice: fla's own kernels (`fla`), and fla with vlrl's `chunk_bwd_dqkwg` in place of the one
+the guard names (`fla + vlrl`, vlrl/adapters/fla_hopper.py). `--time-tokens` then times forward + backward
+of both at Qwen3.5-9B's shapes (32 heads of 128, one packed micro-batch of that many tokens, bf16).
+
     python bench/delta_rule_check.py --head-dims 128 64
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -60,10 +65,15 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[300, 517, 183])
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
                     help="input dtypes, in this order (bf16 first: the kernels a bf16 model compiles anyway)")
+    ap.add_argument("--time-tokens", type=int, default=16384, help="tokens of the timed packed micro-batch "
+                    "(0: no timing)")
     args = ap.parse_args()
     import fla.ops.common.chunk_o as chunk_o
 
+    from vlrl.adapters.fla_hopper import register_backend
+
     chunk_o.TRITON_ABOVE_3_7_1 = True  # the guard lifted: what is measured is the kernel itself
+    register_backend(force=True)  # (switched per row by its environment variable)
     import triton
 
     device = torch.device("cuda")
@@ -71,7 +81,7 @@ def main():
     cu = torch.tensor([0] + list(torch.tensor(args.lengths).cumsum(0)), dtype=torch.int32, device=device)
     T, H = int(cu[-1]), args.heads
     names = ["output", "dq", "dk", "dv", "dg", "dbeta"]
-    print("| head dim | inputs | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    print("| head dim | inputs | kernels | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
     for D in args.head_dims:
         gen = torch.Generator(device).manual_seed(D)
         q, k, v = (torch.randn(1, T, H, D, device=device, generator=gen) for _ in range(3))
@@ -86,11 +96,41 @@ def main():
             t1 = time.perf_counter()
             print(f"  head dim {D}, {str(dtype)[6:]}: reference {t1 - t0:.1f} s; fla (a first call compiles "
                   "and autotunes its kernels) ...", flush=True)
-            got = grads(fla_rule, cast, cu, d_out)
-            print(f"  ... fla {time.perf_counter() - t1:.1f} s", flush=True)
-            errs = [rel(a, b) for a, b in zip(got, ref)]
-            print(f"| {D} | {str(dtype)[6:]} | " + " | ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
+            for kernels, ours in (("fla + vlrl", "1"), ("fla", "0")):
+                os.environ["VLRL_FLA_DQKWG"] = ours
+                t1 = time.perf_counter()
+                got = grads(fla_rule, cast, cu, d_out)
+                print(f"  ... {kernels} {time.perf_counter() - t1:.1f} s", flush=True)
+                errs = [rel(a, b) for a, b in zip(got, ref)]
+                cells = " | ".join(f"{e:.1e}" for e in errs)
+                print(f"| {D} | {str(dtype)[6:]} | {kernels} | {cells} |", flush=True)
     print("relative error: |fla - reference| / |reference| (Frobenius), the reference in float64")
+    if args.time_tokens:
+        timing(args.time_tokens, device)
+
+
+def timing(tokens, device, H=32, D=128, repeat=10):
+    """Forward + backward of the rule over one packed micro-batch (samples of 400 tokens, the bench's median
+    completion) at Qwen3.5-9B's linear-attention shapes, fla's dqkwg against vlrl's."""
+    lengths = [400] * (tokens // 400) + ([tokens % 400] if tokens % 400 else [])
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    bf16 = dict(device=device, generator=gen, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(1, tokens, H, D, **bf16) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, tokens, H, device=device, generator=gen) + 3)
+    beta = torch.sigmoid(torch.randn(1, tokens, H, device=device, generator=gen)).bfloat16()
+    d_out = torch.randn(1, tokens, H, D, **bf16)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g, beta)]
+    print(f"\n| dqkwg | fwd + bwd ms ({tokens} tokens, {H} heads of {D}, bf16) |\n|---|---|")
+    for kernels, ours in (("fla's (Triton)", "0"), ("vlrl's (PyTorch)", "1")):
+        os.environ["VLRL_FLA_DQKWG"] = ours
+        for i in range(repeat + 2):
+            if i == 2:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            fla_rule(*leaves, cu).backward(d_out)
+        torch.cuda.synchronize()
+        print(f"| {kernels} | {(time.perf_counter() - t0) / repeat * 1e3:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

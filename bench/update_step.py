@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -675,8 +676,9 @@ def main():
                     help="Qwen3.5: vlrl's path's gated delta rule (the naive path always runs transformers' "
                          "PyTorch reference)")
     ap.add_argument("--lift-fla-hopper-guard", action="store_true",
-                    help="let flash-linear-attention 0.6.0 run its gated backward on Hopper with Triton < 3.7.1, "
-                         "which it refuses (fla#640: wrong dk/db/dg); to measure its speed and its error")
+                    help="let flash-linear-attention 0.6.0 run its own gated backward on Hopper with Triton < 3.7.1, "
+                         "which it refuses (fla#640: wrong dk/db/dg), instead of vlrl's replacement of that "
+                         "kernel (vlrl/adapters/fla_hopper.py); to measure its speed and its error")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1041)
     ap.add_argument("--images", type=int, default=1, help="images per sample")
@@ -779,10 +781,15 @@ def main():
             import fla.ops.common.chunk_o as chunk_o
 
             chunk_o.TRITON_ABOVE_3_7_1 = True
+            os.environ["VLRL_FLA_DQKWG"] = "0"  # fla's own kernel, not vlrl's replacement
         set_delta_rule(model.model.language_model, args.delta_rule)
         model._bench_delta_rule = args.delta_rule
-        print(f"Qwen3.5: vlrl's path runs the '{args.delta_rule}' gated delta rule, the naive path transformers' "
-              "PyTorch reference; causal conv1d: PyTorch (packed: vlrl's masked taps)", flush=True)
+        from vlrl.adapters.fla_hopper import fla_refuses_here
+
+        ours = fla_refuses_here() and not args.lift_fla_hopper_guard and args.delta_rule != "torch"
+        print(f"Qwen3.5: vlrl's path runs the '{args.delta_rule}' gated delta rule"
+              f"{' (fla with vlrl chunk_bwd_dqkwg)' if ours else ''}, the naive path transformers' PyTorch "
+              "reference; causal conv1d: PyTorch (packed: vlrl's masked taps)", flush=True)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
                             IM_END if vocab > 150000 else 1, max_model_len=1 << 20, family=args.family)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlrl.adapters.fla_hopper import register_backend
+
 # the packing keyword every linear-attention layer reads: (cu_seqlens [n + 1] int32, doc [T], within [T],
 # longest sample); built once per forward by packing.attention_kwargs
 BOUNDARIES = "vlrl_linear_boundaries"
@@ -54,6 +56,7 @@ def patch_linear_attention(language_model: nn.Module) -> bool:
     module_globals = vars(sys.modules[type(layers[0]).__module__])
     if module_globals.get("_vlrl_linear_packing"):
         return True
+    register_backend()  # fla's gated backward on Hopper with torch <= 2.11's Triton (fla_hopper.py)
     module_globals["causal_conv1d_fn"] = _conv_with_boundaries(module_globals["causal_conv1d_fn"])
     bound = module_globals["torch_chunk_gated_delta_rule"]
     module_globals["torch_chunk_gated_delta_rule"] = _rule_with_boundaries(bound, _takes_cu_seqlens(bound),
@@ -65,7 +68,8 @@ def patch_linear_attention(language_model: nn.Module) -> bool:
 def set_delta_rule(language_model: nn.Module, kernel: str) -> None:
     """Choose the chunked gated delta rule every linear-attention layer of `language_model`'s module runs:
     `torch` (transformers' PyTorch reference, packed samples re-padded), `fla` (flash-linear-attention's
-    Triton `chunk_gated_delta_rule`, packed samples by `cu_seqlens`), or `transformers` (what transformers
+    Triton `chunk_gated_delta_rule`, packed samples by `cu_seqlens`; on Hopper with Triton < 3.7.1 one of
+    its backward kernels is vlrl's, `fla_hopper.py`), or `transformers` (what transformers
     bound at import: fla when importable, else the reference). For benches and users who must pick; models
     keep transformers' choice otherwise."""
     patch_linear_attention(language_model)
@@ -78,6 +82,8 @@ def set_delta_rule(language_model: nn.Module, kernel: str) -> None:
         chosen, native = bound.__wrapped__, False  # (functools.wraps: the reference function itself)
     elif kernel == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        register_backend()
 
         def chosen(query, key, value, g, beta, initial_state=None, output_final_state=False,
                    use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
@@ -165,5 +171,8 @@ def _rule_with_boundaries(original, native: bool, bound):
         out, state = original(*(padded(t) for t in (query, key, value, g, beta)), *args, **kwargs)
         return out[doc, within][None], state  # [1, T, heads, v_dim]
 
+    # compiled layers run it eagerly: fla's kernels are Triton already (its backend dispatch refuses tracing),
+    # and the reference's Python loop over chunks would recompile for every new sequence length
+    rule = torch.compiler.disable(rule)
     rule._vlrl_bound = bound
     return rule

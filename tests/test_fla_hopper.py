@@ -1,0 +1,113 @@
+"""vlrl's `chunk_bwd_dqkwg` (the fla backward kernel it replaces on Hopper with Triton < 3.7.1) against
+autograd of the chunk's own formula, in float64 on the CPU: packed sequences with partial chunks, value heads
+sharing query/key heads, both state layouts, fla's chunk indices given or derived."""
+
+import math
+
+import pytest
+import torch
+
+from vlrl.adapters.fla_hopper import chunk_bwd_dqkwg, register_backend
+
+
+def chunk_terms(q, k, w, g, v, h, do, dh, dv, lengths, BT, scale):
+    """sum(do * o) + sum(dh * h_next) + sum(dv * (-w h)) over every chunk of every sequence ([T, ...] tokens,
+    g the gate's chunk-local cumsum in natural units, h/dh [chunks, HV, K, V]): the scalar whose gradients
+    in q, k, w and g the kernel returns (v, h and the incoming gradients held fixed)."""
+    HV = v.shape[1]
+    q, k = (x.repeat_interleave(HV // x.shape[1], dim=1) for x in (q, k))
+    total, c, start = 0, 0, 0
+    for length in lengths:
+        for a in range(start, start + length, BT):
+            b = min(a + BT, start + length)
+            Q, K, V, G = q[a:b], k[a:b], v[a:b], g[a:b]  # [L, HV, ...], G [L, HV]
+            decay = torch.exp(G[:, None] - G[None, :]).permute(2, 0, 1)  # [HV, L(i), L(j)]
+            scores = torch.einsum("ihk,jhk->hij", Q, K) * decay * torch.ones_like(decay).tril()
+            o = scale * (torch.exp(G)[..., None] * torch.einsum("lhk,hkv->lhv", Q, h[c])
+                         + torch.einsum("hij,jhv->ihv", scores, V))
+            last = G[-1]
+            h_next = (torch.exp(last)[:, None, None] * h[c]
+                      + torch.einsum("lhk,lhv->hkv", K * torch.exp(last - G)[..., None], V))
+            new_v = -torch.einsum("lhk,hkv->lhv", w[a:b], h[c])
+            total = total + (do[a:b] * o).sum() + (dh[c] * h_next).sum() + (dv[a:b] * new_v).sum()
+            c += 1
+        start += length
+    return total
+
+
+def case(lengths, H, HV, K, V, BT, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    T, chunks = sum(lengths), sum(math.ceil(n / BT) for n in lengths)
+    f64 = dict(dtype=torch.float64, generator=gen)
+    q, k = torch.randn(T, H, K, **f64), torch.randn(T, H, K, **f64)
+    w = torch.randn(T, HV, K, **f64)
+    g = -torch.rand(T, HV, **f64) * 0.5  # (any values: the gradients are in g itself)
+    v, do, dv = torch.randn(T, HV, V, **f64), torch.randn(T, HV, V, **f64), torch.randn(T, HV, V, **f64)
+    h, dh = torch.randn(chunks, HV, K, V, **f64), torch.randn(chunks, HV, K, V, **f64)
+    return q, k, w, g, v, h, do, dh, dv
+
+
+def expected(lengths, BT, scale, q, k, w, g, *fixed):
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, w, g)]
+    chunk_terms(*leaves, *fixed, lengths, BT, scale).backward()
+    return [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("state_v_first", [False, True])
+@pytest.mark.parametrize("heads", [(2, 2), (2, 4)])
+def test_packed_chunks_match_autograd_of_the_chunk_formula(state_v_first, heads):
+    lengths, BT, (H, HV), K, V, scale = [13, 8, 3, 20], 8, heads, 5, 6, 0.37
+    q, k, w, g, v, h, do, dh, dv = case(lengths, H, HV, K, V, BT)
+    want = expected(lengths, BT, scale, q, k, w, g, v, h, do, dh, dv)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    state = (lambda x: x.transpose(-1, -2).contiguous()) if state_v_first else (lambda x: x)
+    got = chunk_bwd_dqkwg(q[None], k[None], v[None], do[None], state(h)[None], state(dh)[None], w=w[None],
+                          g=g[None] / math.log(2), dv=dv[None], scale=scale, state_v_first=state_v_first,
+                          cu_seqlens=cu, chunk_size=BT)
+    for name, a, b in zip(["dq", "dk", "dw", "dg"], got, want):
+        assert a.shape[1:] == b.shape, name
+        torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_equal_length_batch_and_given_chunk_indices():
+    """B sequences of T (no cu_seqlens) == the same sequences packed, with fla's chunk indices handed in."""
+    lengths, BT, K, V = [11, 11], 4, 3, 4
+    q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 2, K, V, BT, seed=1)
+    want = expected(lengths, BT, 0.5, q, k, w, g, v, h, do, dh, dv)
+
+    def batched(x):  # [2 * 11, ...] -> [2, 11, ...]
+        return x.view(2, 11, *x.shape[1:])
+
+    got = chunk_bwd_dqkwg(batched(q), batched(k), batched(v), batched(do), h.view(2, 3, *h.shape[1:]),
+                          dh.view(2, 3, *dh.shape[1:]), w=batched(w), g=batched(g) / math.log(2),
+                          dv=batched(dv), scale=0.5, chunk_size=BT)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.flatten(0, 1), b, rtol=1e-10, atol=1e-10)
+    indices = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
+    packed = chunk_bwd_dqkwg(q[None], k[None], v[None], do[None], h[None], dh[None], w=w[None],
+                             g=g[None] / math.log(2), dv=dv[None], scale=0.5, chunk_size=BT,
+                             cu_seqlens=torch.tensor([0, 11, 22]), chunk_indices=indices)
+    for a, b in zip(packed, want):
+        torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_leak_between_sequences_is_caught():
+    """The oracle tells sequences apart: the same tokens as one sequence give other gradients."""
+    lengths, BT = [5, 6], 4
+    q, k, w, g, v, h, do, dh, dv = case(lengths, 1, 1, 3, 3, BT, seed=2)
+    got = chunk_bwd_dqkwg(q[None], k[None], v[None], do[None], h[None], dh[None], w=w[None],
+                          g=g[None] / math.log(2), dv=dv[None], scale=1.0, chunk_size=BT,
+                          cu_seqlens=torch.tensor([0, 5, 11]))
+    merged = expected([11], BT, 1.0, q, k, w, g, v, h[:3], do, dh[:3], dv)
+    assert not torch.allclose(got[0][0], merged[0])
+
+
+def test_ungated_calls_are_refused_and_no_fla_registers_nothing():
+    q, k, w, g, v, h, do, dh, dv = case([4], 1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="gated"):
+        chunk_bwd_dqkwg(q[None], k[None], v[None], do[None], h[None], dh[None], w=w[None], dv=dv[None])
+    pytest.importorskip("torch")  # (fla needs Triton: on this CPU machine it is not installed)
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        assert register_backend(force=True) is False
