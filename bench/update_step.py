@@ -490,8 +490,9 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
              dict(vision=False, checkpointing=True, compiled=True, fraction=f), 6)
             for f in args.fractions
         ]
+    compile_failed = False
     for label, fn, mode, flops_per_param in variants:
-        if args.skip and any(s in label for s in args.skip):
+        if args.skip and any(s in label for s in args.skip) or compile_failed and mode.get("compiled"):
             continue
         if mode.pop("compiled", False) and not getattr(model, "_bench_compiled", False):
             from vlrl.adapters.qwen3_vl import compile_layers
@@ -501,8 +502,14 @@ def run_case(name, model, adapter, rollouts, device, args, settings, results):
             policy.fused_head = True  # what train.compile turns on with the compiled layers
             model._bench_compiled = True
             t0 = time.perf_counter()
-            fn()
-            sync(device)
+            try:
+                fn()
+                sync(device)
+            except Exception as e:  # (a model whose layers do not compile: the other cases still run)
+                print(f"  {name} | {label}: compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                zero()
+                compile_failed = True
+                continue
             print(f"  compile + first step: {time.perf_counter() - t0:.1f} s", flush=True)
             if args.breakdown and device.type == "cuda":
                 set_trainable(model, vision=False, checkpointing=False)
