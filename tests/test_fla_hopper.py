@@ -135,3 +135,43 @@ def test_fla_dispatches_its_kernel_to_vlrl_once_registered(monkeypatch):
     except Exception:  # fla's own Triton kernel (on a CPU: no driver)
         return
     assert not all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+KERNEL_CHECK = """
+import math, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_fla_hopper import case
+from vlrl.adapters.fla_hopper import chunk_bwd_dqkwg
+cases = [([13, 8, 3, 20], 16, 2, 4, 16, 32, False), ([40, 9], 16, 2, 2, 32, 16, True)]
+for lengths, BT, H, HV, K, V, svf in cases:
+    q, k, w, g, v, h, do, dh, dv = (x.float() for x in case(lengths, H, HV, K, V, BT))
+    if svf:
+        h, dh = h.transpose(-1, -2).contiguous(), dh.transpose(-1, -2).contiguous()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    args = [x[None] for x in (q, k, v, do, h, dh)]
+    kw = dict(w=w[None], g=g[None] / math.log(2), dv=dv[None], scale=0.3, cu_seqlens=cu, chunk_size=BT,
+              state_v_first=svf)
+    want, got = chunk_bwd_dqkwg(*args, **kw), chunk_bwd_dqkwg(*args, **kw, kernel="triton")
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape)
+        err = float((a - b).norm() / b.norm())
+        assert err < 1e-5, err
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_triton_kernel_equals_the_pytorch_version_in_triton_s_interpreter(tmp_path):
+    """dqkwg_kernel.py run by Triton's interpreter on the CPU (float32; the GPU: bench/delta_rule_check.py):
+    packed sequences with partial chunks, value heads sharing key heads, both state layouts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "check.py"
+    script.write_text(KERNEL_CHECK.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import torch
 
@@ -50,6 +51,7 @@ def chunk_bwd_dqkwg(q: torch.Tensor,  # [B, T, H, K]
                     cu_seqlens: torch.Tensor | None = None,  # [N + 1] (with B == 1)
                     chunk_size: int = 64,
                     chunk_indices: torch.Tensor | None = None,  # [NT, 2]: (sequence, chunk in it)
+                    kernel: str = "torch",  # or "triton": dqkwg_kernel.py (CUDA, or Triton's interpreter)
                     ):
     """fla's `chunk_bwd_dqkwg` for the gated case (g given, g_gamma not): (dq, dk, dw, dg) as fla returns
     them (dq, dk in q's dtype and q's heads, dw like w or None, dg float32 (or g's wider) [B, T, HV])."""
@@ -60,6 +62,14 @@ def chunk_bwd_dqkwg(q: torch.Tensor,  # [B, T, H, K]
     scale = K ** -0.5 if scale is None else scale
     tok, valid, last = _chunks(B, T, chunk_size, cu_seqlens, chunk_indices, k.device)  # [C, BT], [C, BT], [C]
     C, n = tok.shape[0], B * T
+    if kernel == "triton":
+        from vlrl.adapters.dqkwg_kernel import dqkwg
+
+        dq, dk, dw, dg = dqkwg(q, k, v, do, h, dh, w, g, dv, scale, state_v_first, tok[:, 0].contiguous(),
+                               last + 1, chunk_size)
+        if H != HV:
+            dq, dk = dq.view(B, T, H, HV // H, K).sum(3), dk.view(B, T, H, HV // H, K).sum(3)
+        return dq, dk, dw, dg
 
     def chunked(x):  # [B, T, heads, D] -> [C, HV, BT, D], zero past each sequence's end
         x = x.reshape(n, x.shape[2], -1)
@@ -147,6 +157,16 @@ def _has_out_dtype() -> bool:
         return False
 
 
+DEFAULT_KERNEL = "torch"
+
+
+def kernel_choice() -> str:
+    """`VLRL_FLA_DQKWG`: `torch` (the batched-matmul version) or `triton` (dqkwg_kernel.py); `0` turns the
+    replacement off (fla's own kernel, or its refusal)."""
+    chosen = os.environ.get("VLRL_FLA_DQKWG", DEFAULT_KERNEL)
+    return chosen if chosen in ("torch", "triton") else DEFAULT_KERNEL
+
+
 def fla_refuses_here() -> bool:
     """Whether fla's own gated `chunk_bwd_dqkwg` refuses this machine (a Hopper GPU, Triton 3.4 .. 3.7.0)."""
     try:
@@ -168,7 +188,7 @@ def register_backend(force: bool = False) -> bool:
 
     class VlrlBackend(BaseBackend):
         backend_type = BACKEND
-        env_var = "VLRL_FLA_DQKWG"  # 0: off (fla's own kernel, or its refusal)
+        env_var = "VLRL_FLA_DQKWG"  # 0: off (fla's own kernel, or its refusal); else `kernel_choice`
         priority = 6  # after fla's tilelang backend (5), where that one is usable
 
         def chunk_bwd_dqkwg_verifier(self, *args, **kwargs):
@@ -176,7 +196,7 @@ def register_backend(force: bool = False) -> bool:
             return call.get("g") is not None and call.get("g_gamma") is None, "vlrl's: the gated case only"
 
         def chunk_bwd_dqkwg(self, *args, **kwargs):
-            return chunk_bwd_dqkwg(*args, **kwargs)
+            return chunk_bwd_dqkwg(*args, **kwargs, kernel=kernel_choice())
 
     register("common")(VlrlBackend)
     return True
