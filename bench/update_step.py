@@ -791,11 +791,12 @@ def main():
             os.environ["VLRL_FLA_DQKWG"] = "0"  # fla's own kernel, not vlrl's replacement
         set_delta_rule(model.model.language_model, args.delta_rule)
         model._bench_delta_rule = args.delta_rule
-        from vlrl.adapters.fla_hopper import fla_refuses_here
+        from vlrl.adapters.fla_hopper import fla_refuses_here, kernel_choice
 
         ours = fla_refuses_here() and not args.lift_fla_hopper_guard and args.delta_rule != "torch"
         print(f"Qwen3.5: vlrl's path runs the '{args.delta_rule}' gated delta rule"
-              f"{' (fla with vlrl chunk_bwd_dqkwg)' if ours else ''}, the naive path transformers' PyTorch "
+              f"{f' (fla with vlrl chunk_bwd_dqkwg, {kernel_choice()})' if ours else ''}, the naive path "
+              "transformers' PyTorch "
               "reference; causal conv1d: PyTorch (packed: vlrl's masked taps)", flush=True)
     vocab = cfg.text_config.vocab_size
     adapter = bench_adapter(cfg.image_token_id, cfg.video_token_id, PAD if vocab > 150000 else 0,
