@@ -25,23 +25,31 @@ import time
 import torch
 import torch.nn.functional as F
 
-# (label, VLRL_FLA_DQKWG): vlrl's dqkwg in PyTorch, as vlrl's Triton kernel, fla's own (guard lifted)
-VARIANTS = (("fla + vlrl torch", "torch"), ("fla + vlrl triton", "triton"), ("fla", "0"))
+# (label, VLRL_FLA_DQKWG): vlrl's dqkwg in PyTorch, as vlrl's Triton kernel, fla's own (guard lifted); then
+# the control: transformers' chunked PyTorch rule (float32 inside), what the naive path and `torch` run
+VARIANTS = (("fla + vlrl torch", "torch"), ("fla + vlrl triton", "triton"), ("fla", "0"),
+            ("transformers chunked (float32 inside)", "reference"))
 
 
-def reference(q, k, v, g, beta, cu):
-    """transformers' `torch_recurrent_gated_delta_rule`, per packed sequence, in float64: [1, T, H, V]."""
-    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+def reference(q, k, v, g, beta, cu, name="torch_recurrent_gated_delta_rule", dtype=torch.float64):
+    """transformers' `torch_recurrent_gated_delta_rule` (or another of its PyTorch rules), per packed
+    sequence, in float64 (or the inputs' own dtype with `dtype=None`): [1, T, H, V]."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
 
-    # (with fla installed, transformers' name dispatches to fla's fused recurrent kernel: no backward)
-    rule = getattr(torch_recurrent_gated_delta_rule, "__wrapped__", torch_recurrent_gated_delta_rule)
+    # (with fla installed, transformers' names dispatch to fla's kernels)
+    rule = getattr(modeling_qwen3_5, name)
+    rule = getattr(rule, "__wrapped__", rule)
     outs = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        part = [t[:, a:b].double() for t in (q, k, v, g, beta)]
-        out, _ = rule(*part, initial_state=None, output_final_state=False,
-                                                  use_qk_l2norm_in_kernel=True)
+        part = [t[:, a:b].to(dtype or t.dtype) for t in (q, k, v, g, beta)]
+        out, _ = rule(*part, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=True)
         outs.append(out)
     return torch.cat(outs, 1)
+
+
+def chunked_reference(q, k, v, g, beta, cu):
+    """transformers' chunked PyTorch rule on the inputs as given (it computes in float32)."""
+    return reference(q, k, v, g, beta, cu, "torch_chunk_gated_delta_rule", dtype=None)
 
 
 def fla_rule(q, k, v, g, beta, cu):
@@ -71,6 +79,13 @@ def main():
                     help="input dtypes, in this order (bf16 first: the kernels a bf16 model compiles anyway)")
     ap.add_argument("--time-tokens", type=int, default=16384, help="tokens of the timed packed micro-batch "
                     "(0: no timing)")
+    ap.add_argument("--kernels", nargs="+", default=[v for _, v in VARIANTS],
+                    choices=[v for _, v in VARIANTS],
+                    help="which rows (VLRL_FLA_DQKWG values; reference: the control)")
+    ap.add_argument("--gating", choices=["trained", "init"], default="trained",
+                    help="the gate's log decays: trained (near 0, slow decay) or init (Qwen3.5's "
+                    "initialisation: -A softplus(a + 1), A ~ U(0.01, 16), as a random-weight model's"
+                    " layers see)")
     ap.add_argument("--pick", help="write here the VLRL_FLA_DQKWG to use: triton where its errors were "
                     "within 1.5x of the PyTorch version's in every column, else torch")
     args = ap.parse_args()
@@ -92,7 +107,7 @@ def main():
     for D in args.head_dims:
         gen = torch.Generator(device).manual_seed(D)
         q, k, v = (torch.randn(1, T, H, D, device=device, generator=gen) for _ in range(3))
-        g = F.logsigmoid(torch.randn(1, T, H, device=device, generator=gen) + 3)  # decays near 1, as trained
+        g = gates(args.gating, T, H, device, gen)
         beta = torch.sigmoid(torch.randn(1, T, H, device=device, generator=gen))
         d_out = torch.randn(1, T, H, D, device=device, generator=gen, dtype=torch.float64)
         for dtype in args.dtypes:
@@ -103,11 +118,11 @@ def main():
             t1 = time.perf_counter()
             print(f"  head dim {D}, {str(dtype)[6:]}: reference {t1 - t0:.1f} s; fla (a first call compiles "
                   "and autotunes its kernels) ...", flush=True)
-            for kernels, ours in VARIANTS:
+            for kernels, ours in [v for v in VARIANTS if v[1] in args.kernels]:
                 os.environ["VLRL_FLA_DQKWG"] = ours
                 t1 = time.perf_counter()
                 try:
-                    got = grads(fla_rule, cast, cu, d_out)
+                    got = grads(chunked_reference if ours == "reference" else fla_rule, cast, cu, d_out)
                 except Exception as e:  # (a kernel Triton cannot build here: the other rows still run)
                     print(f"| {D} | {str(dtype)[6:]} | {kernels} | {type(e).__name__}: {str(e)[:200]} |")
                     continue
@@ -125,10 +140,20 @@ def main():
             f.write("triton" if good else "torch")
         print(f"picked: {'triton' if good else 'torch'}", flush=True)
     if args.time_tokens:
-        timing(args.time_tokens, device)
+        timed = [v for v in VARIANTS if v[1] in args.kernels and v[1] != "reference"]
+        timing(args.time_tokens, device, timed)
 
 
-def timing(tokens, device, H=32, D=128, repeat=10):
+def gates(kind, T, H, device, gen):
+    """The gate's log decay per token and head ([1, T, H], float32)."""
+    a = torch.randn(1, T, H, device=device, generator=gen)
+    if kind == "trained":
+        return F.logsigmoid(a + 3)  # decays near 1
+    A = torch.empty(H, device=device).uniform_(0.01, 16, generator=gen)
+    return -A * F.softplus(a + 1)
+
+
+def timing(tokens, device, variants, H=32, D=128, repeat=10):
     """Forward + backward of the rule over one packed micro-batch (samples of 400 tokens, the bench's median
     completion) at Qwen3.5-9B's linear-attention shapes, fla's dqkwg against vlrl's."""
     lengths = [400] * (tokens // 400) + ([tokens % 400] if tokens % 400 else [])
@@ -141,7 +166,7 @@ def timing(tokens, device, H=32, D=128, repeat=10):
     d_out = torch.randn(1, tokens, H, D, **bf16)
     leaves = [t.requires_grad_(True) for t in (q, k, v, g, beta)]
     print(f"\n| kernels | fwd + bwd ms ({tokens} tokens, {H} heads of {D}, bf16) |\n|---|---|")
-    for kernels, ours in VARIANTS:
+    for kernels, ours in variants:
         os.environ["VLRL_FLA_DQKWG"] = ours
         try:
             for i in range(repeat + 2):

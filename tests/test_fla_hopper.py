@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlrl.adapters.fla_hopper import chunk_bwd_dqkwg, register_backend
+from vlrl.adapters.fla_hopper import chunk_bwd_dqkwg, kernel_choice, register_backend
 
 
 def chunk_terms(q, k, w, g, v, h, do, dh, dv, lengths, BT, scale):
@@ -119,6 +119,7 @@ def test_fla_dispatches_its_kernel_to_vlrl_once_registered(monkeypatch):
         assert register_backend(force=True) is False
         return
     assert register_backend(force=True)
+    monkeypatch.setenv("VLRL_FLA_DQKWG", "torch")  # (the default, Triton, needs a GPU or the interpreter)
     lengths, BT = [13, 8, 3, 20], 8
     q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 4, 5, 6, BT)
     cu = torch.tensor([0, 13, 21, 24, 44], dtype=torch.int32)
@@ -135,6 +136,15 @@ def test_fla_dispatches_its_kernel_to_vlrl_once_registered(monkeypatch):
     except Exception:  # fla's own Triton kernel (on a CPU: no driver)
         return
     assert not all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_kernel_choice_reads_its_variable(monkeypatch):
+    """`VLRL_FLA_DQKWG`: the Triton kernel unless `torch` is asked for; anything else is the default."""
+    monkeypatch.delenv("VLRL_FLA_DQKWG", raising=False)
+    assert kernel_choice() == "triton"
+    for value, chosen in (("torch", "torch"), ("triton", "triton"), ("bogus", "triton")):
+        monkeypatch.setenv("VLRL_FLA_DQKWG", value)
+        assert kernel_choice() == chosen
 
 
 KERNEL_CHECK = """
