@@ -669,6 +669,13 @@ def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images,
     return out
 
 
+def shipped_tokens() -> int:
+    """`train.micro_batch_tokens` of configs/qwen3-vl-8b.toml: the ragged batch as the 8B is shipped."""
+    from vlrl.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "configs/qwen3-vl-8b.toml").train.micro_batch_tokens
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (float32)")
@@ -716,8 +723,9 @@ def main():
     ap.add_argument("--ragged-median", type=float, default=400.0, help="ragged completions: log-normal median")
     ap.add_argument("--ragged-sigma", type=float, default=0.8, help="ragged completions: log-normal sigma")
     ap.add_argument("--ragged-clip", type=int, nargs=2, default=[16, 2048], help="ragged completions: shortest, longest")
-    ap.add_argument("--ragged-tokens", type=int, nargs="+", default=[16384],
-                    help="ragged case: micro_batch_tokens (with --auto: each value in turn; otherwise the first)")
+    ap.add_argument("--ragged-tokens", type=int, nargs="+", default=None,
+                    help="ragged case: micro_batch_tokens (with --auto: each value in turn; otherwise the first); "
+                    "default: with --auto on the 8B, configs/qwen3-vl-8b.toml's (as shipped), else 16384")
     ap.add_argument("--ragged-seed", type=int, default=0)
     ap.add_argument("--ragged-repeat", type=int, default=2, help="timed updates per ragged path (after one untimed)")
     ap.add_argument("--ragged-only", action="store_true", help="only the ragged case (no equal-length cases)")
@@ -743,6 +751,8 @@ def main():
     ap.add_argument("--pageable-uploads", action="store_true",
                     help="micro-batches go to the GPU from pageable memory (vlrl.batch.PIN_UPLOADS off), to measure it")
     args = ap.parse_args()
+    if args.ragged_tokens is None:
+        args.ragged_tokens = [shipped_tokens() if args.auto and args.family == "qwen3-vl" else 16384]
     import vlrl.adapters.checkpointing
 
     vlrl.adapters.checkpointing.PLACEMENT = args.placement
