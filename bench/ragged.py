@@ -248,11 +248,16 @@ def kernel_table(fn, sync, device, rows: int = 18) -> None:
     fn()
     sync(device)
     wall = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         sync(device)
     averages = prof.key_averages()
-    print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    # (wide names: a cuBLAS kernel's ends with its alignment, `_align1` for an operand it found misaligned)
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=110), flush=True)
+    products = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm")),
+                      key=lambda e: -e.device_time_total)[:rows // 2]
+    print("  matrix products by input shapes: " + "; ".join(
+        f"{e.key} {e.input_shapes} x{e.count}: {e.device_time_total / 1e3:.0f} ms" for e in products), flush=True)
     # the host's side: what keeps the GPU waiting when its kernels add up to less than the wall time
     print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
     kernels = sum(e.self_device_time_total for e in prof.events()
