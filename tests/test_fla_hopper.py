@@ -147,6 +147,44 @@ def test_kernel_choice_reads_its_variable(monkeypatch):
         assert kernel_choice() == chosen
 
 
+def test_a_triton_kernel_that_cannot_build_falls_back_to_pytorch(monkeypatch):
+    """Where Triton raises building vlrl's kernel, fla's registry still gets the right result (the PyTorch
+    version), with one warning, and the Triton kernel is not tried again; an error of another kind is
+    raised."""
+    import vlrl.adapters.dqkwg_kernel as dqkwg_kernel
+    import vlrl.adapters.fla_hopper as fla_hopper
+
+    CompilationError = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    tries = []
+
+    def broken(*args, **kwargs):
+        tries.append(1)
+        raise CompilationError("at 12:8: unsupported layout")
+
+    monkeypatch.setattr(dqkwg_kernel, "dqkwg", broken)
+    monkeypatch.setattr(fla_hopper, "_TRITON_FAILED", [])
+    monkeypatch.setenv("VLRL_FLA_DQKWG", "triton")
+    lengths, BT = [13, 8, 3, 20], 8
+    q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 4, 5, 6, BT)
+    cu = torch.tensor([0, 13, 21, 24, 44], dtype=torch.int32)
+    args = (q[None], k[None], v[None], do[None], h[None], dh[None], w[None], g[None], None, dv[None], 0.3,
+            False, cu, BT)
+    want = chunk_bwd_dqkwg(*args)
+    with pytest.warns(UserWarning, match="CompilationError: at 12:8"):
+        got = fla_hopper.dispatched(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got = fla_hopper.dispatched(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(tries) == 1
+
+    def wrong(*args, **kwargs):
+        raise IndexError("a bug of vlrl's, not Triton's")
+
+    monkeypatch.setattr(dqkwg_kernel, "dqkwg", wrong)
+    monkeypatch.setattr(fla_hopper, "_TRITON_FAILED", [])
+    with pytest.raises(IndexError):
+        fla_hopper.dispatched(*args)
+
+
 KERNEL_CHECK = """
 import math, sys
 import torch

@@ -23,8 +23,9 @@ chunk-local cumulative sum in log2 units (fla's `exp2` convention), and M the ca
          exp2(g_last) sum(h * dh) + sum(exp2(g_last - g) * v dh^T * k)
 in one of two ways (`VLRL_FLA_DQKWG`): `triton` (the default), vlrl's Triton kernel (`dqkwg_kernel.py`: per
 chunk and head, every product a `tl.dot` of loaded tiles, none of an MMA result transposed), or `torch`,
-batched matmuls over all chunks at once (the chunks are independent given h and dh). Both multiply 16-bit
-inputs with float32 accumulation, as fla's kernel does. On an H100, forward + backward of the rule over 16,384
+batched matmuls over all chunks at once (the chunks are independent given h and dh), which also runs, with a
+warning, where Triton cannot build the kernel (`dispatched`). Both multiply 16-bit inputs with float32
+accumulation, as fla's kernel does. On an H100, forward + backward of the rule over 16,384
 tokens (32 heads of 128, bf16): 5.08 ms with the Triton kernel, 16.67 ms with the batched matmuls, 5.34 ms
 fla's own. `tests/test_fla_hopper.py` checks the PyTorch version against autograd of the chunk's own formula
 in float64 and the Triton kernel (under Triton's interpreter) against the PyTorch version;
@@ -36,6 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 
 import torch
 
@@ -173,6 +175,27 @@ def kernel_choice() -> str:
     return chosen if chosen in ("torch", "triton") else DEFAULT_KERNEL
 
 
+_TRITON_FAILED: list[str] = []  # why vlrl's Triton kernel could not run here (then the PyTorch version runs)
+
+
+def dispatched(*args, **kwargs):
+    """What fla's registry calls: `chunk_bwd_dqkwg` with `kernel_choice()`. Where Triton cannot build vlrl's
+    kernel (an error raised by Triton itself: a compiler or resource error on a Triton this was not measured
+    with), the PyTorch version runs instead, for the rest of the process, and a warning says why."""
+    kernel = kernel_choice()
+    if kernel == "triton" and not _TRITON_FAILED:
+        try:
+            return chunk_bwd_dqkwg(*args, **kwargs, kernel="triton")
+        except Exception as e:
+            if not type(e).__module__.startswith("triton"):
+                raise
+            _TRITON_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            warnings.warn(f"vlrl's Triton kernel for fla's chunk_bwd_dqkwg failed to build here "
+                          f"({_TRITON_FAILED[0]}); its PyTorch version runs instead (~3x slower; "
+                          "VLRL_FLA_DQKWG=torch says so up front)", stacklevel=2)
+    return chunk_bwd_dqkwg(*args, **kwargs, kernel="torch")
+
+
 def fla_refuses_here() -> bool:
     """Whether fla's own gated `chunk_bwd_dqkwg` refuses this machine (a Hopper GPU, Triton 3.4 .. 3.7.0)."""
     try:
@@ -202,7 +225,7 @@ def register_backend(force: bool = False) -> bool:
             return call.get("g") is not None and call.get("g_gamma") is None, "vlrl's: the gated case only"
 
         def chunk_bwd_dqkwg(self, *args, **kwargs):
-            return chunk_bwd_dqkwg(*args, **kwargs, kernel=kernel_choice())
+            return dispatched(*args, **kwargs)
 
     register("common")(VlrlBackend)
     return True
