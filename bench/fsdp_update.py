@@ -188,7 +188,9 @@ def launch(n: int, run: dict, args, out: Path) -> dict:
                    str(args.checkpoint_fraction), "--warmup", str(args.warmup), "--repeat", str(args.repeat)]
     passthrough += ["--tiny"] * args.tiny + ["--compile"] * args.compile + ["--ragged"] * args.ragged
     if args.tiny:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", __file__, *passthrough]
+        # (--standalone: a free port, not the fixed 29500 a process just before may still hold)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               *passthrough]
     else:
         how = (["--config_file", str(ROOT / "configs/accelerate/fsdp2-4gpu.yaml")]
                if run["strategy"] == "fsdp2"
@@ -206,7 +208,8 @@ def launch(n: int, run: dict, args, out: Path) -> dict:
         if "OutOfMemoryError" in text or "CUDA out of memory" in text:
             return {"error": "out of memory"}
         errors = [line for line in text.splitlines() if "Error" in line and "ChildFailedError" not in line]
-        return {"error": errors[-1] if errors else text[-1500:]}
+        raised = [line for line in errors if "Error:" in line]  # (an exception's own line, not a path in a trace)
+        return {"error": (raised or errors)[-1] if errors else text[-1500:]}
     return json.loads(out.read_text())
 
 
