@@ -4,8 +4,8 @@ The profile of Qwen3.5-9B's packed ragged update on an H100 (bench/README.md) sp
 cuBLAS kernels built for sm75 (`cutlass_75_tensorop_bf16_s1688gemm`), ~9 ms a call, ~230 TFLOP/s: by size the
 products of `algo/logprobs.py`'s head, a chunk of trained rows against the whole vocabulary. This times each
 of a chunk's products at the model's shapes, as the head computes them and laid out otherwise, names the
-kernel each ran (the profiler's busiest CUDA kernel in it) and compares its speed with a square bf16 product
-of the same size measured in the same run (the baseline):
+kernel each ran (the profiler's busiest CUDA kernel in it) and compares its speed with a square 8192^3 bf16
+product measured in the same run (the baseline, near the GPU's best):
 
 - `logits = h @ W.T` (the forward, and the backward's recompute): [n, H] x [H, V];
 - `grad_h = G @ W`: [n, V] x [V, H], reducing over the vocabulary;

@@ -108,6 +108,15 @@ def test_ungated_calls_are_refused():
         chunk_bwd_dqkwg(q[None], k[None], v[None], do[None], h[None], dh[None], w=w[None], dv=dv[None])
 
 
+def positional_call() -> tuple:
+    """fla's `chunk_bwd_dqkwg` arguments by position, for packed sequences of 13, 8, 3 and 20 tokens."""
+    lengths, BT = [13, 8, 3, 20], 8
+    q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 4, 5, 6, BT)
+    cu = torch.tensor([0, 13, 21, 24, 44], dtype=torch.int32)
+    return (q[None], k[None], v[None], do[None], h[None], dh[None], w[None], g[None], None, dv[None], 0.3,
+            False, cu, BT)
+
+
 def test_fla_dispatches_its_kernel_to_vlrl_once_registered(monkeypatch):
     """With flash-linear-attention importable (the `qwen3_5` extra; not in the test environment, whose CPU
     runs would bind its Triton kernels through transformers): fla's own entry point returns vlrl's result, by
@@ -120,11 +129,7 @@ def test_fla_dispatches_its_kernel_to_vlrl_once_registered(monkeypatch):
         return
     assert register_backend(force=True)
     monkeypatch.setenv("VLRL_FLA_DQKWG", "torch")  # (the default, Triton, needs a GPU or the interpreter)
-    lengths, BT = [13, 8, 3, 20], 8
-    q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 4, 5, 6, BT)
-    cu = torch.tensor([0, 13, 21, 24, 44], dtype=torch.int32)
-    args = (q[None], k[None], v[None], do[None], h[None], dh[None], w[None], g[None], None, dv[None], 0.3,
-            False, cu, BT)
+    args = positional_call()
     want = chunk_bwd_dqkwg(*args)
     names = ("q", "k", "v", "do", "h", "dh", "w", "g", "g_gamma", "dv", "scale", "state_v_first",
              "cu_seqlens", "chunk_size")
@@ -164,11 +169,7 @@ def test_a_triton_kernel_that_cannot_build_falls_back_to_pytorch(monkeypatch):
     monkeypatch.setattr(dqkwg_kernel, "dqkwg", broken)
     monkeypatch.setattr(fla_hopper, "_TRITON_FAILED", [])
     monkeypatch.setenv("VLRL_FLA_DQKWG", "triton")
-    lengths, BT = [13, 8, 3, 20], 8
-    q, k, w, g, v, h, do, dh, dv = case(lengths, 2, 4, 5, 6, BT)
-    cu = torch.tensor([0, 13, 21, 24, 44], dtype=torch.int32)
-    args = (q[None], k[None], v[None], do[None], h[None], dh[None], w[None], g[None], None, dv[None], 0.3,
-            False, cu, BT)
+    args = positional_call()
     want = chunk_bwd_dqkwg(*args)
     with pytest.warns(UserWarning, match="CompilationError: at 12:8"):
         got = fla_hopper.dispatched(*args)
