@@ -33,11 +33,12 @@ def port_is_open(port: int) -> bool:
 
 
 def live_processes_in_group(pgid: int) -> list[str]:
-    """`pid state command` of the group's processes that are not zombies (a zombie holds no port or
-    memory)."""
+    """`pid command` of the group's processes that are not zombies (a zombie holds no port or memory).
+    The state letter is left out: running or sleeping is whatever the scheduler shows at that instant."""
     out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)],
                          capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    return [f"{pid} {comm}" for pid, stat, *comm in rows if not stat.startswith("Z") for comm in [" ".join(comm)]]
 
 
 class Server:
