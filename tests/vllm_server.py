@@ -37,8 +37,12 @@ def live_processes_in_group(pgid: int) -> list[str]:
     The state letter is left out: running or sleeping is whatever the scheduler shows at that instant."""
     out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)],
                          capture_output=True, text=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
-    return [f"{pid} {comm}" for pid, stat, *comm in rows if not stat.startswith("Z") for comm in [" ".join(comm)]]
+    live = []
+    for line in filter(str.strip, out.splitlines()):
+        pid, stat, command = line.split(None, 2)
+        if not stat.startswith("Z"):
+            live.append(f"{pid} {command}")
+    return live
 
 
 class Server:
