@@ -15,8 +15,8 @@ of the group), then the ratio of each vlrl bf16 run's error to the naive bf16 ru
 ratio near 1 means vlrl's path is as exact as the naive one, and what is left is bf16's. Last line:
 `exactness: ...`.
 
-    python bench/exactness.py --family qwen3.5 --layers 4 --delta-rule fla   # on a GPU: Qwen3.5-9B cut to 4
-                                                                              # layers (3 Gated DeltaNet + 1)
+    python bench/exactness.py --family qwen3.5 --layers 4 --delta-rule fla --images 0
+                                        # on a GPU: Qwen3.5-9B cut to 4 layers (3 Gated DeltaNet + 1), text
     python bench/exactness.py --family qwen3-vl --layers 4                   # Qwen3-VL-8B cut to 4 layers
     python bench/exactness.py --tiny --family qwen3.5                        # the tiny model, on the CPU
 
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt")
     ap.add_argument("--images", type=int, choices=[0, 1], default=1, help="one image per prompt, or none")
     ap.add_argument("--micro-batch-tokens", type=int, default=None,
-                    help="the packed run's token budget (default: the ragged bench's 16384; --tiny: 512)")
+                    help="the packed run's token budget (default: half the batch's tokens, so 2 or more)")
     ap.add_argument("--json", type=Path, help="write the table and the ratios here too")
     args = ap.parse_args(argv)
 
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     batch = adapter.build_batch(rollouts)
     settings = AlgorithmConfig()  # (the naive path has no entropy bonus: neither has this)
     whole = [list(range(batch.size))]
-    budget = args.micro_batch_tokens or spec.micro_batch_tokens
+    budget = args.micro_batch_tokens or max(max(batch.lengths), (sum(batch.lengths) + 1) // 2)
     packed = StepPlan(pack_micro_batches(batch.lengths, budget, batch.patches_per_sample), packed=True)
     ub.set_trainable(model, vision=False, checkpointing=True)
     ragged.own_logprobs(adapter.policy(model, 1.0), batch, StepPlan(whole, packed=False), device)

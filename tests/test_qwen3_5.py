@@ -289,10 +289,10 @@ def test_vlrl_serve_picks_bfloat16_on_the_cpu_for_qwen3_5_only(tiny_qwen3_5_dir,
 @pytest.mark.slow
 def test_exactness_bench_holds_bf16_packed_to_the_naive_paths_own_distance_from_float32(tmp_path):
     """`bench/exactness.py --tiny`: against the naive path in float32, vlrl's float32 gradients (padded and
-    packed in 2 micro-batches) agree to float32 rounding, and its bf16 gradients are, group by group, no
-    further than the naive path's own bf16 gradients (measured: ratios 0.67..1.16). With the linear layers
-    told no sample boundaries (state leaking across samples) both fail: float32 packed 3.1e-1, bf16 ratios up
-    to 4.4 (checked by hand). The packed conv's four taps summed in bf16 rather than float32 do not show here.
+    packed in 3 micro-batches) agree to float32 rounding, and its bf16 gradients are, group by group, no
+    further than the naive path's own bf16 gradients (measured: ratios 0.68..1.16). With the linear layers
+    told no sample boundaries (state leaking across samples) both fail: float32 packed 1.2e-1, bf16 ratios up
+    to 4.0 (checked by hand). The packed conv's four taps summed in bf16 rather than float32 do not show here.
     In bf16 the Gated DeltaNet decay parameters' gradients are ~40% off float32 on every path (sums over every
     token, with cancellation): that is what the bf16 rows on the GPU are to be read against."""
     import json
@@ -304,12 +304,12 @@ def test_exactness_bench_holds_bf16_packed_to_the_naive_paths_own_distance_from_
     res = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "exactness: vlrl float32 (padded, packed) vs float32 reference" in res.stdout
-    assert "packed: 2 micro-batch(es)" in res.stdout
+    assert "packed: 3 micro-batch(es)" in res.stdout
     result = json.loads(out.read_text())
     table, ratios = result["table"], result["ratios"]
     assert result["failed"] == {} and len(table) == 5
     assert "decay (A_log, dt_bias)" in result["groups"] and "conv1d" in result["groups"]
-    # float32: measured <= 5.2e-6; the decay group text-only 2.7e-4 (float32's rounding is ~6e-8: those sums
+    # float32: measured <= 7.2e-6; the decay group text-only 2.7e-4 (float32's rounding is ~6e-8: those sums
     # amplify it ~1000x, and it differs between CPUs); a state leak moves them by ~1e-2 and more
     for run in ("vlrl, float32, padded", "vlrl, float32, packed"):
         assert all(err <= (1e-3 if group.startswith("decay") else 1e-4)
