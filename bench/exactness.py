@@ -139,8 +139,7 @@ def main(argv=None) -> dict:
             if ref is None:
                 out[n] = p.grad.detach().to(keep).cpu()
                 continue
-            want = ref[n].to(p.device)
-            out[n] = float((p.grad.to(keep) - want).norm() / want.norm().clamp(min=1e-30))
+            out[n] = ub.rel_err(p.grad.to(keep), ref[n].to(p.device))
         m.zero_grad(set_to_none=True)
         return out
 
