@@ -14,6 +14,13 @@ product measured in the same run (the baseline, near the GPU's best):
     python bench/head_gemm.py                  # Qwen3.5's 248,320 and Qwen3-VL's 151,936 vocabularies
     python bench/head_gemm.py --vocab 248320 --rows 1024 2048 4096
     python bench/head_gemm.py --cpu            # a small smoke run of the script on the CPU (float32)
+
+Then the head as trained: `algo/logprobs.py`'s token_logprobs, forward and backward, over
+`--trained-rows` rows (a packed micro-batch's trained tokens) in its 1,024-row chunks, with its compiled row
+kernels (`fused`, as with train.compile; eager on the CPU), logits recomputed and kept, against the same
+baseline, with the kernels that took the most time. Measured 2026-12-07 on one H200 (bench/README.md): alone,
+the head runs only sm90 kernels at 248,320 (524 TF/s, as at 151,936), so the update's sm75 kernels are not
+the head's as this computes it.
 """
 
 from __future__ import annotations
@@ -46,20 +53,56 @@ def timed(fn, sync, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def busiest_kernel(fn, device) -> str:
-    """The CUDA kernel that took the most time in one call of `fn` ('-' off the GPU)."""
+def kernels(fn, device) -> list:
+    """The CUDA kernels of one call of `fn`, the most time first (profiler averages; none off the GPU)."""
     if device.type != "cuda":
-        return "-"
+        return []
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    if not events:
-        return "?"
-    top = max(events, key=lambda e: e.self_device_time_total)
-    return top.key[:120]  # (with the alignment suffix: `_align1` is an operand cuBLAS found misaligned)
+    return sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                  key=lambda e: -e.self_device_time_total)
+
+
+def busiest_kernel(fn, device) -> str:
+    """The CUDA kernel that took the most time in one call of `fn` ('-' off the GPU)."""
+    if device.type != "cuda":
+        return "-"
+    events = kernels(fn, device)
+    # (with the alignment suffix: `_align1` is an operand cuBLAS found misaligned)
+    return events[0].key[:120] if events else "?"
+
+
+def top_kernels(fn, device, n: int = 3) -> str:
+    """The `n` CUDA kernels that took the most time in one call of `fn`, with calls ('-' off the GPU)."""
+    if device.type != "cuda":
+        return "-"
+    return "; ".join(f"{e.key[:60]} x{e.count}" for e in kernels(fn, device)[:n])
+
+
+def head_as_trained(V: int, hidden: int, rows: int, rand, sync, device, repeat: int, base: float) -> None:
+    """token_logprobs forward + backward over `rows` trained rows, logits recomputed and kept: a row each."""
+    from vlrl.algo.logprobs import token_logprobs
+
+    W = (rand(V, hidden) * 0.02).requires_grad_()
+    h0 = rand(rows, hidden)
+    targets = torch.randint(0, V, (rows,), device=device)
+    fused = device.type == "cuda"
+    for keep in (False, True):
+        def step():
+            h = h0.detach().requires_grad_()
+            W.grad = None
+            logprobs, _ = token_logprobs(h, W, targets, fused=fused, keep_logits=keep)
+            logprobs.sum().backward()
+
+        t = timed(step, sync, repeat)
+        products = 3 if keep else 4  # the forward's logits (and the backward's again), grad_h, grad_W
+        rate = products * 2 * rows * hidden * V / t / 1e12
+        label = f"token_logprobs fwd+bwd, logits {'kept' if keep else 'recomputed'}"
+        print(f"| {V:,} | {rows} | {label} | - | {t * 1e3:.2f} | {rate:.1f} | {rate / base:.2f} | "
+              f"{top_kernels(step, device)} |", flush=True)
 
 
 def main():
@@ -71,12 +114,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--blas", nargs="+", default=["cublas", "cublaslt"],
                     help="torch.backends.cuda.preferred_blas_library for each row, in turn (the GPU only)")
+    ap.add_argument("--trained-rows", type=int, default=13000,
+                    help="rows of the head as trained (a 16k-token packed micro-batch's trained tokens)")
     ap.add_argument("--cpu", action="store_true", help="float32 on the CPU, small shapes: the script runs")
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
-        args.vocab, args.hidden, args.rows, args.repeat = [4099], 256, [64, 128], 2
+        args.vocab, args.hidden, args.rows, args.repeat, args.trained_rows = [4099], 256, [64, 128], 2, 300
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device).manual_seed(0)
 
@@ -107,6 +152,7 @@ def main():
                           f"{rate / base:.2f} | {busiest_kernel(fn, device)} |", flush=True)
             del h, G
         del W, acc
+        head_as_trained(V, args.hidden, args.trained_rows, rand, sync, device, args.repeat, base)
     if device.type == "cuda":
         torch.backends.cuda.preferred_blas_library("cublas")
 

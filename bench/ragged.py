@@ -251,6 +251,10 @@ def kernel_table(fn, sync, device, rows: int = 18) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         sync(device)
+    # first, so that a run cut short still has it: which product (and at which shapes) ran each slow kernel
+    print("  matrix-product kernels by the op and input shapes that launched them: " + "; ".join(
+        f"{kernel[:70]} <- {op} {shapes} x{calls}: {ms:.0f} ms" for kernel, op, shapes, ms, calls
+        in kernels_by_product(prof.events(), rows // 2)), flush=True)
     averages = prof.key_averages()
     # (wide names: a cuBLAS kernel's ends with its alignment, `_align1` for an operand it found misaligned)
     print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=110), flush=True)
@@ -265,6 +269,27 @@ def kernel_table(fn, sync, device, rows: int = 18) -> None:
     print(f"  GPU kernels {kernels:.3f} s in {wall:.3f} s of wall time (unprofiled): the GPU busy "
           f"{kernels / wall:.0%}", flush=True)
     sync_sites(fn, sync, device)
+
+
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::_scaled_mm")
+
+
+def kernels_by_product(events, rows: int = 9) -> list[tuple[str, str, str, float, int]]:
+    """The GPU kernels the matrix-product ops launched, each with the op and input shapes it ran at: rows of
+    (kernel, op, shapes, ms, calls), the most time first. A kernel belongs to the innermost op that launched it
+    (a profiler event's `kernels`), so a product inside `aten::linear` or a compiled graph is found as itself.
+    Why: a kernel's name alone (a cuBLAS fallback built for an older GPU, say) does not say which of the
+    model's products ran it."""
+    table: dict[tuple[str, str, str], list] = {}
+    for event in events:
+        if event.name not in PRODUCT_OPS:
+            continue
+        for kernel in event.kernels:
+            row = table.setdefault((kernel.name, event.name, str(event.input_shapes)), [0.0, 0])
+            row[0] += kernel.duration / 1e3  # microseconds -> ms
+            row[1] += 1
+    ranked = sorted(table.items(), key=lambda item: -item[1][0])[:rows]
+    return [(kernel, op, shapes, ms, calls) for (kernel, op, shapes), (ms, calls) in ranked]
 
 
 def sync_sites(fn, sync, device, rows: int = 15) -> None:
