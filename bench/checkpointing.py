@@ -123,21 +123,33 @@ def auto_label(auto) -> str:
 
 
 def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_gib: float = 0.0,
-               offload: bool = False, token_budget: int | None = None) -> dict:
+               offload: bool | str = False, token_budget: int | None = None, floor: int = 0) -> dict:
     """`auto` on the ragged batch as `vlrl train` runs it (module docstring); `tools` as for `run`, plus sync.
-    `offload`: `train.offload_optimizer` on (`Run.update`'s calls: the longest micro-batch last, the moments'
-    bytes kept on the host told to the chooser, the offload's calls around each backward and the AdamW step)."""
+    `offload`: `train.offload_optimizer` (True, False or "auto": `Run.update`'s calls: the longest micro-batch
+    last, the moments' bytes kept on the host told to the chooser, the offload's calls around each backward and
+    the AdamW step; "auto": measured both ways, kept where the chooser says). `floor`: `model.max_model_len`,
+    below which `auto` does not halve the token budget (`AutoCheckpointing.decide_budget`; 0: the batch's
+    longest sample)."""
     spec = ragged.spec_from_args(args, token_budget)
     vocab, v_start, v_end = ids
     batch = adapter.build_batch(ragged.ragged_rollouts(adapter, spec, vocab, v_start, v_end))
     useful = sum(batch.lengths)
-    plan = StepPlan(pack_micro_batches(batch.lengths, spec.micro_batch_tokens, batch.patches_per_sample), packed=True)
-    computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
-    if offload:  # as Run.update: the longest micro-batch last
-        last = computed.index(max(computed))
-        plan.micro_batches.append(plan.micro_batches.pop(last))
-        computed.append(computed.pop(last))
-    biggest = plan.micro_batches[computed.index(max(computed))]
+    floor = floor or max(batch.lengths)
+    planned: dict[int, tuple] = {}
+
+    def plan_within(budget: int) -> tuple[StepPlan, list[int], list[int]]:
+        """(plan, tokens each micro-batch computes, the largest micro-batch) within `budget`, as Run._plan."""
+        if budget not in planned:
+            plan = StepPlan(pack_micro_batches(batch.lengths, budget, batch.patches_per_sample), packed=True)
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            if offload:  # as Run.update: the longest micro-batch last
+                last = computed.index(max(computed))
+                plan.micro_batches.append(plan.micro_batches.pop(last))
+                computed.append(computed.pop(last))
+            planned[budget] = plan, computed, plan.micro_batches[computed.index(max(computed))]
+        return planned[budget]
+
+    plan, computed, _ = plan_within(spec.micro_batch_tokens)
     on_gpu = device.type == "cuda"
     if on_gpu:
         set_cap(device, cap_gib)
@@ -151,9 +163,9 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     opt = torch.optim.AdamW(params, lr=1e-7, fused=on_gpu)
     moved = StateOffload(opt, params, gradient_bytes(params), device, pace=not args.unpaced_offload) if offload else None
 
-    def update(p):
+    def update(p, fetch: bool = True):
         accumulate_gradients(policy, batch, p, settings, ragged.MAX_NEW_TOKENS, device,
-                             before_backward=moved.before_backward if moved is not None else None)
+                             before_backward=moved.before_backward if moved is not None and fetch else None)
 
     def timed_steps(label: str, tail: bool = False) -> dict:
         """Steps of update + clip + fused AdamW from a fresh optimizer state: the first (AdamW's state allocated,
@@ -248,22 +260,33 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
                 weight.numel() / sum(p.numel() for p in model.model.language_model.layers[0].parameters()))
     auto = AutoCheckpointing(lambda f, s: set_checkpointing(model, f, s), layers, device, head)
 
-    def probe():  # as Run._probe: the largest micro-batch alone, its gradients dropped
-        try:
-            update(replace(plan, micro_batches=[biggest], padding_passes=0))
-        finally:
-            model.zero_grad(set_to_none=True)
-            if moved is not None:
-                moved.drop()
+    def decide_at(budget: int) -> str:  # as Run._decide
+        nonlocal plan, computed
+        plan, computed, biggest = plan_within(budget)
 
-    said = auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
-                       probe_tokens=max(computed), token_cap=spec.micro_batch_tokens,
-                       probe_trained=int(batch.loss_mask[biggest].sum()),
-                       offloaded=moved.bytes if moved is not None else 0)
+        def probe(fetch: bool = True):  # as Run._probe: the largest micro-batch alone, its gradients dropped
+            try:
+                update(replace(plan, micro_batches=[biggest], padding_passes=0), fetch)
+            finally:
+                model.zero_grad(set_to_none=True)
+                if moved is not None:
+                    moved.drop()
+
+        return auto.decide(probe, params, optimizer_has_state=False, agree=lambda values, op: values,
+                           probe_tokens=max(computed), token_cap=budget,
+                           probe_trained=int(batch.loss_mask[biggest].sum()),
+                           offloaded=moved.bytes if moved is not None else 0,
+                           probe_without_offload=(lambda: probe(False)) if offload == "auto" else None)
+
+    budget, said = auto.decide_budget(decide_at, spec.micro_batch_tokens, floor)
+    plan, computed, _ = plan_within(budget)
+    if moved is not None and auto.offload_declined:  # as Run._decide
+        moved.restore()
+        moved = None
     if moved is not None:
         said += "; " + moved.describe()
     where = "capped at %g GiB" % cap_gib if cap_gib else "the whole card"
-    print(f"  ragged, {where}{', optimizer state offloaded' if offload else ''}: {said}", flush=True)
+    print(f"  ragged, {where}, offload_optimizer = {str(offload).lower()}: {said}", flush=True)
     rows = [timed_steps(f"auto ({auto_label(auto)})", tail=True)]
     rows[0]["fraction"], rows[0]["level"] = auto.fraction, auto.level
     for full, sel in args.ragged_fixed:
@@ -279,17 +302,25 @@ def run_ragged(model, adapter, policy, device, args, settings, tools, ids, cap_g
     opt.state.clear()
     choice = auto.choice
     return {"said": said, "rows": rows, "cap_gib": cap_gib, "useful": useful, "micro_batches": computed,
-            "micro_batch_tokens": spec.micro_batch_tokens,
-            "offload": offload,
+            "micro_batch_tokens": budget, "asked_tokens": spec.micro_batch_tokens,
+            "offload": offload, "offloaded": not auto.offload_declined if offload == "auto" else bool(offload),
             "predicted_gib": choice.predicted_peak / GIB if choice else float("nan"),
             "bound_gib": choice.bound / GIB if choice else float("nan"),
             "probes_gib": {kinds(lv, layers): v / GIB for lv, v in auto.measured.items()}}
 
 
+def offload_words(result: dict) -> str:
+    """How AdamW's state was held: `offload_optimizer` and, for "auto", what the chooser kept."""
+    if result["offload"] == "auto":
+        return "offload auto: " + ("state offloaded" if result["offloaded"] else "state on the GPU")
+    return "state offloaded" if result["offload"] else "state on the GPU"
+
+
 def print_ragged(result: dict) -> None:
     cap = f"capped at {result['cap_gib']:g} GiB" if result["cap_gib"] else "the whole card"
-    if result["offload"]:
-        cap += ", AdamW's moments offloaded (train.offload_optimizer)"
+    cap += f", {offload_words(result)} (train.offload_optimizer)"
+    if result["micro_batch_tokens"] != result["asked_tokens"]:
+        cap += f", micro_batch_tokens {result['asked_tokens']} halved by auto to {result['micro_batch_tokens']}"
     print(f"\nragged batch as shipped, {result['useful']:,} useful tokens in micro-batches of {result['micro_batches']} "
           f"tokens, update + AdamW step, {cap}: {result['said']}")
     probes = ", ".join(f"{f} full + {s} selective: {g:.1f}" for (f, s), g in result["probes_gib"].items())
@@ -309,9 +340,10 @@ def ragged_line(result: dict) -> str:
     r = result["rows"][0]
     mfu = f"{r['mfu']:.1%}" if r["seconds"] is not None else "OOM,"
     cap = f" under a {result['cap_gib']:g} GiB cap" if result["cap_gib"] else ""
-    cap += f", micro_batch_tokens {result['micro_batch_tokens']}"
-    moved = ", state offloaded" if result["offload"] else ", state on the GPU"
-    return (f"ragged as shipped (auto, AdamW{moved}){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
+    tokens = result["micro_batch_tokens"]
+    cap += (f", micro_batch_tokens {tokens}" if tokens == result["asked_tokens"]
+            else f", micro_batch_tokens {result['asked_tokens']} (auto: {tokens})")
+    return (f"ragged as shipped (auto, AdamW, {offload_words(result)}){cap}: {mfu} useful MFU, fraction {r['fraction']:.2f} "
             f"({r['path'][6:-1]}), predicted {result['predicted_gib']:.1f} GiB, measured {r['peak_gib']:.1f} GiB")
 
 

@@ -15,7 +15,9 @@ path's. `--max-tokens` also searches the largest micro-batch each path fits in G
     python bench/update_step.py --compile --fractions 0.75 --ragged-only   # the ragged GRPO case only
     python bench/update_step.py --compile --auto --optimizer --auto-only --memory-caps 0 74.5
                                                # `auto` checkpointing on the ragged batch as shipped (+ AdamW),
-                                               # AdamW's moments offloaded and not (--offload-optimizer)
+                                               # AdamW's moments offloaded where `auto` keeps them
+                                               # (--offload-optimizer), the token budget halved where it
+                                               # spares layers recomputed whole
 
 Then the ragged case (`bench/ragged.py`): a GRPO step of ragged completions updated padded (today's path, and
 length-sorted) and packed (each attention route), and the line `ragged update: packed vs padded ...`.
@@ -585,15 +587,16 @@ def run_auto_ragged(model, adapter, device, args, vocab) -> list[dict]:
     big = vocab > 150000
     ids = (vocab, VISION_START if big else adapter.image_token_id - 2, VISION_END if big else adapter.image_token_id - 1)
     out = []
-    moves = {"on": [True], "off": [False], "both": [True, False]}[args.offload_optimizer]
-    exact = checkpointing.offload_exact(device, *((256, 2) if device.type == "cpu" else ())) if True in moves else None
+    moves = {"auto": ["auto"], "on": [True], "off": [False], "both": [True, False]}[args.offload_optimizer]
+    exact = checkpointing.offload_exact(device, *((256, 2) if device.type == "cpu" else ())) if any(moves) else None
     if exact is not None:
         print(f"  offload exact: {exact}", flush=True)
     for cap in args.memory_caps if device.type == "cuda" else [0.0]:
         for tokens in args.ragged_tokens:
             for offload in moves:
                 out.append(checkpointing.run_ragged(model, adapter, policy, device, args, AlgorithmConfig(), tools,
-                                                    ids, cap, offload=offload, token_budget=tokens))
+                                                    ids, cap, offload=offload, token_budget=tokens,
+                                                    floor=shipped().model.max_model_len if not args.tiny else 0))
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -669,11 +672,11 @@ def max_tokens_that_fit(model, adapter, device, args, settings, seq_len, images,
     return out
 
 
-def shipped_tokens() -> int:
-    """`train.micro_batch_tokens` of configs/qwen3-vl-8b.toml: the ragged batch as the 8B is shipped."""
+def shipped():
+    """configs/qwen3-vl-8b.toml: the ragged batch as the 8B is shipped (its micro_batch_tokens, max_model_len)."""
     from vlrl.config import load_config
 
-    return load_config(Path(__file__).resolve().parents[1] / "configs/qwen3-vl-8b.toml").train.micro_batch_tokens
+    return load_config(Path(__file__).resolve().parents[1] / "configs/qwen3-vl-8b.toml")
 
 
 def main():
@@ -734,9 +737,9 @@ def main():
                     "(equal-length case, compiled layers; bench/checkpointing.py)")
     ap.add_argument("--optimizer", action="store_true", help="with --auto: each step includes AdamW's (its state)")
     ap.add_argument("--auto-only", action="store_true", help="with --auto: only the auto cases")
-    ap.add_argument("--offload-optimizer", choices=["on", "off", "both"], default="both",
-                    help="with --auto: the ragged batch with AdamW's moments offloaded (train.offload_optimizer; "
-                         "on with auto checkpointing on a GPU), kept on the GPU, or both")
+    ap.add_argument("--offload-optimizer", choices=["auto", "on", "off", "both"], default="auto",
+                    help="with --auto: train.offload_optimizer on the ragged batch: auto (as shipped: measured both "
+                         "ways, kept where it spares layers recomputed whole), on, off, or both (on, then off)")
     ap.add_argument("--placement", choices=["stacked", "spread"], default="stacked",
                     help="where each checkpointing kind goes (vlrl/adapters/checkpointing.py's PLACEMENT)")
     ap.add_argument("--unpaced-offload", action="store_true",
@@ -752,7 +755,7 @@ def main():
                     help="micro-batches go to the GPU from pageable memory (vlrl.batch.PIN_UPLOADS off), to measure it")
     args = ap.parse_args()
     if args.ragged_tokens is None:
-        args.ragged_tokens = [shipped_tokens() if args.auto and args.family == "qwen3-vl" else 16384]
+        args.ragged_tokens = [shipped().train.micro_batch_tokens if args.auto and args.family == "qwen3-vl" else 16384]
     import vlrl.adapters.checkpointing
 
     vlrl.adapters.checkpointing.PLACEMENT = args.placement

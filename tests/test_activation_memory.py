@@ -117,20 +117,25 @@ def test_probes_run_with_the_steps_gradients_allocated_and_predict_its_peak(monk
     assert seen[-2:] == [[True, True]] * 2  # several ranks: only full and the middle of the full half probed
 
 
-def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monkeypatch):
+def test_auto_offload_is_kept_only_where_it_spares_layers_recomputed_whole(monkeypatch):
     """`offload_optimizer = "auto"`: the ladder is probed with the moments' fetch and without; the offload stays
-    only when its choice recomputes less, else the choice is the one without (all of AdamW's state counted)."""
+    only when its choice recomputes fewer layers whole (its copies cost more than selective layers save), else
+    the choice is the one without (all of AdamW's state counted)."""
+    import pytest
+
     from vlrl.activation_memory import AutoCheckpointing, optimizer_state_bytes
 
     params = [torch.zeros(8, 4), torch.zeros(4)]
     state = optimizer_state_bytes(params)
-    act = {8: 2, 4: 6, 0: 60}  # GiB above static by level, without the fetch
+    act = {8: 2, 4: 30, 0: 60}  # GiB above static by level, without the fetch: 7.5 a level selective, 7 full
     fake = FakeCuda(monkeypatch, act, 0)
-    # AdamW's state to come: 30 GiB more (the moments) than the probe holds
-    monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: 30 * GIB + state)
-    for fetch_gib, offloaded, kept in ((0.0, 30 * GIB, True),  # 30 GiB off the device: everything kept (<= 96)
-                                       (30.0, 30 * GIB, False),  # its fetch lands at the peak: it buys nothing
-                                       (0.0, 0, False)):  # (nothing offloaded: nothing to decide)
+    # (AdamW's state to come, GiB; offloaded, GiB; the fetch's GiB at the peak; kept; the level; predicted GiB)
+    for to_come, offloaded, fetch_gib, kept, level, peak in (
+            (60, 60, 0, True, 0, 70),  # on the host: everything kept; on the device: 1 layer full (10 + 60 + 23)
+            (30, 30, 0, False, 1, 92.5),  # on the device: 1 selective (10 + 30 + 52.5), no full layer to spare
+            (60, 60, 60, False, 5, 93),  # its fetch lands at the peak: 1 full layer either way
+            (30, 0, 0, False, 1, 92.5)):  # (nothing offloaded: nothing to decide)
+        monkeypatch.setattr("vlrl.activation_memory.optimizer_state_bytes", lambda p: to_come * GIB + state)
         auto = AutoCheckpointing(lambda f, s: None, 4, torch.device("cuda"))
         probes = []
 
@@ -139,15 +144,12 @@ def test_auto_offload_is_kept_only_where_it_lets_the_chooser_recompute_less(monk
             fake.peak = fake.allocated + (act[auto.level] + (fetch_gib if fetch else 0.0)) * GIB
 
         said = auto.decide(probe, params, False, lambda values, op: values, probe_tokens=1000,
-                           offloaded=offloaded, probe_without_offload=lambda: probe(False))
+                           offloaded=offloaded * GIB, probe_without_offload=lambda: probe(False))
+        case = (to_come, offloaded, fetch_gib)
         if offloaded:
-            assert probes == [True] * 3 + [False] * 3
-        assert auto.offload_declined == (offloaded > 0 and not kept), (fetch_gib, offloaded)
-        if kept:  # 10 static + 60 + the bytes not offloaded: everything keeps its activations
-            assert auto.level == 0 and auto.choice.predicted_peak == 70 * GIB + state
-        else:  # 10 + 30 GiB of moments + 60 > 96: one layer selective, 13.5 GiB a level below 60
-            assert auto.level == 1, said
-            assert auto.choice.predicted_peak == int(86.5 * GIB) + state
+            assert probes == [True] * 3 + [False] * 3, case
+        assert auto.offload_declined == (offloaded > 0 and not kept), case
+        assert auto.level == level and auto.choice.predicted_peak == pytest.approx(peak * GIB + state, abs=8), (case, said)
 
 
 def _probe_by_table(auto, fake, act: dict[int, float], seen: list[int]):
@@ -334,3 +336,102 @@ def test_ranks_agree_on_one_level_and_head_setting_over_gloo():
     # with the logits only level 8 fits (4.0 - 0.5 > 3.1): so level 7, no logits kept, on both ranks
     assert [(r[1], r[2]) for r in got] == [(7, False), (7, False)]
     assert "the highest of the ranks' choices" in got[0][3] and "highest" not in got[1][3]
+
+
+def _budget_probe(auto, fake, act16k: dict[int, float], budget: list[int]):
+    """A probe whose peak above static is the piecewise line through `act16k` (GiB by level at 16,384 tokens),
+    scaled by the budget being decided (`budget[0]`): half the tokens, half the activations."""
+    from vlrl.activation_memory import predict
+
+    def probe():
+        act = {lv: int(g * GIB) for lv, g in act16k.items()}
+        fake.peak = fake.allocated + predict(auto.layers, act, auto.level)[0] * budget[0] // 16384
+    return probe
+
+
+def test_the_token_budget_is_halved_while_layers_are_recomputed_whole(monkeypatch):
+    """`decide_budget`: where the choice within `train.micro_batch_tokens` recomputes layers whole, the step is
+    planned within half and chosen again (half the tokens, half the activations), down to the floor; a half that
+    spares no full layer is undone, the choice within the larger budget restored."""
+    from vlrl.activation_memory import AutoCheckpointing, kinds
+
+    act = {8: 4, 4: 60, 0: 100}  # GiB above static by level at 16,384 tokens (4 layers)
+    fake = FakeCuda(monkeypatch, act, 0)
+    fake.allocated = 40 * GIB  # 56 GiB left for activations (96 less the static 40)
+    applied = []
+    auto = AutoCheckpointing(lambda f, s: applied.append((f, s)), 4, torch.device("cuda"))
+    asked: list[int] = []
+    budget = [0]
+
+    def decide_at(tokens):
+        asked.append(tokens)
+        budget[0] = tokens
+        return auto.decide(_budget_probe(auto, fake, act, budget), [], True, lambda values, op: values,
+                           probe_tokens=tokens, token_cap=tokens)
+
+    # 16,384: 1 layer full (46 GiB); 8,192: everything kept (50 GiB): halved once, and no further (0 full)
+    tokens, said = auto.decide_budget(decide_at, 16384, 4096)
+    assert tokens == 8192 and asked == [16384, 8192] and auto.level == 0 and applied[-1] == (0.0, 0.0)
+    assert "micro-batches within 8192 tokens, not train.micro_batch_tokens = 16384" in said
+    # the floor: max_model_len 16,384 allows no half
+    asked.clear()
+    tokens, said = auto.decide_budget(decide_at, 16384, 16384)
+    assert tokens == 16384 and asked == [16384] and kinds(auto.level, 4) == (1, 3) and "micro-batches" not in said
+    # static 70 (26 GiB left): 3 layers full at 16,384, 1 at 8,192, none at 4,096: halved twice
+    fake.allocated = 70 * GIB
+    asked.clear()
+    tokens, _ = auto.decide_budget(decide_at, 16384, 4096)
+    assert asked == [16384, 8192, 4096] and tokens == 4096 and kinds(auto.level, 4)[0] == 0
+    # nothing fits at any budget (the static part alone is over it): every layer full either way, the half undone
+    fake.allocated = 95 * GIB
+    asked.clear()
+    tokens, said = auto.decide_budget(decide_at, 16384, 4096)
+    assert asked == [16384, 8192] and tokens == 16384 and auto.level == 8 and applied[-1] == (1.0, 0.0)
+    assert auto.choice.bound == 95 * GIB + 4 * GIB and "micro-batches" not in said
+
+
+def test_a_halved_token_budget_plans_every_step_within_it(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`vlrl train` with `auto`: where the choice within train.micro_batch_tokens recomputes layers whole (a fake
+    GPU's: a level by the token cap), the first update plans again within half, down to max_model_len, and every
+    later step is planned within the budget chosen: the same micro-batches and the same update as a run asking
+    for that budget (streamed steps: tests/test_streamed_update.py)."""
+    import pytest
+
+    from vlrl.activation_memory import AutoCheckpointing, Choice
+    from vlrl.summary import read_jsonl
+    from vlrl.train import Run, train
+
+    from conftest import tiny_config
+
+    caps = []
+
+    def decide(self, probe, params, has_state, agree, distributed=False, token_cap=None, **kw):
+        probe()
+        caps.append(token_cap)
+        level = 2 + {2048: 2, 1024: 1}.get(token_cap, 0)  # 2 layers: level 2 + f = f full, 2 - f selective
+        self.choice = Choice(level, 2, 0, 0, 0, 0)
+        self._apply(level)
+        return f"decided at {token_cap}"
+
+    monkeypatch.setattr(AutoCheckpointing, "decide", decide)
+    passes = []
+    step_of = Run.optimizer_step
+
+    def optimizer_step(self, params, sums, micro_batches):  # each step's micro-batches
+        passes.append(micro_batches)
+        return step_of(self, params, sums, micro_batches)
+
+    monkeypatch.setattr(Run, "optimizer_step", optimizer_step)
+    sets = ("train.gradient_checkpointing=true", 'train.checkpoint_fraction="auto"', "train.steps=3")
+    step = ("rollout.prompts_per_step=4", "rollout.group_size=8")
+    halved = train(tiny_config(tiny_model_dir, tmp_path, *sets, "train.micro_batch_tokens=2048", "name=halved",
+                               step=step))
+    said = " ".join(capsys.readouterr().out.split())  # (rich wraps its lines)
+    assert caps == [2048, 1024, 512]
+    assert "decided at 512; micro-batches within 512 tokens, not train.micro_batch_tokens = 2048" in said
+    asked = train(tiny_config(tiny_model_dir, tmp_path, *sets, "train.micro_batch_tokens=512", "name=asked",
+                              step=step))
+    a, b = read_jsonl(halved.run_dir / "metrics.jsonl"), read_jsonl(asked.run_dir / "metrics.jsonl")
+    assert passes[:3] == passes[3:] and min(passes) > 1
+    for key in ("loss", "grad_norm", "reward/mean"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-5, abs=1e-7), key

@@ -60,3 +60,19 @@ def test_head_gemm_times_each_product_and_the_head_as_trained():
     assert [r[1] for r in trained] == ["300", "300"]
     assert ["recomputed" in trained[0][2], "kept" in trained[1][2]] == [True, True]
     assert all(float(r[4]) > 0 for r in rows)  # ms
+
+
+def test_update_step_prints_the_ragged_batch_as_shipped():
+    """bench/update_step.py --tiny --auto --optimizer --auto-only --ragged-only: the ragged batch with `auto`
+    and offload_optimizer = "auto" as `Run.update` decides them (on the CPU every layer recomputed), the
+    offload's exactness against AdamW's own, and the `ragged as shipped` line."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    flags = ["--tiny", "--auto", "--optimizer", "--auto-only", "--ragged-only"]
+    out = subprocess.run([sys.executable, str(root / "bench" / "update_step.py"), *flags],
+                         capture_output=True, text=True, timeout=600, cwd=root, check=True).stdout
+    lines = out.splitlines()
+    assert "max |weight diff| 0.0e+00, max |moment diff| 0.0e+00" in out
+    shipped = [line for line in lines if line.startswith("ragged as shipped (auto, AdamW, offload auto: ")]
+    assert len(shipped) == 1 and "fraction 1.00 (2 full, 0 selective, 0 keep)" in shipped[0], out[-2000:]

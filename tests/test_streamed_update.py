@@ -50,6 +50,23 @@ LOGGED = ["loss", "tokens", "clipped_tokens", "masked_tokens", "ratio_sum", "mis
           "max_abs_diff", "log_ratio_min", "log_ratio_max", "log_ratio_sum", "attended_tokens"]
 
 
+def test_a_streamed_step_plans_within_the_budget_auto_chose(tiny_model_dir, tmp_path, groups):
+    """`auto` may halve train.micro_batch_tokens at the first update (activation_memory.decide_budget):
+    streamed steps plan within `Run.train_budgets`, as whole ones do."""
+    whole, w = a_run(tiny_model_dir, tmp_path, "whole", groups)
+    whole.update([r for g in groups for r in g], [])
+    budget = whole.cfg.train.micro_batch_tokens
+    fed, f = a_run(tiny_model_dir, tmp_path, "fed", groups, f"train.micro_batch_tokens={4 * budget}")
+    # as the first update leaves it when `auto` halves the budget
+    fed.train_budgets = fed.cfg.train.model_copy(update={"micro_batch_tokens": budget})
+    streamed = StreamedUpdate(fed)
+    for g in groups:
+        streamed.add(g)
+    streamed.finish()
+    assert f["sums"]["micro_batches"] == w["sums"]["micro_batches"] > 1
+    close(w["grads"], f["grads"])
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "constant"])
 @pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2]])
 def test_a_streamed_step_is_the_whole_step(tiny_model_dir, tmp_path, groups, aggregation, order):

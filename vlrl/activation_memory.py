@@ -43,6 +43,20 @@ What the peak is made of, and how each part is known (the ragged 8B case of issu
   `torch.cuda.set_per_process_memory_fraction`) less what is outside PyTorch (CUDA context, NCCL).
 Under DDP/FSDP2 the ranks take the highest level of their choices: one for all.
 
+Two more settings are chosen with the level, at the first update (`Run.update`):
+- `offload_optimizer = "auto"` (`optimizer_offload.py`): the ladder is measured with AdamW's moments on the host
+  and without; the offload is kept only where the chooser recomputes fewer layers *whole* with it. Its copies
+  cost 0.16-0.19 s a step on an H200 (8B ragged batch), more than the selective layers it spares: at 16,384-token
+  micro-batches on the whole card, 4 selective layers with it ran 4.408 s a step, 19 without it 4.244 s; where it
+  spares full layers it pays (under a 74.5 GiB cap at 8,192 tokens: 9 full with it, 34 without, 4.922 s
+  against 5.589).
+- The token budget (`decide_budget`): where the choice at `train.micro_batch_tokens` recomputes layers whole,
+  the step is planned again within half the budget (never below `model.max_model_len`, the longest sample) and
+  the choice made again; half the tokens keep half the activations a layer, so fewer layers are recomputed,
+  for more, smaller micro-batches. Measured on an H200 (8B ragged batch, AdamW): at 16,384 tokens, nothing
+  recomputed whole on the whole card (55.9% useful MFU against 54.1% at 8,192); under a 74.5 GiB cap, 26 full
+  layers at 16,384 (44.6%) against 9 at 8,192 (48.2%).
+
 An out-of-memory error in a later step (one process) drops the kept logits and moves a quarter of L up the ladder
 (never past all full) and redoes that step's update from zeroed gradients (a backward that died midway has summed some gradients and
 not others); it is said once. At all layers full, the error is raised.
@@ -260,8 +274,9 @@ class AutoCheckpointing:
         probe's trained tokens (the logprob head's rows; default all). `offloaded`: bytes of AdamW's state kept on
         the host between steps (`optimizer_offload.py`; their fetch in the last backward is in the probe's peak).
         `probe_without_offload` (`offload_optimizer = "auto"`): `probe` without the moments' fetch; the ladder is
-        measured with it too, and the offload is kept only where it lets the chooser recompute less; otherwise
-        `offload_declined` is set and the choice is the one without. Returns the sentence to print."""
+        measured with it too, and the offload is kept only where it lets the chooser recompute fewer layers whole
+        (module docstring); otherwise `offload_declined` is set and the choice is the one without. Returns the
+        sentence to print."""
         if self.device.type != "cuda":
             self._apply(2 * self.layers)
             return "activation checkpointing: auto on the CPU recomputes every layer (no device memory to measure)"
@@ -305,10 +320,8 @@ class AutoCheckpointing:
                 plain = self._refine(probe_without_offload, params, accumulates, plain_act, plain_peaks, plain,
                                      rechoose_plain)
 
-            def cost(c: Choice) -> float:
-                return ladder_cost(c.level, L) - (gain if c.keep_logits else 0.0)
-
-            if plain is not None and cost(plain) <= cost(choice):  # the copies would buy nothing: not worth their time
+            # kept only where it spares layers recomputed whole (the module docstring says why)
+            if plain is not None and kinds(plain.level, L)[0] <= kinds(choice.level, L)[0]:
                 choice, extra, self.offload_declined = plain, extra_off, True
                 activations, static, peaks = plain_act, plain_static, plain_peaks
         self.measured.update(peaks)
@@ -323,6 +336,36 @@ class AutoCheckpointing:
         if self.head is not None:
             self.head.set_keep(choice.keep_logits)
         return choice.describe() + said
+
+    def decide_budget(self, decide_at, budget: int | None, floor: int) -> tuple[int | None, str]:
+        """The token budget and the choice made within it (module docstring): `decide_at(budget)` plans the
+        step within `budget` tokens a micro-batch and calls `decide` on it, returning its sentence. Halved while
+        the choice recomputes layers whole and half is at least `floor`; a half that spares no full layer is
+        undone (the choice within the larger budget restored). Returns (budget, the sentence to print)."""
+        said = decide_at(budget)
+        asked = budget
+        while budget is not None and self.choice is not None and budget // 2 >= floor:
+            full = kinds(self.choice.level, self.layers)[0]
+            if full == 0:
+                break
+            before = (self.choice, self.offload_declined, said)
+            said = decide_at(budget // 2)
+            if kinds(self.choice.level, self.layers)[0] >= full:  # (the static part alone is over the budget)
+                self._adopt(*before[:2])
+                said = before[2]
+                break
+            budget //= 2
+        if budget != asked:
+            said += (f"; micro-batches within {budget} tokens, not train.micro_batch_tokens = {asked}: that many "
+                     "would need more layers recomputed whole")
+        return budget, said
+
+    def _adopt(self, choice: Choice, offload_declined: bool) -> None:
+        """Go back to an earlier choice (`decide_budget`)."""
+        self.choice, self.offload_declined = choice, offload_declined
+        self._apply(choice.level)
+        if self.head is not None:
+            self.head.set_keep(choice.keep_logits)
 
     def _measure(self, probe, params, accumulates: bool,
                  distributed: bool) -> tuple[dict[int, int], int, dict[int, int]]:

@@ -62,7 +62,7 @@ class StreamedUpdate:
             return
         t0 = time.perf_counter()
         self.pending += rollouts
-        budget = self.run.cfg.train.micro_batch_tokens
+        budget = self.run.train_budgets.micro_batch_tokens
         if budget is None or sum(r.length for r in self.pending) > budget:
             batch, plan = self._plan(self.pending)
             if len(plan.micro_batches) > 1:
@@ -116,7 +116,7 @@ class StreamedUpdate:
     # --- passes ---------------------------------------------------------------------------------------------
     def _plan(self, rollouts: list[Rollout]):
         run = self.run
-        return plan_step(rollouts, [], run.adapter.build_batch, run.cfg.train,
+        return plan_step(rollouts, [], run.adapter.build_batch, run.train_budgets,
                          run.adapter.packing_unavailable(run.model))
 
     def _run(self, batch, packed: bool, micro_batches: list[list[int]], sync: bool = False) -> None:

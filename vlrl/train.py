@@ -159,6 +159,7 @@ class Run:
         self.scheduler = get_scheduler(schedule, self.optimizer, cfg.train.warmup_steps, cfg.train.steps)
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy, self.optimizer, self.scheduler)
         self.offload = self._offload(params, on_gpu)
+        self.train_budgets = cfg.train  # its micro-batch budgets as in use (`auto` may halve micro_batch_tokens)
         self.ref_policy = None
         if cfg.algorithm.kl_coef > 0:
             ref = self.adapter.load_model(dtype, self.device).eval().requires_grad_(False)
@@ -232,62 +233,79 @@ class Run:
         """One optimizer step on this rank's `trained` rollouts. With several ranks, the loss is normalised by
         the counts of all ranks, and every rank runs as many forward/backward passes as the busiest one (a
         rank with nothing to train runs zero-weight passes over `fallback`), so collectives stay in step."""
-        cfg = self.cfg
         if self.world == 1 and not trained:
             return {}
-        batch, plan = plan_step(trained, fallback or [self.adapter.empty_rollout()], self.adapter.build_batch, cfg.train,
-                                self.adapter.packing_unavailable(self.model), self.world, self.over_ranks)
+        batch, plan = self._plan(trained, fallback)
         if plan.total_tokens == 0:
             return {}
         self.policy.train()
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-
-        offload = self.offload
-        if offload is not None:  # the longest micro-batch last: its backward hides the moments' copies to the GPU
-            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
-            last = computed.index(max(computed))
-            plan.micro_batches.append(plan.micro_batches.pop(last))
-
-        def run(p, fetch: bool = True):  # fetch: the offloaded moments come back in the last backward
-            return accumulate_gradients(self.policy, batch, p, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
-                                        self.ref_policy, self.accelerator, loss_scale=self.world,
-                                        before_backward=offload.before_backward if offload is not None and fetch else None)
-
         auto = self.auto_checkpointing
         if auto is not None and auto.level is None:  # "auto": measured on this step's largest micro-batch
-            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
-            biggest = plan.micro_batches[computed.index(max(computed))]
-            # the longest micro-batch a later step can have: the token budget, else (several ranks, which cannot
-            # recover from an OOM together) the most a micro-batch of max_model_len samples computes
-            cap = cfg.train.micro_batch_tokens or (cfg.train.micro_batch_size * cfg.model.max_model_len
-                                                   if self.world > 1 else None)
-            plain_probe = None
-            if offload is not None and cfg.train.offload_optimizer == "auto":  # measured both ways, kept if it pays
-                def plain_probe():
-                    return self._probe(lambda p: run(p, fetch=False), plan, biggest)
-            self.messages.append(auto.decide(lambda: self._probe(run, plan, biggest), params,
-                                             bool(self.optimizer.state), self.over_ranks, distributed=self.world > 1,
-                                             probe_tokens=max(computed), token_cap=cap,
-                                             accumulates=len(plan.passes) > 1,
-                                             probe_trained=int(batch.loss_mask[biggest].sum()),
-                                             offloaded=offload.bytes if offload is not None else 0,
-                                             probe_without_offload=plain_probe))
-            if offload is not None and auto.offload_declined:
-                offload.restore()
-                self.offload = offload = None
-                self.messages.append('optimizer state: on the device (offload_optimizer = "auto": the host copies '
-                                     "would not let the chooser keep more activations)")
+            batch, plan = self._decide(auto, trained, fallback, params)
         while True:
             try:
-                sums = run(plan)
+                sums = self._passes(batch, plan)
                 break
             except torch.OutOfMemoryError:
                 if not self.recovered_from_oom():
                     raise
         return self.optimizer_step(params, sums, len(plan.micro_batches))
+
+    def _plan(self, trained: list[Rollout], fallback: list[Rollout]):
+        """The step's batch and plan within `self.train_budgets` (the micro-batch budgets in use)."""
+        batch, plan = plan_step(trained, fallback or [self.adapter.empty_rollout()], self.adapter.build_batch,
+                                self.train_budgets, self.adapter.packing_unavailable(self.model), self.world,
+                                self.over_ranks)
+        if self.offload is not None:  # the longest micro-batch last: its backward hides the moments' copies to the GPU
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            plan.micro_batches.append(plan.micro_batches.pop(computed.index(max(computed))))
+        return batch, plan
+
+    def _passes(self, batch, plan, fetch: bool = True) -> dict[str, float]:
+        """The forward/backward passes of `plan`; `fetch`: the offloaded moments come back in the last backward."""
+        cfg, offload = self.cfg, self.offload
+        return accumulate_gradients(self.policy, batch, plan, cfg.algorithm, cfg.rollout.max_new_tokens, self.device,
+                                    self.ref_policy, self.accelerator, loss_scale=self.world,
+                                    before_backward=offload.before_backward if offload is not None and fetch else None)
+
+    def _decide(self, auto, trained: list[Rollout], fallback: list[Rollout], params):
+        """`checkpoint_fraction = "auto"` at the first update: the level, the head's logits, the optimizer offload
+        (`offload_optimizer = "auto"`) and the token budget (activation_memory.py), each said once. Returns the
+        step's batch and plan within the budget chosen."""
+        cfg, offload = self.cfg, self.offload
+        planned = {}
+
+        def decide_at(budget):
+            self.train_budgets = cfg.train.model_copy(update={"micro_batch_tokens": budget})
+            batch, plan = planned[budget] = planned.get(budget) or self._plan(trained, fallback)
+            computed = micro_batch_tokens(batch.lengths, plan.micro_batches, plan.packed)
+            biggest = plan.micro_batches[computed.index(max(computed))]
+            # the longest micro-batch a later step can have: the token budget, else (several ranks, which cannot
+            # recover from an OOM together) the most a micro-batch of max_model_len samples computes
+            cap = budget or (cfg.train.micro_batch_size * cfg.model.max_model_len if self.world > 1 else None)
+            plain_probe = None
+            if offload is not None and cfg.train.offload_optimizer == "auto":  # measured both ways, kept if it pays
+                def plain_probe():
+                    return self._probe(lambda p: self._passes(batch, p, fetch=False), plan, biggest)
+            return auto.decide(lambda: self._probe(lambda p: self._passes(batch, p), plan, biggest), params,
+                               bool(self.optimizer.state), self.over_ranks, distributed=self.world > 1,
+                               probe_tokens=max(computed), token_cap=cap, accumulates=len(plan.passes) > 1,
+                               probe_trained=int(batch.loss_mask[biggest].sum()),
+                               offloaded=offload.bytes if offload is not None else 0,
+                               probe_without_offload=plain_probe)
+
+        budget, said = auto.decide_budget(decide_at, cfg.train.micro_batch_tokens, cfg.model.max_model_len)
+        self.train_budgets = cfg.train.model_copy(update={"micro_batch_tokens": budget})
+        self.messages.append(said)
+        if offload is not None and auto.offload_declined:
+            offload.restore()
+            self.offload = None
+            self.messages.append('optimizer state: on the device (offload_optimizer = "auto": the host copies '
+                                 "would not spare a layer recomputed whole)")
+        return planned[budget]
 
     def recovered_from_oom(self) -> bool:
         """A pass ran out of memory: the step's gradients dropped (a backward that died midway summed some and
