@@ -462,7 +462,9 @@ class TrainConfig(Section):
     step computes)."""
     micro_batch_tokens: int | None = Field(None, gt=0)
     """Most tokens per micro-batch, text and image tokens together (padding included when padded); unset:
-    no token cap (padded), micro_batch_size x the longest sample (packed)."""
+    no token cap (padded), micro_batch_size x the longest sample (packed). With `checkpoint_fraction = "auto"`
+    on a GPU, the most: where layers would be recomputed whole within it, the first update halves it (never
+    below model.max_model_len) while that spares full layers, and says so (vlrl/activation_memory.py)."""
     micro_batch_patches: int | None = Field(None, gt=0)
     """Most vision patches (rows of pixel_values and pixel_values_videos) per micro-batch: the vision tower's
     share of the budget; unset: no patch cap."""
@@ -475,8 +477,9 @@ class TrainConfig(Section):
     keeps more activations and recomputes less. `auto` (GPU): the fastest mix of layers recomputed whole,
     recomputed selectively (matrix products kept, elementwise ops recomputed) and keeping everything, and whether
     the logprob head keeps its logits, whose peak fits the device's memory, measured at the first update with the
-    step's gradients allocated and bounded at `micro_batch_tokens` (vlrl/activation_memory.py); stepped up after an
-    out-of-memory error (one process); on the CPU, every layer."""
+    step's gradients allocated and bounded at `micro_batch_tokens` (which it halves where that spares layers
+    recomputed whole; vlrl/activation_memory.py); stepped up after an out-of-memory error (one process); on the
+    CPU, every layer."""
     offload_optimizer: Literal["auto"] | bool = False
     """Keep part of AdamW's moments (at most the gradients' bytes: 15 GiB on 8B) on pinned host memory between
     steps, copied to the GPU during the last backward pass and back after the optimizer step on a stream of
@@ -485,8 +488,8 @@ class TrainConfig(Section):
     is short (8B ragged batch, 8192-token micro-batches, capped at 74.5 GiB: 47.2% useful MFU against 41.5% on an
     H100, 48.2% against 42.5% on an H200; on a whole H200 it costs ~0.2 s a step, README), and its copies share
     the host link with the weight sync. `auto`: with `checkpoint_fraction = "auto"` on a GPU, one
-    process or DDP, kept only where the chooser recomputes fewer layers with it than without (it decides at the
-    first update and says so); true: on (not under FSDP2, where each rank holds a shard of the state already).
+    process or DDP, kept only where the chooser recomputes fewer layers whole with it than without (it decides
+    at the first update and says so); true: on (not under FSDP2, where each rank holds a shard of the state already).
     Needs that much free host memory per process."""
     compile: bool = False
     """torch.compile each decoder layer and each vision block (regional compilation: identical layers share
