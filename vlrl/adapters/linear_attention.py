@@ -123,22 +123,30 @@ def _packed_conv(x: torch.Tensor,  # [1, C, T]
     over the taps j with t - j in t's own sample. [1, C, T] in, [1, C, T] out (activation applied), in x's
     dtype. The taps are summed in float32, as a bf16 conv1d kernel accumulates. (With bf16 sums, the packed
     bf16 update on an H200 was 6x further from the padded one than bf16's own noise: grad rel err 0.20 against
-    0.036; whether these taps were the cause was not isolated, this change not re-measured there.)"""
+    0.036; whether these taps were the cause was not isolated, this change not re-measured there.)
+
+    Computed token-major: the layer hands in its q/k/v projection [1, T, C] transposed, and takes the result
+    back transposed, so [1, T, C] is both tensors' own layout. Summed over [1, C, T] instead, the gradient
+    reaching the projection was [C, T] (leading dimension T): for a T not a multiple of 8, both products of
+    that projection's backward lost 16-byte alignment, which sends cuBLAS to its align1 kernels (the H200
+    profile of the 9B's packed update spent 12.5% in sm75 `..._align1` kernels, 96 calls a step: most likely
+    these, not yet re-profiled). `tests/test_qwen3_5.py` checks every product's operands."""
     K = weight.shape[-1]
+    T = x.shape[-1]
     dtype, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)  # (float64 stays float64)
-    x, weight = x.to(acc), weight.to(acc)
+    x, weight = x.transpose(1, 2).to(acc), weight.to(acc).T  # [1, T, C], [K, C]
     bias = None if bias is None else bias.to(acc)
-    out = x * weight[:, K - 1, None]  # tap j = 0 (a token always sees itself)
+    out = x * weight[K - 1]  # tap j = 0 (a token always sees itself)
     for j in range(1, K):
-        shifted = F.pad(x, (j, 0))[..., : x.shape[-1]]  # x[t - j], 0 before the sequence
-        out = out + shifted * weight[:, K - 1 - j, None] * (within >= j).to(x.dtype)
+        shifted = F.pad(x, (0, 0, j, 0))[:, :T]  # x[t - j], 0 before the sequence
+        out = out + shifted * weight[K - 1 - j] * (within >= j).to(x.dtype)[:, None]
     if bias is not None:
-        out = out + bias[:, None]
+        out = out + bias
     if activation is not None:
         from transformers.activations import ACT2FN
 
         out = ACT2FN[activation](out)
-    return out.to(dtype)
+    return out.to(dtype).transpose(1, 2)
 
 
 def _takes_cu_seqlens(original) -> bool:
