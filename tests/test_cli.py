@@ -27,10 +27,14 @@ def test_help_lists_the_commands_and_imports_nothing_heavy():
 
 
 def test_check_batch_json_ok(tiny_model_dir):
-    res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}")
+    auto = ("train.gradient_checkpointing=true", 'train.checkpoint_fraction="auto"', "train.micro_batch_tokens=2048")
+    res = run("check-batch", "configs/tiny-cpu.toml", "--json", "--set", f"model.path={tiny_model_dir}",
+              *(x for kv in auto for x in ("--set", kv)))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["ok"] is True
+    packing = next(c["detail"] for c in report["checks"] if c["name"] == "packing")
+    assert "within train.micro_batch_tokens = 2048; on a GPU" in packing  # (auto may halve it: said)
     names = {c["name"]: c["ok"] for c in report["checks"]}
     assert set(names) >= {"shapes", "image tokens vs grid", "token budget", "loss mask", "M-RoPE positions",
                           "trainer vs sampler logprobs"}

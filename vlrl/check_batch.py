@@ -287,7 +287,10 @@ def run_check_batch(cfg: Config, num_prompts: int = 2, progress=None) -> tuple[R
         "packing",
         True,
         (f"packed: {packing['micro_batches']} micro-batches of {packing['tokens_per_micro_batch']} tokens; "
-         f"padding {packing['padding_before']:.0%} (padded, in order) -> {packing['padding_after']:.0%}")
+         f"padding {packing['padding_before']:.0%} (padded, in order) -> {packing['padding_after']:.0%}"
+         + (f" (within train.micro_batch_tokens = {cfg.train.micro_batch_tokens}; on a GPU, checkpoint_fraction "
+            '= "auto" halves it at the first update where that spares layers recomputed whole)'
+            if cfg.train.checkpoint_fraction == "auto" and cfg.train.micro_batch_tokens else ""))
         if plan.packed
         else f"padded micro-batches ({plan.reason or 'train.packing = false'}); padding "
              f"{packing['padding_after']:.0%}",
