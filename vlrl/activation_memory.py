@@ -247,7 +247,7 @@ class AutoCheckpointing:
         self.set_kinds, self.layers, self.device, self.head = set_kinds, layers, device, head
         self.level: int | None = None
         self.choice: Choice | None = None
-        self.measured: dict[int, int] = {}  # level -> measured peak (bytes), optimizer state not included
+        self.measured: dict[int, int] = {}  # level -> peak (bytes) of the last decision's ladder, AdamW's to come not in
         self.stepped_up = False
         self.out_of_memory: set[int] = set()  # levels whose probe ran out of memory (the last ladder measured)
         self.offload_declined = False  # `decide(probe_without_offload=...)` found the optimizer offload buys nothing
@@ -324,7 +324,7 @@ class AutoCheckpointing:
             if plain is not None and kinds(plain.level, L)[0] <= kinds(choice.level, L)[0]:
                 choice, extra, self.offload_declined = plain, extra_off, True
                 activations, static, peaks = plain_act, plain_static, plain_peaks
-        self.measured.update(peaks)
+        self.measured = dict(peaks)  # (this decision's ladder)
         # one level and one head setting for all ranks: the highest level; logits kept only where every rank keeps them
         level, drop = (int(v) for v in agree([float(choice.level), float(not choice.keep_logits)], "max"))
         said = ""
@@ -348,11 +348,11 @@ class AutoCheckpointing:
             full = kinds(self.choice.level, self.layers)[0]
             if full == 0:
                 break
-            before = (self.choice, self.offload_declined, said)
+            before = (self.choice, self.offload_declined, self.measured, said)
             said = decide_at(budget // 2)
             if kinds(self.choice.level, self.layers)[0] >= full:  # (the static part alone is over the budget)
-                self._adopt(*before[:2])
-                said = before[2]
+                self._adopt(*before[:3])
+                said = before[3]
                 break
             budget //= 2
         if budget != asked:
@@ -360,9 +360,9 @@ class AutoCheckpointing:
                      "would need more layers recomputed whole")
         return budget, said
 
-    def _adopt(self, choice: Choice, offload_declined: bool) -> None:
+    def _adopt(self, choice: Choice, offload_declined: bool, measured: dict[int, int]) -> None:
         """Go back to an earlier choice (`decide_budget`)."""
-        self.choice, self.offload_declined = choice, offload_declined
+        self.choice, self.offload_declined, self.measured = choice, offload_declined, measured
         self._apply(choice.level)
         if self.head is not None:
             self.head.set_keep(choice.keep_logits)
