@@ -271,7 +271,7 @@ def _decode(data: bytes, shown: str, limits: VideoLimits, policy: FramePolicy) -
                 total += packet.size > 0  # the flush packet at the end is empty
                 if total % 32 == 0:
                     in_time()
-            fps = _frame_rate(stream, total, duration)  # while open: PyAV >= 16 refuses a closed stream's fields
+            fps = _frame_rate(stream, total, duration)  # while open: PyAV 18 refuses a closed stream's fields
         if total < TEMPORAL_PATCH:
             raise VideoError(f"video {shown}: {total} decodable frame(s) (truncated, or not a video?); a "
                              f"video needs at least {TEMPORAL_PATCH}")
