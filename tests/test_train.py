@@ -130,6 +130,30 @@ def test_a_stop_signal_saves_and_resume_continues(tiny_model_dir, tmp_path, sig,
     assert res.step == done + 1 and [m["step"] for m in read_jsonl(metrics)] == list(range(1, done + 2))
 
 
+def test_a_signal_handled_while_the_ranks_agree_stops_every_rank_at_the_next_check():
+    """Under torchrun, a rank waiting in the stop check's reduction runs its SIGTERM handler as the reduction
+    returns, after every rank sent 0: that check must still say "go on" (as it does on the other ranks, which
+    have not had the signal yet), and the next one stops all of them. (Answering with the local flag stopped
+    rank 0 alone; rank 1 waited for it in the next step and died with "Connection closed by peer".)"""
+    from vlrl.train import Run, StopFlag
+
+    class Ranks:  # the other rank sends 0; the signal lands while this one is in the reduction
+        signal_now = True
+
+        def over_ranks(self, values, op):
+            agreed = [max(v, 0.0) for v in values]
+            if self.signal_now:
+                signal.raise_signal(signal.SIGTERM)
+                self.signal_now = False
+            return agreed
+
+    ranks = Ranks()
+    with StopFlag() as stop:
+        assert Run.stop_requested(ranks, stop) is False
+        assert stop.requested  # had locally, agreed on next time
+        assert Run.stop_requested(ranks, stop) is True and stop.code == 143
+
+
 def test_lora_trains_only_adapters_and_checkpoints_merged_weights(tiny_model_dir, tmp_path):
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=lora", "model.lora_rank=4",
                              "train.learning_rate=0.01")))

@@ -406,11 +406,14 @@ class Run:
         return int(self.over_ranks([float(value)], "max")[0])
 
     def stop_requested(self, stop: StopFlag) -> bool:
-        """Ctrl-C or SIGTERM on any rank stops every rank at the same point, with the same exit code."""
+        """Ctrl-C or SIGTERM on any rank stops every rank at the same point, with the same exit code. The answer
+        is the agreed one, never the local flag: a signal handled while this rank waited in the reduction (its
+        handler runs as the reduction returns) would otherwise stop this rank and not the others, which then
+        wait for it in the next step's collectives. Such a signal is agreed on at the next call."""
         code = int(self.over_ranks([float(stop.code)], "max")[0])
         if code:
             stop.requested, stop.code = True, code
-        return stop.requested
+        return bool(code)
 
 
 def untrained_reason(kept: int, m: dict) -> str:
