@@ -1,5 +1,5 @@
-"""Server faults, with the real vLLM CPU server started by `vlrl serve`: `vlrl serve` killed outright, a
-second one on a taken port, the engine killed behind the API during a run, the server restarted mid-run; and
+"""Server faults, with the real vLLM CPU server started by `vlrl serve`: a second `vlrl serve` on a taken port,
+the engine killed behind the API during a run, the server restarted mid-run (then stopped by SIGHUP); and
 `vlrl serve`'s health watch of a server process that lives on without its engine."""
 
 from __future__ import annotations
@@ -46,36 +46,22 @@ def when_steps(run_dir: Path, n: int, action, timeout: float = 600) -> threading
 
 
 @pytest.mark.vllm
-def test_a_taken_port_is_refused_and_kill_9_of_vlrl_serve_leaves_no_vllm_process(tiny_model_dir, tmp_path):
-    first = Server(tiny_model_dir, tmp_path / "first.log").start()
+def test_a_second_vlrl_serve_on_a_taken_port_is_refused(tiny_server, tiny_model_dir, tmp_path):
+    """A second `vlrl serve` on the port of one that serves: refused before vLLM starts, naming the port and
+    its holder; the first one untouched. (kill -9 of `vlrl serve`: tests/test_vllm.py, at the end of the
+    server killed mid-rollout.)"""
+    first = tiny_server
     group = first.vllm_pid()
-    try:
-        processes = live_processes_in_group(group)
-        assert len(processes) >= 4  # the guard, the API server, its engine core, a worker
-
-        # a second `vlrl serve` on the same port: refused before vLLM starts, naming the port and its holder
-        second = Server(tiny_model_dir, tmp_path / "second.log", port=first.port).launch()
-        assert second.proc.wait(60) == 2  # a user error, as a bad option is
-        out = flat(second.out.read_text())
-        holder = int(os.popen(f"pgrep -P {group}").read().split()[0])  # the vLLM API server holds the port
-        assert f"port {first.port} is already in use; held by pid {holder} (" in out, out
-        assert "vLLM ready" not in out and not second.log.exists()  # vLLM was never started
-        assert live_processes_in_group(group) == processes  # the first server untouched, and still serving
-        assert httpx.get(f"{first.url}/health", timeout=10).status_code == 200
-    except BaseException:
-        first.stop()
-        raise
-
-    # kill -9 of `vlrl serve` (nothing of it runs any more): the guard takes the server's whole group down
-    t0 = time.monotonic()
-    first.proc.kill()
-    while live_processes_in_group(group) and time.monotonic() - t0 < 30:
-        time.sleep(0.1)
-    gone = time.monotonic() - t0
-    print(f"vLLM's process group empty {gone:.2f} s after kill -9 of vlrl serve")
-    assert live_processes_in_group(group) == [] and not port_is_open(first.port)
-    assert gone < 20  # the guard's SIGTERM, then SIGKILL after its 15 s grace at most
-    first.fh.close()
+    processes = live_processes_in_group(group)
+    assert len(processes) >= 4  # the guard, the API server, its engine core, a worker
+    second = Server(tiny_model_dir, tmp_path / "second.log", port=first.port).launch()
+    assert second.proc.wait(60) == 2  # a user error, as a bad option is
+    out = flat(second.out.read_text())
+    holder = int(os.popen(f"pgrep -P {group}").read().split()[0])  # the vLLM API server holds the port
+    assert f"port {first.port} is already in use; held by pid {holder} (" in out, out
+    assert "vLLM ready" not in out and not second.log.exists()  # vLLM was never started
+    assert live_processes_in_group(group) == processes  # the first server untouched, and still serving
+    assert httpx.get(f"{first.url}/health", timeout=10).status_code == 200
 
 
 @pytest.mark.vllm
@@ -120,7 +106,8 @@ def test_engine_killed_behind_the_api_stops_the_run_with_a_checkpoint(tiny_model
 def test_server_restarted_mid_run_gets_the_weights_again(tiny_model_dir, tmp_path):
     """The server is killed and a new one started on the same port during a run: the trainer's requests wait
     for it, it reports the base weights' version, the trainer pushes its own and samples again; every trained
-    step's rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes."""
+    step's rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes. The new server then stops on SIGHUP (a closed terminal): exit code 129, its whole group
+    gone."""
     from vlrl.rollout.vllm_client import VLLMClient
     from vlrl.train import train
 
@@ -153,8 +140,8 @@ def test_server_restarted_mid_run_gets_the_weights_again(tiny_model_dir, tmp_pat
         assert all(kl < 1e-6 for kl in kls), kls
         # pushed to the new server
         assert VLLMClient(new.url, cfg.rollout).weight_version().startswith("vlrl-")
-    finally:
-        assert new.stop() == 0
+    finally:  # a closed terminal or SSH session: the server goes with `vlrl serve`, exit code 129
+        new.assert_stops(signal.SIGHUP, 129)
 
 
 def test_a_live_server_process_that_fails_its_health_check_is_reported_dead():

@@ -430,8 +430,9 @@ def test_unreachable_server_is_a_clear_error():
 
 def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_model, tmp_path, monkeypatch):
     """The server dies while requests are in flight: the sampler retries until it is back, and the rollouts
-    it returns are whole and correct. With no server coming back, it fails with a clear error. This server
-    also wants an API key, which `vlrl serve` takes from the environment and the client sends."""
+    it returns are whole and correct. With no server coming back (kill -9 of `vlrl serve`: its guard takes
+    the server's whole group down), it fails with a clear error. This server also wants an API key, which
+    `vlrl serve` takes from the environment and the client sends."""
     srv = Server(tiny_model_dir, tmp_path / "serve.log", api_key="s3cret").start()
     assert "s3cret" not in " ".join(srv.args)
     monkeypatch.delenv("VLRL_TEST_KEY", raising=False)
@@ -472,7 +473,7 @@ def test_server_killed_mid_rollout_then_back(tiny_model_dir, vadapter, tiny_mode
     assert not worker.is_alive() and len(result["r"]) == 48
     assert any(isinstance(e, str) for e in ended)  # requests in flight were cut by the kill, and retried
     assert trainer_logprobs(vadapter, tiny_model, result["r"])["max_abs_diff"] < 1e-4
-    srv.kill_hard()
+    srv.assert_kill_9_leaves_nothing()  # kill -9 of `vlrl serve`: its guard takes the whole server down
     quick = VLLMSampler.__new__(VLLMSampler)
     quick.__dict__.update(sampler.__dict__)
     quick.cfg = rollout_cfg(srv, max_retries=2, retry_backoff_s=0.2, api_key_env="VLRL_TEST_KEY")

@@ -118,6 +118,29 @@ class Server:
         self.fh.close()
         return code
 
+    def assert_stops(self, sig: int, code: int) -> None:
+        """`sig` to `vlrl serve`: it exits with `code`, no process of the server's group is left, the port is
+        free."""
+        group = self.vllm_pid()
+        assert self.stop(sig) == code, self.out.read_text()[-2000:]
+        assert live_processes_in_group(group) == []
+        assert not port_is_open(self.port)
+        assert f"{signal.Signals(sig).name}: stopping the vLLM server" in self.out.read_text()
+
+    def assert_kill_9_leaves_nothing(self) -> None:
+        """kill -9 of `vlrl serve` (nothing of it runs any more): its guard takes the server's whole group
+        down, within the guard's SIGTERM and its 15 s grace before SIGKILL."""
+        group = self.vllm_pid()
+        t0 = time.monotonic()
+        self.proc.kill()
+        while live_processes_in_group(group) and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        gone = time.monotonic() - t0
+        print(f"vLLM's process group empty {gone:.2f} s after kill -9 of vlrl serve")
+        assert live_processes_in_group(group) == [] and not port_is_open(self.port)
+        assert gone < 20
+        self.fh.close()
+
 
 def prompts(adapter, shapes=((64, 64), (96, 128)), with_text_only=True):
     out = []
