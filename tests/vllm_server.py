@@ -20,6 +20,15 @@ from vlrl.config import RolloutConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `vlrl serve` gets SIGINT at its default, as under a terminal: pytest started as a background job of a shell
+# without job control inherits it ignored, and Ctrl-C (which `Server.stop` sends) would then never reach the
+# server. An ignored signal stays ignored across exec, a handled one is reset to its default, so this process
+# handles it (Python's own handler; this module is first imported in the main thread). Not per child with a
+# `preexec_fn`: that runs Python in the forked child, which deadlocks when another thread held a lock at the
+# fork (a server restarted from a watcher thread while the run trained hung there, before its exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -71,11 +80,8 @@ class Server:
         """Start `vlrl serve` without waiting for it."""
         self.fh = open(self.out, "a")
         self.seen = self.out.stat().st_size  # a restarted server appends to the same file
-        # SIGINT at its default, as under a terminal: pytest started as a background job of a shell without
-        # job control inherits it ignored, and Ctrl-C (which `stop` sends) would then never reach `vlrl serve`
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.fh, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                     env=self.env)
         return self
 
     def start(self, timeout: float = 240) -> Server:
