@@ -1,6 +1,6 @@
-"""Server faults, with the real vLLM CPU server started by `vlrl serve`: a second `vlrl serve` on a taken port,
-the engine killed behind the API during a run, the server restarted mid-run (then stopped by SIGHUP); and
-`vlrl serve`'s health watch of a server process that lives on without its engine."""
+"""Server faults, with the real vLLM CPU server started by `vlrl serve`: a second `vlrl serve` on a taken
+port, the engine killed behind the API during a run, the server restarted mid-run (then stopped by SIGHUP);
+and `vlrl serve`'s health watch of a server process that lives on without its engine."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def test_engine_killed_behind_the_api_stops_the_run_with_a_checkpoint(tiny_model
 def test_server_restarted_mid_run_gets_the_weights_again(tiny_model_dir, tmp_path):
     """The server is killed and a new one started on the same port during a run: the trainer's requests wait
     for it, it reports the base weights' version, the trainer pushes its own and samples again; every trained
-    step's rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes. The new server then stops on SIGHUP (a closed terminal): exit code 129, its whole group
-    gone."""
+    step's rollouts come from the trainer's weights (mismatch KL at float32 noise) and the run finishes. The
+    new server then stops on SIGHUP (a closed terminal): exit code 129, its whole group gone."""
     from vlrl.rollout.vllm_client import VLLMClient
     from vlrl.train import train
 
