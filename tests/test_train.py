@@ -154,6 +154,66 @@ def test_a_signal_handled_while_the_ranks_agree_stops_every_rank_at_the_next_che
         assert Run.stop_requested(ranks, stop) is True and stop.code == 143
 
 
+def test_a_rank_stopping_on_another_ranks_signal_is_not_interrupted_by_its_own():
+    """torchrun passes SIGTERM to rank 0, then to rank 1 (35 ms later on a loaded machine): rank 1 may have
+    agreed to stop on rank 0's signal when its own arrives. That is the first signal this process had, not a
+    second one (which interrupts at once)."""
+    from vlrl.train import Run, StopFlag
+
+    class OtherRankSignalled:
+        def over_ranks(self, values, op):
+            return [max(v, 143.0) for v in values]
+
+    with StopFlag() as stop:
+        assert Run.stop_requested(OtherRankSignalled(), stop) is True and stop.code == 143
+        try:
+            signal.raise_signal(signal.SIGTERM)  # its own, late: the stop goes on
+        except KeyboardInterrupt:
+            pytest.fail("the rank's own first SIGTERM interrupted it")
+        assert stop.received == 1
+        with pytest.raises(KeyboardInterrupt):  # a second one to this process
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_during_the_final_save_is_vlrls_not_the_default(tiny_model_dir, tmp_path, monkeypatch):
+    """The final save runs under vlrl's signal handlers: a rank that agreed to stop on another's SIGTERM gets
+    its own while it saves (before, SIGTERM's default action killed it mid-save, and the other rank died in
+    the save's barrier: CI's red). Here the stop comes from a failed weight sync (no signal), and a SIGTERM
+    arrives during the final save; the test's own handler, the one in place before the run, must not see it."""
+    from vlrl import policy_sync
+    from vlrl.rollout.vllm_client import ServerError
+    from vlrl.train import Run
+
+    real_choose, real_save = policy_sync.choose_sync, Run.save
+
+    class FailsAtStep2:
+        def __init__(self, sync):
+            self.sync = sync
+
+        def __call__(self, policy, version):
+            if version == 2:
+                raise ServerError("the server went away (test)")
+            return self.sync(policy, version=version)
+
+        def __getattr__(self, name):
+            return getattr(self.sync, name)
+
+    def save(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(policy_sync, "choose_sync", lambda *a, **k: FailsAtStep2(real_choose(*a, **k)))
+    monkeypatch.setattr(Run, "save", save)
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=50", "checkpoint.every=1000")))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [] and res.exit_code == 143 and res.step == 2
+    assert latest_checkpoint(res.run_dir).name == "step-2"
+
+
 def test_lora_trains_only_adapters_and_checkpoints_merged_weights(tiny_model_dir, tmp_path):
     res = train(cfg_of(small(tiny_model_dir, tmp_path, "train.steps=2", "name=lora", "model.lora_rank=4",
                              "train.learning_rate=0.01")))

@@ -49,7 +49,9 @@ from .update import accumulate_gradients
 
 class StopFlag:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next safe point (the step's rollouts
-    dropped, or its update finished), save a checkpoint and exit; a second one interrupts at once.
+    dropped, or its update finished), save a checkpoint and exit; a second one to the same process interrupts at
+    once (a stop agreed on with other ranks, or a failure, counts no signal: under torchrun a rank's own SIGTERM
+    may come after it agreed to stop on another rank's). The handlers stay in place through the final save.
 
     SIGTERM is what Slurm, Kubernetes and most schedulers send on preemption or time-out, then SIGKILL after a
     grace period (Slurm's KillWait, 30 s by default; Kubernetes' terminationGracePeriodSeconds, 30 s): the
@@ -64,6 +66,7 @@ class StopFlag:
         self.requested = False
         self.code = 0
         self.reason: str | None = None  # why the run stopped on its own (a failed server)
+        self.received = 0  # signals this process had (a stop agreed on with other ranks, or a failure, is none)
         self._previous: dict = {}
 
     def fail(self, reason: str) -> None:
@@ -72,7 +75,8 @@ class StopFlag:
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:
+            self.received += 1
+            if self.received > 1:
                 raise KeyboardInterrupt
             self.requested = True
             self.code = 128 + signum
@@ -662,20 +666,22 @@ def train(cfg: Config, resume: bool = False, console=None) -> TrainResult:
                     run.save(data_state)
                     last_saved = run.step
                 last_data_state = data_state
-        if last_saved != run.step and run.step > 0:
-            run.save(last_data_state)
-            if stop.requested and main and stop.reason is None:
-                console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
-        if stop.reason is not None and main:
-            saved = (f"the checkpoint of step {run.step} is saved" if run.step > 0 else "nothing was trained yet")
-            console.print(f"[red]stopped at step {run.step}[/]: {stop.reason}. {saved}; once the server is back, "
-                          "continue with `vlrl train CONFIG --resume`", highlight=False)
-        if main and run.step > 0:
-            from .report import write_run_report
+            # Still under the signal handlers: torchrun passes SIGTERM to one rank after the other, so a rank may
+            # get its own after the ranks agreed to stop on another's, here; by default it would die mid-save.
+            if last_saved != run.step and run.step > 0:
+                run.save(last_data_state)
+                if stop.requested and main and stop.reason is None:
+                    console.print(f"[yellow]stopped[/] at step {run.step}; checkpoint saved, resume with --resume")
+            if stop.reason is not None and main:
+                saved = f"the checkpoint of step {run.step} is saved" if run.step > 0 else "nothing was trained yet"
+                console.print(f"[red]stopped at step {run.step}[/]: {stop.reason}. {saved}; once the server is "
+                              "back, continue with `vlrl train CONFIG --resume`", highlight=False)
+            if main and run.step > 0:
+                from .report import write_run_report
 
-            metrics_fh.flush()
-            samples_fh.flush()
-            write_run_report(run.run_dir)
+                metrics_fh.flush()
+                samples_fh.flush()
+                write_run_report(run.run_dir)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, but say what is on disk
         if main:
             saved = (f"the newest checkpoint is {run.run_dir / f'step-{last_saved}'}: --resume continues from step "
