@@ -139,66 +139,67 @@ def test_a_sync_lands_while_requests_run(server, vadapter, tiny_model, tmp_path)
     from vlrl.batch import batch_logprobs
 
     client = VLLMClient(server.url, rollout_cfg(server))
-    sampler = VLLMSampler(vadapter, rollout_cfg(server, max_new_tokens=600),
+    sampler = VLLMSampler(vadapter, rollout_cfg(server, max_new_tokens=64),
                           weight_sync=DiskWeightSync(client, vadapter, tmp_path / "weights"))
+    # Every request runs its 64 tokens (`ignore_eos` leaves the logprobs served as they are; `min_tokens` would
+    # ban EOS from them), so none ends at the token the swap lands on by chance.
+    served = sampler.sampling_params
+    sampler.sampling_params = lambda prompt, n: {**served(prompt, n), "ignore_eos": True, "stop_token_ids": []}
     tiny_model = vadapter.load_model(torch.float32).eval()  # the base weights, fresh from disk
     new = copy.deepcopy(tiny_model)
     with torch.no_grad():
         for name, p in new.named_parameters():
             if "language_model" in name or "lm_head" in name:
                 p.add_(0.05 * torch.randn_like(p))
-
-    def swap_mid_generation(v: int) -> int:
-        """Sample from the old weights (version v), swap in the new ones (v + 1) once generation has begun;
-        return how many requests were frozen mid-generation, after checking every token's logprob."""
-        sampler.sync_weights(tiny_model, version=v, background=False)
-        out: list = []
-        t = threading.Thread(target=lambda: out.extend(sampler.sample(prompts(vadapter) * 3, n=4)))
-        t.start()
+    sampler.sync_weights(tiny_model, version=0, background=False)
+    out: list = []
+    generated = server_metric(server, "vllm:generation_tokens_total")
+    # The requests are frozen mid-generation by the sync's own pause call (mode `keep`), then the sync runs
+    # (its pause again a no-op): timing it from outside failed on a loaded machine, where the tiny model samples
+    # thousands of tokens a second and /metrics answers seconds late while it does (the requests had ended).
+    # A sync that drained or aborted the frozen requests fails below.
+    client.pause()  # the requests wait in the queue
+    t = threading.Thread(target=lambda: out.extend(sampler.sample(prompts(vadapter) * 3, n=4)))
+    t.start()
+    time.sleep(2)  # for the 9 requests (36 rollouts) to reach the server; paused, it samples nothing meanwhile
+    try:
         deadline = time.time() + 120
-        while time.time() < deadline and t.is_alive() and running_requests(server) == 0:
-            time.sleep(0.05)
-        sampler.sync_weights(new, version=v + 1, background=False)  # (its pause lands some tokens later)
+        while time.time() < deadline:  # the requests run a moment at a time until each has sampled a token
+            client.resume()
+            client.pause()
+            time.sleep(0.3)  # (read while paused, the metric has caught up)
+            if (server_metric(server, "vllm:num_requests_running") == 36
+                    and server_metric(server, "vllm:generation_tokens_total") >= generated + 36):
+                break
+        sampler.sync_weights(new, version=1, background=False)
         t.join()
-        assert len(out) == 36 and all(len(r.completion_ids) > 0 for r in out)
-        assert {r.version for r in out} == {v}
-        spanning = [r for r in out if r.version_end == v + 1]
-        if not spanning:
-            return 0
-        batch = vadapter.build_batch(spanning)
+        assert len(out) == 36 and all(len(r.completion_ids) == 64 for r in out)
+        assert {(r.version, r.version_end) for r in out} == {(0, 1)}
+        batch = vadapter.build_batch(out)
         with torch.no_grad():
             lp_old, _ = batch_logprobs(vadapter.policy(tiny_model, 1.0), batch)
             lp_new, _ = batch_logprobs(vadapter.policy(new, 1.0), batch)
-        switched = 0
-        for i in range(len(spanning)):
+        for i in range(len(out)):
             m = batch.loss_mask[i].bool()
             d_old = (lp_old[i][m] - batch.behavior_logprobs[i][m]).abs()
             d_new = (lp_new[i][m] - batch.behavior_logprobs[i][m]).abs()
-            # a prefix of old tokens, then new ones (where the swap fell in this request)
+            # a prefix of old tokens, then new ones: every request was frozen mid-generation
             split = next((j for j in range(len(d_old) + 1)
                           if bool((d_old[:j] < 1e-4).all()) and bool((d_new[j:] < 1e-4).all())), None)
-            assert split is not None, (d_old, d_new)
-            switched += 0 < split < len(d_old)
-        return switched
-
-    try:
-        # Completions end at the model's EOS, so by chance the swap may land after every request ended (or
-        # before any token): five tries (a loaded CI machine once missed three). (Forcing lengths with
-        # min_tokens would change the logprobs served.)
-        v = next((v for v in (0, 2, 4, 6, 8) if swap_mid_generation(v)), None)
-        assert v is not None, "no request was frozen mid-generation by the swap"
+            assert split is not None and 0 < split < len(d_old), (split, d_old, d_new)
         again = sampler.sample(prompts(vadapter), n=2)  # the same images again, after the encoder cache reset
         assert trainer_logprobs(vadapter, new, again)["max_abs_diff"] < 1e-4
-        assert {(r.version, r.version_end) for r in again} == {(v + 1, v + 1)}
+        assert {(r.version, r.version_end) for r in again} == {(1, 1)}
     finally:
+        client.resume()
+        t.join(timeout=120)
         sampler.sync_weights(tiny_model, background=False)  # leave the module's server serving the base weights
 
 
-def running_requests(server) -> float:
-    """Requests the server is generating now (its Prometheus gauge, summed over its labels)."""
+def server_metric(server, name: str) -> float:
+    """One of the server's Prometheus metrics, summed over its labels."""
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_running ")))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
 
 def small_cfg(server, tiny_model_dir, tmp_path, *extra):
