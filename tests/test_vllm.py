@@ -171,6 +171,8 @@ def test_a_sync_lands_while_requests_run(server, vadapter, tiny_model, tmp_path)
             if (server_metric(server, "vllm:num_requests_running") == 36
                     and server_metric(server, "vllm:generation_tokens_total") >= generated + 36):
                 break
+        else:
+            raise AssertionError("the 36 requests did not all run and sample a token within 120 s")
         sampler.sync_weights(new, version=1, background=False)
         t.join()
         assert len(out) == 36 and all(len(r.completion_ids) == 64 for r in out)
